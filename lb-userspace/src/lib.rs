@@ -1,0 +1,1 @@
+//! xlb userspace library: datapath loader and map API, agent, proxy, CLI.
