@@ -832,9 +832,9 @@ mod tests {
                     ideal * 100.0
                 );
                 assert!(moved >= owned);
-                // Maglev trades a little disruption for balance; the paper reports a few
-                // percent extra at M ≈ 100·N. Allow up to 2× the ideal plus 1% of the table.
-                assert!(fraction <= 2.0 * ideal + 0.01, "N={n}: {fraction}");
+                // Maglev trades a little disruption for balance (the paper's Fig. 10); at
+                // M ≥ 650·N we measure at most ~1.6× the ideal 1/N.
+                assert!(fraction <= 1.75 * ideal, "N={n}: {fraction}");
                 worst = worst.max(fraction / ideal);
                 let mut back = rest.clone();
                 back.push(all[(removed - 1) as usize]);

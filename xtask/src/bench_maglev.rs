@@ -1,7 +1,23 @@
-//! `cargo xtask bench maglev` — not written yet (issue 3).
+//! `cargo xtask bench maglev`: Maglev table build time (`lb-userspace/examples/maglev_bench.rs`)
+//! in release mode, printed beside the Maglev paper's figures.
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 
-pub fn run(_json: bool) -> Result<()> {
-    bail!("bench maglev is not implemented yet (issue 3)")
+use crate::util;
+
+pub fn run(json: bool) -> Result<()> {
+    let mut args = vec![
+        "run",
+        "--release",
+        "--quiet",
+        "-p",
+        "lb-userspace",
+        "--example",
+        "maglev_bench",
+        "--",
+    ];
+    if json {
+        args.push("--json");
+    }
+    util::cargo(&args)
 }

@@ -1,0 +1,653 @@
+//! The diff between the desired state and what is in the datapath maps.
+//!
+//! [`plan`] compares a [`DesiredState`] with the [`AppliedState`] — a mirror of what was
+//! written to the maps, plus id bookkeeping — and returns the minimal ordered list of
+//! [`MapOp`]s that turns one into the other:
+//!
+//! 1. `SetBackend` for new backends (so rings never point at a missing backend),
+//! 2. `WriteRing` into each changed VIP's *idle* ring,
+//! 3. `SetVipAddr` for addresses gaining VIPs,
+//! 4. `SetVip`: new VIPs and ring flips (the single update that switches tables),
+//! 5. removals: `RemoveVip`, then `SetVipAddr`/`RemoveVipAddr` for addresses losing VIPs,
+//!    `FlushFlows` of removed VIPs, and last `RemoveBackend` for backends no VIP uses.
+//!
+//! # Driving it
+//!
+//! ```ignore
+//! let plan = plan::plan(&desired, &applied)?;     // pure; errors leave nothing to undo
+//! for warning in &plan.warnings { tracing::warn!("{warning}") }
+//! let mut done = 0;
+//! let result = plan.ops.iter().try_for_each(|op| { writer.apply(op)?; done += 1; Ok(()) });
+//! applied = match result {
+//!     Ok(()) => plan.applied,                         // mirror of the maps now
+//!     Err(_) => plan.applied_after(&applied, done),   // mirror of what did get written
+//! };
+//! ```
+//!
+//! Because the applied state mirrors exactly the ops that succeeded, a failed apply never
+//! makes a later plan write into a ring the kernel is reading.
+//!
+//! # Ids
+//!
+//! Backend ids are keyed by address and stay fixed while any VIP lists the address; id 0 is
+//! never allocated. VIP ids stay fixed while the VIP exists; VIP `v` owns rings `2v` and
+//! `2v+1`. Never-used ids are handed out first, and freed ids are reused oldest-freed first
+//! (FIFO), so an id is reused as late as possible: a connection-table entry or counter still
+//! naming a freed id is unlikely to meet its successor. Ids freed by a plan are never
+//! reused within the same plan.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+
+use lb_common::{Backend, FAMILY_V4, FAMILY_V6, NO_BACKEND, VipAddrKey, VipInfo, VipKey};
+
+use crate::maglev::{self, MaglevError, MaglevWarning, WeightedBackend};
+use crate::model::{self, DesiredState, ModelError};
+
+/// Sizes fixed when the datapath maps are created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Maglev table size M (prime); every ring has M entries.
+    pub table_size: u32,
+    /// VIP ids are `0..max_vips`; rings `0..2·max_vips`.
+    pub max_vips: u32,
+    /// Backend ids are `1..max_backends` (0 is reserved).
+    pub max_backends: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            table_size: lb_common::DEFAULT_MAGLEV_TABLE_SIZE,
+            max_vips: lb_common::limits::MAX_VIPS,
+            max_backends: lb_common::limits::MAX_BACKENDS,
+        }
+    }
+}
+
+/// One map update. Apply in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MapOp {
+    /// `XLB_BACKENDS[id] = backend`.
+    SetBackend {
+        /// Backend id.
+        id: u32,
+        /// Its entry.
+        backend: Backend,
+    },
+    /// `XLB_MAGLEV[ring·M .. ring·M + M] = table`. Always an idle ring.
+    WriteRing {
+        /// Ring number.
+        ring: u32,
+        /// M backend ids.
+        table: Arc<[u32]>,
+    },
+    /// `XLB_VIP_ADDRS[key] = vip_count` (number of VIPs on that address).
+    SetVipAddr {
+        /// The address.
+        key: VipAddrKey,
+        /// VIPs on it.
+        vip_count: u32,
+    },
+    /// `XLB_VIPS[key] = info`: creates a VIP or flips its ring / flags atomically.
+    SetVip {
+        /// VIP key.
+        key: VipKey,
+        /// New value.
+        info: VipInfo,
+    },
+    /// Delete `XLB_VIPS[key]`.
+    RemoveVip {
+        /// VIP key.
+        key: VipKey,
+    },
+    /// Delete `XLB_VIP_ADDRS[key]` (no VIP left on the address).
+    RemoveVipAddr {
+        /// The address.
+        key: VipAddrKey,
+    },
+    /// Delete the connection-table entries of a removed VIP.
+    FlushFlows {
+        /// The VIP's key (entries have `dst`/`dport`/`proto` equal to it; port 0 = any).
+        vip: VipKey,
+        /// Its former id (entries have `FlowState::vip_id` equal to it).
+        vip_id: u32,
+    },
+    /// Delete `XLB_BACKENDS[id]` (no VIP uses the backend any more).
+    RemoveBackend {
+        /// Backend id.
+        id: u32,
+    },
+}
+
+/// Why no plan could be made. Nothing was planned; the applied state is still valid.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    /// The desired state breaks a model rule.
+    #[error("invalid desired state: {0}")]
+    Invalid(#[from] ModelError),
+    /// A Maglev table could not be built.
+    #[error("VIP {vip}: {source}")]
+    Maglev {
+        /// The VIP.
+        vip: String,
+        /// Why.
+        source: MaglevError,
+    },
+    /// More VIPs than the VIP table holds.
+    #[error("{wanted} VIPs requested but max_vips is {max}")]
+    TooManyVips {
+        /// Desired VIPs.
+        wanted: usize,
+        /// The limit.
+        max: u32,
+    },
+    /// More distinct backend addresses than backend ids.
+    #[error(
+        "{wanted} backends requested (kept and new) but max_backends {max} allows {} \
+         (id 0 is reserved; ids of removed backends are freed only after this update)",
+        max.saturating_sub(1)
+    )]
+    TooManyBackends {
+        /// Backend ids needed during the update.
+        wanted: usize,
+        /// The limit.
+        max: u32,
+    },
+    /// New VIPs need ids still held by VIPs this same update removes.
+    #[error(
+        "{wanted} VIP ids needed (kept and new) but max_vips is {max}; ids of removed VIPs \
+         are freed only after this update — apply the removals first"
+    )]
+    VipIdsExhausted {
+        /// Ids needed during the update.
+        wanted: usize,
+        /// The limit.
+        max: u32,
+    },
+}
+
+/// Orderable form of a [`VipKey`] (the map type derives no `Ord`).
+type VipKeyOrd = ([u32; 4], u16, u8, u8);
+/// Orderable form of a [`VipAddrKey`].
+type AddrOrd = (u8, [u32; 4]);
+
+fn vip_ord(k: &VipKey) -> VipKeyOrd {
+    (k.addr_be, k.port_be, k.proto, k.family)
+}
+
+fn addr_ord(k: &VipAddrKey) -> AddrOrd {
+    (k.family, k.addr_be)
+}
+
+fn addr_key((family, addr_be): AddrOrd) -> VipAddrKey {
+    VipAddrKey {
+        addr_be,
+        family,
+        _pad: [0; 3],
+    }
+}
+
+/// The inputs a ring's table was built from: (backend id, effective weight), by id.
+type RingInputs = Arc<[(u32, u32)]>;
+
+/// What has been written to the maps, mirrored, plus id bookkeeping.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppliedState {
+    limits: Limits,
+    backends: BTreeMap<u32, Backend>,
+    backend_ids: BTreeMap<IpAddr, u32>,
+    free_backend_ids: VecDeque<u32>,
+    next_backend_id: u32,
+    vips: BTreeMap<VipKeyOrd, (VipKey, VipInfo)>,
+    free_vip_ids: VecDeque<u32>,
+    next_vip_id: u32,
+    vip_addrs: BTreeMap<AddrOrd, u32>,
+    rings: BTreeMap<u32, Arc<[u32]>>,
+    /// Cache: what each ring's table was built from, to skip rebuilding unchanged VIPs.
+    ring_inputs: BTreeMap<u32, RingInputs>,
+}
+
+impl AppliedState {
+    /// The state of freshly created (empty) maps.
+    pub fn new(limits: Limits) -> Self {
+        AppliedState {
+            limits,
+            backends: BTreeMap::new(),
+            backend_ids: BTreeMap::new(),
+            free_backend_ids: VecDeque::new(),
+            next_backend_id: 1,
+            vips: BTreeMap::new(),
+            free_vip_ids: VecDeque::new(),
+            next_vip_id: 0,
+            vip_addrs: BTreeMap::new(),
+            rings: BTreeMap::new(),
+            ring_inputs: BTreeMap::new(),
+        }
+    }
+
+    /// The map sizes this state was created for.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Backend id of an address, if it has one.
+    pub fn backend_id(&self, address: IpAddr) -> Option<u32> {
+        self.backend_ids.get(&address).copied()
+    }
+
+    /// Backend entries by id.
+    pub fn backends(&self) -> impl Iterator<Item = (u32, &Backend)> {
+        self.backends.iter().map(|(id, b)| (*id, b))
+    }
+
+    /// The VIP table entry of a VIP.
+    pub fn vip(&self, key: &VipKey) -> Option<VipInfo> {
+        self.vips.get(&vip_ord(key)).map(|(_, info)| *info)
+    }
+
+    /// All VIP table entries.
+    pub fn vips(&self) -> impl Iterator<Item = (&VipKey, &VipInfo)> {
+        self.vips.values().map(|(k, i)| (k, i))
+    }
+
+    /// The VIP count recorded for an address.
+    pub fn vip_addr_count(&self, key: &VipAddrKey) -> Option<u32> {
+        self.vip_addrs.get(&addr_ord(key)).copied()
+    }
+
+    /// The table last written to a ring (rings of removed VIPs are forgotten).
+    pub fn ring(&self, ring: u32) -> Option<&Arc<[u32]>> {
+        self.rings.get(&ring)
+    }
+
+    /// Updates the mirror for one op that was written successfully.
+    pub fn record(&mut self, op: &MapOp) {
+        match op {
+            MapOp::SetBackend { id, backend } => {
+                if let Some(old) = self.backends.insert(*id, *backend)
+                    && let Some(address) = backend_address(&old)
+                {
+                    self.backend_ids.remove(&address);
+                }
+                if let Some(address) = backend_address(backend) {
+                    self.backend_ids.insert(address, *id);
+                }
+                self.free_backend_ids.retain(|free| free != id);
+                self.next_backend_id = self.next_backend_id.max(id.saturating_add(1));
+            }
+            MapOp::RemoveBackend { id } => {
+                if let Some(old) = self.backends.remove(id) {
+                    if let Some(address) = backend_address(&old) {
+                        self.backend_ids.remove(&address);
+                    }
+                    self.free_backend_ids.push_back(*id);
+                }
+            }
+            MapOp::WriteRing { ring, table } => {
+                self.rings.insert(*ring, table.clone());
+                self.ring_inputs.remove(ring);
+            }
+            MapOp::SetVip { key, info } => {
+                self.vips.insert(vip_ord(key), (*key, *info));
+                self.free_vip_ids.retain(|free| *free != info.vip_id);
+                self.next_vip_id = self.next_vip_id.max(info.vip_id.saturating_add(1));
+            }
+            MapOp::RemoveVip { key } => {
+                if let Some((_, info)) = self.vips.remove(&vip_ord(key)) {
+                    for ring in [2 * info.vip_id, 2 * info.vip_id + 1] {
+                        self.rings.remove(&ring);
+                        self.ring_inputs.remove(&ring);
+                    }
+                    self.free_vip_ids.push_back(info.vip_id);
+                }
+            }
+            MapOp::SetVipAddr { key, vip_count } => {
+                self.vip_addrs.insert(addr_ord(key), *vip_count);
+            }
+            MapOp::RemoveVipAddr { key } => {
+                self.vip_addrs.remove(&addr_ord(key));
+            }
+            MapOp::FlushFlows { .. } => {}
+        }
+    }
+}
+
+fn backend_address(backend: &Backend) -> Option<IpAddr> {
+    let bytes: Vec<u8> = backend.addr_be.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    match backend.family {
+        FAMILY_V4 => Some(IpAddr::V4(Ipv4Addr::new(
+            bytes[0], bytes[1], bytes[2], bytes[3],
+        ))),
+        FAMILY_V6 => {
+            let octets: [u8; 16] = bytes.try_into().ok()?;
+            Some(IpAddr::V6(Ipv6Addr::from(octets)))
+        }
+        _ => None,
+    }
+}
+
+fn backend_entry(address: IpAddr) -> Backend {
+    let (addr_be, family) = model::address_words(address);
+    Backend {
+        addr_be,
+        family,
+        _pad: [0; 3],
+    }
+}
+
+/// The ops to reach a desired state, and the state after applying them.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// Map updates, in the order they must be applied.
+    pub ops: Vec<MapOp>,
+    /// The applied state once every op succeeded.
+    pub applied: AppliedState,
+    /// Warnings to log (e.g. a Maglev table too small for a VIP's backend count).
+    pub warnings: Vec<MaglevWarning>,
+    /// Ring → inputs of the table it holds after this plan (cache entries).
+    ring_inputs: Vec<(u32, RingInputs)>,
+}
+
+impl Plan {
+    /// The applied state if only the first `completed` ops were written (a writer failed).
+    pub fn applied_after(&self, before: &AppliedState, completed: usize) -> AppliedState {
+        if completed >= self.ops.len() {
+            return self.applied.clone();
+        }
+        let mut state = before.clone();
+        for op in &self.ops[..completed] {
+            state.record(op);
+        }
+        // A cached input list is true of a ring only if the ring holds that table: either
+        // this plan did not rewrite it, or the rewrite got through.
+        let rewritten = |ops: &[MapOp], ring: u32| {
+            ops.iter()
+                .any(|op| matches!(op, MapOp::WriteRing { ring: r, .. } if *r == ring))
+        };
+        for (ring, inputs) in &self.ring_inputs {
+            if (!rewritten(&self.ops, *ring) || rewritten(&self.ops[..completed], *ring))
+                && state.rings.contains_key(ring)
+            {
+                state.ring_inputs.insert(*ring, inputs.clone());
+            }
+        }
+        state
+    }
+
+    /// True if there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// Id allocator over a copy of the applied bookkeeping: never-used ids first, then the
+/// oldest freed one.
+struct Ids {
+    free: VecDeque<u32>,
+    next: u32,
+    end: u32,
+}
+
+impl Ids {
+    fn take(&mut self) -> Option<u32> {
+        if self.next < self.end {
+            self.next += 1;
+            Some(self.next - 1)
+        } else {
+            self.free.pop_front()
+        }
+    }
+
+    fn available(&self) -> usize {
+        self.free.len() + self.end.saturating_sub(self.next) as usize
+    }
+}
+
+/// Computes the ops that turn `applied` into `desired`. Pure: on error nothing is planned.
+pub fn plan(desired: &DesiredState, applied: &AppliedState) -> Result<Plan, PlanError> {
+    desired.validate()?;
+    let limits = applied.limits;
+    if desired.vips.len() > limits.max_vips as usize {
+        return Err(PlanError::TooManyVips {
+            wanted: desired.vips.len(),
+            max: limits.max_vips,
+        });
+    }
+
+    // Backend ids: kept for every address still listed somewhere, new ones allocated.
+    let wanted_backends = desired.backend_addresses();
+    let mut backend_ids: BTreeMap<IpAddr, u32> = BTreeMap::new();
+    let new_backends: Vec<IpAddr> = wanted_backends
+        .iter()
+        .filter(|a| !applied.backend_ids.contains_key(a))
+        .copied()
+        .collect();
+    let mut ids = Ids {
+        free: applied.free_backend_ids.clone(),
+        next: applied.next_backend_id.max(1),
+        end: limits.max_backends,
+    };
+    if new_backends.len() > ids.available() {
+        return Err(PlanError::TooManyBackends {
+            wanted: applied.backend_ids.len() + new_backends.len(),
+            max: limits.max_backends,
+        });
+    }
+    let mut set_backends = Vec::new();
+    for address in &wanted_backends {
+        let id = match applied.backend_ids.get(address) {
+            Some(&id) => id,
+            None => {
+                let id = ids.take().filter(|&id| id != NO_BACKEND).ok_or(
+                    PlanError::TooManyBackends {
+                        wanted: applied.backend_ids.len() + new_backends.len(),
+                        max: limits.max_backends,
+                    },
+                )?;
+                set_backends.push(MapOp::SetBackend {
+                    id,
+                    backend: backend_entry(*address),
+                });
+                id
+            }
+        };
+        backend_ids.insert(*address, id);
+    }
+
+    // VIPs.
+    let mut vip_ids = Ids {
+        free: applied.free_vip_ids.clone(),
+        next: applied.next_vip_id,
+        end: limits.max_vips,
+    };
+    let desired_vips: BTreeMap<VipKeyOrd, (VipKey, &model::VipSpec)> = desired
+        .vips
+        .iter()
+        .map(|v| {
+            let key = v.key.to_map_key();
+            (vip_ord(&key), (key, v))
+        })
+        .collect();
+    let new_vip_count = desired_vips
+        .keys()
+        .filter(|k| !applied.vips.contains_key(*k))
+        .count();
+    if new_vip_count > vip_ids.available() {
+        return Err(PlanError::VipIdsExhausted {
+            wanted: applied.vips.len() + new_vip_count,
+            max: limits.max_vips,
+        });
+    }
+    let mut write_rings = Vec::new();
+    let mut set_vips = Vec::new();
+    let mut warnings = Vec::new();
+    let mut ring_inputs = Vec::new();
+    for (ord, (key, vip)) in &desired_vips {
+        let mut inputs: Vec<(u32, u32)> = Vec::with_capacity(vip.backends.len());
+        let mut weighted = Vec::with_capacity(vip.backends.len());
+        for b in &vip.backends {
+            // Every desired backend got an id above.
+            let Some(&id) = backend_ids.get(&b.address) else {
+                continue;
+            };
+            inputs.push((id, b.effective_weight()));
+            weighted.push(WeightedBackend {
+                address: b.address,
+                weight: b.effective_weight(),
+                id,
+            });
+        }
+        inputs.sort_unstable();
+        let inputs: RingInputs = inputs.into();
+        let build = |warnings: &mut Vec<MaglevWarning>| {
+            maglev::build(&vip.label(), limits.table_size, &weighted)
+                .map(|built| {
+                    warnings.extend(built.warnings);
+                    Arc::<[u32]>::from(built.table)
+                })
+                .map_err(|source| PlanError::Maglev {
+                    vip: vip.label(),
+                    source,
+                })
+        };
+        let flags = vip.flags();
+        match applied.vips.get(ord) {
+            Some((_, old)) => {
+                let active = old.ring;
+                let cached = applied.ring_inputs.get(&active) == Some(&inputs)
+                    && applied.rings.contains_key(&active);
+                let table_changed = if cached {
+                    false
+                } else {
+                    let table = build(&mut warnings)?;
+                    if applied.rings.get(&active) == Some(&table) {
+                        ring_inputs.push((active, inputs.clone()));
+                        false
+                    } else {
+                        let idle = if active == 2 * old.vip_id {
+                            active + 1
+                        } else {
+                            2 * old.vip_id
+                        };
+                        write_rings.push(MapOp::WriteRing { ring: idle, table });
+                        ring_inputs.push((idle, inputs.clone()));
+                        set_vips.push(MapOp::SetVip {
+                            key: *key,
+                            info: VipInfo {
+                                ring: idle,
+                                flags,
+                                ..*old
+                            },
+                        });
+                        true
+                    }
+                };
+                if !table_changed && old.flags != flags {
+                    set_vips.push(MapOp::SetVip {
+                        key: *key,
+                        info: VipInfo { flags, ..*old },
+                    });
+                }
+            }
+            None => {
+                let vip_id = vip_ids.take().ok_or(PlanError::VipIdsExhausted {
+                    wanted: applied.vips.len() + new_vip_count,
+                    max: limits.max_vips,
+                })?;
+                let ring = 2 * vip_id;
+                let table = build(&mut warnings)?;
+                write_rings.push(MapOp::WriteRing { ring, table });
+                ring_inputs.push((ring, inputs.clone()));
+                set_vips.push(MapOp::SetVip {
+                    key: *key,
+                    info: VipInfo {
+                        vip_id,
+                        ring,
+                        flags,
+                        _pad: 0,
+                    },
+                });
+            }
+        }
+    }
+
+    // VIP addresses: how many VIPs each carries.
+    let mut wanted_addrs: BTreeMap<AddrOrd, u32> = BTreeMap::new();
+    for (key, _) in desired_vips.values() {
+        *wanted_addrs.entry((key.family, key.addr_be)).or_default() += 1;
+    }
+    let mut addrs_up = Vec::new();
+    let mut addrs_down = Vec::new();
+    for (addr, &count) in &wanted_addrs {
+        match applied.vip_addrs.get(addr) {
+            Some(&old) if old == count => {}
+            old => {
+                let op = MapOp::SetVipAddr {
+                    key: addr_key(*addr),
+                    vip_count: count,
+                };
+                // A count that grows must be in place before the new VIP; one that shrinks
+                // is lowered after the VIP is gone.
+                if old.is_some_and(|&old| old > count) {
+                    addrs_down.push(op);
+                } else {
+                    addrs_up.push(op);
+                }
+            }
+        }
+    }
+    for addr in applied.vip_addrs.keys() {
+        if !wanted_addrs.contains_key(addr) {
+            addrs_down.push(MapOp::RemoveVipAddr {
+                key: addr_key(*addr),
+            });
+        }
+    }
+
+    // Removals.
+    let mut remove_vips = Vec::new();
+    let mut flushes = Vec::new();
+    for (ord, (key, info)) in &applied.vips {
+        if !desired_vips.contains_key(ord) {
+            remove_vips.push(MapOp::RemoveVip { key: *key });
+            flushes.push(MapOp::FlushFlows {
+                vip: *key,
+                vip_id: info.vip_id,
+            });
+        }
+    }
+    let mut remove_backends: Vec<MapOp> = applied
+        .backend_ids
+        .iter()
+        .filter(|(address, _)| !wanted_backends.contains(address))
+        .map(|(_, &id)| id)
+        .collect::<BTreeSet<u32>>()
+        .into_iter()
+        .map(|id| MapOp::RemoveBackend { id })
+        .collect();
+
+    let mut ops = set_backends;
+    ops.append(&mut write_rings);
+    ops.append(&mut addrs_up);
+    ops.append(&mut set_vips);
+    ops.append(&mut remove_vips);
+    ops.append(&mut addrs_down);
+    ops.append(&mut flushes);
+    ops.append(&mut remove_backends);
+
+    let mut next = applied.clone();
+    for op in &ops {
+        next.record(op);
+    }
+    for (ring, inputs) in &ring_inputs {
+        next.ring_inputs.insert(*ring, inputs.clone());
+    }
+    Ok(Plan {
+        ops,
+        applied: next,
+        warnings,
+        ring_inputs,
+    })
+}
