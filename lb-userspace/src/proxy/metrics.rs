@@ -1,0 +1,245 @@
+//! Prometheus metrics (prometheus-client) and the `/metrics` endpoint.
+//!
+//! Label lookups happen when routes and upstreams are built, not per request: routes and
+//! upstreams keep clones of their counters (clones share the same atomic).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// HTTP status class label.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // the label values are the variant names
+pub enum StatusClass {
+    /// 1xx
+    _1xx,
+    /// 2xx
+    _2xx,
+    /// 3xx
+    _3xx,
+    /// 4xx
+    _4xx,
+    /// 5xx
+    _5xx,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    rule: String,
+    class: StatusClass,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    upstream: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
+}
+
+/// Per-rule request counters by status class.
+#[derive(Debug, Clone)]
+pub struct RuleCounters([Counter; 5]);
+
+impl RuleCounters {
+    /// Counts one response.
+    pub fn count(&self, status: u16) {
+        let i = usize::from((status / 100).clamp(1, 5) - 1);
+        self.0[i].inc();
+    }
+}
+
+/// All proxy metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    requests: Family<RequestLabels, Counter>,
+    latency: Histogram,
+    upstream_errors: Family<UpstreamLabels, Counter>,
+    upstream_ejections: Family<UpstreamLabels, Counter>,
+    open_connections: Family<ListenerLabels, Gauge>,
+    reloads: Family<ResultLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric in a fresh registry.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("xlb_proxy");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests by matched rule and status class",
+            requests.clone(),
+        );
+        // 100 µs .. ~13 s
+        let latency = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
+        registry.register(
+            "request_duration_seconds",
+            "Time from request head to response head",
+            latency.clone(),
+        );
+        let upstream_errors = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "upstream_errors",
+            "Upstream connect failures, timeouts and broken exchanges",
+            upstream_errors.clone(),
+        );
+        let upstream_ejections = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "upstream_ejections",
+            "Endpoints ejected by passive health checking",
+            upstream_ejections.clone(),
+        );
+        let open_connections = Family::<ListenerLabels, Gauge>::default();
+        registry.register(
+            "open_connections",
+            "Open downstream connections by listener",
+            open_connections.clone(),
+        );
+        let reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Configuration reloads by result",
+            reloads.clone(),
+        );
+        Self {
+            registry: Mutex::new(registry),
+            requests,
+            latency,
+            upstream_errors,
+            upstream_ejections,
+            open_connections,
+            reloads,
+        }
+    }
+
+    /// Counters for a rule label.
+    pub fn rule(&self, rule: &str) -> RuleCounters {
+        use StatusClass::*;
+        RuleCounters([_1xx, _2xx, _3xx, _4xx, _5xx].map(|class| {
+            self.requests
+                .get_or_create(&RequestLabels {
+                    rule: rule.to_owned(),
+                    class,
+                })
+                .clone()
+        }))
+    }
+
+    /// The error counter of an upstream.
+    pub fn upstream_errors(&self, upstream: &str) -> Counter {
+        self.upstream_errors
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_owned(),
+            })
+            .clone()
+    }
+
+    /// The ejection counter of an upstream.
+    pub fn upstream_ejections(&self, upstream: &str) -> Counter {
+        self.upstream_ejections
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_owned(),
+            })
+            .clone()
+    }
+
+    /// The open-connections gauge of a listener ("http" or "https").
+    pub fn open_connections(&self, listener: &str) -> Gauge {
+        self.open_connections
+            .get_or_create(&ListenerLabels {
+                listener: listener.to_owned(),
+            })
+            .clone()
+    }
+
+    /// Records the time to response head.
+    pub fn observe_latency(&self, seconds: f64) {
+        self.latency.observe(seconds);
+    }
+
+    /// Counts a reload attempt.
+    pub fn reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "rejected" };
+        self.reloads
+            .get_or_create(&ResultLabels {
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+}
+
+/// Serves `GET /metrics` (anything else: 404) until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
+    use super::body::RespBody;
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let metrics = metrics.clone();
+                    async move {
+                        let mut resp = if req.uri().path() == "/metrics" {
+                            let mut r = hyper::Response::new(RespBody::full(metrics.encode()));
+                            r.headers_mut().insert(
+                                http::header::CONTENT_TYPE,
+                                http::HeaderValue::from_static(
+                                    "text/plain; version=0.0.4; charset=utf-8",
+                                ),
+                            );
+                            r
+                        } else {
+                            hyper::Response::new(RespBody::full("not found\n"))
+                        };
+                        if req.uri().path() != "/metrics" {
+                            *resp.status_mut() = http::StatusCode::NOT_FOUND;
+                        }
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await
+            {
+                tracing::debug!(error = %e, "metrics connection failed");
+            }
+        });
+    }
+}
+
+/// Binds the metrics listener.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}

@@ -1,0 +1,78 @@
+//! The L7 proxy (`xlb proxy`): HTTP host/path routing with Ingress semantics, TLS termination,
+//! HTTP/1.1 and HTTP/2 downstream, pooled HTTP/1.1 upstream, WebSocket/Upgrade tunnelling,
+//! load balancing with passive health, and live reconfiguration. See docs/proxy.md.
+//!
+//! Layout: [`config`] (model + validation), [`routing`], [`tls`], [`upstream`] (balancing,
+//! health, pools), [`server`] (workers and the forwarding path), [`h1guard`] (request
+//! smuggling guard), [`body`], [`metrics`], [`access_log`] and [`watch`] (config file watcher).
+
+pub mod access_log;
+pub mod body;
+pub mod config;
+pub mod h1guard;
+pub mod metrics;
+pub mod routing;
+pub mod server;
+pub mod tls;
+pub mod upstream;
+pub mod watch;
+
+use anyhow::Context as _;
+
+pub use config::{ConfigError, ProxyConfig};
+pub use server::{ProxyError, ProxyHandle, Reloader, start};
+
+/// Command-line options of `xlb proxy`.
+#[derive(Debug, clap::Args)]
+pub struct ProxyArgs {
+    /// Proxy configuration file (TOML or YAML); the embedded default when absent.
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+    /// Validate the configuration (and load its certificates' files) and exit.
+    #[arg(long)]
+    pub check: bool,
+}
+
+/// Runs the proxy until SIGTERM/SIGINT. The configuration file is watched and re-applied on
+/// change (and on SIGHUP); an invalid configuration is logged and ignored.
+pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
+    let cfg = match &args.config {
+        Some(p) => ProxyConfig::load(p)?,
+        None => ProxyConfig::embedded_default()?,
+    };
+    if args.check {
+        tls::CertStore::from_config(&cfg)?;
+        println!("configuration is valid");
+        return Ok(());
+    }
+    let handle = start(cfg).context("starting the proxy")?;
+    tracing::info!(
+        http = ?handle.http_addr,
+        https = ?handle.https_addr,
+        metrics = ?handle.metrics_addr,
+        "xlb proxy running"
+    );
+    let _watcher = match &args.config {
+        Some(p) => {
+            Some(watch::watch(p.clone(), handle.reloader()).context("watching the config file")?)
+        }
+        None => None,
+    };
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = hup.recv() => {
+                if let Some(p) = &args.config {
+                    watch::reload_from(p, &handle.reloader());
+                }
+            }
+        }
+    }
+    tracing::info!("shutting down");
+    tokio::task::spawn_blocking(move || handle.shutdown()).await?;
+    Ok(())
+}

@@ -1,0 +1,1166 @@
+//! Listeners, workers and the forwarding path.
+//!
+//! Each worker is an OS thread with a current-thread tokio runtime and its own SO_REUSEPORT
+//! listening socket per listener, so the kernel spreads connections and a connection's
+//! downstream socket, its upstream connections and its tasks stay on one thread. Requests
+//! read the configuration through one `ArcSwap` load, so a reload never disturbs requests or
+//! upgraded connections already running.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use super::access_log::LogRecord;
+use super::body::{BodyTooLarge, ReqBody, RespBody};
+use super::config::{Annotations, ConfigError, ProxyConfig};
+use super::h1guard::GuardedIo;
+use super::metrics::{Metrics, RuleCounters};
+use super::routing::RouteTable;
+use super::tls::{CertStore, TlsError};
+use super::upstream::{self, Endpoint, PickContext, Upstream, UpstreamMap};
+
+/// Why the proxy could not start or a configuration could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A certificate or key could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// rustls refused the listener configuration.
+    #[error("TLS listener configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// A listening socket could not be set up.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The socket error.
+        source: std::io::Error,
+    },
+    /// A worker thread or runtime could not be started.
+    #[error("cannot start worker: {0}")]
+    Worker(std::io::Error),
+}
+
+/// A matched route.
+#[derive(Debug)]
+pub(crate) struct Route {
+    rule: Arc<str>,
+    upstream: Arc<Upstream>,
+    ssl_redirect: bool,
+    max_body: u64,
+    counters: RuleCounters,
+}
+
+/// Connection-level settings, captured when a connection is accepted.
+#[derive(Debug, Clone)]
+struct Settings {
+    connect: Duration,
+    header: Duration,
+    response: Duration,
+    idle: Duration,
+    max_header_bytes: usize,
+    h2_streams: u32,
+    h2_pending_resets: usize,
+    h2_local_resets: usize,
+    access_log: bool,
+    https_redirect_port: Option<u16>,
+}
+
+/// Everything a request reads, swapped as one unit on reload.
+#[derive(Debug)]
+pub(crate) struct State {
+    cfg: Arc<ProxyConfig>,
+    routes: RouteTable<Arc<Route>>,
+    upstreams: UpstreamMap,
+    certs: CertStore,
+    no_match: RuleCounters,
+    settings: Settings,
+}
+
+impl State {
+    fn build(
+        cfg: Arc<ProxyConfig>,
+        previous: Option<&State>,
+        metrics: &Metrics,
+        workers: usize,
+    ) -> Result<Self, ProxyError> {
+        cfg.validate()?;
+        let certs = CertStore::from_config(&cfg)?;
+        let upstreams = upstream::build_upstreams(
+            &cfg.services,
+            workers,
+            previous.map(|p| &p.upstreams),
+            metrics,
+        );
+        let mut routes = RouteTable::default();
+        for (i, ing) in cfg.ingresses.iter().enumerate() {
+            if !cfg.serves(ing) {
+                continue;
+            }
+            let ann = Annotations::parse(ing, &format!("ingresses[{i}]"))?;
+            let max_body = ann.max_body_bytes.unwrap_or(cfg.limits.max_body_bytes);
+            let route = |rule: String, service: &str, port: u16| {
+                let key = (ing.namespace.clone(), service.to_owned(), port);
+                // validate() guarantees every backend names a configured service port.
+                upstreams.get(&key).map(|u| {
+                    Arc::new(Route {
+                        counters: metrics.rule(&rule),
+                        rule: rule.into(),
+                        upstream: u.clone(),
+                        ssl_redirect: ann.ssl_redirect,
+                        max_body,
+                    })
+                })
+            };
+            if let Some(b) = &ing.default_backend
+                && let Some(r) = route(
+                    format!("{}/{}:default", ing.namespace, ing.name),
+                    &b.service,
+                    b.port,
+                )
+            {
+                routes.set_default(r);
+            }
+            for rule in &ing.rules {
+                for p in &rule.paths {
+                    let label = format!(
+                        "{}/{}:{}{}",
+                        ing.namespace,
+                        ing.name,
+                        rule.host.as_deref().unwrap_or("*"),
+                        p.path
+                    );
+                    if let Some(r) = route(label, &p.backend.service, p.backend.port) {
+                        routes.add(rule.host.as_deref(), &p.path, p.path_type, r);
+                    }
+                }
+            }
+        }
+        let t = &cfg.timeouts;
+        let settings = Settings {
+            connect: Duration::from_millis(t.connect_ms),
+            header: Duration::from_millis(t.request_header_ms),
+            response: Duration::from_millis(t.upstream_response_ms),
+            idle: Duration::from_millis(t.idle_ms),
+            max_header_bytes: cfg.limits.max_header_bytes,
+            h2_streams: cfg.limits.h2_max_concurrent_streams,
+            h2_pending_resets: cfg.limits.h2_max_pending_reset_streams,
+            h2_local_resets: cfg.limits.h2_max_local_error_reset_streams,
+            access_log: cfg.access_log,
+            https_redirect_port: cfg.listen.https_redirect_port,
+        };
+        Ok(Self {
+            no_match: metrics.rule("-"),
+            cfg,
+            routes,
+            upstreams,
+            certs,
+            settings,
+        })
+    }
+}
+
+/// State shared by all workers.
+#[derive(Debug)]
+struct Shared {
+    state: ArcSwap<State>,
+    metrics: Arc<Metrics>,
+    workers: usize,
+    /// Serialises reloads so that endpoint state carries over from the latest one.
+    reload_lock: Mutex<()>,
+}
+
+/// A running proxy. Dropping it stops the workers.
+#[derive(Debug)]
+pub struct ProxyHandle {
+    /// Bound plain-HTTP address (with the real port when configured with port 0).
+    pub http_addr: Option<SocketAddr>,
+    /// Bound TLS address.
+    pub https_addr: Option<SocketAddr>,
+    /// Bound metrics address.
+    pub metrics_addr: Option<SocketAddr>,
+    reloader: Reloader,
+    stop: watch::Sender<bool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// Applies new configurations to a running proxy (cloneable, e.g. for a file watcher).
+#[derive(Debug, Clone)]
+pub struct Reloader {
+    shared: Arc<Shared>,
+}
+
+impl Reloader {
+    /// Validates `cfg`, builds routes, certificates and upstreams, and swaps them in
+    /// atomically. On error nothing changes. Listener addresses and the worker count are
+    /// fixed at start; changes to them are reported and ignored.
+    pub fn apply(&self, cfg: ProxyConfig) -> Result<(), ProxyError> {
+        let _serial = self
+            .shared
+            .reload_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let current = self.shared.state.load_full();
+        let result = State::build(
+            Arc::new(cfg),
+            Some(&current),
+            &self.shared.metrics,
+            self.shared.workers,
+        );
+        self.shared.metrics.reload(result.is_ok());
+        let next = result?;
+        if next.cfg.listen != current.cfg.listen {
+            tracing::warn!("listen settings changed: they take effect after a restart");
+        }
+        self.shared.state.store(Arc::new(next));
+        Ok(())
+    }
+}
+
+impl ProxyHandle {
+    /// See [`Reloader::apply`].
+    pub fn apply(&self, cfg: ProxyConfig) -> Result<(), ProxyError> {
+        self.reloader.apply(cfg)
+    }
+
+    /// A handle for applying configurations from elsewhere.
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
+    }
+
+    /// The metrics registry (for embedding and tests).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.reloader.shared.metrics.clone()
+    }
+
+    /// Stops accepting, stops the workers and waits for their threads. Connections still open
+    /// are closed.
+    pub fn shutdown(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        let _ = self.stop.send(true);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ProxyHandle {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+fn reuseport_listener(addr: SocketAddr) -> Result<std::net::TcpListener, ProxyError> {
+    use socket2::{Domain, Socket, Type};
+    let bind_err = |source| ProxyError::Bind { addr, source };
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(bind_err)?;
+    s.set_reuse_address(true).map_err(bind_err)?;
+    // One socket per worker on the same port: the kernel balances accepts across them.
+    s.set_reuse_port(true).map_err(bind_err)?;
+    s.set_nonblocking(true).map_err(bind_err)?;
+    s.set_tcp_nodelay(true).map_err(bind_err)?;
+    s.bind(&addr.into()).map_err(bind_err)?;
+    s.listen(4096).map_err(bind_err)?;
+    Ok(s.into())
+}
+
+/// One socket per worker, all on the same port (resolved from the first when port is 0).
+fn bind_all(
+    addr: SocketAddr,
+    workers: usize,
+) -> Result<(SocketAddr, Vec<std::net::TcpListener>), ProxyError> {
+    let first = reuseport_listener(addr)?;
+    let bound = first
+        .local_addr()
+        .map_err(|source| ProxyError::Bind { addr, source })?;
+    let mut all = vec![first];
+    for _ in 1..workers {
+        all.push(reuseport_listener(bound)?);
+    }
+    Ok((bound, all))
+}
+
+/// Starts the proxy: binds the listeners and spawns the workers. Call from any context (it
+/// does not need a runtime).
+pub fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
+    let workers = cfg.worker_count();
+    let metrics = Arc::new(Metrics::new());
+    let state = State::build(Arc::new(cfg), None, &metrics, workers)?;
+    let listen = state.cfg.listen.clone();
+    let tls13_only = state.cfg.tls.tls13_only;
+    let shared = Arc::new(Shared {
+        state: ArcSwap::from_pointee(state),
+        metrics,
+        workers,
+        reload_lock: Mutex::new(()),
+    });
+
+    let (http_addr, mut http_socks) = match listen.http {
+        Some(a) => {
+            let (b, s) = bind_all(a, workers)?;
+            (Some(b), s)
+        }
+        None => (None, Vec::new()),
+    };
+    let (https_addr, mut https_socks) = match listen.https {
+        Some(a) => {
+            let (b, s) = bind_all(a, workers)?;
+            (Some(b), s)
+        }
+        None => (None, Vec::new()),
+    };
+    let tls = if https_addr.is_some() {
+        let s = shared.clone();
+        let lookup = move |sni: Option<&str>| s.state.load().certs.lookup(sni);
+        Some(tokio_rustls::TlsAcceptor::from(super::tls::server_config(
+            Arc::new(lookup),
+            tls13_only,
+        )?))
+    } else {
+        None
+    };
+    let mut metrics_sock = match listen.metrics {
+        Some(addr) => {
+            let l = std::net::TcpListener::bind(addr)
+                .map_err(|source| ProxyError::Bind { addr, source })?;
+            l.set_nonblocking(true)
+                .map_err(|source| ProxyError::Bind { addr, source })?;
+            Some(l)
+        }
+        None => None,
+    };
+    let metrics_addr = match &metrics_sock {
+        Some(l) => Some(l.local_addr().map_err(|source| {
+            ProxyError::Bind {
+                addr: listen
+                    .metrics
+                    .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))),
+                source,
+            }
+        })?),
+        None => None,
+    };
+
+    let (stop, stop_rx) = watch::channel(false);
+    let mut threads = Vec::with_capacity(workers);
+    for w in 0..workers {
+        let http = http_socks.pop();
+        let https = https_socks.pop();
+        let metrics_l = if w == 0 { metrics_sock.take() } else { None };
+        let shared = shared.clone();
+        let tls = tls.clone();
+        let mut stop_rx = stop_rx.clone();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(ProxyError::Worker)?;
+        let t = std::thread::Builder::new()
+            .name(format!("xlb-proxy-{w}"))
+            .spawn(move || {
+                upstream::set_worker_index(w);
+                rt.block_on(async move {
+                    let mut tasks = Vec::new();
+                    if let Some(l) = http {
+                        match tokio::net::TcpListener::from_std(l) {
+                            Ok(l) => tasks.push(tokio::spawn(accept_loop(l, shared.clone(), None))),
+                            Err(e) => tracing::error!(error = %e, "http listener"),
+                        }
+                    }
+                    if let (Some(l), Some(tls)) = (https, tls) {
+                        match tokio::net::TcpListener::from_std(l) {
+                            Ok(l) => {
+                                tasks.push(tokio::spawn(accept_loop(l, shared.clone(), Some(tls))))
+                            }
+                            Err(e) => tracing::error!(error = %e, "https listener"),
+                        }
+                    }
+                    if let Some(l) = metrics_l {
+                        match tokio::net::TcpListener::from_std(l) {
+                            Ok(l) => tasks.push(tokio::spawn(super::metrics::serve(
+                                l,
+                                shared.metrics.clone(),
+                            ))),
+                            Err(e) => tracing::error!(error = %e, "metrics listener"),
+                        }
+                    }
+                    // Wait for the stop signal (or the handle being dropped).
+                    while !*stop_rx.borrow_and_update() {
+                        if stop_rx.changed().await.is_err() {
+                            break;
+                        }
+                    }
+                    for t in tasks {
+                        t.abort();
+                    }
+                });
+            })
+            .map_err(ProxyError::Worker)?;
+        threads.push(t);
+    }
+    Ok(ProxyHandle {
+        http_addr,
+        https_addr,
+        metrics_addr,
+        reloader: Reloader { shared },
+        stop,
+        threads,
+    })
+}
+
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
+    let gauge = shared
+        .metrics
+        .open_connections(if tls.is_some() { "https" } else { "http" });
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let tls = tls.clone();
+        let gauge = gauge.clone();
+        tokio::spawn(async move {
+            gauge.inc();
+            serve_connection(shared, stream, peer, tls).await;
+            gauge.dec();
+        });
+    }
+}
+
+/// Per-connection context shared by the connection's requests.
+#[derive(Debug)]
+pub(crate) struct ConnCtx {
+    peer: SocketAddr,
+    https: bool,
+    /// The client address as a header value, for X-Forwarded-For.
+    peer_value: HeaderValue,
+    /// (host, Forwarded value) of the previous request: keep-alive connections nearly always
+    /// repeat the host, so the Forwarded header is built once per connection.
+    forwarded_cache: Mutex<Option<(HeaderValue, HeaderValue)>>,
+    active: AtomicUsize,
+    last_active_ms: AtomicU64,
+    born: Instant,
+}
+
+impl ConnCtx {
+    fn touch(&self) {
+        let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_active_ms.store(ms, Ordering::Relaxed);
+    }
+}
+
+/// Marks a request in flight on its connection until dropped (with the response body).
+#[derive(Debug)]
+pub(crate) struct ActiveGuard(Arc<ConnCtx>);
+
+impl ActiveGuard {
+    fn new(c: Arc<ConnCtx>) -> Self {
+        c.active.fetch_add(1, Ordering::Relaxed);
+        Self(c)
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether a plain connection starts with the HTTP/2 preface (h2c with prior knowledge).
+async fn starts_with_h2_preface(s: &TcpStream) -> std::io::Result<bool> {
+    let mut buf = [0u8; 24];
+    // Bounded: a client dribbling a partial preface is cut off by the caller's header timeout.
+    for _ in 0..1000 {
+        let n = s.peek(&mut buf).await?;
+        if n == 0 || buf[..n] != H2_PREFACE[..n] {
+            return Ok(false);
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(true);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(false)
+}
+
+async fn serve_connection(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
+    let settings = shared.state.load().settings.clone();
+    let peer_value = HeaderValue::from_str(&peer.ip().to_string())
+        .unwrap_or(HeaderValue::from_static("unknown"));
+    let ctx = ConnCtx {
+        peer,
+        https: tls.is_some(),
+        peer_value,
+        forwarded_cache: Mutex::new(None),
+        active: AtomicUsize::new(0),
+        last_active_ms: AtomicU64::new(0),
+        born: Instant::now(),
+    };
+    match tls {
+        Some(acceptor) => {
+            let accepted = tokio::time::timeout(settings.header, acceptor.accept(stream)).await;
+            let tls_stream = match accepted {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+            if h2 {
+                serve_h2(shared, Arc::new(ctx), TokioIo::new(tls_stream), &settings).await;
+            } else {
+                let io = GuardedIo::new(tls_stream);
+                serve_h1(shared, Arc::new(ctx), TokioIo::new(io), &settings).await;
+            }
+        }
+        None => {
+            match tokio::time::timeout(settings.header, starts_with_h2_preface(&stream)).await {
+                Ok(Ok(true)) => {
+                    serve_h2(shared, Arc::new(ctx), TokioIo::new(stream), &settings).await
+                }
+                Ok(Ok(false)) => {
+                    let io = GuardedIo::new(stream);
+                    serve_h1(shared, Arc::new(ctx), TokioIo::new(io), &settings).await;
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn service(
+    shared: Arc<Shared>,
+    ctx: Arc<ConnCtx>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<RespBody>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<RespBody>, Infallible>> + Send,
+> + Clone {
+    hyper::service::service_fn(move |req| {
+        let shared = shared.clone();
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(handle(&shared, ctx, req).await) }
+    })
+}
+
+async fn serve_h1<I>(shared: Arc<Shared>, ctx: Arc<ConnCtx>, io: TokioIo<I>, s: &Settings)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(TokioTimer::new())
+        // hyper starts this timer whenever it waits for a request head, so it also bounds
+        // how long a keep-alive connection may sit idle (see docs/proxy.md).
+        .header_read_timeout(s.header)
+        .max_header_size(s.max_header_bytes)
+        .max_buf_size(s.max_header_bytes.max(8192) + 4096);
+    let conn = b
+        .serve_connection(io, service(shared, ctx.clone()))
+        .with_upgrades();
+    drive_with_idle_timeout(conn, &ctx, s.idle, |c| c.graceful_shutdown()).await;
+}
+
+async fn serve_h2<I>(shared: Arc<Shared>, ctx: Arc<ConnCtx>, io: TokioIo<I>, s: &Settings)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .max_concurrent_streams(s.h2_streams)
+        .max_pending_accept_reset_streams(s.h2_pending_resets)
+        .max_local_error_reset_streams(s.h2_local_resets)
+        .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX));
+    let conn = b.serve_connection(io, service(shared, ctx.clone()));
+    drive_with_idle_timeout(conn, &ctx, s.idle, |c| c.graceful_shutdown()).await;
+}
+
+/// Runs a connection, shutting it down gracefully once it has had no request in flight for
+/// `idle`.
+async fn drive_with_idle_timeout<C, E>(
+    conn: C,
+    ctx: &ConnCtx,
+    idle: Duration,
+    shutdown: impl FnOnce(std::pin::Pin<&mut C>),
+) where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let mut conn = pin!(conn);
+    let mut shutdown = Some(shutdown);
+    let mut deadline = tokio::time::Instant::now() + idle;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(peer = %ctx.peer, error = %e, "connection ended with error");
+                }
+                return;
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                let Some(f) = shutdown.take() else {
+                    // Graceful shutdown did not finish within another idle period: drop it.
+                    return;
+                };
+                let last = ctx.born + Duration::from_millis(ctx.last_active_ms.load(Ordering::Relaxed));
+                let idle_until = tokio::time::Instant::from_std(last + idle);
+                if ctx.active.load(Ordering::Relaxed) == 0 && idle_until <= tokio::time::Instant::now() {
+                    f(conn.as_mut());
+                    deadline = tokio::time::Instant::now() + idle;
+                } else {
+                    shutdown = Some(f);
+                    deadline = idle_until.max(tokio::time::Instant::now() + Duration::from_millis(50));
+                }
+            }
+        }
+    }
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy ones proxies still see).
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers and the headers the Connection header nominates. `Upgrade` is
+/// removed too unless this exchange is an upgrade, in which case `Connection: upgrade` is kept.
+fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
+    if let Some(conn) = h.get(header::CONNECTION)
+        && let Ok(list) = conn.to_str()
+    {
+        let nominated: Vec<HeaderName> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|t| {
+                !t.is_empty()
+                    && !t.eq_ignore_ascii_case("close")
+                    && !t.eq_ignore_ascii_case("keep-alive")
+                    && !t.eq_ignore_ascii_case("upgrade")
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for n in nominated {
+            h.remove(n);
+        }
+    }
+    for n in &HOP_BY_HOP {
+        h.remove(n);
+    }
+    if upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        h.remove(header::UPGRADE);
+    }
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Error pages: status line text only, nothing about internals.
+fn error_page(status: StatusCode) -> Response<RespBody> {
+    let text = match status {
+        StatusCode::BAD_REQUEST => "400 Bad Request\n",
+        StatusCode::NOT_FOUND => "404 Not Found\n",
+        StatusCode::PAYLOAD_TOO_LARGE => "413 Content Too Large\n",
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "431 Request Header Fields Too Large\n",
+        StatusCode::BAD_GATEWAY => "502 Bad Gateway\n",
+        StatusCode::SERVICE_UNAVAILABLE => "503 Service Unavailable\n",
+        StatusCode::GATEWAY_TIMEOUT => "504 Gateway Timeout\n",
+        _ => "error\n",
+    };
+    let mut r = Response::new(RespBody::full(Bytes::from_static(text.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// The outcome of forwarding, for metrics and the access log.
+struct Outcome {
+    resp: Response<RespBody>,
+    route: Option<Arc<Route>>,
+    endpoint: Option<SocketAddr>,
+}
+
+impl Outcome {
+    fn local(status: StatusCode, route: Option<Arc<Route>>) -> Self {
+        Self {
+            resp: error_page(status),
+            route,
+            endpoint: None,
+        }
+    }
+}
+
+async fn handle(shared: &Shared, ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<RespBody> {
+    let start = Instant::now();
+    let active = ActiveGuard::new(ctx.clone());
+    let state = shared.state.load_full();
+    let log_fields = state.settings.access_log.then(|| {
+        (
+            req.method().clone(),
+            request_host(&req).unwrap_or("-").to_owned(),
+            req.uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_owned(),
+        )
+    });
+    let out = forward(&state, &ctx, req).await;
+    let status = out.resp.status();
+    match &out.route {
+        Some(r) => r.counters.count(status.as_u16()),
+        None => state.no_match.count(status.as_u16()),
+    }
+    shared
+        .metrics
+        .observe_latency(start.elapsed().as_secs_f64());
+    let mut resp = out.resp;
+    if let Some((method, host, path)) = log_fields {
+        resp.body_mut().set_log(Some(Box::new(LogRecord {
+            start,
+            client: ctx.peer,
+            method,
+            host,
+            path,
+            rule: out
+                .route
+                .as_ref()
+                .map_or_else(|| Arc::from("-"), |r| r.rule.clone()),
+            upstream: out.endpoint,
+            status: status.as_u16(),
+        })));
+    }
+    resp.body_mut().set_active(active);
+    resp
+}
+
+fn request_host(req: &Request<Incoming>) -> Option<&str> {
+    req.uri().authority().map(|a| a.as_str()).or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+    })
+}
+
+fn header_bytes(h: &HeaderMap) -> usize {
+    h.iter().map(|(n, v)| n.as_str().len() + v.len() + 32).sum()
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+fn has_source<E: std::error::Error + 'static>(mut e: &(dyn std::error::Error + 'static)) -> bool {
+    loop {
+        if e.is::<E>() {
+            return true;
+        }
+        match e.source() {
+            Some(s) => e = s,
+            None => return false,
+        }
+    }
+}
+
+async fn forward(state: &State, ctx: &ConnCtx, mut req: Request<Incoming>) -> Outcome {
+    let s = &state.settings;
+    if req.version() == Version::HTTP_2 && header_bytes(req.headers()) > s.max_header_bytes {
+        return Outcome::local(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, None);
+    }
+    let Some(host) = request_host(&req) else {
+        return Outcome::local(StatusCode::BAD_REQUEST, None);
+    };
+    let Some(route) = state.routes.lookup(Some(host), req.uri().path()).cloned() else {
+        return Outcome::local(StatusCode::NOT_FOUND, None);
+    };
+    if route.ssl_redirect && !ctx.https {
+        return redirect_to_https(&req, host, s.https_redirect_port, route);
+    }
+    let declared_len = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared_len.is_some_and(|n| n > route.max_body) {
+        return Outcome::local(StatusCode::PAYLOAD_TOO_LARGE, Some(route));
+    }
+    let upgrade = is_upgrade(&req);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+
+    let (mut parts, body) = req.into_parts();
+    // Upstreams get origin-form (HTTP/2 requests arrive in absolute form).
+    if parts.uri.authority().is_some() {
+        let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
+        parts.uri = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .map_or_else(|| Uri::from_static("/"), Uri::from);
+        if !parts.headers.contains_key(header::HOST)
+            && let Some(v) = authority.and_then(|a| HeaderValue::from_str(&a).ok())
+        {
+            parts.headers.insert(header::HOST, v);
+        }
+    }
+    parts.version = Version::HTTP_11;
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    add_forwarding_headers(&mut parts.headers, ctx);
+    parts.extensions = http::Extensions::new();
+    let idempotent = is_idempotent(&parts.method);
+    let mut req = Request::from_parts(parts, ReqBody::limited(body, route.max_body));
+
+    let upstream = &route.upstream;
+    let mut excluded: Option<Arc<Endpoint>> = None;
+    for attempt in 0..2 {
+        let pick = PickContext {
+            client_ip: ctx.peer.ip(),
+            headers: req.headers(),
+        };
+        let Some(ep) = upstream.pick(&pick, excluded.as_deref()) else {
+            return Outcome::local(StatusCode::SERVICE_UNAVAILABLE, Some(route));
+        };
+        let in_flight = ep.start_request();
+        let (mut sender, pooled) = match sender_for(&ep, s.connect, upgrade).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!(endpoint = %ep.addr, error = %e, "upstream connect failed");
+                upstream.errors.inc();
+                upstream.record_failure(&ep);
+                if idempotent && attempt == 0 {
+                    excluded = Some(ep);
+                    continue;
+                }
+                return Outcome {
+                    endpoint: Some(ep.addr),
+                    ..Outcome::local(StatusCode::BAD_GATEWAY, Some(route))
+                };
+            }
+        };
+        let sent = tokio::time::timeout(s.response, sender.try_send_request(req)).await;
+        let resp = match sent {
+            Ok(Ok(r)) => r,
+            Ok(Err(mut e)) => {
+                if let Some(back) = e.take_message() {
+                    // Not sent: a pooled connection closed under us. Not the endpoint's fault;
+                    // try again with a fresh connection (any method: nothing was sent).
+                    req = back;
+                    if attempt == 0 || pooled {
+                        continue;
+                    }
+                    upstream.errors.inc();
+                    return Outcome {
+                        endpoint: Some(ep.addr),
+                        ..Outcome::local(StatusCode::BAD_GATEWAY, Some(route))
+                    };
+                }
+                let err = e.into_error();
+                upstream.errors.inc();
+                if has_source::<BodyTooLarge>(&err) {
+                    return Outcome::local(StatusCode::PAYLOAD_TOO_LARGE, Some(route));
+                }
+                tracing::debug!(endpoint = %ep.addr, error = %err, "upstream exchange failed");
+                upstream.record_failure(&ep);
+                return Outcome {
+                    endpoint: Some(ep.addr),
+                    ..Outcome::local(StatusCode::BAD_GATEWAY, Some(route))
+                };
+            }
+            Err(_) => {
+                upstream.errors.inc();
+                upstream.record_failure(&ep);
+                return Outcome {
+                    endpoint: Some(ep.addr),
+                    ..Outcome::local(StatusCode::GATEWAY_TIMEOUT, Some(route))
+                };
+            }
+        };
+        if resp.status().is_server_error() {
+            upstream.record_failure(&ep);
+        } else {
+            upstream.record_success(&ep);
+        }
+        let endpoint = Some(ep.addr);
+        if let Some(client_upgrade) = client_upgrade
+            && resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        {
+            return Outcome {
+                resp: tunnel(resp, client_upgrade, in_flight),
+                route: Some(route),
+                endpoint,
+            };
+        }
+        let (mut rparts, rbody) = resp.into_parts();
+        strip_hop_by_hop(&mut rparts.headers, false);
+        rparts.version = Version::HTTP_11;
+        let pool = (!upgrade).then(|| (ep.clone(), sender));
+        let body = RespBody::upstream(rbody, pool, Some(in_flight));
+        return Outcome {
+            resp: Response::from_parts(rparts, body),
+            route: Some(route),
+            endpoint,
+        };
+    }
+    Outcome::local(StatusCode::BAD_GATEWAY, Some(route))
+}
+
+/// A pooled connection to `ep` if one is ready, else a new one. Upgrades always get a new,
+/// unpooled connection (it becomes the tunnel).
+async fn sender_for(
+    ep: &Arc<Endpoint>,
+    connect_timeout: Duration,
+    upgrade: bool,
+) -> std::io::Result<(hyper::client::conn::http1::SendRequest<ReqBody>, bool)> {
+    if !upgrade {
+        // Bounded by the pool size; closed connections are dropped as they are found.
+        while let Some(mut s) = ep.checkout() {
+            if s.ready().await.is_ok() {
+                return Ok((s, true));
+            }
+        }
+    }
+    let stream = upstream::connect(ep.addr, connect_timeout).await?;
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(std::io::Error::other)?;
+    if upgrade {
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream upgrade connection failed");
+            }
+        });
+    } else {
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection failed");
+            }
+        });
+    }
+    Ok((sender, false))
+}
+
+/// Answers 101 downstream and splices the two upgraded connections once both are ready.
+fn tunnel(
+    resp: Response<Incoming>,
+    client: hyper::upgrade::OnUpgrade,
+    in_flight: upstream::InFlight,
+) -> Response<RespBody> {
+    let mut resp = resp;
+    let upstream_upgrade = hyper::upgrade::on(&mut resp);
+    let (mut parts, _) = resp.into_parts();
+    parts.version = Version::HTTP_11;
+    tokio::spawn(async move {
+        let _in_flight = in_flight;
+        let (c, u) = tokio::join!(client, upstream_upgrade);
+        match (c, u) {
+            (Ok(c), Ok(u)) => {
+                let mut c = TokioIo::new(c);
+                let mut u = TokioIo::new(u);
+                if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                    tracing::debug!(error = %e, "upgraded connection ended with error");
+                }
+            }
+            (c, u) => tracing::debug!(
+                client_ok = c.is_ok(),
+                upstream_ok = u.is_ok(),
+                "upgrade failed"
+            ),
+        }
+    });
+    Response::from_parts(parts, RespBody::empty())
+}
+
+fn redirect_to_https(
+    req: &Request<Incoming>,
+    host: &str,
+    port: Option<u16>,
+    route: Arc<Route>,
+) -> Outcome {
+    let bare = match host.strip_prefix('[') {
+        Some(rest) => rest
+            .split(']')
+            .next()
+            .map_or(host.to_owned(), |h| format!("[{h}]")),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h).to_owned(),
+    };
+    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = match port {
+        Some(p) if p != 443 => format!("https://{bare}:{p}{pq}"),
+        _ => format!("https://{bare}{pq}"),
+    };
+    let mut resp = Response::new(RespBody::empty());
+    *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    Outcome {
+        resp,
+        route: Some(route),
+        endpoint: None,
+    }
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+fn add_forwarding_headers(h: &mut HeaderMap, ctx: &ConnCtx) {
+    let proto = if ctx.https { "https" } else { "http" };
+    match h.get(&X_FORWARDED_FOR).map(|v| v.as_bytes()) {
+        Some(prev) => {
+            let mut v = Vec::with_capacity(prev.len() + 2 + ctx.peer_value.len());
+            v.extend_from_slice(prev);
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(ctx.peer_value.as_bytes());
+            if let Ok(v) = HeaderValue::from_bytes(&v) {
+                h.insert(&X_FORWARDED_FOR, v);
+            }
+        }
+        None => {
+            h.insert(&X_FORWARDED_FOR, ctx.peer_value.clone());
+        }
+    }
+    h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    let host = h.get(header::HOST).cloned();
+    let Some(host) = host else { return };
+    h.insert(&X_FORWARDED_HOST, host.clone());
+    let ours = {
+        let mut cache = ctx
+            .forwarded_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match &*cache {
+            Some((cached_host, v)) if *cached_host == host => v.clone(),
+            _ => {
+                let v = forwarded_value(ctx.peer.ip(), &host, proto);
+                *cache = Some((host, v.clone()));
+                v
+            }
+        }
+    };
+    match h.get(header::FORWARDED).map(|v| v.as_bytes()) {
+        Some(prev) => {
+            let mut v = Vec::with_capacity(prev.len() + 2 + ours.len());
+            v.extend_from_slice(prev);
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(ours.as_bytes());
+            if let Ok(v) = HeaderValue::from_bytes(&v) {
+                h.insert(header::FORWARDED, v);
+            }
+        }
+        None => {
+            h.insert(header::FORWARDED, ours);
+        }
+    }
+}
+
+/// RFC 7239: IPv6 and host values with ':' must be quoted.
+fn forwarded_value(ip: IpAddr, host: &HeaderValue, proto: &str) -> HeaderValue {
+    let host = String::from_utf8_lossy(host.as_bytes()).replace(['"', '\\'], "");
+    let s = match ip {
+        IpAddr::V4(v4) => format!("for={v4};host=\"{host}\";proto={proto}"),
+        IpAddr::V6(v6) => format!("for=\"[{v6}]\";host=\"{host}\";proto={proto}"),
+    };
+    HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static("for=unknown"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_nominated_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            "keep-alive, x-secret, Upgrade".parse().unwrap(),
+        );
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        h.insert(header::UPGRADE, "websocket".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        let mut plain = h.clone();
+        strip_hop_by_hop(&mut plain, false);
+        assert_eq!(plain.len(), 1, "{plain:?}");
+        assert!(plain.contains_key("x-kept"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get(header::CONNECTION).unwrap(), "upgrade");
+        assert_eq!(h.get(header::UPGRADE).unwrap(), "websocket");
+        assert!(!h.contains_key("x-secret"));
+    }
+
+    #[test]
+    fn forwarded_quotes_ipv6_and_host() {
+        let v = forwarded_value(
+            "::1".parse().unwrap(),
+            &HeaderValue::from_static("a.io:8080"),
+            "https",
+        );
+        assert_eq!(v, "for=\"[::1]\";host=\"a.io:8080\";proto=https");
+    }
+}

@@ -1,0 +1,477 @@
+//! Upstreams: endpoints, load balancing, passive health and per-worker connection pools.
+//!
+//! Endpoint objects outlive reloads (they are carried over by address when a Service keeps
+//! an endpoint), so pooled connections, in-flight counts and ejection state survive
+//! configuration changes.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use http::{HeaderMap, HeaderName};
+use hyper::client::conn::http1::SendRequest;
+use prometheus_client::metrics::counter::Counter;
+use rand::Rng;
+
+use super::body::ReqBody;
+use super::config::{Balance, PassiveHealth, Service};
+use super::metrics::Metrics;
+
+/// Idle upstream connections kept per endpoint and worker.
+const MAX_IDLE_PER_WORKER: usize = 512;
+/// Virtual nodes per endpoint on the consistent-hash ring.
+const RING_VNODES: usize = 160;
+
+thread_local! {
+    /// Index of the worker running on this thread (0 elsewhere, e.g. in tests' runtimes).
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks the current thread as worker `i` so pools stay thread-local in practice.
+pub(crate) fn set_worker_index(i: usize) {
+    WORKER.with(|w| w.set(i));
+}
+
+fn worker_index() -> usize {
+    WORKER.with(|w| w.get())
+}
+
+/// Milliseconds on a process-wide monotonic clock (for atomics).
+fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let start = *START.get_or_init(Instant::now);
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// One upstream endpoint.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    in_flight: AtomicU32,
+    consecutive_failures: AtomicU32,
+    /// Ejections since the last success; sets the backoff exponent.
+    ejections: AtomicU32,
+    /// `now_ms()` until which the endpoint is ejected (0 = admitted).
+    ejected_until: AtomicU64,
+    /// Idle connections, one list per worker (no cross-thread wakeups on the hot path).
+    idle: Box<[Mutex<Vec<SendRequest<ReqBody>>>]>,
+}
+
+impl Endpoint {
+    fn new(addr: SocketAddr, workers: usize) -> Self {
+        Self {
+            addr,
+            in_flight: AtomicU32::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            ejections: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+            idle: (0..workers.max(1))
+                .map(|_| Mutex::new(Vec::new()))
+                .collect(),
+        }
+    }
+
+    fn admitted(&self, now: u64) -> bool {
+        self.ejected_until.load(Ordering::Relaxed) <= now
+    }
+
+    /// Whether the endpoint is currently ejected.
+    pub fn is_ejected(&self) -> bool {
+        !self.admitted(now_ms())
+    }
+
+    fn idle_list(&self) -> &Mutex<Vec<SendRequest<ReqBody>>> {
+        &self.idle[worker_index() % self.idle.len()]
+    }
+
+    /// An idle pooled connection, if any is still open (most recently used first).
+    pub(crate) fn checkout(&self) -> Option<SendRequest<ReqBody>> {
+        let mut idle = self.idle_list().lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(s) = idle.pop() {
+            if !s.is_closed() {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    /// Returns a connection whose last response has been read completely.
+    pub(crate) fn checkin(&self, s: SendRequest<ReqBody>) {
+        if s.is_closed() {
+            return;
+        }
+        let mut idle = self.idle_list().lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < MAX_IDLE_PER_WORKER {
+            idle.push(s);
+        }
+    }
+
+    /// Counts a request in flight until the guard drops (least_request reads this).
+    pub(crate) fn start_request(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+}
+
+/// Decrements the endpoint's in-flight count on drop.
+#[derive(Debug)]
+pub(crate) struct InFlight(Arc<Endpoint>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What a balancer may hash on.
+#[derive(Debug, Clone, Copy)]
+pub struct PickContext<'a> {
+    /// The downstream client's address.
+    pub client_ip: IpAddr,
+    /// The request headers.
+    pub headers: &'a HeaderMap,
+}
+
+/// A Service port: its endpoints and policy.
+#[derive(Debug)]
+pub struct Upstream {
+    /// `namespace/name:port`, the metrics and access-log label.
+    pub name: Arc<str>,
+    endpoints: Vec<Arc<Endpoint>>,
+    balance: Balance,
+    hash_header: Option<HeaderName>,
+    /// (hash, endpoint index), sorted by hash.
+    ring: Vec<(u64, usize)>,
+    health: PassiveHealth,
+    next: AtomicUsize,
+    /// Pre-resolved metric handles (no label lookups per request).
+    pub(crate) errors: Counter,
+    ejections: Counter,
+}
+
+fn hash_of(v: impl Hash) -> u64 {
+    // DefaultHasher::new() has fixed keys: the same key maps to the same endpoint in every
+    // worker and across restarts, which affinity needs.
+    let mut h = std::hash::DefaultHasher::new();
+    v.hash(&mut h);
+    h.finish()
+}
+
+impl Upstream {
+    /// Builds an upstream, reusing endpoint objects of `previous` with the same address.
+    pub fn new(
+        svc: &Service,
+        workers: usize,
+        previous: Option<&Upstream>,
+        metrics: &Metrics,
+    ) -> Self {
+        let name: Arc<str> = format!("{}/{}:{}", svc.namespace, svc.name, svc.port).into();
+        let endpoints: Vec<Arc<Endpoint>> = svc
+            .endpoints
+            .iter()
+            .map(|addr| {
+                previous
+                    .and_then(|p| p.endpoints.iter().find(|e| e.addr == *addr).cloned())
+                    .unwrap_or_else(|| Arc::new(Endpoint::new(*addr, workers)))
+            })
+            .collect();
+        let mut ring = Vec::new();
+        if svc.balance == Balance::ConsistentHash {
+            for (i, e) in endpoints.iter().enumerate() {
+                for v in 0..RING_VNODES {
+                    ring.push((hash_of((e.addr, v)), i));
+                }
+            }
+            ring.sort_unstable();
+        }
+        Self {
+            errors: metrics.upstream_errors(&name),
+            ejections: metrics.upstream_ejections(&name),
+            name,
+            endpoints,
+            balance: svc.balance,
+            hash_header: svc
+                .hash_header
+                .as_deref()
+                .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
+            ring,
+            health: svc.health.clone(),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// The endpoints, in config order.
+    pub fn endpoints(&self) -> &[Arc<Endpoint>] {
+        &self.endpoints
+    }
+
+    /// Chooses an endpoint, skipping ejected ones and `exclude` (the endpoint of a failed
+    /// first attempt). When every endpoint is ejected, ejection is ignored ("panic mode"):
+    /// trying a possibly-recovered endpoint beats failing every request.
+    pub fn pick(&self, ctx: &PickContext<'_>, exclude: Option<&Endpoint>) -> Option<Arc<Endpoint>> {
+        if self.endpoints.is_empty() {
+            return None;
+        }
+        let now = now_ms();
+        let usable = |e: &Endpoint, respect_ejection: bool| {
+            exclude.is_none_or(|x| !std::ptr::eq(x, e)) && (!respect_ejection || e.admitted(now))
+        };
+        self.pick_with(ctx, |e| usable(e, true))
+            .or_else(|| self.pick_with(ctx, |e| usable(e, false)))
+    }
+
+    fn pick_with(
+        &self,
+        ctx: &PickContext<'_>,
+        ok: impl Fn(&Endpoint) -> bool,
+    ) -> Option<Arc<Endpoint>> {
+        let n = self.endpoints.len();
+        match self.balance {
+            Balance::RoundRobin => {
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                (0..n)
+                    .map(|i| &self.endpoints[(start + i) % n])
+                    .find(|e| ok(e))
+                    .cloned()
+            }
+            Balance::Random => {
+                let start = rand::rng().random_range(0..n);
+                (0..n)
+                    .map(|i| &self.endpoints[(start + i) % n])
+                    .find(|e| ok(e))
+                    .cloned()
+            }
+            Balance::LeastRequest => {
+                let candidates: Vec<&Arc<Endpoint>> = if self.endpoints.iter().all(|e| ok(e)) {
+                    // Fast path: two random distinct picks, no filtering allocation.
+                    if n == 1 {
+                        return Some(self.endpoints[0].clone());
+                    }
+                    let mut rng = rand::rng();
+                    let a = rng.random_range(0..n);
+                    let b = (a + rng.random_range(1..n)) % n;
+                    vec![&self.endpoints[a], &self.endpoints[b]]
+                } else {
+                    let healthy: Vec<&Arc<Endpoint>> =
+                        self.endpoints.iter().filter(|e| ok(e)).collect();
+                    match healthy.len() {
+                        0 => return None,
+                        1 => return Some(healthy[0].clone()),
+                        m => {
+                            let mut rng = rand::rng();
+                            let a = rng.random_range(0..m);
+                            let b = (a + rng.random_range(1..m)) % m;
+                            vec![healthy[a], healthy[b]]
+                        }
+                    }
+                };
+                candidates
+                    .into_iter()
+                    .min_by_key(|e| e.in_flight.load(Ordering::Relaxed))
+                    .cloned()
+            }
+            Balance::ConsistentHash => {
+                let key = match &self.hash_header {
+                    Some(h) => match ctx.headers.get(h) {
+                        Some(v) => hash_of(v.as_bytes()),
+                        None => hash_of(ctx.client_ip),
+                    },
+                    None => hash_of(ctx.client_ip),
+                };
+                let start = self.ring.partition_point(|(h, _)| *h < key);
+                let len = self.ring.len();
+                (0..len)
+                    .map(|i| &self.endpoints[self.ring[(start + i) % len].1])
+                    .find(|e| ok(e))
+                    .cloned()
+            }
+        }
+    }
+
+    /// A connect failure or a 5xx: counts towards ejection.
+    pub fn record_failure(&self, e: &Endpoint) {
+        let limit = self.health.consecutive_failures;
+        if limit == 0 {
+            return;
+        }
+        let failures = e.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures >= limit && e.admitted(now_ms()) {
+            e.consecutive_failures.store(0, Ordering::Relaxed);
+            let n = e.ejections.fetch_add(1, Ordering::Relaxed);
+            let backoff = self
+                .health
+                .base_ejection_ms
+                .saturating_mul(1u64 << n.min(20))
+                .min(self.health.max_ejection_ms);
+            e.ejected_until.store(now_ms() + backoff, Ordering::Relaxed);
+            self.ejections.inc();
+            tracing::warn!(upstream = %self.name, endpoint = %e.addr, backoff_ms = backoff, "endpoint ejected");
+        }
+    }
+
+    /// A successful exchange resets the failure streak and the backoff.
+    pub fn record_success(&self, e: &Endpoint) {
+        // Plain loads first: the common case writes nothing (no cache-line ping-pong).
+        if e.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            e.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+        if e.ejections.load(Ordering::Relaxed) != 0 && e.admitted(now_ms()) {
+            e.ejections.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Upstreams by `(namespace, name, port)`.
+pub type UpstreamMap = HashMap<(String, String, u16), Arc<Upstream>>;
+
+/// Builds all upstreams of a config, carrying endpoint state over from `previous`.
+pub fn build_upstreams(
+    services: &[Service],
+    workers: usize,
+    previous: Option<&UpstreamMap>,
+    metrics: &Metrics,
+) -> UpstreamMap {
+    services
+        .iter()
+        .map(|s| {
+            let key = (s.namespace.clone(), s.name.clone(), s.port);
+            let prev = previous.and_then(|p| p.get(&key)).map(|u| &**u);
+            (key, Arc::new(Upstream::new(s, workers, prev, metrics)))
+        })
+        .collect()
+}
+
+/// How long a connect may take.
+pub(crate) async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let s = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(balance: Balance, n: u16) -> Service {
+        Service {
+            name: "s".into(),
+            endpoints: (0..n)
+                .map(|i| SocketAddr::from(([127, 0, 0, 1], 9000 + i)))
+                .collect(),
+            balance,
+            health: PassiveHealth {
+                consecutive_failures: 2,
+                base_ejection_ms: 60_000,
+                max_ejection_ms: 120_000,
+            },
+            ..Default::default()
+        }
+    }
+
+    fn ctx(h: &HeaderMap, last: u8) -> PickContext<'_> {
+        PickContext {
+            client_ip: IpAddr::from([10, 0, 0, last]),
+            headers: h,
+        }
+    }
+
+    #[test]
+    fn round_robin_cycles() {
+        let m = Metrics::new();
+        let u = Upstream::new(&svc(Balance::RoundRobin, 3), 1, None, &m);
+        let h = HeaderMap::new();
+        let picks: Vec<u16> = (0..6)
+            .map(|_| u.pick(&ctx(&h, 1), None).unwrap().addr.port())
+            .collect();
+        assert_eq!(picks, [9000, 9001, 9002, 9000, 9001, 9002]);
+    }
+
+    #[test]
+    fn ejection_skips_and_panic_mode_uses_all() {
+        let m = Metrics::new();
+        let u = Upstream::new(&svc(Balance::RoundRobin, 2), 1, None, &m);
+        let h = HeaderMap::new();
+        let e0 = u.endpoints()[0].clone();
+        u.record_failure(&e0);
+        assert!(!e0.is_ejected());
+        u.record_failure(&e0);
+        assert!(e0.is_ejected());
+        for _ in 0..4 {
+            assert_eq!(u.pick(&ctx(&h, 1), None).unwrap().addr.port(), 9001);
+        }
+        let e1 = u.endpoints()[1].clone();
+        u.record_failure(&e1);
+        u.record_failure(&e1);
+        assert!(u.pick(&ctx(&h, 1), None).is_some(), "panic mode");
+        assert!(
+            u.pick(&ctx(&h, 1), Some(&e1))
+                .is_some_and(|e| e.addr.port() == 9000)
+        );
+    }
+
+    #[test]
+    fn consistent_hash_is_sticky_and_spreads() {
+        let m = Metrics::new();
+        let u = Upstream::new(&svc(Balance::ConsistentHash, 4), 1, None, &m);
+        let h = HeaderMap::new();
+        let mut seen = std::collections::HashSet::new();
+        for last in 0..64u8 {
+            let a = u.pick(&ctx(&h, last), None).unwrap().addr;
+            assert_eq!(u.pick(&ctx(&h, last), None).unwrap().addr, a);
+            seen.insert(a);
+        }
+        assert!(
+            seen.len() >= 3,
+            "64 clients over 4 endpoints used only {seen:?}"
+        );
+    }
+
+    #[test]
+    fn consistent_hash_on_header() {
+        let m = Metrics::new();
+        let mut s = svc(Balance::ConsistentHash, 4);
+        s.hash_header = Some("x-user".into());
+        let u = Upstream::new(&s, 1, None, &m);
+        let mut h = HeaderMap::new();
+        h.insert("x-user", "alice".parse().unwrap());
+        let a = u.pick(&ctx(&h, 1), None).unwrap().addr;
+        for last in 2..20 {
+            assert_eq!(
+                u.pick(&ctx(&h, last), None).unwrap().addr,
+                a,
+                "same header, other client"
+            );
+        }
+    }
+
+    #[test]
+    fn least_request_prefers_idle_endpoint() {
+        let m = Metrics::new();
+        let u = Upstream::new(&svc(Balance::LeastRequest, 2), 1, None, &m);
+        let h = HeaderMap::new();
+        let _busy: Vec<InFlight> = (0..5).map(|_| u.endpoints()[0].start_request()).collect();
+        for _ in 0..10 {
+            assert_eq!(u.pick(&ctx(&h, 1), None).unwrap().addr.port(), 9001);
+        }
+    }
+
+    #[test]
+    fn endpoints_survive_rebuild() {
+        let m = Metrics::new();
+        let a = Upstream::new(&svc(Balance::Random, 2), 1, None, &m);
+        let b = Upstream::new(&svc(Balance::Random, 3), 1, Some(&a), &m);
+        assert!(Arc::ptr_eq(&a.endpoints()[1], &b.endpoints()[1]));
+        for _ in 0..20 {
+            assert!(b.pick(&ctx(&HeaderMap::new(), 1), None).is_some());
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! Watches the configuration file and applies valid changes.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher as _};
+
+use super::config::ProxyConfig;
+use super::server::Reloader;
+
+/// Editors save by writing a temporary file and renaming it, in several events: wait for the
+/// burst to settle before reading.
+const SETTLE: Duration = Duration::from_millis(150);
+
+/// Keeps the watch alive; dropping it stops watching.
+#[derive(Debug)]
+pub struct ConfigWatch {
+    _watcher: notify::RecommendedWatcher,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ConfigWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Loads `path` and applies it, logging the outcome. Returns whether it was applied.
+pub fn reload_from(path: &Path, reloader: &Reloader) -> bool {
+    let result = ProxyConfig::load(path)
+        .map_err(super::server::ProxyError::from)
+        .and_then(|cfg| reloader.apply(cfg));
+    match result {
+        Ok(()) => {
+            tracing::info!(path = %path.display(), "configuration applied");
+            true
+        }
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "configuration rejected; keeping the previous one");
+            false
+        }
+    }
+}
+
+/// Starts watching `path` (through its directory, so renames are seen). Must be called within
+/// a tokio runtime.
+pub fn watch(path: PathBuf, reloader: Reloader) -> notify::Result<ConfigWatch> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let file_name = path.file_name().map(|n| n.to_owned());
+    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if let Ok(ev) = ev
+            && !ev.kind.is_access()
+            && ev
+                .paths
+                .iter()
+                .any(|p| p.file_name() == file_name.as_deref())
+        {
+            let _ = tx.send(());
+        }
+    })?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_owned();
+    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    let task = tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            tokio::time::sleep(SETTLE).await;
+            while rx.try_recv().is_ok() {}
+            reload_from(&path, &reloader);
+        }
+    });
+    Ok(ConfigWatch {
+        _watcher: watcher,
+        task,
+    })
+}
