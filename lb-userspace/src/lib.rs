@@ -1,1 +1,11 @@
-//! xlb userspace library: datapath loader and map API, agent, proxy, CLI.
+//! xlb userspace: the datapath loader and map API, the agent, the L7 proxy and the CLI.
+//!
+//! Pure logic (Maglev, config validation, diffing, routing) lives in plain modules that are
+//! tested on the host without root; only `datapath` touches the kernel.
+
+pub mod config;
+pub mod datapath;
+pub mod maglev;
+pub mod model;
+pub mod plan;
+pub mod proxy;

@@ -1,0 +1,64 @@
+//! Connection tracking: flows stay on their backend while the backend exists, whatever
+//! happens to the Maglev tables (backend added, drained, or another one removed).
+
+use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
+use lb_common::{DatapathConfig, DatapathStats, FlowKey, FlowState, PROTO_UDP};
+
+use crate::maps::{XLB_CONNTRACK, XLB_RATE};
+
+/// UDP entries are re-stamped at most this often, so a busy flow does not dirty the
+/// entry's cache line on every packet.
+const UDP_REFRESH_NS: u64 = 1_000_000_000;
+/// Length of a rate-guard window.
+const RATE_WINDOW_NS: u64 = 1_000_000_000;
+
+/// Backend id recorded for the flow, if any and still fresh.
+#[inline(always)]
+pub fn lookup(key: &FlowKey, cfg: &DatapathConfig, stats: &mut DatapathStats) -> Option<u32> {
+    let state = XLB_CONNTRACK.get_ptr_mut(key)?;
+    // SAFETY: the pointer is valid for this program run (RCU); concurrent writers only
+    // store whole u64/u32 fields, so a torn read cannot produce a wrong backend id.
+    let state = unsafe { &mut *state };
+    if key.proto == PROTO_UDP {
+        let now = unsafe { bpf_ktime_get_ns() };
+        let idle = now.wrapping_sub(state.last_seen_ns);
+        if idle > cfg.udp_idle_timeout_ns {
+            stats.conntrack_udp_expired += 1;
+            return None;
+        }
+        if idle > UDP_REFRESH_NS {
+            state.last_seen_ns = now;
+        }
+    }
+    Some(state.backend_id)
+}
+
+/// Records a new flow unless this CPU is above the new-connection rate limit, in which
+/// case the insert is skipped (the flow is still forwarded by Maglev, which picks the same
+/// backend as long as the table is unchanged) so a flood cannot evict established flows.
+#[inline(always)]
+pub fn insert(key: &FlowKey, state_backend: u32, vip_id: u32, cfg: &DatapathConfig, stats: &mut DatapathStats) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    if cfg.new_conn_rate_limit != 0 {
+        if let Some(guard) = XLB_RATE.get_ptr_mut(0) {
+            let guard = unsafe { &mut *guard };
+            if now.wrapping_sub(guard.window_start_ns) >= RATE_WINDOW_NS {
+                guard.window_start_ns = now;
+                guard.inserts = 0;
+            }
+            if guard.inserts >= cfg.new_conn_rate_limit as u64 {
+                stats.conntrack_insert_skipped += 1;
+                return;
+            }
+            guard.inserts += 1;
+        }
+    }
+    let state = FlowState {
+        backend_id: state_backend,
+        vip_id,
+        last_seen_ns: now,
+    };
+    if XLB_CONNTRACK.insert(key, &state, 0).is_err() {
+        stats.conntrack_insert_failed += 1;
+    }
+}

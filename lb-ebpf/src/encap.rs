@@ -1,0 +1,196 @@
+//! Encapsulation toward the backend (direct server return): IPv4-in-IPv4, IPv6-in-IPv6 and
+//! IPv4-in-IPv6, next hop from `bpf_fib_lookup` with a configured gateway MAC as fallback.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams,
+    },
+    helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_xdp_adjust_head},
+    programs::XdpContext,
+};
+use lb_common::{Backend, DatapathConfig, DatapathStats, FAMILY_V4, FAMILY_V6};
+
+use crate::checksum;
+use crate::headers::*;
+use crate::icmp;
+use crate::parse::Packet;
+use crate::stats::Outcome;
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const OUTER_TTL: u8 = 64;
+
+/// Where the encapsulated frame goes.
+struct NextHop {
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    ifindex: u32,
+}
+
+/// Encapsulates the packet toward `backend` and picks the verdict; answers with ICMP when
+/// the result would not fit the egress MTU.
+#[inline(always)]
+pub fn forward(
+    ctx: &XdpContext,
+    p: &Packet,
+    backend: &Backend,
+    cfg: &DatapathConfig,
+    stats: &mut DatapathStats,
+    flow_entropy: u32,
+) -> Result<Outcome, Outcome> {
+    let outer_is_v6 = backend.family == FAMILY_V6;
+    if !outer_is_v6 && p.family == FAMILY_V6 {
+        // IPv6-in-IPv4 is not offered; the agent refuses such a configuration.
+        return Err(Outcome::DropEncapFailed);
+    }
+    let outer_len = if outer_is_v6 { IPV6_HLEN } else { IPV4_HLEN };
+    let outer_total = p.ip_len + outer_len;
+    let ingress = ctx.ingress_ifindex() as u32;
+
+    let hop = match next_hop(ctx, p, backend, cfg, outer_total, ingress) {
+        Ok(hop) => hop,
+        Err(FibMiss::TooBig(mtu)) => {
+            return icmp::reply_too_big(ctx, p, mtu.saturating_sub(outer_len as u32));
+        }
+        Err(FibMiss::NoRoute) => {
+            let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Outcome::DropMalformed)?;
+            if cfg.gateway_mac == [0u8; 6] {
+                return Err(Outcome::DropFibFailure);
+            }
+            if cfg.fallback_mtu != 0 && outer_total > cfg.fallback_mtu as usize {
+                return icmp::reply_too_big(ctx, p, cfg.fallback_mtu - outer_len as u32);
+            }
+            stats.fib_gateway_fallback += 1;
+            NextHop {
+                // The frame was addressed to this interface, so its destination MAC is ours.
+                smac: unsafe { (*eth).dst },
+                dmac: cfg.gateway_mac,
+                ifindex: ingress,
+            }
+        }
+    };
+
+    // Grow the headroom for the outer header, then move the Ethernet header (and its VLAN
+    // tag) to the new front.
+    if unsafe { bpf_xdp_adjust_head(ctx.as_ptr() as *mut _, -(outer_len as i32)) } != 0 {
+        return Err(Outcome::DropEncapFailed);
+    }
+    let l2_len = p.l2_len;
+    if !has_bytes(ctx, 0, outer_len + l2_len + IPV4_HLEN) {
+        return Err(Outcome::DropEncapFailed);
+    }
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Outcome::DropEncapFailed)?;
+    unsafe {
+        (*eth).dst = hop.dmac;
+        (*eth).src = hop.smac;
+    }
+    let outer_ethertype = if outer_is_v6 { ETH_P_IPV6_BE } else { ETH_P_IPV4_BE };
+    if l2_len == ETH_HLEN + VLAN_HLEN {
+        let old_tag: *const [u16; 2] =
+            ptr_at(ctx, outer_len + ETH_HLEN - 2).ok_or(Outcome::DropEncapFailed)?;
+        let new_tag: *mut [u16; 3] = ptr_at(ctx, ETH_HLEN - 2).ok_or(Outcome::DropEncapFailed)?;
+        unsafe {
+            let [tpid, tci] = *old_tag;
+            *new_tag = [tpid, tci, outer_ethertype];
+        }
+    } else {
+        unsafe { (*eth).proto_be = outer_ethertype };
+    }
+
+    let inner_proto = if p.family == FAMILY_V4 { IPPROTO_IPIP } else { IPPROTO_IPV6 };
+    if outer_is_v6 {
+        let ip: *mut Ipv6Hdr = ptr_at(ctx, l2_len).ok_or(Outcome::DropEncapFailed)?;
+        // Flow label from the flow hash: ECMP and the backend's RSS spread tunnels by flow.
+        let first = (6u32 << 28) | ((p.tos as u32) << 20) | (flow_entropy & 0x000f_ffff);
+        unsafe {
+            *ip = Ipv6Hdr {
+                ver_tc_flow_be: first.to_be(),
+                payload_len_be: (p.ip_len as u16).to_be(),
+                nexthdr: inner_proto,
+                hop_limit: OUTER_TTL,
+                saddr_be: cfg.tunnel_src_v6_be,
+                daddr_be: backend.addr_be,
+            };
+        }
+    } else {
+        let ip: *mut Ipv4Hdr = ptr_at(ctx, l2_len).ok_or(Outcome::DropEncapFailed)?;
+        unsafe {
+            *ip = Ipv4Hdr {
+                ver_ihl: 0x45,
+                tos: p.tos,
+                tot_len_be: (outer_total as u16).to_be(),
+                id_be: 0,
+                // The packet fits the path MTU (checked above): DF lets routers beyond the
+                // first hop report a smaller MTU instead of fragmenting the tunnel.
+                frag_off_be: if p.dont_fragment { IP_DF.to_be() } else { 0 },
+                ttl: OUTER_TTL,
+                proto: inner_proto,
+                check: 0,
+                saddr_be: cfg.tunnel_src_v4_be,
+                daddr_be: backend.addr_be[0],
+            };
+            (*ip).check = checksum::fold(checksum::ipv4_header_sum(ip as *const u16));
+        }
+    }
+
+    if hop.ifindex == ingress {
+        Ok(Outcome::ForwardedTx)
+    } else {
+        unsafe { bpf_redirect(hop.ifindex, 0) };
+        Ok(Outcome::ForwardedRedirect)
+    }
+}
+
+enum FibMiss {
+    /// The route's MTU is smaller than the encapsulated packet.
+    TooBig(u32),
+    /// No usable route or neighbour: use the gateway fallback.
+    NoRoute,
+}
+
+#[inline(always)]
+fn next_hop(
+    ctx: &XdpContext,
+    p: &Packet,
+    backend: &Backend,
+    cfg: &DatapathConfig,
+    outer_total: usize,
+    ingress: u32,
+) -> Result<NextHop, FibMiss> {
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    fib.ifindex = ingress;
+    fib.__bindgen_anon_1.tot_len = outer_total as u16;
+    if backend.family == FAMILY_V4 {
+        fib.family = AF_INET;
+        fib.l4_protocol = if p.family == FAMILY_V4 { IPPROTO_IPIP } else { IPPROTO_IPV6 };
+        fib.__bindgen_anon_2.tos = p.tos;
+        fib.__bindgen_anon_3.ipv4_src = cfg.tunnel_src_v4_be;
+        fib.__bindgen_anon_4.ipv4_dst = backend.addr_be[0];
+    } else {
+        fib.family = AF_INET6;
+        fib.l4_protocol = if p.family == FAMILY_V4 { IPPROTO_IPIP } else { IPPROTO_IPV6 };
+        fib.__bindgen_anon_3.ipv6_src = cfg.tunnel_src_v6_be;
+        fib.__bindgen_anon_4.ipv6_dst = backend.addr_be;
+    }
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            &mut fib,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        let macs = unsafe { fib.__bindgen_anon_6.__bindgen_anon_2 };
+        Ok(NextHop {
+            smac: macs.smac,
+            dmac: macs.dmac,
+            ifindex: fib.ifindex,
+        })
+    } else if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
+        Err(FibMiss::TooBig(unsafe { fib.__bindgen_anon_1.mtu_result } as u32))
+    } else {
+        Err(FibMiss::NoRoute)
+    }
+}

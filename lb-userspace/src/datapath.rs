@@ -1,0 +1,546 @@
+//! The kernel side as seen from userspace: loading the embedded eBPF object, pinning and
+//! adopting its maps, typed access to every map, attaching programs, and test runs.
+//!
+//! This is the one place that knows map names and layouts; the agent, the CLI and the
+//! tests all go through it.
+
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, HashMap, IterableMap, Map, MapData, PerCpuArray};
+use aya::programs::{TestRun, TestRunOptions, Xdp, XdpMode};
+use aya::{Ebpf, EbpfLoader};
+use lb_common::{
+    Backend, BackendStats, DatapathConfig, DatapathStats, DecapStats, FlowKey, FlowState,
+    VipAddrKey, VipInfo, VipKey, VipStats, map_names, program_names,
+};
+use thiserror::Error;
+
+/// The eBPF object, built by `cargo xtask build-ebpf` and embedded at compile time.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("XLB_EBPF_OBJECT_PATH"));
+
+/// Default bpffs directory for xlb's pins.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/xlb";
+
+/// Errors from the datapath layer. Each names the map or program involved.
+#[derive(Debug, Error)]
+pub enum DatapathError {
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("map {0} is missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("program {0} is missing from the eBPF object")]
+    MissingProgram(&'static str),
+    #[error("pin directory {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not on a bpffs; mount one with `mount -t bpf bpf /sys/fs/bpf`")]
+    NotBpffs { path: PathBuf },
+    #[error("maglev ring {ring} is out of range (the map holds {rings} rings of {size})")]
+    RingOutOfRange { ring: u32, rings: u32, size: u32 },
+    #[error("maglev table has {got} entries, the datapath was loaded with M = {want}")]
+    TableSize { got: usize, want: u32 },
+    #[error("mapping {name} into memory: {source}")]
+    Mmap {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+type Result<T, E = DatapathError> = std::result::Result<T, E>;
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
+    move |source| DatapathError::Map { name, source }
+}
+
+/// Sizes fixed at load time. Changing them needs `xlb unload` (the maps are re-created).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// bpffs directory where maps are pinned (created if missing) and adopted from.
+    pub pin_dir: PathBuf,
+    /// Maglev table size M (prime).
+    pub maglev_table_size: u32,
+    /// Number of VIP ids; the Maglev map holds two rings per VIP.
+    pub max_vips: u32,
+    /// Number of backend ids (id 0 unused).
+    pub max_backends: u32,
+    /// Connection-table entries.
+    pub conntrack_entries: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
+            maglev_table_size: lb_common::DEFAULT_MAGLEV_TABLE_SIZE,
+            max_vips: lb_common::limits::MAX_VIPS,
+            max_backends: lb_common::limits::MAX_BACKENDS,
+            conntrack_entries: lb_common::limits::CONNTRACK_ENTRIES,
+        }
+    }
+}
+
+/// Typed handles on every map, from a fresh load or from the pins of a running datapath.
+pub struct Maps {
+    pub vips: HashMap<MapData, VipKey, VipInfo>,
+    pub vip_addrs: HashMap<MapData, VipAddrKey, u32>,
+    pub backends: Array<MapData, Backend>,
+    pub maglev: MaglevRings,
+    pub conntrack: HashMap<MapData, FlowKey, FlowState>,
+    pub config: Array<MapData, DatapathConfig>,
+    pub stats: PerCpuArray<MapData, DatapathStats>,
+    pub vip_stats: PerCpuArray<MapData, VipStats>,
+    pub backend_stats: PerCpuArray<MapData, BackendStats>,
+    pub decap_addrs: HashMap<MapData, VipAddrKey, u32>,
+    pub decap_stats: PerCpuArray<MapData, DecapStats>,
+}
+
+/// A loaded datapath: the programs and the maps.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pub maps: Maps,
+    pin_dir: PathBuf,
+}
+
+/// Result of one BPF_PROG_TEST_RUN.
+#[derive(Debug, Clone)]
+pub struct TestRunOutput {
+    /// The XDP verdict.
+    pub verdict: u32,
+    /// The packet as the program left it.
+    pub packet: Vec<u8>,
+    /// Kernel-reported run time.
+    pub duration: std::time::Duration,
+}
+
+/// True if `path` (or its nearest existing ancestor) is on a bpffs.
+pub fn is_bpffs(path: &Path) -> bool {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let mut probe = path.to_path_buf();
+    while !probe.exists() {
+        if !probe.pop() {
+            return false;
+        }
+    }
+    let Ok(cpath) = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into the zeroed struct we own; the path is NUL-terminated.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(cpath.as_ptr(), &mut st) == 0 && st.f_type == BPF_FS_MAGIC
+    }
+}
+
+impl Datapath {
+    /// Loads the embedded object. Maps already pinned under `opts.pin_dir` are adopted
+    /// (their contents and counters continue); missing ones are created and pinned.
+    pub fn load(opts: &LoadOptions) -> Result<Self> {
+        if !is_bpffs(&opts.pin_dir) {
+            return Err(DatapathError::NotBpffs {
+                path: opts.pin_dir.clone(),
+            });
+        }
+        std::fs::create_dir_all(&opts.pin_dir).map_err(|source| DatapathError::PinDir {
+            path: opts.pin_dir.clone(),
+            source,
+        })?;
+        let maglev_entries = 2 * opts.max_vips * opts.maglev_table_size;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&opts.pin_dir)
+            .map_max_entries(map_names::VIPS, opts.max_vips)
+            .map_max_entries(map_names::VIP_ADDRS, opts.max_vips)
+            .map_max_entries(map_names::VIP_STATS, opts.max_vips)
+            .map_max_entries(map_names::BACKENDS, opts.max_backends)
+            .map_max_entries(map_names::BACKEND_STATS, opts.max_backends)
+            .map_max_entries(map_names::MAGLEV, maglev_entries)
+            .map_max_entries(map_names::CONNTRACK, opts.conntrack_entries)
+            .load(EBPF_OBJECT)?;
+        for name in [
+            program_names::BALANCER,
+            program_names::DECAP,
+            program_names::PASS,
+        ] {
+            let prog: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::MissingProgram(name))?
+                .try_into()
+                .map_err(|source| DatapathError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
+        let maps = Maps::take_from(&mut ebpf, opts.maglev_table_size)?;
+        Ok(Self {
+            ebpf,
+            maps,
+            pin_dir: opts.pin_dir.clone(),
+        })
+    }
+
+    /// The pin directory the maps live in.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// One of the object's XDP programs.
+    pub fn program(&self, name: &'static str) -> Result<&Xdp> {
+        self.ebpf
+            .program(name)
+            .ok_or(DatapathError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })
+    }
+
+    /// One of the object's XDP programs, mutably (to attach it).
+    pub fn program_mut(&mut self, name: &'static str) -> Result<&mut Xdp> {
+        self.ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })
+    }
+
+    /// Attaches `program` to `iface` and returns the link id.
+    pub fn attach(
+        &mut self,
+        program: &'static str,
+        iface: &str,
+        mode: XdpMode,
+    ) -> Result<aya::programs::xdp::XdpLinkId> {
+        let iface_c = std::ffi::CString::new(iface).map_err(|_| DatapathError::Program {
+            name: program,
+            source: aya::programs::ProgramError::UnknownInterface {
+                name: std::ffi::CString::default(),
+            },
+        })?;
+        self.program_mut(program)?
+            .attach(iface_c.as_c_str(), mode)
+            .map_err(|source| DatapathError::Program {
+                name: program,
+                source,
+            })
+    }
+
+    /// Runs `program` once on `packet` with BPF_PROG_TEST_RUN. With `ingress_ifindex`, the
+    /// run sees that interface (in the calling thread's network namespace) as its ingress,
+    /// so `bpf_fib_lookup` resolves routes and neighbours there.
+    pub fn test_run(
+        &self,
+        program: &'static str,
+        packet: &[u8],
+        ingress_ifindex: Option<u32>,
+    ) -> Result<TestRunOutput> {
+        run_xdp_test(self.program(program)?, program, packet, ingress_ifindex)
+    }
+}
+
+/// BPF_PROG_TEST_RUN of an XDP program on one packet.
+pub fn run_xdp_test(
+    prog: &Xdp,
+    name: &'static str,
+    packet: &[u8],
+    ingress_ifindex: Option<u32>,
+) -> Result<TestRunOutput> {
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+    // egress_ifindex. The kernel wants data = 0 and data_end = the packet length.
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
+    if let Some(ifindex) = ingress_ifindex {
+        ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+    }
+    // Room for the largest growth the programs make (an IPv6 tunnel header).
+    let mut out = vec![0u8; packet.len() + 256];
+    let opts = TestRunOptions {
+        data_in: Some(packet),
+        data_out: Some(&mut out),
+        ctx_in: ingress_ifindex.map(|_| &ctx[..]),
+        repeat: 1,
+        ..Default::default()
+    };
+    let res = prog
+        .test_run(opts)
+        .map_err(|source| DatapathError::Program { name, source })?;
+    out.truncate(res.data_size_out as usize);
+    Ok(TestRunOutput {
+        verdict: res.return_value,
+        packet: out,
+        duration: res.duration,
+    })
+}
+
+fn take<T: TryFrom<Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T> {
+    let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
+    T::try_from(map).map_err(map_err(name))
+}
+
+fn from_pin<T: TryFrom<Map, Error = aya::maps::MapError>>(
+    dir: &Path,
+    name: &'static str,
+) -> Result<T> {
+    let data = MapData::from_pin(dir.join(name)).map_err(map_err(name))?;
+    let map = Map::from_map_data(data).map_err(map_err(name))?;
+    T::try_from(map).map_err(map_err(name))
+}
+
+impl Maps {
+    fn take_from(ebpf: &mut Ebpf, table_size: u32) -> Result<Self> {
+        Ok(Self {
+            vips: take(ebpf, map_names::VIPS)?,
+            vip_addrs: take(ebpf, map_names::VIP_ADDRS)?,
+            backends: take(ebpf, map_names::BACKENDS)?,
+            maglev: MaglevRings::new(take(ebpf, map_names::MAGLEV)?, table_size)?,
+            conntrack: take(ebpf, map_names::CONNTRACK)?,
+            config: take(ebpf, map_names::CONFIG)?,
+            stats: take(ebpf, map_names::STATS)?,
+            vip_stats: take(ebpf, map_names::VIP_STATS)?,
+            backend_stats: take(ebpf, map_names::BACKEND_STATS)?,
+            decap_addrs: take(ebpf, map_names::DECAP_ADDRS)?,
+            decap_stats: take(ebpf, map_names::DECAP_STATS)?,
+        })
+    }
+
+    /// Opens the maps pinned by a running datapath (the CLI's view; no program is loaded).
+    /// The Maglev table size is read from the pinned config.
+    pub fn open_pinned(dir: &Path) -> Result<Self> {
+        let config: Array<MapData, DatapathConfig> = from_pin(dir, map_names::CONFIG)?;
+        let table_size = config
+            .get(&0, 0)
+            .map_err(map_err(map_names::CONFIG))?
+            .maglev_table_size;
+        Ok(Self {
+            vips: from_pin(dir, map_names::VIPS)?,
+            vip_addrs: from_pin(dir, map_names::VIP_ADDRS)?,
+            backends: from_pin(dir, map_names::BACKENDS)?,
+            maglev: MaglevRings::new(from_pin(dir, map_names::MAGLEV)?, table_size)?,
+            conntrack: from_pin(dir, map_names::CONNTRACK)?,
+            config,
+            stats: from_pin(dir, map_names::STATS)?,
+            vip_stats: from_pin(dir, map_names::VIP_STATS)?,
+            backend_stats: from_pin(dir, map_names::BACKEND_STATS)?,
+            decap_addrs: from_pin(dir, map_names::DECAP_ADDRS)?,
+            decap_stats: from_pin(dir, map_names::DECAP_STATS)?,
+        })
+    }
+
+    /// The node settings (index 0 of the config map).
+    pub fn config(&self) -> Result<DatapathConfig> {
+        self.config.get(&0, 0).map_err(map_err(map_names::CONFIG))
+    }
+
+    /// Writes the node settings.
+    pub fn set_config(&mut self, cfg: &DatapathConfig) -> Result<()> {
+        self.config
+            .set(0, cfg, 0)
+            .map_err(map_err(map_names::CONFIG))
+    }
+
+    /// Balancer counters summed over CPUs.
+    pub fn stats(&self) -> Result<DatapathStats> {
+        let per_cpu = self.stats.get(&0, 0).map_err(map_err(map_names::STATS))?;
+        Ok(per_cpu
+            .iter()
+            .fold(DatapathStats::default(), |acc, s| sum_stats(&acc, s)))
+    }
+
+    /// Decapsulator counters summed over CPUs.
+    pub fn decap_stats(&self) -> Result<DecapStats> {
+        let per_cpu = self
+            .decap_stats
+            .get(&0, 0)
+            .map_err(map_err(map_names::DECAP_STATS))?;
+        Ok(per_cpu
+            .iter()
+            .fold(DecapStats::default(), |a, s| DecapStats {
+                rx_packets: a.rx_packets + s.rx_packets,
+                decapsulated: a.decapsulated + s.decapsulated,
+                pass_not_tunnel: a.pass_not_tunnel + s.pass_not_tunnel,
+                pass_not_local: a.pass_not_local + s.pass_not_local,
+                drop_malformed: a.drop_malformed + s.drop_malformed,
+            }))
+    }
+
+    /// One VIP's counters summed over CPUs.
+    pub fn vip_stats(&self, vip_id: u32) -> Result<VipStats> {
+        let per_cpu = self
+            .vip_stats
+            .get(&vip_id, 0)
+            .map_err(map_err(map_names::VIP_STATS))?;
+        Ok(per_cpu.iter().fold(VipStats::default(), |a, s| VipStats {
+            packets: a.packets + s.packets,
+            bytes: a.bytes + s.bytes,
+            new_conns: a.new_conns + s.new_conns,
+        }))
+    }
+
+    /// One backend's counters summed over CPUs.
+    pub fn backend_stats(&self, backend_id: u32) -> Result<BackendStats> {
+        let per_cpu = self
+            .backend_stats
+            .get(&backend_id, 0)
+            .map_err(map_err(map_names::BACKEND_STATS))?;
+        Ok(per_cpu
+            .iter()
+            .fold(BackendStats::default(), |a, s| BackendStats {
+                packets: a.packets + s.packets,
+                bytes: a.bytes + s.bytes,
+            }))
+    }
+}
+
+fn sum_stats(a: &DatapathStats, b: &DatapathStats) -> DatapathStats {
+    let a: &[u64; 20] = bytemuck::cast_ref(a);
+    let b: &[u64; 20] = bytemuck::cast_ref(b);
+    let mut out = [0u64; 20];
+    for i in 0..20 {
+        out[i] = a[i] + b[i];
+    }
+    bytemuck::cast(out)
+}
+
+/// The Maglev rings, written through a shared memory mapping of the (BPF_F_MMAPABLE)
+/// array: a 65,537-entry table is a memory copy, not 65,537 syscalls.
+pub struct MaglevRings {
+    map: Array<MapData, u32>,
+    base: *mut u8,
+    len: usize,
+    table_size: u32,
+    rings: u32,
+}
+
+// SAFETY: the mapping is owned by this struct and only written through `&mut self`.
+unsafe impl Send for MaglevRings {}
+unsafe impl Sync for MaglevRings {}
+
+/// Array maps lay elements out at a stride of the value size rounded up to 8.
+const MAGLEV_STRIDE: usize = 8;
+
+impl MaglevRings {
+    fn new(map: Array<MapData, u32>, table_size: u32) -> Result<Self> {
+        let entries = map.len();
+        let len = (entries as usize * MAGLEV_STRIDE).next_multiple_of(page_size());
+        let fd = map.map().fd().as_fd().as_raw_fd();
+        // SAFETY: mapping a BPF array map fd; the kernel checks size and flags.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(DatapathError::Mmap {
+                name: map_names::MAGLEV,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let rings = if table_size == 0 {
+            0
+        } else {
+            entries / table_size
+        };
+        Ok(Self {
+            map,
+            base: base.cast(),
+            len,
+            table_size,
+            rings,
+        })
+    }
+
+    /// Table size M.
+    pub fn table_size(&self) -> u32 {
+        self.table_size
+    }
+
+    /// Number of rings.
+    pub fn rings(&self) -> u32 {
+        self.rings
+    }
+
+    fn check_ring(&self, ring: u32) -> Result<()> {
+        if ring >= self.rings {
+            return Err(DatapathError::RingOutOfRange {
+                ring,
+                rings: self.rings,
+                size: self.table_size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Writes a whole ring. The ring must not be live (see `VipInfo::ring`).
+    pub fn write_ring(&mut self, ring: u32, table: &[u32]) -> Result<()> {
+        self.check_ring(ring)?;
+        if table.len() != self.table_size as usize {
+            return Err(DatapathError::TableSize {
+                got: table.len(),
+                want: self.table_size,
+            });
+        }
+        let start = ring as usize * self.table_size as usize;
+        for (i, id) in table.iter().enumerate() {
+            // SAFETY: start + i < rings * M <= map entries, inside the mapping.
+            unsafe {
+                let slot = self.base.add((start + i) * MAGLEV_STRIDE).cast::<u32>();
+                std::ptr::write_volatile(slot, *id);
+            }
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Reads a whole ring.
+    pub fn read_ring(&self, ring: u32) -> Result<Vec<u32>> {
+        self.check_ring(ring)?;
+        let start = ring as usize * self.table_size as usize;
+        Ok((0..self.table_size as usize)
+            .map(|i| unsafe {
+                std::ptr::read_volatile(self.base.add((start + i) * MAGLEV_STRIDE).cast::<u32>())
+            })
+            .collect())
+    }
+
+    /// One slot of a ring.
+    pub fn slot(&self, ring: u32, slot: u32) -> Result<u32> {
+        self.check_ring(ring)?;
+        let index = ring * self.table_size + slot % self.table_size.max(1);
+        self.map.get(&index, 0).map_err(map_err(map_names::MAGLEV))
+    }
+}
+
+impl Drop for MaglevRings {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped.
+        unsafe {
+            libc::munmap(self.base.cast(), self.len);
+        }
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if size > 0 { size as usize } else { 4096 }
+}
