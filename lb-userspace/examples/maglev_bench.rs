@@ -60,7 +60,7 @@ fn main() -> anyhow::Result<()> {
     if !json {
         println!(
             "paper: Eisenbud et al., NSDI 2016, §5.3 — 1.8 ms at M = 65537 and 22.9 ms at \
-             M = 655373 (backend count not stated with the figure)"
+             M = 655373 (the backend count behind those figures is not given with them)"
         );
     }
     Ok(())

@@ -257,8 +257,7 @@ fn build_with(
 
     sorted.retain(|b| b.weight > 0);
     let mut warnings = Vec::new();
-    if !sorted.is_empty() && u64::from(table_size) < MIN_SLOTS_PER_BACKEND * sorted.len() as u64
-    {
+    if !sorted.is_empty() && u64::from(table_size) < MIN_SLOTS_PER_BACKEND * sorted.len() as u64 {
         warnings.push(MaglevWarning::SmallTable {
             vip: vip.to_owned(),
             table_size,
@@ -370,6 +369,8 @@ struct Filler {
     endgame_at: u32,
     /// Empty slots, once in the endgame.
     empty: Option<Vec<u32>>,
+    /// ⌊2^64 / M⌋, for Barrett reduction modulo M in the endgame.
+    reciprocal: u64,
     perms: Vec<Permutation>,
 }
 
@@ -393,10 +394,11 @@ impl Filler {
             table: vec![NO_BACKEND; size as usize],
             taken: vec![0; (size as usize).div_ceil(64)],
             remaining: size,
-            // Probing the last E empty slots costs ~M/E probes per turn, scanning them costs E
-            // (dearer) steps: break even near E = √M; measured best around 2·√M.
-            endgame_at: 2 * size.isqrt(),
+            // Probing with E slots left costs ~M/E probes per turn, the endgame scan costs E
+            // (dearer) steps: break even near E = √M, which also measured best (0.5–1·√M).
+            endgame_at: size.isqrt(),
             empty: None,
+            reciprocal: u64::MAX / u64::from(size),
             perms,
         }
     }
@@ -444,8 +446,15 @@ impl Filler {
         let size = u64::from(self.size);
         let perm = &self.perms[i];
         let (offset, inverse) = (u64::from(perm.offset), u64::from(perm.skip_inverse));
+        let reciprocal = self.reciprocal;
         // Position of `slot` in this backend's permutation: slot = offset + j·skip (mod M).
-        let index_of = |slot: u32| (u64::from(slot) + size - offset) * inverse % size;
+        // The product is below 2^49 (M ≤ 2^24); Barrett reduction avoids a 64-bit division.
+        let index_of = |slot: u32| {
+            let x = (u64::from(slot) + size - offset) * inverse;
+            let quotient = ((u128::from(x) * u128::from(reciprocal)) >> 64) as u64;
+            let r = x - quotient * size;
+            if r >= size { r - size } else { r }
+        };
         let mut best = 0usize;
         let mut best_index = u64::MAX;
         for (k, &slot) in empty.iter().enumerate() {
@@ -532,14 +541,11 @@ fn siphash24(k0: u64, k1: u64, data: &[u8]) -> u64 {
         round(v);
         v[0] ^= m;
     };
-    let mut chunks = data.chunks_exact(8);
-    for chunk in &mut chunks {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(chunk);
-        compress(&mut v, u64::from_le_bytes(word));
+    let (words, tail) = data.as_chunks::<8>();
+    for word in words {
+        compress(&mut v, u64::from_le_bytes(*word));
     }
     let mut last = [0u8; 8];
-    let tail = chunks.remainder();
     last[..tail.len()].copy_from_slice(tail);
     let last = u64::from_le_bytes(last) | ((data.len() as u64 & 0xff) << 56);
     compress(&mut v, last);
@@ -686,7 +692,10 @@ mod tests {
             build("v", 65_536, &equal(3)),
             Err(MaglevError::NotPrime(65_536))
         );
-        assert_eq!(build("v", 1, &equal(3)), Err(MaglevError::SizeOutOfRange(1)));
+        assert_eq!(
+            build("v", 1, &equal(3)),
+            Err(MaglevError::SizeOutOfRange(1))
+        );
         assert_eq!(
             build("v", 16_777_259, &equal(3)),
             Err(MaglevError::SizeOutOfRange(16_777_259))

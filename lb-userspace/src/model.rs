@@ -113,8 +113,9 @@ pub fn address_words(address: IpAddr) -> ([u32; 4], u8) {
         }
         IpAddr::V6(a) => {
             let octets = a.octets();
-            for (word, chunk) in words.iter_mut().zip(octets.chunks_exact(4)) {
-                *word = u32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+            let (chunks, _) = octets.as_chunks::<4>();
+            for (word, chunk) in words.iter_mut().zip(chunks) {
+                *word = u32::from_ne_bytes(*chunk);
             }
             (words, FAMILY_V6)
         }
@@ -262,7 +263,10 @@ impl DesiredState {
                 let at = |field: &str| format!("vips[{i}].backends[{j}].{field}");
                 let address = backend.address;
                 if let Some(reason) = unusable_address_reason(address) {
-                    return Err(ModelError::new(at("address"), format!("{address} {reason}")));
+                    return Err(ModelError::new(
+                        at("address"),
+                        format!("{address} {reason}"),
+                    ));
                 }
                 if vip.key.address.is_ipv6() && address.is_ipv4() {
                     return Err(ModelError::new(
@@ -443,9 +447,8 @@ mod tests {
         assert_eq!(map.addr_be, [u32::from_ne_bytes([192, 0, 2, 10]), 0, 0, 0]);
         assert_eq!(map.port_be, 53u16.to_be());
         assert_eq!((map.proto, map.family), (PROTO_UDP, FAMILY_V4));
-        let (words, family) = address_words(IpAddr::V6(Ipv6Addr::new(
-            0x2001, 0xdb8, 0, 0, 0, 0, 0, 1,
-        )));
+        let (words, family) =
+            address_words(IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)));
         assert_eq!(family, FAMILY_V6);
         assert_eq!(words[0], u32::from_ne_bytes([0x20, 0x01, 0x0d, 0xb8]));
         assert_eq!(words[3], u32::from_ne_bytes([0, 0, 0, 1]));

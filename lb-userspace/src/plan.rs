@@ -315,7 +315,11 @@ impl AppliedState {
 }
 
 fn backend_address(backend: &Backend) -> Option<IpAddr> {
-    let bytes: Vec<u8> = backend.addr_be.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let bytes: Vec<u8> = backend
+        .addr_be
+        .iter()
+        .flat_map(|w| w.to_ne_bytes())
+        .collect();
     match backend.family {
         FAMILY_V4 => Some(IpAddr::V4(Ipv4Addr::new(
             bytes[0], bytes[1], bytes[2], bytes[3],
@@ -650,4 +654,533 @@ pub fn plan(desired: &DesiredState, applied: &AppliedState) -> Result<Plan, Plan
         warnings,
         ring_inputs,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{BackendSpec, BackendState, ForwardingMode, Protocol, ServiceKey, VipSpec};
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    const M: u32 = 251;
+
+    fn limits() -> Limits {
+        Limits {
+            table_size: M,
+            max_vips: 8,
+            max_backends: 32,
+        }
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    fn vip(address: &str, port: u16, backends: &[&str]) -> VipSpec {
+        VipSpec {
+            name: String::new(),
+            key: ServiceKey {
+                address: ip(address),
+                protocol: Protocol::Tcp,
+                port,
+            },
+            source_affinity: false,
+            forwarding: ForwardingMode::Encap,
+            backends: backends
+                .iter()
+                .map(|b| BackendSpec {
+                    address: ip(b),
+                    weight: 1,
+                    state: BackendState::Active,
+                })
+                .collect(),
+        }
+    }
+
+    fn state(vips: Vec<VipSpec>) -> DesiredState {
+        DesiredState { vips }
+    }
+
+    /// Plans and applies; returns the ops.
+    fn step(desired: &DesiredState, applied: &mut AppliedState) -> Vec<MapOp> {
+        let plan = plan(desired, applied).unwrap();
+        *applied = plan.applied;
+        plan.ops
+    }
+
+    fn kind(op: &MapOp) -> &'static str {
+        match op {
+            MapOp::SetBackend { .. } => "SetBackend",
+            MapOp::WriteRing { .. } => "WriteRing",
+            MapOp::SetVipAddr { .. } => "SetVipAddr",
+            MapOp::SetVip { .. } => "SetVip",
+            MapOp::RemoveVip { .. } => "RemoveVip",
+            MapOp::RemoveVipAddr { .. } => "RemoveVipAddr",
+            MapOp::FlushFlows { .. } => "FlushFlows",
+            MapOp::RemoveBackend { .. } => "RemoveBackend",
+        }
+    }
+
+    fn kinds(ops: &[MapOp]) -> Vec<&'static str> {
+        ops.iter().map(kind).collect()
+    }
+
+    fn web() -> VipSpec {
+        vip(
+            "192.0.2.10",
+            80,
+            &["198.51.100.11", "198.51.100.12", "198.51.100.13"],
+        )
+    }
+
+    #[test]
+    fn first_plan_creates_everything_in_order() {
+        let mut applied = AppliedState::new(limits());
+        let ops = step(&state(vec![web()]), &mut applied);
+        assert_eq!(
+            kinds(&ops),
+            [
+                "SetBackend",
+                "SetBackend",
+                "SetBackend",
+                "WriteRing",
+                "SetVipAddr",
+                "SetVip"
+            ]
+        );
+        let ids: Vec<u32> = ops
+            .iter()
+            .filter_map(|op| match op {
+                MapOp::SetBackend { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ids, [1, 2, 3], "id 0 is never allocated");
+        let MapOp::WriteRing { ring, table } = &ops[3] else {
+            unreachable!()
+        };
+        assert_eq!(*ring, 0);
+        assert_eq!(table.len(), M as usize);
+        assert!(table.iter().all(|&id| (1..=3).contains(&id)));
+        let MapOp::SetVip { key, info } = &ops[5] else {
+            unreachable!()
+        };
+        assert_eq!(*key, web().key.to_map_key());
+        assert_eq!((info.vip_id, info.ring, info.flags), (0, 0, 0));
+        let MapOp::SetVipAddr { vip_count, .. } = &ops[4] else {
+            unreachable!()
+        };
+        assert_eq!(*vip_count, 1);
+    }
+
+    #[test]
+    fn applying_twice_yields_no_ops() {
+        let mut applied = AppliedState::new(limits());
+        let desired = state(vec![
+            web(),
+            vip("192.0.2.10", 443, &["198.51.100.11"]),
+            vip("2001:db8::10", 0, &["2001:db8::11"]),
+        ]);
+        assert!(!step(&desired, &mut applied).is_empty());
+        let again = plan(&desired, &applied).unwrap();
+        assert!(again.is_empty(), "{:?}", again.ops);
+        // Also when the cache of ring inputs is cold (e.g. after a partial apply).
+        let mut cold = applied.clone();
+        cold.ring_inputs.clear();
+        assert!(plan(&desired, &cold).unwrap().is_empty());
+    }
+
+    #[test]
+    fn one_backend_change_rewrites_one_ring_and_flips_one_vip() {
+        let other = vip("192.0.2.20", 80, &["198.51.100.21"]);
+        let mut applied = AppliedState::new(limits());
+        step(&state(vec![web(), other.clone()]), &mut applied);
+        let web_key = web().key.to_map_key();
+        let before = applied.vip(&web_key).unwrap();
+
+        let mut changed = web();
+        changed.backends.push(changed.backends[0]);
+        changed.backends[3].address = ip("198.51.100.14");
+        let ops = step(&state(vec![changed.clone(), other.clone()]), &mut applied);
+        assert_eq!(kinds(&ops), ["SetBackend", "WriteRing", "SetVip"]);
+        let MapOp::WriteRing { ring, .. } = &ops[1] else {
+            unreachable!()
+        };
+        assert_eq!(*ring, 2 * before.vip_id + 1, "the idle ring");
+        let after = applied.vip(&web_key).unwrap();
+        assert_eq!((after.vip_id, after.ring), (before.vip_id, *ring));
+
+        // And back: the new table goes to the other ring, the added backend is removed last.
+        let ops = step(&state(vec![web(), other]), &mut applied);
+        assert_eq!(kinds(&ops), ["WriteRing", "SetVip", "RemoveBackend"]);
+        assert_eq!(applied.vip(&web_key).unwrap().ring, before.ring);
+        assert_eq!(ops[2], MapOp::RemoveBackend { id: 5 });
+    }
+
+    #[test]
+    fn table_matches_maglev_and_draining_keeps_entry_without_slots() {
+        let mut applied = AppliedState::new(limits());
+        step(&state(vec![web()]), &mut applied);
+        let mut draining = web();
+        draining.backends[1].state = BackendState::Draining;
+        let ops = step(&state(vec![draining.clone()]), &mut applied);
+        assert_eq!(kinds(&ops), ["WriteRing", "SetVip"], "no RemoveBackend");
+        let id = applied.backend_id(ip("198.51.100.12")).unwrap();
+        assert!(applied.backends().any(|(i, _)| i == id));
+        let info = applied.vip(&web().key.to_map_key()).unwrap();
+        let table = applied.ring(info.ring).unwrap();
+        assert!(!table.contains(&id));
+        let expected: Vec<WeightedBackend> = draining
+            .backends
+            .iter()
+            .map(|b| WeightedBackend {
+                address: b.address,
+                weight: b.effective_weight(),
+                id: applied.backend_id(b.address).unwrap(),
+            })
+            .collect();
+        assert_eq!(
+            &table[..],
+            &maglev::build("x", M, &expected).unwrap().table[..]
+        );
+        // Weight 0 is the same as draining: table unchanged, nothing written.
+        let mut zero = web();
+        zero.backends[1].weight = 0;
+        assert!(plan(&state(vec![zero]), &applied).unwrap().is_empty());
+    }
+
+    #[test]
+    fn adding_a_draining_backend_writes_its_entry_but_no_ring() {
+        let mut applied = AppliedState::new(limits());
+        step(&state(vec![web()]), &mut applied);
+        let mut more = web();
+        more.backends.push(BackendSpec {
+            address: ip("198.51.100.99"),
+            weight: 1,
+            state: BackendState::Draining,
+        });
+        let ops = step(&state(vec![more.clone()]), &mut applied);
+        assert_eq!(kinds(&ops), ["SetBackend"]);
+        assert!(plan(&state(vec![more]), &applied).unwrap().is_empty());
+    }
+
+    #[test]
+    fn flag_change_is_a_single_vip_update() {
+        let mut applied = AppliedState::new(limits());
+        step(&state(vec![web()]), &mut applied);
+        let mut sticky = web();
+        sticky.source_affinity = true;
+        let ops = step(&state(vec![sticky]), &mut applied);
+        assert_eq!(
+            ops,
+            [MapOp::SetVip {
+                key: web().key.to_map_key(),
+                info: VipInfo {
+                    vip_id: 0,
+                    ring: 0,
+                    flags: lb_common::VIP_F_HASH_SRC_ONLY,
+                    _pad: 0
+                }
+            }]
+        );
+    }
+
+    #[test]
+    fn unchanged_vips_produce_no_ops() {
+        let a = web();
+        let b = vip("192.0.2.20", 80, &["198.51.100.21"]);
+        let mut applied = AppliedState::new(limits());
+        step(&state(vec![a.clone(), b.clone()]), &mut applied);
+        let mut b2 = b.clone();
+        b2.backends[0].weight = 3; // alone, its table does not change
+        let c = vip("192.0.2.30", 80, &["198.51.100.31"]);
+        let ops = step(&state(vec![c.clone(), b2, a.clone()]), &mut applied);
+        let a_key = a.key.to_map_key();
+        let b_key = b.key.to_map_key();
+        for op in &ops {
+            if let MapOp::SetVip { key, .. } = op {
+                assert_ne!(*key, a_key);
+                assert_ne!(*key, b_key);
+            }
+        }
+        assert_eq!(
+            kinds(&ops),
+            ["SetBackend", "WriteRing", "SetVipAddr", "SetVip"]
+        );
+    }
+
+    #[test]
+    fn removing_a_vip_removes_all_of_it_last() {
+        let a = web();
+        let b = vip("192.0.2.10", 443, &["198.51.100.11", "198.51.100.50"]);
+        let mut applied = AppliedState::new(limits());
+        step(&state(vec![a.clone(), b.clone()]), &mut applied);
+        let addr = VipAddrKey {
+            addr_be: a.key.to_map_key().addr_be,
+            family: FAMILY_V4,
+            _pad: [0; 3],
+        };
+        assert_eq!(applied.vip_addr_count(&addr), Some(2));
+        let b_info = applied.vip(&b.key.to_map_key()).unwrap();
+        let only_b = applied.backend_id(ip("198.51.100.50")).unwrap();
+
+        let ops = step(&state(vec![a.clone()]), &mut applied);
+        assert_eq!(
+            ops,
+            [
+                MapOp::RemoveVip {
+                    key: b.key.to_map_key()
+                },
+                MapOp::SetVipAddr {
+                    key: addr,
+                    vip_count: 1
+                },
+                MapOp::FlushFlows {
+                    vip: b.key.to_map_key(),
+                    vip_id: b_info.vip_id
+                },
+                MapOp::RemoveBackend { id: only_b },
+            ]
+        );
+        // 198.51.100.11 is still used by `a`: same id, no removal.
+        assert_eq!(applied.backend_id(ip("198.51.100.11")), Some(1));
+
+        let ops = step(&state(vec![]), &mut applied);
+        assert_eq!(
+            kinds(&ops),
+            [
+                "RemoveVip",
+                "RemoveVipAddr",
+                "FlushFlows",
+                "RemoveBackend",
+                "RemoveBackend",
+                "RemoveBackend"
+            ]
+        );
+        assert!(plan(&state(vec![]), &applied).unwrap().is_empty());
+    }
+
+    #[test]
+    fn freed_ids_are_reused_oldest_first_and_never_within_one_plan() {
+        let small = Limits {
+            table_size: M,
+            max_vips: 2,
+            max_backends: 4, // ids 1, 2, 3
+        };
+        let mut applied = AppliedState::new(small);
+        let a = vip("192.0.2.10", 80, &["198.51.100.1", "198.51.100.2"]);
+        step(&state(vec![a.clone()]), &mut applied);
+        // Replacing .1 by .3 in one plan: .3 cannot take id 1, it gets the fresh id 3.
+        let b = vip("192.0.2.10", 80, &["198.51.100.2", "198.51.100.3"]);
+        let ops = step(&state(vec![b]), &mut applied);
+        assert_eq!(
+            ops[0],
+            MapOp::SetBackend {
+                id: 3,
+                backend: backend_entry(ip("198.51.100.3"))
+            }
+        );
+        assert_eq!(ops.last(), Some(&MapOp::RemoveBackend { id: 1 }));
+        // Free .2 (id 2), then ask for two new backends: ids 1 then 2 (oldest freed first).
+        step(
+            &state(vec![vip("192.0.2.10", 80, &["198.51.100.3"])]),
+            &mut applied,
+        );
+        let c = vip(
+            "192.0.2.10",
+            80,
+            &["198.51.100.3", "198.51.100.4", "198.51.100.5"],
+        );
+        step(&state(vec![c]), &mut applied);
+        assert_eq!(applied.backend_id(ip("198.51.100.4")), Some(1));
+        assert_eq!(applied.backend_id(ip("198.51.100.5")), Some(2));
+
+        // VIP ids: remove VIP 0, add two VIPs -> fresh id 1 first, then 0.
+        let mut applied = AppliedState::new(small);
+        step(&state(vec![vip("192.0.2.10", 80, &[])]), &mut applied);
+        step(&state(vec![]), &mut applied);
+        let two = state(vec![vip("192.0.2.20", 80, &[]), vip("192.0.2.30", 80, &[])]);
+        step(&two, &mut applied);
+        let ids: Vec<u32> = applied.vips().map(|(_, i)| i.vip_id).collect();
+        assert_eq!(ids, [1, 0]);
+    }
+
+    #[test]
+    fn limits_are_enforced_without_a_partial_plan() {
+        let small = Limits {
+            table_size: M,
+            max_vips: 1,
+            max_backends: 3,
+        };
+        let applied = AppliedState::new(small);
+        let two_vips = state(vec![web(), vip("192.0.2.20", 80, &[])]);
+        assert_eq!(
+            plan(&two_vips, &applied).unwrap_err().to_string(),
+            "2 VIPs requested but max_vips is 1"
+        );
+        assert_eq!(
+            plan(&state(vec![web()]), &applied).unwrap_err().to_string(),
+            "3 backends requested (kept and new) but max_backends 3 allows 2 (id 0 is \
+             reserved; ids of removed backends are freed only after this update)"
+        );
+        // Swapping the only VIP for another needs two ids during the update.
+        let mut applied = AppliedState::new(small);
+        step(&state(vec![vip("192.0.2.10", 80, &[])]), &mut applied);
+        let swap = state(vec![vip("192.0.2.20", 80, &[])]);
+        assert!(matches!(
+            plan(&swap, &applied),
+            Err(PlanError::VipIdsExhausted { wanted: 2, max: 1 })
+        ));
+        let bad_size = AppliedState::new(Limits {
+            table_size: 250,
+            ..small
+        });
+        assert!(matches!(
+            plan(&state(vec![vip("192.0.2.10", 80, &[])]), &bad_size),
+            Err(PlanError::Maglev {
+                source: MaglevError::NotPrime(250),
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn invalid_desired_state_is_rejected() {
+        let applied = AppliedState::new(limits());
+        let dup = state(vec![web(), web()]);
+        assert_eq!(
+            plan(&dup, &applied).unwrap_err().to_string(),
+            "invalid desired state: vips[1]: duplicates vips[0]: both are 192.0.2.10:80/tcp"
+        );
+    }
+
+    #[test]
+    fn small_table_warning_names_the_vip() {
+        let applied = AppliedState::new(limits());
+        let mut named = web();
+        named.name = "web".into();
+        let plan = plan(&state(vec![named]), &applied).unwrap();
+        assert_eq!(plan.warnings.len(), 1);
+        assert!(
+            plan.warnings[0]
+                .to_string()
+                .starts_with("VIP web (192.0.2.10:80/tcp): ")
+        );
+    }
+
+    /// Random walks over desired states with random partial failures. Checks, against a
+    /// simulated kernel, that no op ever writes a ring a VIP is using, no table points at a
+    /// missing backend, and after a full apply the maps match the desired state exactly.
+    #[test]
+    fn random_walk_keeps_the_datapath_consistent() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let vip_pool = ["192.0.2.10", "192.0.2.11", "2001:db8::10"];
+        let v4_backends: Vec<String> = (1..=12).map(|i| format!("198.51.100.{i}")).collect();
+        let v6_backends: Vec<String> = (1..=6).map(|i| format!("2001:db8:1::{i}")).collect();
+        let mut applied = AppliedState::new(Limits {
+            table_size: M,
+            max_vips: 8,
+            max_backends: 64,
+        });
+        for round in 0..300 {
+            let mut vips = Vec::new();
+            for address in vip_pool {
+                for port in [80u16, 0] {
+                    if !rng.random_bool(0.5) {
+                        continue;
+                    }
+                    let mut v = vip(address, port, &[]);
+                    v.source_affinity = rng.random_bool(0.3);
+                    let pool: Vec<&String> = if address.contains(':') {
+                        v6_backends.iter().collect()
+                    } else {
+                        v4_backends.iter().chain(&v6_backends).collect()
+                    };
+                    for b in pool {
+                        if rng.random_bool(0.3) {
+                            v.backends.push(BackendSpec {
+                                address: ip(b),
+                                weight: rng.random_range(0..4),
+                                state: if rng.random_bool(0.2) {
+                                    BackendState::Draining
+                                } else {
+                                    BackendState::Active
+                                },
+                            });
+                        }
+                    }
+                    vips.push(v);
+                }
+            }
+            let desired = state(vips);
+            let plan = plan(&desired, &applied).unwrap();
+            // A writer that fails part-way through one plan in four.
+            let completed = if rng.random_bool(0.25) {
+                rng.random_range(0..=plan.ops.len())
+            } else {
+                plan.ops.len()
+            };
+            let mut kernel = applied.clone();
+            for op in &plan.ops[..completed] {
+                match op {
+                    MapOp::WriteRing { ring, table } => {
+                        assert!(
+                            kernel.vips().all(|(_, info)| info.ring != *ring),
+                            "round {round}: wrote ring {ring} while in use"
+                        );
+                        assert!(
+                            table
+                                .iter()
+                                .all(|id| *id == NO_BACKEND || kernel.backends.contains_key(id)),
+                            "round {round}: ring points at a missing backend"
+                        );
+                    }
+                    MapOp::SetVip { info, .. } => {
+                        assert!(kernel.rings.contains_key(&info.ring), "unwritten ring");
+                        assert!(info.vip_id < 8 && info.ring / 2 == info.vip_id);
+                    }
+                    MapOp::RemoveBackend { id } => {
+                        for (_, info) in kernel.vips() {
+                            assert!(!kernel.rings[&info.ring].contains(id), "still in a ring");
+                        }
+                    }
+                    MapOp::SetBackend { id, .. } => assert_ne!(*id, NO_BACKEND),
+                    _ => {}
+                }
+                kernel.record(op);
+            }
+            applied = plan.applied_after(&applied, completed);
+            assert_eq!(applied.backends, kernel.backends);
+            assert_eq!(applied.vips, kernel.vips);
+            assert_eq!(applied.rings, kernel.rings);
+            if completed == plan.ops.len() {
+                assert!(
+                    super::plan(&desired, &applied).unwrap().is_empty(),
+                    "round {round}: second plan not empty"
+                );
+                assert_eq!(applied.vips.len(), desired.vips.len());
+                assert_eq!(applied.backends.len(), desired.backend_addresses().len());
+                for v in &desired.vips {
+                    let info = applied.vip(&v.key.to_map_key()).unwrap();
+                    assert_eq!(info.flags, v.flags());
+                    let input: Vec<WeightedBackend> = v
+                        .backends
+                        .iter()
+                        .map(|b| WeightedBackend {
+                            address: b.address,
+                            weight: b.effective_weight(),
+                            id: applied.backend_id(b.address).unwrap(),
+                        })
+                        .collect();
+                    assert_eq!(
+                        &applied.rings[&info.ring][..],
+                        &maglev::build("x", M, &input).unwrap().table[..]
+                    );
+                }
+                let total: u32 = applied.vip_addrs.values().sum();
+                assert_eq!(total as usize, desired.vips.len());
+            }
+        }
+    }
 }
