@@ -6,27 +6,39 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-/// HTTP status class label.
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
-#[allow(non_camel_case_types)] // the label values are the variant names
+/// HTTP status class label (`1xx` .. `5xx`).
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 pub enum StatusClass {
     /// 1xx
-    _1xx,
+    Informational,
     /// 2xx
-    _2xx,
+    Success,
     /// 3xx
-    _3xx,
+    Redirection,
     /// 4xx
-    _4xx,
+    ClientError,
     /// 5xx
-    _5xx,
+    ServerError,
+}
+
+impl EncodeLabelValue for StatusClass {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write as _;
+        encoder.write_str(match self {
+            Self::Informational => "1xx",
+            Self::Success => "2xx",
+            Self::Redirection => "3xx",
+            Self::ClientError => "4xx",
+            Self::ServerError => "5xx",
+        })
+    }
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -135,7 +147,7 @@ impl Metrics {
     /// Counters for a rule label.
     pub fn rule(&self, rule: &str) -> RuleCounters {
         use StatusClass::*;
-        RuleCounters([_1xx, _2xx, _3xx, _4xx, _5xx].map(|class| {
+        RuleCounters([Informational, Success, Redirection, ClientError, ServerError].map(|class| {
             self.requests
                 .get_or_create(&RequestLabels {
                     rule: rule.to_owned(),

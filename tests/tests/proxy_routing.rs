@@ -1,0 +1,276 @@
+//! `xlb proxy` routing, forwarding headers, load balancing, passive health and metrics, over
+//! real loopback sockets.
+
+#[path = "proxy_support.rs"]
+mod support;
+
+use std::collections::HashMap;
+
+use hyper::StatusCode;
+use lb_userspace::proxy::config::{Backend, Balance, PassiveHealth, PathType::*};
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_and_path_rules_follow_ingress_semantics() {
+    let root = upstream("root").await;
+    let api = upstream("api").await;
+    let exact = upstream("exact").await;
+    let wild = upstream("wild").await;
+    let any = upstream("any").await;
+    let fallback = upstream("fallback").await;
+    let mut cfg = base_config();
+    cfg.services = vec![
+        service("root", &[root.addr]),
+        service("api", &[api.addr]),
+        service("exact", &[exact.addr]),
+        service("wild", &[wild.addr]),
+        service("any", &[any.addr]),
+        service("fallback", &[fallback.addr]),
+    ];
+    cfg.ingresses = vec![
+        ingress(
+            "app",
+            vec![
+                (
+                    Some("app.example.test"),
+                    vec![
+                        path("/", Prefix, "root"),
+                        path("/api", Prefix, "api"),
+                        path("/api", Exact, "exact"),
+                        path("/legacy/", ImplementationSpecific, "api"),
+                    ],
+                ),
+                (Some("*.example.test"), vec![path("/", Prefix, "wild")]),
+                (None, vec![path("/any", Prefix, "any")]),
+            ],
+        ),
+        {
+            let mut d = ingress("fallback", vec![]);
+            d.default_backend = Some(Backend { service: "fallback".into(), port: 80 });
+            d
+        },
+    ];
+    let proxy = start(cfg);
+    let addr = proxy.http_addr.expect("http listener");
+
+    let cases = [
+        ("app.example.test", "/", "root"),
+        ("APP.example.test:80", "/x", "root"),
+        ("app.example.test", "/api", "exact"),
+        ("app.example.test", "/api/", "api"),
+        ("app.example.test", "/api/v1?q=1", "api"),
+        ("app.example.test", "/apix", "root"),
+        ("app.example.test", "/legacy", "api"),
+        ("eu.example.test", "/whatever", "wild"),
+        // Wildcards match exactly one label; deeper names fall to host-less rules.
+        ("a.eu.example.test", "/any/1", "any"),
+        ("example.test", "/any", "any"),
+        ("other.test", "/nothing", "fallback"),
+        ("a.eu.example.test", "/nothing", "fallback"),
+    ];
+    for (host, p, want) in cases {
+        let got = get(addr, host, p).await;
+        assert_eq!(got.status, StatusCode::OK, "{host}{p}: {got:?}");
+        assert_eq!(got.backend(), Some(want), "{host}{p}");
+    }
+    let got = get(addr, "app.example.test", "/api/v1?q=1").await;
+    assert!(got.body.contains("path=/api/v1?q=1\n"), "query forwarded: {}", got.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmatched_requests_get_a_bare_404() {
+    let up = upstream("up").await;
+    let mut cfg = base_config();
+    cfg.services = vec![service("up", &[up.addr])];
+    cfg.ingresses = vec![ingress("i", vec![(Some("a.test"), vec![path("/a", Exact, "up")])])];
+    let proxy = start(cfg);
+    let addr = proxy.http_addr.expect("http listener");
+    let got = get(addr, "a.test", "/a/b").await;
+    assert_eq!(got.status, StatusCode::NOT_FOUND);
+    assert_eq!(got.body, "404 Not Found\n");
+    assert!(got.headers.get("server").is_none(), "no server banner: {:?}", got.headers);
+    let got = get(addr, "b.test", "/a").await;
+    assert_eq!(got.status, StatusCode::NOT_FOUND);
+    assert_eq!(up.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_are_added_and_hop_by_hop_headers_removed() {
+    let up = upstream("up").await;
+    let mut cfg = base_config();
+    cfg.services = vec![service("up", &[up.addr])];
+    cfg.ingresses = vec![ingress("i", vec![(None, vec![path("/", Prefix, "up")])])];
+    let proxy = start(cfg);
+    let addr = proxy.http_addr.expect("http listener");
+
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut c = h1(tcp).await;
+    let req = hyper::Request::builder()
+        .uri("/h")
+        .header("host", "app.test:8080")
+        .header("x-forwarded-for", "192.0.2.7")
+        .header("connection", "keep-alive, x-private")
+        .header("x-private", "secret")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-authorization", "Basic Zm9vOmJhcg==")
+        .header("te", "trailers")
+        .header("x-kept", "yes")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("request");
+    let got = send1(&mut c, req).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.upstream_header("x-forwarded-for"), Some("192.0.2.7, 127.0.0.1"));
+    assert_eq!(got.upstream_header("x-forwarded-proto"), Some("http"));
+    assert_eq!(got.upstream_header("x-forwarded-host"), Some("app.test:8080"));
+    assert_eq!(
+        got.upstream_header("forwarded"),
+        Some("for=127.0.0.1;host=\"app.test:8080\";proto=http")
+    );
+    assert_eq!(got.upstream_header("x-kept"), Some("yes"));
+    for hop in ["x-private", "keep-alive", "proxy-authorization", "te"] {
+        assert_eq!(got.upstream_header(hop), None, "{hop} must not be forwarded");
+    }
+    // The upstream nominated x-upstream-private in its Connection header.
+    assert!(got.headers.get("x-upstream-private").is_none(), "{:?}", got.headers);
+    assert_eq!(got.headers.get("x-backend").map(|v| v.as_bytes()), Some(&b"up"[..]));
+    // The same connection keeps working (pooled upstream connection reused).
+    let again = send1(&mut c, get_req("app.test:8080", "/again")).await;
+    assert_eq!(again.status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_spreads_and_consistent_hash_sticks() {
+    let a = upstream("a").await;
+    let b = upstream("b").await;
+    let mut cfg = base_config();
+    let mut rr = service("rr", &[a.addr, b.addr]);
+    rr.balance = Balance::RoundRobin;
+    let mut ch = service("ch", &[a.addr, b.addr]);
+    ch.balance = Balance::ConsistentHash;
+    ch.hash_header = Some("x-user".into());
+    let mut lr = service("lr", &[a.addr, b.addr]);
+    lr.balance = Balance::LeastRequest;
+    let mut rnd = service("rnd", &[a.addr, b.addr]);
+    rnd.balance = Balance::Random;
+    cfg.services = vec![rr, ch, lr, rnd];
+    cfg.ingresses = vec![ingress(
+        "i",
+        vec![
+            (Some("rr.test"), vec![path("/", Prefix, "rr")]),
+            (Some("ch.test"), vec![path("/", Prefix, "ch")]),
+            (Some("lr.test"), vec![path("/", Prefix, "lr")]),
+            (Some("rnd.test"), vec![path("/", Prefix, "rnd")]),
+        ],
+    )];
+    cfg.listen.workers = 1; // one round-robin cursor view
+    let proxy = start(cfg);
+    let addr = proxy.http_addr.expect("http listener");
+
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for _ in 0..10 {
+        let got = get(addr, "rr.test", "/").await;
+        *counts.entry(got.backend().expect("backend").to_owned()).or_default() += 1;
+    }
+    assert_eq!(counts.get("a"), Some(&5), "{counts:?}");
+    assert_eq!(counts.get("b"), Some(&5), "{counts:?}");
+
+    for user in ["alice", "bob", "carol", "dave"] {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..5 {
+            let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let mut c = h1(tcp).await;
+            let mut req = get_req("ch.test", "/");
+            req.headers_mut().insert("x-user", user.parse().expect("value"));
+            seen.insert(send1(&mut c, req).await.backend().expect("backend").to_owned());
+        }
+        assert_eq!(seen.len(), 1, "{user} must stick to one endpoint: {seen:?}");
+    }
+    for host in ["lr.test", "rnd.test"] {
+        for _ in 0..6 {
+            let got = get(addr, host, "/").await;
+            assert!(matches!(got.backend(), Some("a" | "b")), "{host}: {got:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_failures_are_retried_and_the_endpoint_ejected() {
+    let live = upstream("live").await;
+    // A port nothing listens on (bound, then released).
+    let dead = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let mut cfg = base_config();
+    let mut s = service("s", &[dead, live.addr]);
+    s.health = PassiveHealth { consecutive_failures: 2, base_ejection_ms: 60_000, max_ejection_ms: 60_000 };
+    cfg.services = vec![s];
+    cfg.ingresses = vec![ingress("i", vec![(None, vec![path("/", Prefix, "s")])])];
+    cfg.listen.workers = 1;
+    let proxy = start(cfg);
+    let addr = proxy.http_addr.expect("http listener");
+    for i in 0..10 {
+        let got = get(addr, "x.test", "/").await;
+        assert_eq!(got.status, StatusCode::OK, "GET {i} is retried on the live endpoint");
+        assert_eq!(got.backend(), Some("live"));
+    }
+    let m = metrics(proxy.metrics_addr.expect("metrics")).await;
+    assert!(m.contains("xlb_proxy_upstream_ejections_total{upstream=\"default/s:80\"} 1"), "{m}");
+    assert!(m.contains("xlb_proxy_upstream_errors_total{upstream=\"default/s:80\"} 2"), "{m}");
+    // Once ejected, even a POST (never retried) goes to the live endpoint.
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut c = h1(tcp).await;
+    let mut req = get_req("x.test", "/");
+    *req.method_mut() = hyper::Method::POST;
+    assert_eq!(send1(&mut c, req).await.status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_eject_an_endpoint_and_metrics_count_them() {
+    let bad = upstream("bad").await;
+    let good = upstream("good").await;
+    let mut cfg = base_config();
+    let mut s = service("s", &[bad.addr, good.addr]);
+    s.health = PassiveHealth { consecutive_failures: 3, base_ejection_ms: 60_000, max_ejection_ms: 60_000 };
+    cfg.services = vec![s];
+    cfg.ingresses = vec![ingress("i", vec![(None, vec![path("/", Prefix, "s")])])];
+    cfg.listen.workers = 1;
+    let proxy = start(cfg);
+    let addr = proxy.http_addr.expect("http listener");
+    // Round robin alternates; "bad" answers 500 to /status/500 (so does "good": only the
+    // endpoint that reaches 3 consecutive failures first is ejected).
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(get(addr, "x.test", "/status/500").await.status);
+    }
+    assert!(statuses.iter().all(|s| *s == StatusCode::INTERNAL_SERVER_ERROR), "{statuses:?}");
+    let m = metrics(proxy.metrics_addr.expect("metrics")).await;
+    assert!(m.contains("xlb_proxy_upstream_ejections_total{upstream=\"default/s:80\"} 2"), "{m}");
+    assert!(m.contains("xlb_proxy_requests_total{rule=\"default/i:*/\",class=\"5xx\"} 6"), "{m}");
+    assert!(m.contains("xlb_proxy_open_connections{listener=\"http\"}"), "{m}");
+    assert!(m.contains("xlb_proxy_request_duration_seconds_count 6"), "{m}");
+    let got = get(addr, "x.test", "/fine").await;
+    assert_eq!(got.status, StatusCode::OK, "panic mode still routes when all are ejected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_prior_knowledge_is_served_on_the_plain_listener() {
+    let up = upstream("up").await;
+    let mut cfg = base_config();
+    cfg.services = vec![service("up", &[up.addr])];
+    cfg.ingresses = vec![ingress("i", vec![(Some("h2.test"), vec![path("/", Prefix, "up")])])];
+    let proxy = start(cfg);
+    let tcp = tokio::net::TcpStream::connect(proxy.http_addr.expect("http")).await.expect("connect");
+    let mut c = h2(tcp).await;
+    for i in 0..3 {
+        let req = hyper::Request::builder()
+            .uri(format!("http://h2.test/n/{i}"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .expect("request");
+        let got = send2(&mut c, req).await;
+        assert_eq!(got.status, StatusCode::OK);
+        assert_eq!(got.version, hyper::Version::HTTP_2);
+        assert!(got.body.contains(&format!("path=/n/{i}\n")), "origin-form upstream: {}", got.body);
+        assert_eq!(got.upstream_header("host"), Some("h2.test"));
+    }
+}
