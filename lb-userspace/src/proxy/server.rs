@@ -881,7 +881,10 @@ async fn forward(state: &State, ctx: &ConnCtx, mut req: Request<Incoming>) -> Ou
             headers: req.headers(),
         };
         let Some(ep) = upstream.pick(&pick, excluded.as_deref()) else {
-            return Outcome::local(StatusCode::SERVICE_UNAVAILABLE, Some(route));
+            // No endpoint at all is 503; no *other* endpoint to retry on is the 502 of the
+            // failed first attempt.
+            let status = if excluded.is_some() { StatusCode::BAD_GATEWAY } else { StatusCode::SERVICE_UNAVAILABLE };
+            return Outcome::local(status, Some(route));
         };
         let in_flight = ep.start_request();
         let (mut sender, pooled) = match sender_for(&ep, s.connect, upgrade).await {

@@ -1,0 +1,250 @@
+//! Every timeout and limit of `xlb proxy`, and malformed requests. Timeouts are configured
+//! short and only bounded from above (a closed connection must be observed within STEP):
+//! nothing here measures speed.
+
+#[path = "proxy_support.rs"]
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{Full, StreamBody};
+use hyper::StatusCode;
+use lb_userspace::proxy::config::{ANNOTATION_MAX_BODY, PathType::*, ProxyConfig};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn limited_proxy(up: &Upstream, tweak: impl FnOnce(&mut ProxyConfig)) -> lb_userspace::proxy::ProxyHandle {
+    let mut cfg = base_config();
+    cfg.services = vec![service("up", &[up.addr])];
+    let mut ing = ingress("i", vec![(Some("l.test"), vec![path("/", Prefix, "up")])]);
+    ing.annotations = BTreeMap::from([(ANNOTATION_MAX_BODY.to_owned(), "1024".to_owned())]);
+    cfg.ingresses = vec![ing];
+    cfg.limits.max_header_bytes = 4096;
+    tweak(&mut cfg);
+    start(cfg)
+}
+
+fn tracing_free_note(e: &hyper::Error) {
+    eprintln!("h2 refused the oversized header block: {e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_headers_get_431() {
+    let up = upstream("up").await;
+    let proxy = limited_proxy(&up, |_| {}).await;
+    let addr = proxy.http_addr.expect("http");
+    let mut req = get_req("l.test", "/");
+    req.headers_mut().insert("x-big", "a".repeat(8000).parse().expect("value"));
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut c = h1(tcp).await;
+    assert_eq!(send1(&mut c, req).await.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+
+    // HTTP/2 (h2c): the same limit.
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut c = h2(tcp).await;
+    let mut req = hyper::Request::builder().uri("http://l.test/").body(Full::new(Bytes::new())).expect("request");
+    req.headers_mut().insert("x-big", "a".repeat(8000).parse().expect("value"));
+    match c.send_request(req).await {
+        Ok(resp) => assert_eq!(resp.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
+        // h2 may refuse the stream outright; either way it is not forwarded (hits below).
+        Err(e) => tracing_free_note(&e),
+    }
+    // Just under the limit passes.
+    let mut req = get_req("l.test", "/");
+    req.headers_mut().insert("x-big", "a".repeat(3000).parse().expect("value"));
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut c = h1(tcp).await;
+    assert_eq!(send1(&mut c, req).await.status, StatusCode::OK);
+    assert_eq!(up.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_bodies_get_413_declared_or_streamed() {
+    let up = upstream("up").await;
+    let proxy = limited_proxy(&up, |_| {}).await;
+    let addr = proxy.http_addr.expect("http");
+    let post = |body: Vec<u8>| {
+        hyper::Request::builder()
+            .method("POST")
+            .uri("/echo-body")
+            .header("host", "l.test")
+            .body(Full::new(Bytes::from(body)))
+            .expect("request")
+    };
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut c = h1(tcp).await;
+    let got = send1(&mut c, post(vec![1; 1024])).await;
+    assert_eq!((got.status, got.body.as_str()), (StatusCode::OK, "len=1024\n"));
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut c = h1(tcp).await;
+    let got = send1(&mut c, post(vec![1; 1025])).await;
+    assert_eq!(got.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(up.hits(), 1, "a declared oversize body is refused before any upstream");
+
+    // Chunked, no Content-Length: refused once the stream passes the limit.
+    let chunks: Vec<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>> =
+        (0..8).map(|_| Ok(hyper::body::Frame::data(Bytes::from(vec![2u8; 512])))).collect();
+    let body = StreamBody::new(futures_util::stream::iter(chunks));
+    let req = hyper::Request::builder()
+        .method("POST")
+        .uri("/echo-body")
+        .header("host", "l.test")
+        .body(body)
+        .expect("request");
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut s, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await.expect("h1");
+    tokio::spawn(conn);
+    let resp = within("chunked upload", s.send_request(req)).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_request_headers_are_cut_off() {
+    let up = upstream("up").await;
+    let proxy = limited_proxy(&up, |c| c.timeouts.request_header_ms = 300).await;
+    let mut tcp = tokio::net::TcpStream::connect(proxy.http_addr.expect("http")).await.expect("connect");
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: l.test\r\nX-Slow: ").await.expect("write");
+    let mut buf = Vec::new();
+    within("slowloris close", tcp.read_to_end(&mut buf)).await.expect("read");
+    assert!(!String::from_utf8_lossy(&buf).contains("200"), "{buf:?}");
+    assert_eq!(up.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_are_closed() {
+    let up = upstream("up").await;
+    let proxy = limited_proxy(&up, |c| {
+        c.timeouts.idle_ms = 300;
+        c.timeouts.request_header_ms = 300;
+    })
+    .await;
+    let addr = proxy.http_addr.expect("http");
+    // HTTP/1.1: answer, then close once idle.
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: l.test\r\n\r\n").await.expect("write");
+    let mut buf = Vec::new();
+    within("h1 idle close", tcp.read_to_end(&mut buf)).await.expect("read");
+    assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf));
+    // HTTP/2: GOAWAY once no stream has been active for idle_ms.
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut c, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("h2");
+    let conn = tokio::spawn(conn);
+    let req = hyper::Request::builder().uri("http://l.test/").body(Full::new(Bytes::new())).expect("request");
+    assert_eq!(send2(&mut c, req).await.status, StatusCode::OK);
+    let ended = within("h2 idle close", conn).await.expect("conn task");
+    assert!(ended.is_ok(), "graceful close: {ended:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_upstreams_get_504_and_unreachable_ones_502() {
+    let up = upstream("up").await;
+    let proxy = limited_proxy(&up, |c| c.timeouts.upstream_response_ms = 200).await;
+    let addr = proxy.http_addr.expect("http");
+    assert_eq!(get(addr, "l.test", "/sleep/3000").await.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(get(addr, "l.test", "/sleep/0").await.status, StatusCode::OK);
+    drop(proxy);
+
+    // Connect timeout: a listener whose accept queue is full drops further SYNs.
+    let blackhole = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    blackhole.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().expect("addr").into()).expect("bind");
+    blackhole.listen(0).expect("listen");
+    let hole = blackhole.local_addr().expect("addr").as_socket().expect("inet");
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        // Some of these complete into the queue, the rest hang in SYN_SENT; both fill it.
+        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(200), tokio::net::TcpStream::connect(hole)).await {
+            fillers.push(s);
+        }
+    }
+    let mut cfg = base_config();
+    cfg.timeouts.connect_ms = 200;
+    cfg.services = vec![service("hole", &[hole])];
+    cfg.ingresses = vec![ingress("h", vec![(None, vec![path("/", Prefix, "hole")])])];
+    let proxy = start(cfg);
+    let got = get(proxy.http_addr.expect("http"), "h.test", "/").await;
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(got.body, "502 Bad Gateway\n", "error pages say nothing about internals");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_400_and_never_reach_upstream() {
+    let up = upstream("up").await;
+    let proxy = limited_proxy(&up, |_| {}).await;
+    let addr = proxy.http_addr.expect("http");
+    let cases: [&[u8]; 7] = [
+        b"GARBAGE\r\n\r\n",
+        b"GET /\x01 HTTP/1.1\r\nHost: l.test\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: l.test\r\nBad Header: x\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: l.test\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: l.test\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: l.test\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+        b"POST / HTTP/1.1\r\nHost: l.test\r\nTransfer-Encoding: gzip\r\n\r\n",
+    ];
+    for raw_req in cases {
+        let resp = raw(addr, raw_req).await;
+        assert!(resp.starts_with("HTTP/1.1 400"), "{:?} -> {resp:?}", String::from_utf8_lossy(raw_req));
+    }
+    // Smuggling attempt after a clean request on the same connection.
+    let resp = raw(
+        addr,
+        b"POST / HTTP/1.1\r\nHost: l.test\r\nContent-Length: 4\r\n\r\nbodyPOST / HTTP/1.1\r\nHost: l.test\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.contains("HTTP/1.1 400"), "{resp}");
+    assert_eq!(up.hits(), 1, "only the clean request was forwarded");
+    // Missing Host on HTTP/1.1.
+    let resp = raw(addr, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    assert_eq!(up.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_stream_limit_is_advertised_and_rapid_reset_floods_are_cut_off() {
+    let up = upstream("up").await;
+    let proxy = limited_proxy(&up, |c| {
+        c.limits.h2_max_concurrent_streams = 7;
+        c.limits.h2_max_pending_reset_streams = 20;
+    })
+    .await;
+    let addr = proxy.http_addr.expect("http");
+
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (client, conn) = within("h2 handshake", h2::client::handshake(tcp)).await.expect("h2");
+    let conn = tokio::spawn(conn);
+    let mut client = within("h2 ready", client.ready()).await.expect("ready");
+    let req = || http::Request::builder().uri("http://l.test/").body(()).expect("request");
+    let (resp, _) = client.send_request(req(), true).expect("send");
+    assert_eq!(within("h2 response", resp).await.expect("response").status(), 200);
+    assert_eq!(client.current_max_send_streams(), 7, "SETTINGS_MAX_CONCURRENT_STREAMS");
+
+    // Open and immediately reset streams, as fast as the connection takes them.
+    let mut cut_off = false;
+    for _ in 0..5_000 {
+        let ready = match within("h2 ready", client.clone().ready()).await {
+            Ok(c) => c,
+            Err(_) => {
+                cut_off = true;
+                break;
+            }
+        };
+        client = ready;
+        match client.send_request(req(), false) {
+            Ok((_, mut stream)) => stream.send_reset(h2::Reason::CANCEL),
+            Err(_) => {
+                cut_off = true;
+                break;
+            }
+        }
+    }
+    assert!(cut_off, "5000 rapid resets were tolerated");
+    let ended = within("h2 conn end", conn).await.expect("conn task");
+    assert!(ended.is_err(), "GOAWAY with an error code: {ended:?}");
+    // Other clients are unaffected.
+    assert_eq!(get(addr, "l.test", "/").await.status, StatusCode::OK);
+}
