@@ -48,10 +48,8 @@ fn main() -> anyhow::Result<()> {
         times.sort_by(f64::total_cmp);
         let median = times[RUNS / 2];
         if json {
-            println!(
-                "{}",
-                serde_json::json!({"backends": n, "table_size": size, "ms": median})
-            );
+            // Written by hand to keep the documented key order.
+            println!("{{\"backends\": {n}, \"table_size\": {size}, \"ms\": {median:.4}}}");
         } else {
             let paper = paper.map_or_else(|| "-".to_owned(), |ms| format!("{ms:.1}"));
             println!("{n:>8} {size:>10} {median:>12.3} {paper:>12}");

@@ -145,8 +145,9 @@ pub enum PlanError {
     },
     /// More distinct backend addresses than backend ids.
     #[error(
-        "{wanted} backends requested (kept and new) but max_backends {max} allows {} \
-         (id 0 is reserved; ids of removed backends are freed only after this update)",
+        "{wanted} backend ids needed during this update (current and new) but max_backends \
+         {max} allows {} (id 0 is reserved; ids of removed backends are freed only after the \
+         update)",
         max.saturating_sub(1)
     )]
     TooManyBackends {
@@ -157,8 +158,8 @@ pub enum PlanError {
     },
     /// New VIPs need ids still held by VIPs this same update removes.
     #[error(
-        "{wanted} VIP ids needed (kept and new) but max_vips is {max}; ids of removed VIPs \
-         are freed only after this update — apply the removals first"
+        "{wanted} VIP ids needed during this update (current and new) but max_vips is {max}; \
+         ids of removed VIPs are freed only after the update — apply the removals first"
     )]
     VipIdsExhausted {
         /// Ids needed during the update.
@@ -1021,8 +1022,9 @@ mod tests {
         );
         assert_eq!(
             plan(&state(vec![web()]), &applied).unwrap_err().to_string(),
-            "3 backends requested (kept and new) but max_backends 3 allows 2 (id 0 is \
-             reserved; ids of removed backends are freed only after this update)"
+            "3 backend ids needed during this update (current and new) but max_backends 3 \
+             allows 2 (id 0 is reserved; ids of removed backends are freed only after the \
+             update)"
         );
         // Swapping the only VIP for another needs two ids during the update.
         let mut applied = AppliedState::new(small);
