@@ -166,13 +166,17 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
     let mut total = Duration::ZERO;
     let mut rest = text;
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
         if digits == 0 {
             return None;
         }
         let value: u64 = rest[..digits].parse().ok()?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let unit = match &rest[..unit_len] {
             "ms" => Duration::from_millis(1),
             "s" => Duration::from_secs(1),
@@ -416,7 +420,10 @@ impl Config {
             };
             let mut backends = Vec::with_capacity(vip.backends.len());
             for (j, backend) in vip.backends.iter().enumerate() {
-                let address = parse_ip(&format!("vips[{i}].backends[{j}].address"), &backend.address)?;
+                let address = parse_ip(
+                    &format!("vips[{i}].backends[{j}].address"),
+                    &backend.address,
+                )?;
                 backends.push(BackendSpec {
                     address,
                     weight: backend.weight,
@@ -453,7 +460,9 @@ impl NodeConfig {
                 || name.len() > 15
                 || name == "."
                 || name == ".."
-                || name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace());
+                || name
+                    .chars()
+                    .any(|c| c == '/' || c == ':' || c.is_whitespace());
             if bad {
                 return Err(invalid(
                     path,
@@ -540,10 +549,7 @@ impl NodeConfig {
         if udp_idle_timeout < Duration::from_secs(1) || udp_idle_timeout > MAX_UDP_IDLE_TIMEOUT {
             return Err(invalid(
                 "node.udp_idle_timeout",
-                format!(
-                    "{} is out of range (1s..=24h)",
-                    self.udp_idle_timeout
-                ),
+                format!("{} is out of range (1s..=24h)", self.udp_idle_timeout),
             ));
         }
         let gateway_mac = match &self.gateway_mac {
@@ -710,7 +716,10 @@ fn parse_mac(text: &str) -> Result<[u8; 6], ConfigError> {
         *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
     }
     if mac == [0; 6] {
-        return Err(invalid(path, "00:00:00:00:00:00 is not a usable MAC address"));
+        return Err(invalid(
+            path,
+            "00:00:00:00:00:00 is not a usable MAC address",
+        ));
     }
     if mac[0] & 1 == 1 {
         return Err(invalid(
@@ -730,7 +739,9 @@ mod tests {
     use super::*;
 
     fn repo_file(relative: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(relative)
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(relative)
     }
 
     /// A small valid config in TOML; tests break one thing at a time.
@@ -791,8 +802,15 @@ address = "198.51.100.12"
         let vips = &resolved.desired.vips;
         assert_eq!(vips.len(), 1);
         assert_eq!(vips[0].key.to_string(), "192.0.2.10:80/tcp");
-        let backends: Vec<String> = vips[0].backends.iter().map(|b| b.address.to_string()).collect();
-        assert_eq!(backends, ["198.51.100.11", "198.51.100.12", "198.51.100.13"]);
+        let backends: Vec<String> = vips[0]
+            .backends
+            .iter()
+            .map(|b| b.address.to_string())
+            .collect();
+        assert_eq!(
+            backends,
+            ["198.51.100.11", "198.51.100.12", "198.51.100.13"]
+        );
         assert_eq!(
             resolved.node.tunnel_source_v4,
             Some(Ipv4Addr::new(192, 0, 2, 1))
@@ -805,7 +823,10 @@ address = "198.51.100.12"
         let yaml = Config::from_path(&repo_file("deploy/xlb.example.yaml")).unwrap();
         let toml = toml.resolve().unwrap();
         let yaml = yaml.resolve().unwrap();
-        assert_eq!(toml, yaml, "the TOML and YAML examples describe the same config");
+        assert_eq!(
+            toml, yaml,
+            "the TOML and YAML examples describe the same config"
+        );
         assert!(toml.desired.vips.len() >= 2);
     }
 
@@ -816,7 +837,9 @@ address = "198.51.100.12"
         assert_eq!(Format::from_path(Path::new("x.yaml")), Some(Format::Yaml));
         assert_eq!(Format::from_path(Path::new("x.json")), None);
         assert_eq!(
-            Config::from_path(Path::new("/etc/xlb.conf")).unwrap_err().to_string(),
+            Config::from_path(Path::new("/etc/xlb.conf"))
+                .unwrap_err()
+                .to_string(),
             "/etc/xlb.conf: unknown config format (expected a .toml, .yaml or .yml file)"
         );
     }
@@ -895,7 +918,10 @@ vips:
 
     #[test]
     fn missing_vip_address() {
-        assert_invalid(|c| c.vips[0].address.clear(), "vips[0].address: is required");
+        assert_invalid(
+            |c| c.vips[0].address.clear(),
+            "vips[0].address: is required",
+        );
     }
 
     #[test]
