@@ -61,7 +61,11 @@ pub const fn flow_hash(
 /// Slot of a flow hash in a Maglev table of `table_size` entries.
 #[inline(always)]
 pub const fn maglev_slot(hash: u32, table_size: u32) -> u32 {
-    if table_size == 0 { 0 } else { hash % table_size }
+    if table_size == 0 {
+        0
+    } else {
+        hash % table_size
+    }
 }
 
 #[cfg(test)]
@@ -73,7 +77,10 @@ mod tests {
     fn murmur3_bytes(data: &[u8], seed: u32) -> u32 {
         let mut h = seed;
         for chunk in data.chunks_exact(4) {
-            h = mix_word(h, u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]));
+            h = mix_word(
+                h,
+                u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]),
+            );
         }
         finish(h, data.len() as u32)
     }
@@ -110,8 +117,14 @@ mod tests {
     #[test]
     fn source_only_ignores_ports_and_protocol() {
         let src = [0x0a0b_0c0d, 1, 2, 3];
-        assert_eq!(flow_hash(&src, 1, 2, 6, true), flow_hash(&src, 9, 8, 17, true));
-        assert_ne!(flow_hash(&src, 1, 2, 6, false), flow_hash(&src, 9, 8, 17, false));
+        assert_eq!(
+            flow_hash(&src, 1, 2, 6, true),
+            flow_hash(&src, 9, 8, 17, true)
+        );
+        assert_ne!(
+            flow_hash(&src, 1, 2, 6, false),
+            flow_hash(&src, 9, 8, 17, false)
+        );
     }
 
     #[test]

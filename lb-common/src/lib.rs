@@ -51,6 +51,8 @@ pub mod map_names {
     pub const VIP_STATS: &str = "XLB_VIP_STATS";
     /// Per-CPU per-backend counters indexed by backend id: [`crate::BackendStats`].
     pub const BACKEND_STATS: &str = "XLB_BACK_STATS";
+    /// Per-CPU next-hop cache by backend id: [`crate::NextHop`].
+    pub const NEXTHOP: &str = "XLB_NEXTHOP";
     /// Per-CPU new-connection rate guard state: [`crate::RateGuard`].
     pub const RATE_GUARD: &str = "XLB_RATE";
     /// Decapsulation: local tunnel endpoint addresses, [`crate::VipAddrKey`] → `u32`.

@@ -89,7 +89,7 @@ map_types! {
         pub backend_id: u32,
         /// VIP the flow belongs to.
         pub vip_id: u32,
-        /// `bpf_ktime_get_ns()` when the flow was last refreshed. TCP entries are stamped at
+        /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC_COARSE) when the flow was last refreshed. TCP entries are stamped at
         /// creation; UDP entries are refreshed at most once a second (to keep the cache line
         /// clean) and expire after the configured idle time.
         pub last_seen_ns: u64,
@@ -182,9 +182,29 @@ map_types! {
         pub bytes: u64,
     }
 
+    /// Per-CPU cache of the route to a backend (indexed by backend id), so the FIB and
+    /// neighbour lookups run once a second per backend and CPU instead of per packet.
+    pub struct NextHop {
+        /// The backend address this entry was resolved for (an id reused for another
+        /// address misses).
+        pub backend_addr_be: [u32; 4],
+        /// Egress interface.
+        pub ifindex: u32,
+        /// MTU of the route (L3 bytes).
+        pub mtu: u32,
+        /// Source MAC (the egress interface's).
+        pub smac: [u8; 6],
+        /// Next-hop MAC.
+        pub dmac: [u8; 6],
+        /// Explicit padding; always zero.
+        pub _pad: u32,
+        /// `bpf_ktime_get_coarse_ns()` after which the entry is looked up again.
+        pub expires_ns: u64,
+    }
+
     /// Per-CPU state of the new-connection rate guard.
     pub struct RateGuard {
-        /// Start of the current one-second window (`bpf_ktime_get_ns`).
+        /// Start of the current one-second window (`bpf_ktime_get_coarse_ns`).
         pub window_start_ns: u64,
         /// Inserts made in the current window.
         pub inserts: u64,
@@ -279,5 +299,6 @@ const _: () = {
     assert!(size_of::<VipStats>() == 24);
     assert!(size_of::<BackendStats>() == 16);
     assert!(size_of::<RateGuard>() == 16);
+    assert!(size_of::<NextHop>() == 48);
     assert!(size_of::<DecapStats>() == 40);
 };

@@ -2,8 +2,8 @@
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
-    DatapathConfig, DatapathStats, FlowKey, PROTO_TCP, PROTO_UDP, VIP_F_HASH_SRC_ONLY,
-    VipAddrKey, VipInfo, VipKey, flow_hash,
+    DatapathConfig, DatapathStats, FlowKey, PROTO_TCP, PROTO_UDP, VIP_F_HASH_SRC_ONLY, VipAddrKey,
+    VipInfo, VipKey, flow_hash,
 };
 
 use crate::conntrack;
@@ -64,29 +64,41 @@ fn try_balance(ctx: &XdpContext, stats: &mut DatapathStats) -> Result<Outcome, O
     // A SYN starts a new connection: always a fresh pick, so a reused 5-tuple follows the
     // current table rather than a stale entry.
     let is_syn = p.proto == PROTO_TCP && tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
-    let tracked = if is_syn { None } else { conntrack::lookup(&key, cfg, stats) };
-    let src_only = info.flags & VIP_F_HASH_SRC_ONLY != 0;
-    let hash = flow_hash(&p.src_be, sport_be, dport_be, p.proto, src_only);
-
-    let (backend_id, backend) = match tracked.and_then(|id| maglev::backend(id).map(|b| (id, b))) {
-        Some(found) => {
-            stats.conntrack_hit += 1;
-            found
-        }
-        None => {
-            // Miss, SYN, expired UDP entry, or the recorded backend is gone.
-            stats.conntrack_miss += 1;
-            let id = maglev::pick(info, hash, cfg).ok_or(Outcome::DropNoBackend)?;
-            let backend = maglev::backend(id).ok_or(Outcome::DropNoBackend)?;
-            conntrack::insert(&key, id, info.vip_id, cfg, stats);
-            if let Some(v) = XLB_VIP_STATS.get_ptr_mut(info.vip_id) {
-                unsafe { (*v).new_conns += 1 };
-            }
-            (id, backend)
-        }
+    let tracked = if is_syn {
+        None
+    } else {
+        conntrack::lookup(&key, cfg, stats)
     };
+    let src_only = info.flags & VIP_F_HASH_SRC_ONLY != 0;
+    // The hash picks new flows and, for IPv6 tunnels, fills the outer flow label.
+    let hash = || flow_hash(&p.src_be, sport_be, dport_be, p.proto, src_only);
 
-    let outcome = encap::forward(ctx, &p, backend, cfg, stats, hash)?;
+    let (backend_id, backend, flow_hash) =
+        match tracked.and_then(|id| maglev::backend(id).map(|b| (id, b))) {
+            Some((id, backend)) => {
+                stats.conntrack_hit += 1;
+                let entropy = if backend.family == lb_common::FAMILY_V6 {
+                    hash()
+                } else {
+                    0
+                };
+                (id, backend, entropy)
+            }
+            None => {
+                // Miss, SYN, expired UDP entry, or the recorded backend is gone.
+                stats.conntrack_miss += 1;
+                let hash = hash();
+                let id = maglev::pick(info, hash, cfg).ok_or(Outcome::DropNoBackend)?;
+                let backend = maglev::backend(id).ok_or(Outcome::DropNoBackend)?;
+                conntrack::insert(&key, id, info.vip_id, cfg, stats);
+                if let Some(v) = XLB_VIP_STATS.get_ptr_mut(info.vip_id) {
+                    unsafe { (*v).new_conns += 1 };
+                }
+                (id, backend, hash)
+            }
+        };
+
+    let outcome = encap::forward(ctx, &p, backend_id, backend, cfg, stats, flow_hash)?;
     let bytes = p.ip_len as u64;
     if matches!(outcome, Outcome::ForwardedTx | Outcome::ForwardedRedirect) {
         if let Some(v) = XLB_VIP_STATS.get_ptr_mut(info.vip_id) {

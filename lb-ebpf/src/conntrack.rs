@@ -1,10 +1,13 @@
 //! Connection tracking: flows stay on their backend while the backend exists, whatever
 //! happens to the Maglev tables (backend added, drained, or another one removed).
 
-use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
+use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::{DatapathConfig, DatapathStats, FlowKey, FlowState, PROTO_UDP};
 
 use crate::maps::{XLB_CONNTRACK, XLB_RATE};
+
+// Timestamps use the coarse clock (CLOCK_MONOTONIC_COARSE, tick resolution): a TSC read
+// costs more than the rest of an insert's bookkeeping, and timeouts are seconds long.
 
 /// UDP entries are re-stamped at most this often, so a busy flow does not dirty the
 /// entry's cache line on every packet.
@@ -20,7 +23,7 @@ pub fn lookup(key: &FlowKey, cfg: &DatapathConfig, stats: &mut DatapathStats) ->
     // store whole u64/u32 fields, so a torn read cannot produce a wrong backend id.
     let state = unsafe { &mut *state };
     if key.proto == PROTO_UDP {
-        let now = unsafe { bpf_ktime_get_ns() };
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
         let idle = now.wrapping_sub(state.last_seen_ns);
         if idle > cfg.udp_idle_timeout_ns {
             stats.conntrack_udp_expired += 1;
@@ -37,8 +40,14 @@ pub fn lookup(key: &FlowKey, cfg: &DatapathConfig, stats: &mut DatapathStats) ->
 /// case the insert is skipped (the flow is still forwarded by Maglev, which picks the same
 /// backend as long as the table is unchanged) so a flood cannot evict established flows.
 #[inline(always)]
-pub fn insert(key: &FlowKey, state_backend: u32, vip_id: u32, cfg: &DatapathConfig, stats: &mut DatapathStats) {
-    let now = unsafe { bpf_ktime_get_ns() };
+pub fn insert(
+    key: &FlowKey,
+    state_backend: u32,
+    vip_id: u32,
+    cfg: &DatapathConfig,
+    stats: &mut DatapathStats,
+) {
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     if cfg.new_conn_rate_limit != 0 {
         if let Some(guard) = XLB_RATE.get_ptr_mut(0) {
             let guard = unsafe { &mut *guard };

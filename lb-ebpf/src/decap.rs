@@ -94,8 +94,7 @@ fn try_decap(ctx: &XdpContext) -> Result<DecapOutcome, DecapOutcome> {
         (*eth).src = src;
     }
     if l2_len == ETH_HLEN + VLAN_HLEN {
-        let tagged: *mut [u16; 3] =
-            ptr_at(ctx, ETH_HLEN - 2).ok_or(DecapOutcome::DropMalformed)?;
+        let tagged: *mut [u16; 3] = ptr_at(ctx, ETH_HLEN - 2).ok_or(DecapOutcome::DropMalformed)?;
         unsafe { *tagged = [tag[0], tag[1], inner_ethertype] };
     } else {
         unsafe { (*eth).proto_be = inner_ethertype };

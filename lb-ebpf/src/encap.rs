@@ -6,10 +6,14 @@ use aya_ebpf::{
     bindings::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams,
     },
-    helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_xdp_adjust_head},
+    helpers::generated::{
+        bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_xdp_adjust_head,
+    },
     programs::XdpContext,
 };
 use lb_common::{Backend, DatapathConfig, DatapathStats, FAMILY_V4, FAMILY_V6};
+
+use crate::maps::XLB_NEXTHOP;
 
 use crate::checksum;
 use crate::headers::*;
@@ -20,12 +24,17 @@ use crate::stats::Outcome;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const OUTER_TTL: u8 = 64;
+/// How long a resolved next hop is reused: route and neighbour changes take effect within
+/// this time. A FIB plus neighbour lookup costs more than the rest of the fast path.
+const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
 
 /// Where the encapsulated frame goes.
 struct NextHop {
     smac: [u8; 6],
     dmac: [u8; 6],
     ifindex: u32,
+    /// Route MTU; 0 = unknown (no check).
+    mtu: u32,
 }
 
 /// Encapsulates the packet toward `backend` and picks the verdict; answers with ICMP when
@@ -34,6 +43,7 @@ struct NextHop {
 pub fn forward(
     ctx: &XdpContext,
     p: &Packet,
+    backend_id: u32,
     backend: &Backend,
     cfg: &DatapathConfig,
     stats: &mut DatapathStats,
@@ -48,7 +58,10 @@ pub fn forward(
     let outer_total = p.ip_len + outer_len;
     let ingress = ctx.ingress_ifindex() as u32;
 
-    let hop = match next_hop(ctx, p, backend, cfg, outer_total, ingress) {
+    let hop = match next_hop(ctx, p, backend_id, backend, outer_total, ingress, cfg) {
+        Ok(hop) if hop.mtu != 0 && outer_total > hop.mtu as usize => {
+            return icmp::reply_too_big(ctx, p, hop.mtu.saturating_sub(outer_len as u32));
+        }
         Ok(hop) => hop,
         Err(FibMiss::TooBig(mtu)) => {
             return icmp::reply_too_big(ctx, p, mtu.saturating_sub(outer_len as u32));
@@ -67,6 +80,7 @@ pub fn forward(
                 smac: unsafe { (*eth).dst },
                 dmac: cfg.gateway_mac,
                 ifindex: ingress,
+                mtu: 0,
             }
         }
     };
@@ -85,7 +99,11 @@ pub fn forward(
         (*eth).dst = hop.dmac;
         (*eth).src = hop.smac;
     }
-    let outer_ethertype = if outer_is_v6 { ETH_P_IPV6_BE } else { ETH_P_IPV4_BE };
+    let outer_ethertype = if outer_is_v6 {
+        ETH_P_IPV6_BE
+    } else {
+        ETH_P_IPV4_BE
+    };
     if l2_len == ETH_HLEN + VLAN_HLEN {
         let old_tag: *const [u16; 2] =
             ptr_at(ctx, outer_len + ETH_HLEN - 2).ok_or(Outcome::DropEncapFailed)?;
@@ -98,7 +116,11 @@ pub fn forward(
         unsafe { (*eth).proto_be = outer_ethertype };
     }
 
-    let inner_proto = if p.family == FAMILY_V4 { IPPROTO_IPIP } else { IPPROTO_IPV6 };
+    let inner_proto = if p.family == FAMILY_V4 {
+        IPPROTO_IPIP
+    } else {
+        IPPROTO_IPV6
+    };
     if outer_is_v6 {
         let ip: *mut Ipv6Hdr = ptr_at(ctx, l2_len).ok_or(Outcome::DropEncapFailed)?;
         // Flow label from the flow hash: ECMP and the backend's RSS spread tunnels by flow.
@@ -149,27 +171,46 @@ enum FibMiss {
     NoRoute,
 }
 
+/// The next hop toward `backend`: from this CPU's cache while fresh, else from
+/// `bpf_fib_lookup` (which also reports the route MTU), refreshing the cache.
 #[inline(always)]
 fn next_hop(
     ctx: &XdpContext,
     p: &Packet,
+    backend_id: u32,
     backend: &Backend,
-    cfg: &DatapathConfig,
     outer_total: usize,
     ingress: u32,
+    cfg: &DatapathConfig,
 ) -> Result<NextHop, FibMiss> {
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let cached = XLB_NEXTHOP.get_ptr_mut(backend_id);
+    if let Some(entry) = cached {
+        let e = unsafe { &*entry };
+        if e.expires_ns > now && e.backend_addr_be == backend.addr_be {
+            return Ok(NextHop {
+                smac: e.smac,
+                dmac: e.dmac,
+                ifindex: e.ifindex,
+                mtu: e.mtu,
+            });
+        }
+    }
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
     fib.ifindex = ingress;
     fib.__bindgen_anon_1.tot_len = outer_total as u16;
+    fib.l4_protocol = if p.family == FAMILY_V4 {
+        IPPROTO_IPIP
+    } else {
+        IPPROTO_IPV6
+    };
     if backend.family == FAMILY_V4 {
         fib.family = AF_INET;
-        fib.l4_protocol = if p.family == FAMILY_V4 { IPPROTO_IPIP } else { IPPROTO_IPV6 };
         fib.__bindgen_anon_2.tos = p.tos;
         fib.__bindgen_anon_3.ipv4_src = cfg.tunnel_src_v4_be;
         fib.__bindgen_anon_4.ipv4_dst = backend.addr_be[0];
     } else {
         fib.family = AF_INET6;
-        fib.l4_protocol = if p.family == FAMILY_V4 { IPPROTO_IPIP } else { IPPROTO_IPV6 };
         fib.__bindgen_anon_3.ipv6_src = cfg.tunnel_src_v6_be;
         fib.__bindgen_anon_4.ipv6_dst = backend.addr_be;
     }
@@ -183,13 +224,31 @@ fn next_hop(
     };
     if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
         let macs = unsafe { fib.__bindgen_anon_6.__bindgen_anon_2 };
+        // On success the kernel returns the route MTU in `mtu_result` (since 5.12).
+        let mtu = unsafe { fib.__bindgen_anon_1.mtu_result } as u32;
+        if let Some(entry) = cached {
+            unsafe {
+                *entry = lb_common::NextHop {
+                    backend_addr_be: backend.addr_be,
+                    ifindex: fib.ifindex,
+                    mtu,
+                    smac: macs.smac,
+                    dmac: macs.dmac,
+                    _pad: 0,
+                    expires_ns: now + NEXTHOP_TTL_NS,
+                };
+            }
+        }
         Ok(NextHop {
             smac: macs.smac,
             dmac: macs.dmac,
             ifindex: fib.ifindex,
+            mtu,
         })
     } else if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
-        Err(FibMiss::TooBig(unsafe { fib.__bindgen_anon_1.mtu_result } as u32))
+        Err(FibMiss::TooBig(
+            unsafe { fib.__bindgen_anon_1.mtu_result } as u32
+        ))
     } else {
         Err(FibMiss::NoRoute)
     }

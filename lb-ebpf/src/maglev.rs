@@ -9,7 +9,10 @@ use crate::maps::{XLB_BACKENDS, XLB_MAGLEV};
 #[inline(always)]
 pub fn pick(info: &VipInfo, hash: u32, cfg: &DatapathConfig) -> Option<u32> {
     let m = cfg.maglev_table_size;
-    let index = info.ring.checked_mul(m)?.checked_add(maglev_slot(hash, m))?;
+    let index = info
+        .ring
+        .checked_mul(m)?
+        .checked_add(maglev_slot(hash, m))?;
     let id = *XLB_MAGLEV.get(index)?;
     if id == NO_BACKEND { None } else { Some(id) }
 }

@@ -9,7 +9,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Backend, BackendStats, DatapathConfig, DatapathStats, DecapStats, FlowKey, FlowState,
+    Backend, BackendStats, DatapathConfig, DatapathStats, DecapStats, FlowKey, FlowState, NextHop,
     RateGuard, VipAddrKey, VipInfo, VipKey, VipStats, limits,
 };
 
@@ -67,6 +67,10 @@ pub static XLB_VIP_STATS: PerCpuArray<VipStats, MAX_VIPS> = PerCpuArray::new();
 /// Per-backend counters by backend id, per CPU.
 #[btf_map(pin_by_name)]
 pub static XLB_BACK_STATS: PerCpuArray<BackendStats, MAX_BACKENDS> = PerCpuArray::new();
+
+/// Next-hop cache by backend id, per CPU (no cache-line sharing between CPUs).
+#[btf_map(pin_by_name)]
+pub static XLB_NEXTHOP: PerCpuArray<NextHop, MAX_BACKENDS> = PerCpuArray::new();
 
 /// New-connection rate guard window (index 0), per CPU.
 #[btf_map(pin_by_name)]

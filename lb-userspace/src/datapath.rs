@@ -12,7 +12,7 @@ use aya::programs::{TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use lb_common::{
     Backend, BackendStats, DatapathConfig, DatapathStats, DecapStats, FlowKey, FlowState,
-    VipAddrKey, VipInfo, VipKey, VipStats, map_names, program_names,
+    NextHop, RateGuard, VipAddrKey, VipInfo, VipKey, VipStats, map_names, program_names,
 };
 use thiserror::Error;
 
@@ -109,6 +109,8 @@ pub struct Maps {
     pub backend_stats: PerCpuArray<MapData, BackendStats>,
     pub decap_addrs: HashMap<MapData, VipAddrKey, u32>,
     pub decap_stats: PerCpuArray<MapData, DecapStats>,
+    pub nexthop: PerCpuArray<MapData, NextHop>,
+    pub rate_guard: PerCpuArray<MapData, RateGuard>,
 }
 
 /// A loaded datapath: the programs and the maps.
@@ -315,6 +317,8 @@ impl Maps {
             backend_stats: take(ebpf, map_names::BACKEND_STATS)?,
             decap_addrs: take(ebpf, map_names::DECAP_ADDRS)?,
             decap_stats: take(ebpf, map_names::DECAP_STATS)?,
+            nexthop: take(ebpf, map_names::NEXTHOP)?,
+            rate_guard: take(ebpf, map_names::RATE_GUARD)?,
         })
     }
 
@@ -338,6 +342,8 @@ impl Maps {
             backend_stats: from_pin(dir, map_names::BACKEND_STATS)?,
             decap_addrs: from_pin(dir, map_names::DECAP_ADDRS)?,
             decap_stats: from_pin(dir, map_names::DECAP_STATS)?,
+            nexthop: from_pin(dir, map_names::NEXTHOP)?,
+            rate_guard: from_pin(dir, map_names::RATE_GUARD)?,
         })
     }
 
@@ -409,11 +415,7 @@ impl Maps {
 fn sum_stats(a: &DatapathStats, b: &DatapathStats) -> DatapathStats {
     let a: &[u64; 20] = bytemuck::cast_ref(a);
     let b: &[u64; 20] = bytemuck::cast_ref(b);
-    let mut out = [0u64; 20];
-    for i in 0..20 {
-        out[i] = a[i] + b[i];
-    }
-    bytemuck::cast(out)
+    bytemuck::cast::<[u64; 20], DatapathStats>(std::array::from_fn(|i| a[i] + b[i]))
 }
 
 /// The Maglev rings, written through a shared memory mapping of the (BPF_F_MMAPABLE)
@@ -455,11 +457,7 @@ impl MaglevRings {
                 source: std::io::Error::last_os_error(),
             });
         }
-        let rings = if table_size == 0 {
-            0
-        } else {
-            entries / table_size
-        };
+        let rings = entries.checked_div(table_size).unwrap_or(0);
         Ok(Self {
             map,
             base: base.cast(),

@@ -135,27 +135,64 @@ impl FixtureEnv {
     }
 
     /// Adds a VIP whose ring repeats `backends` over its slots; returns the VIP id.
-    pub fn add_vip(&mut self, addr: IpAddr, port: u16, proto: u8, flags: u32, backends: &[u32]) -> u32 {
+    pub fn add_vip(
+        &mut self,
+        addr: IpAddr,
+        port: u16,
+        proto: u8,
+        flags: u32,
+        backends: &[u32],
+    ) -> u32 {
         let vip_id = self.next_vip;
         self.next_vip += 1;
         let ring = 2 * vip_id;
         let table: Vec<u32> = (0..self.table_size as usize)
-            .map(|i| if backends.is_empty() { 0 } else { backends[i % backends.len()] })
+            .map(|i| {
+                if backends.is_empty() {
+                    0
+                } else {
+                    backends[i % backends.len()]
+                }
+            })
             .collect();
-        self.dp.maps.maglev.write_ring(ring, &table).expect("write ring");
+        self.dp
+            .maps
+            .maglev
+            .write_ring(ring, &table)
+            .expect("write ring");
         let key = vip_key(addr, port, proto);
-        let info = VipInfo { vip_id, ring, flags, _pad: 0 };
-        self.dp.maps.vips.insert(&key, &info, 0).expect("insert vip");
+        let info = VipInfo {
+            vip_id,
+            ring,
+            flags,
+            _pad: 0,
+        };
+        self.dp
+            .maps
+            .vips
+            .insert(&key, &info, 0)
+            .expect("insert vip");
         let akey = addr_key(addr);
         let count = self.dp.maps.vip_addrs.get(&akey, 0).unwrap_or(0);
-        self.dp.maps.vip_addrs.insert(&akey, &(count + 1), 0).expect("insert vip addr");
+        self.dp
+            .maps
+            .vip_addrs
+            .insert(&akey, &(count + 1), 0)
+            .expect("insert vip addr");
         self.patterns.insert(vip_id, backends.to_vec());
         self.vip_flags.insert(vip_id, flags);
         vip_id
     }
 
     /// The backend the ring of `vip_id` holds for this flow, computed with lb-common.
-    pub fn predict(&self, vip_id: u32, src: IpAddr, sport: u16, dport: u16, proto: u8) -> (u32, u32) {
+    pub fn predict(
+        &self,
+        vip_id: u32,
+        src: IpAddr,
+        sport: u16,
+        dport: u16,
+        proto: u8,
+    ) -> (u32, u32) {
         let hash = self.hash(vip_id, src, sport, dport, proto);
         let pattern = &self.patterns[&vip_id];
         let slot = maglev_slot(hash, self.table_size) as usize;
@@ -165,7 +202,13 @@ impl FixtureEnv {
     /// The flow hash the kernel computes for this flow.
     pub fn hash(&self, vip_id: u32, src: IpAddr, sport: u16, dport: u16, proto: u8) -> u32 {
         let src_only = self.vip_flags[&vip_id] & lb_common::VIP_F_HASH_SRC_ONLY != 0;
-        flow_hash(&addr_words(src), sport.to_be(), dport.to_be(), proto, src_only)
+        flow_hash(
+            &addr_words(src),
+            sport.to_be(),
+            dport.to_be(),
+            proto,
+            src_only,
+        )
     }
 
     /// Runs `program` on `packet` arriving on `ingress`.
@@ -201,7 +244,10 @@ impl FixtureEnv {
 }
 
 /// Non-zero differences between two counter snapshots.
-pub fn counter_deltas(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+pub fn counter_deltas(
+    before: &BTreeMap<String, u64>,
+    after: &BTreeMap<String, u64>,
+) -> BTreeMap<String, u64> {
     after
         .iter()
         .filter_map(|(k, v)| {
@@ -233,7 +279,10 @@ pub fn addr_key(addr: IpAddr) -> VipAddrKey {
 }
 
 fn mac(m: [u8; 6]) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// lb0 (192.0.2.1/24, 2001:db8:1::1/64) reaches the backend networks 198.51.100.0/24 and
@@ -254,12 +303,71 @@ fn setup_topology(ns: &NetNs) {
     ns.ip(&["addr", "add", "2001:db8:3::1/64", "dev", "lb1", "nodad"]);
     let router = mac(ROUTER_MAC);
     let direct = mac(DIRECT_BACKEND_MAC);
-    ns.ip(&["neigh", "add", "192.0.2.254", "lladdr", &router, "dev", "lb0", "nud", "permanent"]);
-    ns.ip(&["-6", "neigh", "add", "2001:db8:1::fe", "lladdr", &router, "dev", "lb0", "nud", "permanent"]);
-    ns.ip(&["route", "add", "198.51.100.0/24", "via", "192.0.2.254", "dev", "lb0"]);
-    ns.ip(&["-6", "route", "add", "2001:db8:b::/64", "via", "2001:db8:1::fe", "dev", "lb0"]);
-    ns.ip(&["neigh", "add", "203.0.113.20", "lladdr", &direct, "dev", "lb1", "nud", "permanent"]);
-    ns.ip(&["-6", "neigh", "add", "2001:db8:3::20", "lladdr", &direct, "dev", "lb1", "nud", "permanent"]);
+    ns.ip(&[
+        "neigh",
+        "add",
+        "192.0.2.254",
+        "lladdr",
+        &router,
+        "dev",
+        "lb0",
+        "nud",
+        "permanent",
+    ]);
+    ns.ip(&[
+        "-6",
+        "neigh",
+        "add",
+        "2001:db8:1::fe",
+        "lladdr",
+        &router,
+        "dev",
+        "lb0",
+        "nud",
+        "permanent",
+    ]);
+    ns.ip(&[
+        "route",
+        "add",
+        "198.51.100.0/24",
+        "via",
+        "192.0.2.254",
+        "dev",
+        "lb0",
+    ]);
+    ns.ip(&[
+        "-6",
+        "route",
+        "add",
+        "2001:db8:b::/64",
+        "via",
+        "2001:db8:1::fe",
+        "dev",
+        "lb0",
+    ]);
+    ns.ip(&[
+        "neigh",
+        "add",
+        "203.0.113.20",
+        "lladdr",
+        &direct,
+        "dev",
+        "lb1",
+        "nud",
+        "permanent",
+    ]);
+    ns.ip(&[
+        "-6",
+        "neigh",
+        "add",
+        "2001:db8:3::20",
+        "lladdr",
+        &direct,
+        "dev",
+        "lb1",
+        "nud",
+        "permanent",
+    ]);
 }
 
 fn pin_to_cpu(cpu: usize) {

@@ -18,9 +18,24 @@ pub struct TcpFlags {
 }
 
 impl TcpFlags {
-    pub const SYN: Self = Self { syn: true, ack: false, fin: false, rst: false };
-    pub const ACK: Self = Self { syn: false, ack: true, fin: false, rst: false };
-    pub const SYN_ACK: Self = Self { syn: true, ack: true, fin: false, rst: false };
+    pub const SYN: Self = Self {
+        syn: true,
+        ack: false,
+        fin: false,
+        rst: false,
+    };
+    pub const ACK: Self = Self {
+        syn: false,
+        ack: true,
+        fin: false,
+        rst: false,
+    };
+    pub const SYN_ACK: Self = Self {
+        syn: true,
+        ack: true,
+        fin: false,
+        rst: false,
+    };
 }
 
 fn payload(len: usize) -> Vec<u8> {
@@ -171,7 +186,11 @@ pub fn expected_encap(
         40 + u16::from_be_bytes([inner[4], inner[5]]) as usize
     };
     let inner_df = !inner_is_v4 || inner[6] & 0x40 != 0;
-    let proto = if inner_is_v4 { IpNumber::IPV4 } else { IpNumber::IPV6 };
+    let proto = if inner_is_v4 {
+        IpNumber::IPV4
+    } else {
+        IpNumber::IPV6
+    };
 
     let mut out = Vec::new();
     out.extend_from_slice(&dmac);
@@ -225,7 +244,9 @@ pub fn addr_words(addr: IpAddr) -> [u32; 4] {
         IpAddr::V4(a) => [u32::from_ne_bytes(a.octets()), 0, 0, 0],
         IpAddr::V6(a) => {
             let o = a.octets();
-            std::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+            std::array::from_fn(|i| {
+                u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+            })
         }
     }
 }

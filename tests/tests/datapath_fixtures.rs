@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use aya::maps::{MapData, PerCpuArray, PerCpuValues};
-use lb_common::{FlowKey, FlowState, PROTO_TCP, PROTO_UDP, RateGuard, VIP_F_HASH_SRC_ONLY, program_names};
+use lb_common::{
+    FlowKey, FlowState, PROTO_TCP, PROTO_UDP, RateGuard, VIP_F_HASH_SRC_ONLY, program_names,
+};
 use xlb_tests::fixture::*;
 use xlb_tests::packets::*;
 
@@ -44,7 +46,14 @@ fn c(names: &[(&str, u64)]) -> Vec<(String, u64)> {
 }
 
 /// Counters a forwarded packet moves: outcome, conntrack detail, VIP and backend.
-fn fwd_counters(outcome: &str, ct: &str, vip: u32, backend: u32, ip_len: usize, new: bool) -> Vec<(String, u64)> {
+fn fwd_counters(
+    outcome: &str,
+    ct: &str,
+    vip: u32,
+    backend: u32,
+    ip_len: usize,
+    new: bool,
+) -> Vec<(String, u64)> {
     let mut v = c(&[("rx_packets", 1), (outcome, 1), (ct, 1)]);
     v.push((format!("vip{vip}_packets"), 1));
     v.push((format!("vip{vip}_bytes"), ip_len as u64));
@@ -65,12 +74,16 @@ fn check(env: &FixtureEnv, case: &Case) -> Result<(), String> {
         problems.push(format!("verdict {} (want {})", out.verdict, case.verdict));
     }
     match &case.output {
-        Output::Unchanged if out.packet != case.packet => {
-            problems.push(format!("packet changed:\n  got  {}\n  want {}", hex(&out.packet), hex(&case.packet)))
-        }
-        Output::Bytes(want) if &out.packet != want => {
-            problems.push(format!("output differs:\n  got  {}\n  want {}", hex(&out.packet), hex(want)))
-        }
+        Output::Unchanged if out.packet != case.packet => problems.push(format!(
+            "packet changed:\n  got  {}\n  want {}",
+            hex(&out.packet),
+            hex(&case.packet)
+        )),
+        Output::Bytes(want) if &out.packet != want => problems.push(format!(
+            "output differs:\n  got  {}\n  want {}",
+            hex(&out.packet),
+            hex(want)
+        )),
         _ => {}
     }
     let got = counter_deltas(&before, &after);
@@ -78,7 +91,11 @@ fn check(env: &FixtureEnv, case: &Case) -> Result<(), String> {
     if got != want {
         problems.push(format!("counter deltas {got:?} (want {want:?})"));
     }
-    if problems.is_empty() { Ok(()) } else { Err(problems.join("; ")) }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
 }
 
 #[derive(Default)]
@@ -127,9 +144,12 @@ fn backend_addr(id: u32) -> IpAddr {
 }
 
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
@@ -145,7 +165,9 @@ fn expected_frag_needed(orig: &[u8], vip: IpAddr, client: IpAddr, mtu: u16) -> V
     out.extend_from_slice(&CLIENT_MAC);
     out.extend_from_slice(&LB0_MAC);
     out.extend_from_slice(&[0x08, 0x00]);
-    let (IpAddr::V4(s), IpAddr::V4(d)) = (vip, client) else { panic!("v4 only") };
+    let (IpAddr::V4(s), IpAddr::V4(d)) = (vip, client) else {
+        panic!("v4 only")
+    };
     let mut ip = vec![0x45, 0xc0];
     ip.extend_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
     ip.extend_from_slice(&[0, 0, 0, 0, 64, 1, 0, 0]);
@@ -164,7 +186,9 @@ fn expected_packet_too_big(orig: &[u8], vip: IpAddr, client: IpAddr, mtu: u32) -
     let mut icmp = vec![2, 0, 0, 0];
     icmp.extend_from_slice(&mtu.to_be_bytes());
     icmp.extend_from_slice(quote);
-    let (IpAddr::V6(s), IpAddr::V6(d)) = (vip, client) else { panic!("v6 only") };
+    let (IpAddr::V6(s), IpAddr::V6(d)) = (vip, client) else {
+        panic!("v6 only")
+    };
     let mut pseudo = Vec::new();
     pseudo.extend_from_slice(&s.octets());
     pseudo.extend_from_slice(&d.octets());
@@ -205,7 +229,13 @@ fn datapath_packet_fixtures() {
         let v_redirect = env.add_vip(v4("192.0.2.13"), 80, PROTO_TCP, 0, &[6]);
         let _v_empty = env.add_vip(v4("192.0.2.14"), 80, PROTO_TCP, 0, &[]);
         let v_fallback = env.add_vip(v4("192.0.2.15"), 80, PROTO_TCP, 0, &[7]);
-        let v_affinity = env.add_vip(v4("192.0.2.16"), 80, PROTO_TCP, VIP_F_HASH_SRC_ONLY, &[1, 2, 3]);
+        let v_affinity = env.add_vip(
+            v4("192.0.2.16"),
+            80,
+            PROTO_TCP,
+            VIP_F_HASH_SRC_ONLY,
+            &[1, 2, 3],
+        );
         let v_stale = env.add_vip(v4("192.0.2.17"), 80, PROTO_TCP, 0, &[9]);
         let v_redirect6 = env.add_vip(v6("2001:db8:1::13"), 80, PROTO_TCP, 0, &[8]);
 
@@ -229,22 +259,43 @@ fn datapath_packet_fixtures() {
             output: Output::Unchanged,
             counters: c(&[("rx_packets", 1), (counter, 1)]),
         };
-        let syn4 = |sport: u16, dst: IpAddr, dport: u16| tcp(LB0_MAC, client4, sport, dst, dport, TcpFlags::SYN, 0);
+        let syn4 = |sport: u16, dst: IpAddr, dport: u16| {
+            tcp(LB0_MAC, client4, sport, dst, dport, TcpFlags::SYN, 0)
+        };
 
         // ---- L2/L3/L4 parsing: malformed input is dropped and counted, never forwarded.
         // (BPF_PROG_TEST_RUN refuses frames under 14 bytes, as NICs never deliver them.)
         let mut bare = vec![0xff; 12];
         bare.extend_from_slice(&[0x08, 0x00]);
-        t.case(env, malformed("Ethernet header alone with the IPv4 EtherType", bare));
+        t.case(
+            env,
+            malformed("Ethernet header alone with the IPv4 EtherType", bare),
+        );
         let mut arp = vec![0xff; 6];
         arp.extend_from_slice(&CLIENT_MAC);
         arp.extend_from_slice(&[0x08, 0x06]);
         arp.extend_from_slice(&[0; 28]);
-        t.case(env, passes("ARP passes untouched", arp.clone(), "pass_not_ip"));
-        t.case(env, passes("VLAN-tagged ARP passes untouched", with_vlan(&arp, 42), "pass_not_ip"));
-        t.case(env, malformed("802.1Q tag cut short", with_vlan(&arp, 42)[..16].to_vec()));
+        t.case(
+            env,
+            passes("ARP passes untouched", arp.clone(), "pass_not_ip"),
+        );
+        t.case(
+            env,
+            passes(
+                "VLAN-tagged ARP passes untouched",
+                with_vlan(&arp, 42),
+                "pass_not_ip",
+            ),
+        );
+        t.case(
+            env,
+            malformed("802.1Q tag cut short", with_vlan(&arp, 42)[..16].to_vec()),
+        );
         let good = syn4(40000, vip4, 80);
-        t.case(env, malformed("IPv4 header truncated", good[..14 + 10].to_vec()));
+        t.case(
+            env,
+            malformed("IPv4 header truncated", good[..14 + 10].to_vec()),
+        );
         let mut bad = good.clone();
         bad[14] = 0x55;
         t.case(env, malformed("IPv4 version 5", bad));
@@ -257,7 +308,10 @@ fn datapath_packet_fixtures() {
         t.case(env, malformed("IPv4 total length beyond the frame", bad));
         let mut bad = good.clone();
         bad[16..18].copy_from_slice(&16u16.to_be_bytes());
-        t.case(env, malformed("IPv4 total length below the header length", bad));
+        t.case(
+            env,
+            malformed("IPv4 total length below the header length", bad),
+        );
         let mut bad = good[..14 + 20 + 10].to_vec();
         bad[16..18].copy_from_slice(&30u16.to_be_bytes());
         fix_ipv4_checksum(&mut bad, 14);
@@ -271,7 +325,10 @@ fn datapath_packet_fixtures() {
         fix_ipv4_checksum(&mut bad, 14);
         t.case(env, malformed("UDP header truncated", bad));
         let g6 = tcp(LB0_MAC, client6, 40000, vip6, 80, TcpFlags::SYN, 0);
-        t.case(env, malformed("IPv6 header truncated", g6[..14 + 30].to_vec()));
+        t.case(
+            env,
+            malformed("IPv6 header truncated", g6[..14 + 30].to_vec()),
+        );
         let mut bad = g6.clone();
         bad[18..20].copy_from_slice(&1000u16.to_be_bytes());
         t.case(env, malformed("IPv6 payload length beyond the frame", bad));
@@ -280,253 +337,1012 @@ fn datapath_packet_fixtures() {
         t.case(env, malformed("IPv6 with version 4", bad));
         let mut hbh = g6.clone();
         hbh[14 + 6] = 0; // next header: hop-by-hop options
-        t.case(env, passes("IPv6 hop-by-hop header passes", hbh, "pass_ipv6_ext"));
+        t.case(
+            env,
+            passes("IPv6 hop-by-hop header passes", hbh, "pass_ipv6_ext"),
+        );
         let mut rh = g6.clone();
         rh[14 + 6] = 43; // routing header
-        t.case(env, passes("IPv6 routing header passes", rh, "pass_ipv6_ext"));
+        t.case(
+            env,
+            passes("IPv6 routing header passes", rh, "pass_ipv6_ext"),
+        );
 
         // ---- Not ours: untouched.
-        t.case(env, passes("TCP to a non-VIP address", syn4(40000, v4("192.0.2.200"), 80), "pass_not_vip"));
-        t.case(env, passes("TCP to a VIP address on another port", syn4(40000, vip4, 8080), "pass_not_vip"));
-        t.case(env, passes("UDP to a VIP address on a TCP-only port", udp(LB0_MAC, client4, 5000, vip4, 80, 8), "pass_not_vip"));
-        t.case(env, passes("IPv6 to a non-VIP address", tcp(LB0_MAC, client6, 1, v6("2001:db8:1::99"), 80, TcpFlags::SYN, 0), "pass_not_vip"));
-        t.case(env, passes("ICMP echo to a VIP address goes to the stack", icmp4_echo(LB0_MAC, v4("192.0.2.100"), v4("192.0.2.10")), "pass_vip_other_proto"));
-        t.case(env, passes("ICMP echo to another address", icmp4_echo(LB0_MAC, v4("192.0.2.100"), v4("192.0.2.99")), "pass_not_vip"));
+        t.case(
+            env,
+            passes(
+                "TCP to a non-VIP address",
+                syn4(40000, v4("192.0.2.200"), 80),
+                "pass_not_vip",
+            ),
+        );
+        t.case(
+            env,
+            passes(
+                "TCP to a VIP address on another port",
+                syn4(40000, vip4, 8080),
+                "pass_not_vip",
+            ),
+        );
+        t.case(
+            env,
+            passes(
+                "UDP to a VIP address on a TCP-only port",
+                udp(LB0_MAC, client4, 5000, vip4, 80, 8),
+                "pass_not_vip",
+            ),
+        );
+        t.case(
+            env,
+            passes(
+                "IPv6 to a non-VIP address",
+                tcp(
+                    LB0_MAC,
+                    client6,
+                    1,
+                    v6("2001:db8:1::99"),
+                    80,
+                    TcpFlags::SYN,
+                    0,
+                ),
+                "pass_not_vip",
+            ),
+        );
+        t.case(
+            env,
+            passes(
+                "ICMP echo to a VIP address goes to the stack",
+                icmp4_echo(LB0_MAC, v4("192.0.2.100"), v4("192.0.2.10")),
+                "pass_vip_other_proto",
+            ),
+        );
+        t.case(
+            env,
+            passes(
+                "ICMP echo to another address",
+                icmp4_echo(LB0_MAC, v4("192.0.2.100"), v4("192.0.2.99")),
+                "pass_not_vip",
+            ),
+        );
 
         // ---- Fragments to a VIP are dropped (consistent fragment forwarding comes later).
         let mut frag = syn4(40001, vip4, 80);
         frag[20] = 0x20; // MF
         fix_ipv4_checksum(&mut frag, 14);
-        t.case(env, Case { name: "IPv4 first fragment to a VIP".into(), program: BALANCER, packet: frag, ingress: lb0, verdict: XDP_DROP, output: Output::Dropped, counters: c(&[("rx_packets", 1), ("drop_fragment", 1)]) });
+        t.case(
+            env,
+            Case {
+                name: "IPv4 first fragment to a VIP".into(),
+                program: BALANCER,
+                packet: frag,
+                ingress: lb0,
+                verdict: XDP_DROP,
+                output: Output::Dropped,
+                counters: c(&[("rx_packets", 1), ("drop_fragment", 1)]),
+            },
+        );
         let mut frag = syn4(40001, vip4, 80);
         frag[20..22].copy_from_slice(&0x0010u16.to_be_bytes()); // offset 128 bytes
         fix_ipv4_checksum(&mut frag, 14);
-        t.case(env, Case { name: "IPv4 later fragment to a VIP".into(), program: BALANCER, packet: frag, ingress: lb0, verdict: XDP_DROP, output: Output::Dropped, counters: c(&[("rx_packets", 1), ("drop_fragment", 1)]) });
+        t.case(
+            env,
+            Case {
+                name: "IPv4 later fragment to a VIP".into(),
+                program: BALANCER,
+                packet: frag,
+                ingress: lb0,
+                verdict: XDP_DROP,
+                output: Output::Dropped,
+                counters: c(&[("rx_packets", 1), ("drop_fragment", 1)]),
+            },
+        );
         let mut frag = syn4(40001, v4("192.0.2.200"), 80);
         frag[20] = 0x20;
         fix_ipv4_checksum(&mut frag, 14);
-        t.case(env, passes("IPv4 fragment to a non-VIP passes", frag, "pass_not_vip"));
+        t.case(
+            env,
+            passes("IPv4 fragment to a non-VIP passes", frag, "pass_not_vip"),
+        );
         let mut frag6 = g6.clone();
         frag6[14 + 6] = 44;
-        t.case(env, Case { name: "IPv6 fragment header to a VIP".into(), program: BALANCER, packet: frag6, ingress: lb0, verdict: XDP_DROP, output: Output::Dropped, counters: c(&[("rx_packets", 1), ("drop_fragment", 1)]) });
+        t.case(
+            env,
+            Case {
+                name: "IPv6 fragment header to a VIP".into(),
+                program: BALANCER,
+                packet: frag6,
+                ingress: lb0,
+                verdict: XDP_DROP,
+                output: Output::Dropped,
+                counters: c(&[("rx_packets", 1), ("drop_fragment", 1)]),
+            },
+        );
 
         // ---- Forwarding, IPv4 in IPv4 through the router on lb0 (XDP_TX).
-        let fwd4 = |env: &FixtureEnv, name: &str, pkt: Vec<u8>, l2: usize, vip: u32, sport: u16, dport: u16, proto: u8, ct: &str, new: bool, src: IpAddr| {
+        let fwd4 = |env: &FixtureEnv,
+                    name: &str,
+                    pkt: Vec<u8>,
+                    l2: usize,
+                    vip: u32,
+                    sport: u16,
+                    dport: u16,
+                    proto: u8,
+                    ct: &str,
+                    new: bool,
+                    src: IpAddr| {
             let (backend, hash) = env.predict(vip, src, sport, dport, proto);
-            let expected = expected_encap(&pkt, l2, LB0_MAC, ROUTER_MAC, tunnel_src_v4(), backend_addr(backend), hash);
+            let expected = expected_encap(
+                &pkt,
+                l2,
+                LB0_MAC,
+                ROUTER_MAC,
+                tunnel_src_v4(),
+                backend_addr(backend),
+                hash,
+            );
             let ip_len = pkt.len() - l2;
-            Case { name: name.into(), program: BALANCER, packet: pkt, ingress: env.lb0, verdict: XDP_TX, output: Output::Bytes(expected), counters: fwd_counters("forwarded_tx", ct, vip, backend, ip_len, new) }
+            Case {
+                name: name.into(),
+                program: BALANCER,
+                packet: pkt,
+                ingress: env.lb0,
+                verdict: XDP_TX,
+                output: Output::Bytes(expected),
+                counters: fwd_counters("forwarded_tx", ct, vip, backend, ip_len, new),
+            }
         };
         let p = syn4(41000, vip4, 80);
-        let case = fwd4(env, "TCP v4 SYN: Maglev pick, IPIP via router", p, 14, v_tcp4, 41000, 80, PROTO_TCP, "conntrack_miss", true, client4);
+        let case = fwd4(
+            env,
+            "TCP v4 SYN: Maglev pick, IPIP via router",
+            p,
+            14,
+            v_tcp4,
+            41000,
+            80,
+            PROTO_TCP,
+            "conntrack_miss",
+            true,
+            client4,
+        );
         t.case(env, case);
         let p = tcp(LB0_MAC, client4, 41000, vip4, 80, TcpFlags::ACK, 100);
-        let case = fwd4(env, "TCP v4 ACK of that flow: conntrack hit", p, 14, v_tcp4, 41000, 80, PROTO_TCP, "conntrack_hit", false, client4);
+        let case = fwd4(
+            env,
+            "TCP v4 ACK of that flow: conntrack hit",
+            p,
+            14,
+            v_tcp4,
+            41000,
+            80,
+            PROTO_TCP,
+            "conntrack_hit",
+            false,
+            client4,
+        );
         t.case(env, case);
         let p = tcp(LB0_MAC, client4, 41001, vip4, 80, TcpFlags::ACK, 10);
-        let case = fwd4(env, "TCP v4 ACK with no entry: new pick", p, 14, v_tcp4, 41001, 80, PROTO_TCP, "conntrack_miss", true, client4);
+        let case = fwd4(
+            env,
+            "TCP v4 ACK with no entry: new pick",
+            p,
+            14,
+            v_tcp4,
+            41001,
+            80,
+            PROTO_TCP,
+            "conntrack_miss",
+            true,
+            client4,
+        );
         t.case(env, case);
 
         // An entry that disagrees with the table wins for established packets…
         let (predicted, hash) = env.predict(v_tcp4, client4, 41002, 80, PROTO_TCP);
         let other = if predicted == 1 { 2 } else { 1 };
         let key = flow_key(client4, 41002, vip4, 80, PROTO_TCP);
-        env.dp.maps.conntrack.insert(&key, &FlowState { backend_id: other, vip_id: v_tcp4, last_seen_ns: monotonic_ns() }, 0).unwrap();
+        env.dp
+            .maps
+            .conntrack
+            .insert(
+                &key,
+                &FlowState {
+                    backend_id: other,
+                    vip_id: v_tcp4,
+                    last_seen_ns: monotonic_ns(),
+                },
+                0,
+            )
+            .unwrap();
         let p = tcp(LB0_MAC, client4, 41002, vip4, 80, TcpFlags::ACK, 0);
-        let expected = expected_encap(&p, 14, LB0_MAC, ROUTER_MAC, tunnel_src_v4(), backend_addr(other), hash);
+        let expected = expected_encap(
+            &p,
+            14,
+            LB0_MAC,
+            ROUTER_MAC,
+            tunnel_src_v4(),
+            backend_addr(other),
+            hash,
+        );
         let ip_len = p.len() - 14;
-        t.case(env, Case { name: "established flow stays on its recorded backend".into(), program: BALANCER, packet: p, ingress: lb0, verdict: XDP_TX, output: Output::Bytes(expected), counters: fwd_counters("forwarded_tx", "conntrack_hit", v_tcp4, other, ip_len, false) });
+        t.case(
+            env,
+            Case {
+                name: "established flow stays on its recorded backend".into(),
+                program: BALANCER,
+                packet: p,
+                ingress: lb0,
+                verdict: XDP_TX,
+                output: Output::Bytes(expected),
+                counters: fwd_counters(
+                    "forwarded_tx",
+                    "conntrack_hit",
+                    v_tcp4,
+                    other,
+                    ip_len,
+                    false,
+                ),
+            },
+        );
         // …but a SYN always takes a fresh pick and rewrites the entry.
         let p = syn4(41002, vip4, 80);
-        let case = fwd4(env, "SYN re-picks despite a stale entry", p, 14, v_tcp4, 41002, 80, PROTO_TCP, "conntrack_miss", true, client4);
+        let case = fwd4(
+            env,
+            "SYN re-picks despite a stale entry",
+            p,
+            14,
+            v_tcp4,
+            41002,
+            80,
+            PROTO_TCP,
+            "conntrack_miss",
+            true,
+            client4,
+        );
         t.case(env, case);
         let entry = env.dp.maps.conntrack.get(&key, 0).expect("entry after SYN");
         if entry.backend_id != predicted {
-            t.failures.push(format!("SYN re-pick: entry holds backend {} (want {predicted})", entry.backend_id));
+            t.failures.push(format!(
+                "SYN re-pick: entry holds backend {} (want {predicted})",
+                entry.backend_id
+            ));
         }
         // An entry whose backend was removed is re-picked.
         let key = flow_key(client4, 41003, vip4, 80, PROTO_TCP);
-        env.dp.maps.conntrack.insert(&key, &FlowState { backend_id: 9, vip_id: v_tcp4, last_seen_ns: monotonic_ns() }, 0).unwrap();
+        env.dp
+            .maps
+            .conntrack
+            .insert(
+                &key,
+                &FlowState {
+                    backend_id: 9,
+                    vip_id: v_tcp4,
+                    last_seen_ns: monotonic_ns(),
+                },
+                0,
+            )
+            .unwrap();
         let p = tcp(LB0_MAC, client4, 41003, vip4, 80, TcpFlags::ACK, 0);
-        let case = fwd4(env, "entry pointing at a removed backend is re-picked", p, 14, v_tcp4, 41003, 80, PROTO_TCP, "conntrack_miss", true, client4);
+        let case = fwd4(
+            env,
+            "entry pointing at a removed backend is re-picked",
+            p,
+            14,
+            v_tcp4,
+            41003,
+            80,
+            PROTO_TCP,
+            "conntrack_miss",
+            true,
+            client4,
+        );
         t.case(env, case);
 
         let p = with_ipv4_options(&syn4(41004, vip4, 80), 2);
-        let case = fwd4(env, "IPv4 options are skipped and carried inside", p, 14, v_tcp4, 41004, 80, PROTO_TCP, "conntrack_miss", true, client4);
+        let case = fwd4(
+            env,
+            "IPv4 options are skipped and carried inside",
+            p,
+            14,
+            v_tcp4,
+            41004,
+            80,
+            PROTO_TCP,
+            "conntrack_miss",
+            true,
+            client4,
+        );
         t.case(env, case);
         let p = with_vlan(&syn4(41005, vip4, 80), 7);
-        let case = fwd4(env, "802.1Q-tagged TCP keeps its tag", p, 18, v_tcp4, 41005, 80, PROTO_TCP, "conntrack_miss", true, client4);
+        let case = fwd4(
+            env,
+            "802.1Q-tagged TCP keeps its tag",
+            p,
+            18,
+            v_tcp4,
+            41005,
+            80,
+            PROTO_TCP,
+            "conntrack_miss",
+            true,
+            client4,
+        );
         t.case(env, case);
         let p = udp(LB0_MAC, client4, 5000, vip4, 53, 32);
-        let case = fwd4(env, "UDP v4: new flow, IPIP", p, 14, v_udp4, 5000, 53, PROTO_UDP, "conntrack_miss", true, client4);
+        let case = fwd4(
+            env,
+            "UDP v4: new flow, IPIP",
+            p,
+            14,
+            v_udp4,
+            5000,
+            53,
+            PROTO_UDP,
+            "conntrack_miss",
+            true,
+            client4,
+        );
         t.case(env, case);
         let p = udp(LB0_MAC, client4, 5000, vip4, 53, 32);
-        let case = fwd4(env, "UDP v4: conntrack hit", p, 14, v_udp4, 5000, 53, PROTO_UDP, "conntrack_hit", false, client4);
+        let case = fwd4(
+            env,
+            "UDP v4: conntrack hit",
+            p,
+            14,
+            v_udp4,
+            5000,
+            53,
+            PROTO_UDP,
+            "conntrack_hit",
+            false,
+            client4,
+        );
         t.case(env, case);
         // An idle UDP entry (last seen at boot) has expired: re-picked and counted.
         let (predicted, _) = env.predict(v_udp4, client4, 5001, 53, PROTO_UDP);
         let stale = if predicted == 3 { 2 } else { 3 };
         let key = flow_key(client4, 5001, vip4, 53, PROTO_UDP);
-        env.dp.maps.conntrack.insert(&key, &FlowState { backend_id: stale, vip_id: v_udp4, last_seen_ns: 1 }, 0).unwrap();
+        env.dp
+            .maps
+            .conntrack
+            .insert(
+                &key,
+                &FlowState {
+                    backend_id: stale,
+                    vip_id: v_udp4,
+                    last_seen_ns: 1,
+                },
+                0,
+            )
+            .unwrap();
         let p = udp(LB0_MAC, client4, 5001, vip4, 53, 32);
-        let mut case = fwd4(env, "UDP entry idle past the timeout is re-picked", p, 14, v_udp4, 5001, 53, PROTO_UDP, "conntrack_miss", true, client4);
+        let mut case = fwd4(
+            env,
+            "UDP entry idle past the timeout is re-picked",
+            p,
+            14,
+            v_udp4,
+            5001,
+            53,
+            PROTO_UDP,
+            "conntrack_miss",
+            true,
+            client4,
+        );
         case.counters.push(("conntrack_udp_expired".into(), 1));
         t.case(env, case);
         let p = syn4(41006, v4("192.0.2.11"), 8443);
-        let case = fwd4(env, "any-port VIP matches port 8443", p, 14, v_any, 41006, 8443, PROTO_TCP, "conntrack_miss", true, client4);
+        let case = fwd4(
+            env,
+            "any-port VIP matches port 8443",
+            p,
+            14,
+            v_any,
+            41006,
+            8443,
+            PROTO_TCP,
+            "conntrack_miss",
+            true,
+            client4,
+        );
         t.case(env, case);
         for sport in [41007u16, 52000] {
             let p = syn4(sport, v4("192.0.2.16"), 80);
-            let case = fwd4(env, &format!("source-affinity VIP, client port {sport}"), p, 14, v_affinity, sport, 80, PROTO_TCP, "conntrack_miss", true, client4);
+            let case = fwd4(
+                env,
+                &format!("source-affinity VIP, client port {sport}"),
+                p,
+                14,
+                v_affinity,
+                sport,
+                80,
+                PROTO_TCP,
+                "conntrack_miss",
+                true,
+                client4,
+            );
             t.case(env, case);
         }
         let (a, _) = env.predict(v_affinity, client4, 41007, 80, PROTO_TCP);
         let (b, _) = env.predict(v_affinity, client4, 52000, 80, PROTO_TCP);
         if a != b {
-            t.failures.push("source affinity: two ports of one client predicted on different backends".into());
+            t.failures.push(
+                "source affinity: two ports of one client predicted on different backends".into(),
+            );
         }
 
         // ---- IPv6 and IPv4-in-IPv6.
-        let fwd6 = |env: &FixtureEnv, name: &str, pkt: Vec<u8>, vip: u32, src: IpAddr, sport: u16, dport: u16, proto: u8, ct: &str, new: bool| {
+        let fwd6 = |env: &FixtureEnv,
+                    name: &str,
+                    pkt: Vec<u8>,
+                    vip: u32,
+                    src: IpAddr,
+                    sport: u16,
+                    dport: u16,
+                    proto: u8,
+                    ct: &str,
+                    new: bool| {
             let (backend, hash) = env.predict(vip, src, sport, dport, proto);
-            let expected = expected_encap(&pkt, 14, LB0_MAC, ROUTER_MAC, tunnel_src_v6(), backend_addr(backend), hash);
+            let expected = expected_encap(
+                &pkt,
+                14,
+                LB0_MAC,
+                ROUTER_MAC,
+                tunnel_src_v6(),
+                backend_addr(backend),
+                hash,
+            );
             let ip_len = pkt.len() - 14;
-            Case { name: name.into(), program: BALANCER, packet: pkt, ingress: env.lb0, verdict: XDP_TX, output: Output::Bytes(expected), counters: fwd_counters("forwarded_tx", ct, vip, backend, ip_len, new) }
+            Case {
+                name: name.into(),
+                program: BALANCER,
+                packet: pkt,
+                ingress: env.lb0,
+                verdict: XDP_TX,
+                output: Output::Bytes(expected),
+                counters: fwd_counters("forwarded_tx", ct, vip, backend, ip_len, new),
+            }
         };
         let p = tcp(LB0_MAC, client6, 42000, vip6, 80, TcpFlags::SYN, 0);
-        let case = fwd6(env, "TCP v6 SYN: IPv6-in-IPv6", p, v_tcp6, client6, 42000, 80, PROTO_TCP, "conntrack_miss", true);
+        let case = fwd6(
+            env,
+            "TCP v6 SYN: IPv6-in-IPv6",
+            p,
+            v_tcp6,
+            client6,
+            42000,
+            80,
+            PROTO_TCP,
+            "conntrack_miss",
+            true,
+        );
         t.case(env, case);
         let p = tcp(LB0_MAC, client6, 42000, vip6, 80, TcpFlags::ACK, 200);
-        let case = fwd6(env, "TCP v6 established: conntrack hit", p, v_tcp6, client6, 42000, 80, PROTO_TCP, "conntrack_hit", false);
+        let case = fwd6(
+            env,
+            "TCP v6 established: conntrack hit",
+            p,
+            v_tcp6,
+            client6,
+            42000,
+            80,
+            PROTO_TCP,
+            "conntrack_hit",
+            false,
+        );
         t.case(env, case);
         let p = udp(LB0_MAC, client6, 6000, vip6, 53, 40);
-        let case = fwd6(env, "UDP v6: IPv6-in-IPv6", p, v_udp6, client6, 6000, 53, PROTO_UDP, "conntrack_miss", true);
+        let case = fwd6(
+            env,
+            "UDP v6: IPv6-in-IPv6",
+            p,
+            v_udp6,
+            client6,
+            6000,
+            53,
+            PROTO_UDP,
+            "conntrack_miss",
+            true,
+        );
         t.case(env, case);
         let p = syn4(42001, v4("192.0.2.12"), 80);
-        let case = fwd6(env, "TCP v4 to an IPv6 backend: IPv4-in-IPv6", p, v_4in6, client4, 42001, 80, PROTO_TCP, "conntrack_miss", true);
+        let case = fwd6(
+            env,
+            "TCP v4 to an IPv6 backend: IPv4-in-IPv6",
+            p,
+            v_4in6,
+            client4,
+            42001,
+            80,
+            PROTO_TCP,
+            "conntrack_miss",
+            true,
+        );
         t.case(env, case);
 
         // ---- Next hop on another interface: XDP_REDIRECT with that interface's MACs.
         let p = syn4(43000, v4("192.0.2.13"), 80);
         let (_, hash) = env.predict(v_redirect, client4, 43000, 80, PROTO_TCP);
-        let expected = expected_encap(&p, 14, LB1_MAC, DIRECT_BACKEND_MAC, tunnel_src_v4(), backend_addr(6), hash);
+        let expected = expected_encap(
+            &p,
+            14,
+            LB1_MAC,
+            DIRECT_BACKEND_MAC,
+            tunnel_src_v4(),
+            backend_addr(6),
+            hash,
+        );
         let ip_len = p.len() - 14;
-        t.case(env, Case { name: "backend behind another interface: XDP_REDIRECT".into(), program: BALANCER, packet: p, ingress: lb0, verdict: XDP_REDIRECT, output: Output::Bytes(expected), counters: fwd_counters("forwarded_redirect", "conntrack_miss", v_redirect, 6, ip_len, true) });
-        let p = tcp(LB0_MAC, client6, 43001, v6("2001:db8:1::13"), 80, TcpFlags::SYN, 0);
+        t.case(
+            env,
+            Case {
+                name: "backend behind another interface: XDP_REDIRECT".into(),
+                program: BALANCER,
+                packet: p,
+                ingress: lb0,
+                verdict: XDP_REDIRECT,
+                output: Output::Bytes(expected),
+                counters: fwd_counters(
+                    "forwarded_redirect",
+                    "conntrack_miss",
+                    v_redirect,
+                    6,
+                    ip_len,
+                    true,
+                ),
+            },
+        );
+        let p = tcp(
+            LB0_MAC,
+            client6,
+            43001,
+            v6("2001:db8:1::13"),
+            80,
+            TcpFlags::SYN,
+            0,
+        );
         let (_, hash) = env.predict(v_redirect6, client6, 43001, 80, PROTO_TCP);
-        let expected = expected_encap(&p, 14, LB1_MAC, DIRECT_BACKEND_MAC, tunnel_src_v6(), backend_addr(8), hash);
+        let expected = expected_encap(
+            &p,
+            14,
+            LB1_MAC,
+            DIRECT_BACKEND_MAC,
+            tunnel_src_v6(),
+            backend_addr(8),
+            hash,
+        );
         let ip_len = p.len() - 14;
-        t.case(env, Case { name: "IPv6 backend behind another interface: XDP_REDIRECT".into(), program: BALANCER, packet: p, ingress: lb0, verdict: XDP_REDIRECT, output: Output::Bytes(expected), counters: fwd_counters("forwarded_redirect", "conntrack_miss", v_redirect6, 8, ip_len, true) });
+        t.case(
+            env,
+            Case {
+                name: "IPv6 backend behind another interface: XDP_REDIRECT".into(),
+                program: BALANCER,
+                packet: p,
+                ingress: lb0,
+                verdict: XDP_REDIRECT,
+                output: Output::Bytes(expected),
+                counters: fwd_counters(
+                    "forwarded_redirect",
+                    "conntrack_miss",
+                    v_redirect6,
+                    8,
+                    ip_len,
+                    true,
+                ),
+            },
+        );
 
         // ---- No route: the configured gateway MAC, or a counted drop without one.
         let p = syn4(44000, v4("192.0.2.15"), 80);
         let (_, hash) = env.predict(v_fallback, client4, 44000, 80, PROTO_TCP);
-        let expected = expected_encap(&p, 14, LB0_MAC, FALLBACK_GW_MAC, tunnel_src_v4(), backend_addr(7), hash);
+        let expected = expected_encap(
+            &p,
+            14,
+            LB0_MAC,
+            FALLBACK_GW_MAC,
+            tunnel_src_v4(),
+            backend_addr(7),
+            hash,
+        );
         let ip_len = p.len() - 14;
-        let mut counters = fwd_counters("forwarded_tx", "conntrack_miss", v_fallback, 7, ip_len, true);
+        let mut counters = fwd_counters(
+            "forwarded_tx",
+            "conntrack_miss",
+            v_fallback,
+            7,
+            ip_len,
+            true,
+        );
         counters.push(("fib_gateway_fallback".into(), 1));
-        t.case(env, Case { name: "no route to the backend: gateway MAC fallback".into(), program: BALANCER, packet: p, ingress: lb0, verdict: XDP_TX, output: Output::Bytes(expected), counters });
+        t.case(
+            env,
+            Case {
+                name: "no route to the backend: gateway MAC fallback".into(),
+                program: BALANCER,
+                packet: p,
+                ingress: lb0,
+                verdict: XDP_TX,
+                output: Output::Bytes(expected),
+                counters,
+            },
+        );
         env.set_config(|cfg| cfg.gateway_mac = [0; 6]);
         let p = syn4(44001, v4("192.0.2.15"), 80);
-        let mut counters = c(&[("rx_packets", 1), ("drop_fib_failure", 1), ("conntrack_miss", 1)]);
+        let mut counters = c(&[
+            ("rx_packets", 1),
+            ("drop_fib_failure", 1),
+            ("conntrack_miss", 1),
+        ]);
         counters.push((format!("vip{v_fallback}_new_conns"), 1));
-        t.case(env, Case { name: "no route and no gateway: counted drop".into(), program: BALANCER, packet: p, ingress: lb0, verdict: XDP_DROP, output: Output::Dropped, counters });
+        t.case(
+            env,
+            Case {
+                name: "no route and no gateway: counted drop".into(),
+                program: BALANCER,
+                packet: p,
+                ingress: lb0,
+                verdict: XDP_DROP,
+                output: Output::Dropped,
+                counters,
+            },
+        );
         env.set_config(|_| {});
 
         // ---- No backend.
-        t.case(env, Case { name: "VIP with an empty table".into(), program: BALANCER, packet: syn4(45000, v4("192.0.2.14"), 80), ingress: lb0, verdict: XDP_DROP, output: Output::Dropped, counters: c(&[("rx_packets", 1), ("drop_no_backend", 1), ("conntrack_miss", 1)]) });
-        t.case(env, Case { name: "table slot names an unused backend id".into(), program: BALANCER, packet: syn4(45001, v4("192.0.2.17"), 80), ingress: lb0, verdict: XDP_DROP, output: Output::Dropped, counters: c(&[("rx_packets", 1), ("drop_no_backend", 1), ("conntrack_miss", 1)]) });
+        t.case(
+            env,
+            Case {
+                name: "VIP with an empty table".into(),
+                program: BALANCER,
+                packet: syn4(45000, v4("192.0.2.14"), 80),
+                ingress: lb0,
+                verdict: XDP_DROP,
+                output: Output::Dropped,
+                counters: c(&[
+                    ("rx_packets", 1),
+                    ("drop_no_backend", 1),
+                    ("conntrack_miss", 1),
+                ]),
+            },
+        );
+        t.case(
+            env,
+            Case {
+                name: "table slot names an unused backend id".into(),
+                program: BALANCER,
+                packet: syn4(45001, v4("192.0.2.17"), 80),
+                ingress: lb0,
+                verdict: XDP_DROP,
+                output: Output::Dropped,
+                counters: c(&[
+                    ("rx_packets", 1),
+                    ("drop_no_backend", 1),
+                    ("conntrack_miss", 1),
+                ]),
+            },
+        );
         let _ = v_stale;
 
         // ---- MTU: answer with the usable MTU, drop the original.
         let big = tcp(LB0_MAC, client4, 46000, vip4, 80, TcpFlags::ACK, 1460); // IP length 1500
         let expected = expected_frag_needed(&big, vip4, client4, 1480);
-        t.case(env, Case { name: "IPv4 DF packet too big once encapsulated: ICMP frag needed".into(), program: BALANCER, packet: big.clone(), ingress: lb0, verdict: XDP_TX, output: Output::Bytes(expected), counters: c(&[("rx_packets", 1), ("too_big_icmp_sent", 1), ("conntrack_miss", 1), (&format!("vip{v_tcp4}_new_conns"), 1)]) });
+        t.case(
+            env,
+            Case {
+                name: "IPv4 DF packet too big once encapsulated: ICMP frag needed".into(),
+                program: BALANCER,
+                packet: big.clone(),
+                ingress: lb0,
+                verdict: XDP_TX,
+                output: Output::Bytes(expected),
+                counters: c(&[
+                    ("rx_packets", 1),
+                    ("too_big_icmp_sent", 1),
+                    ("conntrack_miss", 1),
+                    (&format!("vip{v_tcp4}_new_conns"), 1),
+                ]),
+            },
+        );
         let mut no_df = big.clone();
         no_df[20] = 0;
         fix_ipv4_checksum(&mut no_df, 14);
-        t.case(env, Case { name: "IPv4 too big without DF: counted drop".into(), program: BALANCER, packet: no_df, ingress: lb0, verdict: XDP_DROP, output: Output::Dropped, counters: c(&[("rx_packets", 1), ("drop_too_big", 1), ("conntrack_hit", 1)]) });
+        t.case(
+            env,
+            Case {
+                name: "IPv4 too big without DF: counted drop".into(),
+                program: BALANCER,
+                packet: no_df,
+                ingress: lb0,
+                verdict: XDP_DROP,
+                output: Output::Dropped,
+                counters: c(&[("rx_packets", 1), ("drop_too_big", 1), ("conntrack_hit", 1)]),
+            },
+        );
         let big6 = tcp(LB0_MAC, client6, 46001, vip6, 80, TcpFlags::ACK, 1440); // IP length 1500
         let expected = expected_packet_too_big(&big6, vip6, client6, 1460);
-        t.case(env, Case { name: "IPv6 packet too big once encapsulated: ICMPv6 packet too big".into(), program: BALANCER, packet: big6, ingress: lb0, verdict: XDP_TX, output: Output::Bytes(expected), counters: c(&[("rx_packets", 1), ("too_big_icmp_sent", 1), ("conntrack_miss", 1), (&format!("vip{v_tcp6}_new_conns"), 1)]) });
+        t.case(
+            env,
+            Case {
+                name: "IPv6 packet too big once encapsulated: ICMPv6 packet too big".into(),
+                program: BALANCER,
+                packet: big6,
+                ingress: lb0,
+                verdict: XDP_TX,
+                output: Output::Bytes(expected),
+                counters: c(&[
+                    ("rx_packets", 1),
+                    ("too_big_icmp_sent", 1),
+                    ("conntrack_miss", 1),
+                    (&format!("vip{v_tcp6}_new_conns"), 1),
+                ]),
+            },
+        );
         env.set_config(|cfg| cfg.fallback_mtu = 1400);
-        let mid = tcp(LB0_MAC, client4, 46002, v4("192.0.2.15"), 80, TcpFlags::ACK, 1360); // IP 1400
+        let mid = tcp(
+            LB0_MAC,
+            client4,
+            46002,
+            v4("192.0.2.15"),
+            80,
+            TcpFlags::ACK,
+            1360,
+        ); // IP 1400
         let expected = expected_frag_needed(&mid, v4("192.0.2.15"), client4, 1380);
-        t.case(env, Case { name: "gateway fallback path checks the configured fallback MTU".into(), program: BALANCER, packet: mid, ingress: lb0, verdict: XDP_TX, output: Output::Bytes(expected), counters: c(&[("rx_packets", 1), ("too_big_icmp_sent", 1), ("conntrack_miss", 1), (&format!("vip{v_fallback}_new_conns"), 1)]) });
+        t.case(
+            env,
+            Case {
+                name: "gateway fallback path checks the configured fallback MTU".into(),
+                program: BALANCER,
+                packet: mid,
+                ingress: lb0,
+                verdict: XDP_TX,
+                output: Output::Bytes(expected),
+                counters: c(&[
+                    ("rx_packets", 1),
+                    ("too_big_icmp_sent", 1),
+                    ("conntrack_miss", 1),
+                    (&format!("vip{v_fallback}_new_conns"), 1),
+                ]),
+            },
+        );
         env.set_config(|_| {});
 
         // ---- New-connection rate guard: above the limit inserts are skipped, packets still go.
         env.set_config(|cfg| cfg.new_conn_rate_limit = 1);
         {
-            let mut rate: PerCpuArray<MapData, RateGuard> = PerCpuArray::try_from(aya::maps::Map::from_map_data(MapData::from_pin(env.pins.path.join("XLB_RATE")).unwrap()).unwrap()).unwrap();
+            let mut rate: PerCpuArray<MapData, RateGuard> = PerCpuArray::try_from(
+                aya::maps::Map::from_map_data(
+                    MapData::from_pin(env.pins.path.join("XLB_RATE")).unwrap(),
+                )
+                .unwrap(),
+            )
+            .unwrap();
             let cpus = aya::util::nr_cpus().unwrap();
-            let full = RateGuard { window_start_ns: monotonic_ns(), inserts: 1 };
-            rate.set(0, PerCpuValues::try_from(vec![full; cpus.get() as usize]).unwrap(), 0).unwrap();
+            let full = RateGuard {
+                window_start_ns: monotonic_ns(),
+                inserts: 1,
+            };
+            rate.set(
+                0,
+                PerCpuValues::try_from(vec![full; cpus.get() as usize]).unwrap(),
+                0,
+            )
+            .unwrap();
         }
         let p = syn4(47000, vip4, 80);
-        let mut case = fwd4(env, "rate guard full: insert skipped, packet forwarded", p, 14, v_tcp4, 47000, 80, PROTO_TCP, "conntrack_miss", true, client4);
+        let mut case = fwd4(
+            env,
+            "rate guard full: insert skipped, packet forwarded",
+            p,
+            14,
+            v_tcp4,
+            47000,
+            80,
+            PROTO_TCP,
+            "conntrack_miss",
+            true,
+            client4,
+        );
         case.counters.push(("conntrack_insert_skipped".into(), 1));
         t.case(env, case);
-        if env.dp.maps.conntrack.get(&flow_key(client4, 47000, vip4, 80, PROTO_TCP), 0).is_ok() {
-            t.failures.push("rate guard: the skipped flow was inserted anyway".into());
+        if env
+            .dp
+            .maps
+            .conntrack
+            .get(&flow_key(client4, 47000, vip4, 80, PROTO_TCP), 0)
+            .is_ok()
+        {
+            t.failures
+                .push("rate guard: the skipped flow was inserted anyway".into());
         }
         env.set_config(|_| {});
 
         // ---- Decapsulation on backends.
         let local4 = v4("198.51.100.11");
         let local6 = v6("2001:db8:b::21");
-        env.dp.maps.decap_addrs.insert(&addr_key(local4), &1, 0).unwrap();
-        env.dp.maps.decap_addrs.insert(&addr_key(local6), &1, 0).unwrap();
+        env.dp
+            .maps
+            .decap_addrs
+            .insert(&addr_key(local4), &1, 0)
+            .unwrap();
+        env.dp
+            .maps
+            .decap_addrs
+            .insert(&addr_key(local6), &1, 0)
+            .unwrap();
         let inner = syn4(48000, vip4, 80);
         let outer = expected_encap(&inner, 14, LB0_MAC, ROUTER_MAC, tunnel_src_v4(), local4, 0);
         let mut want = outer[..12].to_vec();
         want.extend_from_slice(&inner[12..]);
-        let decap_ok = |name: &str, packet: Vec<u8>, want: Vec<u8>| Case { name: name.into(), program: DECAP, packet, ingress: lb0, verdict: XDP_PASS, output: Output::Bytes(want), counters: c(&[("decap_rx_packets", 1), ("decap_decapsulated", 1)]) };
-        t.case(env, decap_ok("decap IPv4-in-IPv4 for a local address", outer.clone(), want));
+        let decap_ok = |name: &str, packet: Vec<u8>, want: Vec<u8>| Case {
+            name: name.into(),
+            program: DECAP,
+            packet,
+            ingress: lb0,
+            verdict: XDP_PASS,
+            output: Output::Bytes(want),
+            counters: c(&[("decap_rx_packets", 1), ("decap_decapsulated", 1)]),
+        };
+        t.case(
+            env,
+            decap_ok(
+                "decap IPv4-in-IPv4 for a local address",
+                outer.clone(),
+                want,
+            ),
+        );
         let inner6 = tcp(LB0_MAC, client6, 48001, vip6, 80, TcpFlags::SYN, 0);
-        let outer6 = expected_encap(&inner6, 14, LB0_MAC, ROUTER_MAC, tunnel_src_v6(), local6, 77);
+        let outer6 = expected_encap(
+            &inner6,
+            14,
+            LB0_MAC,
+            ROUTER_MAC,
+            tunnel_src_v6(),
+            local6,
+            77,
+        );
         let mut want = outer6[..12].to_vec();
         want.extend_from_slice(&inner6[12..]);
         t.case(env, decap_ok("decap IPv6-in-IPv6", outer6, want));
         let outer46 = expected_encap(&inner, 14, LB0_MAC, ROUTER_MAC, tunnel_src_v6(), local6, 5);
         let mut want = outer46[..12].to_vec();
         want.extend_from_slice(&inner[12..]);
-        t.case(env, decap_ok("decap IPv4-in-IPv6 restores the IPv4 EtherType", outer46, want));
+        t.case(
+            env,
+            decap_ok(
+                "decap IPv4-in-IPv6 restores the IPv4 EtherType",
+                outer46,
+                want,
+            ),
+        );
         let tagged_inner = with_vlan(&inner, 9);
-        let tagged_outer = expected_encap(&tagged_inner, 18, LB0_MAC, ROUTER_MAC, tunnel_src_v4(), local4, 0);
+        let tagged_outer = expected_encap(
+            &tagged_inner,
+            18,
+            LB0_MAC,
+            ROUTER_MAC,
+            tunnel_src_v4(),
+            local4,
+            0,
+        );
         let mut want = tagged_outer[..12].to_vec();
         want.extend_from_slice(&tagged_inner[12..]);
-        t.case(env, decap_ok("decap keeps an 802.1Q tag", tagged_outer, want));
-        let foreign = expected_encap(&inner, 14, LB0_MAC, ROUTER_MAC, tunnel_src_v4(), v4("198.51.100.99"), 0);
-        t.case(env, Case { name: "decap leaves tunnels to other addresses alone".into(), program: DECAP, packet: foreign, ingress: lb0, verdict: XDP_PASS, output: Output::Unchanged, counters: c(&[("decap_rx_packets", 1), ("decap_pass_not_local", 1)]) });
-        t.case(env, Case { name: "decap leaves plain TCP alone".into(), program: DECAP, packet: inner.clone(), ingress: lb0, verdict: XDP_PASS, output: Output::Unchanged, counters: c(&[("decap_rx_packets", 1), ("decap_pass_not_tunnel", 1)]) });
+        t.case(
+            env,
+            decap_ok("decap keeps an 802.1Q tag", tagged_outer, want),
+        );
+        let foreign = expected_encap(
+            &inner,
+            14,
+            LB0_MAC,
+            ROUTER_MAC,
+            tunnel_src_v4(),
+            v4("198.51.100.99"),
+            0,
+        );
+        t.case(
+            env,
+            Case {
+                name: "decap leaves tunnels to other addresses alone".into(),
+                program: DECAP,
+                packet: foreign,
+                ingress: lb0,
+                verdict: XDP_PASS,
+                output: Output::Unchanged,
+                counters: c(&[("decap_rx_packets", 1), ("decap_pass_not_local", 1)]),
+            },
+        );
+        t.case(
+            env,
+            Case {
+                name: "decap leaves plain TCP alone".into(),
+                program: DECAP,
+                packet: inner.clone(),
+                ingress: lb0,
+                verdict: XDP_PASS,
+                output: Output::Unchanged,
+                counters: c(&[("decap_rx_packets", 1), ("decap_pass_not_tunnel", 1)]),
+            },
+        );
         let mut broken = outer.clone();
         broken[14 + 20] = 0x65; // inner "IPv4" with version 6
-        t.case(env, Case { name: "decap drops a tunnel whose inner header is not IPv4".into(), program: DECAP, packet: broken, ingress: lb0, verdict: XDP_DROP, output: Output::Dropped, counters: c(&[("decap_rx_packets", 1), ("decap_drop_malformed", 1)]) });
-        t.case(env, Case { name: "decap drops a tunnel cut inside the inner header".into(), program: DECAP, packet: outer[..14 + 20 + 8].to_vec(), ingress: lb0, verdict: XDP_DROP, output: Output::Dropped, counters: c(&[("decap_rx_packets", 1), ("decap_drop_malformed", 1)]) });
+        t.case(
+            env,
+            Case {
+                name: "decap drops a tunnel whose inner header is not IPv4".into(),
+                program: DECAP,
+                packet: broken,
+                ingress: lb0,
+                verdict: XDP_DROP,
+                output: Output::Dropped,
+                counters: c(&[("decap_rx_packets", 1), ("decap_drop_malformed", 1)]),
+            },
+        );
+        t.case(
+            env,
+            Case {
+                name: "decap drops a tunnel cut inside the inner header".into(),
+                program: DECAP,
+                packet: outer[..14 + 20 + 8].to_vec(),
+                ingress: lb0,
+                verdict: XDP_DROP,
+                output: Output::Dropped,
+                counters: c(&[("decap_rx_packets", 1), ("decap_drop_malformed", 1)]),
+            },
+        );
 
         // ---- Round trip: what the balancer emits, the decapsulator turns back into the
         // client's packet (MACs aside).
         let original = syn4(49000, vip4, 80);
         let (backend, _) = env.predict(v_tcp4, client4, 49000, 80, PROTO_TCP);
-        env.dp.maps.decap_addrs.insert(&addr_key(backend_addr(backend)), &1, 0).unwrap();
+        env.dp
+            .maps
+            .decap_addrs
+            .insert(&addr_key(backend_addr(backend)), &1, 0)
+            .unwrap();
         let lb_out = env.run_packet(BALANCER, &original, lb0);
         let be_out = env.run_packet(DECAP, &lb_out.packet, lb0);
-        if lb_out.verdict != XDP_TX || be_out.verdict != XDP_PASS || be_out.packet[12..] != original[12..] {
-            t.failures.push(format!("round trip: balancer {} decap {} output {}", lb_out.verdict, be_out.verdict, hex(&be_out.packet)));
+        if lb_out.verdict != XDP_TX
+            || be_out.verdict != XDP_PASS
+            || be_out.packet[12..] != original[12..]
+        {
+            t.failures.push(format!(
+                "round trip: balancer {} decap {} output {}",
+                lb_out.verdict,
+                be_out.verdict,
+                hex(&be_out.packet)
+            ));
         } else {
             t.passed += 1;
         }
 
         let total = t.passed + t.failures.len();
-        println!("packet fixtures: {} passed, {} failed (of {total})", t.passed, t.failures.len());
-        assert!(total >= 40, "the fixture table must hold at least 40 cases, has {total}");
-        assert!(t.failures.is_empty(), "fixture failures:\n{}", t.failures.join("\n"));
+        println!(
+            "packet fixtures: {} passed, {} failed (of {total})",
+            t.passed,
+            t.failures.len()
+        );
+        assert!(
+            total >= 40,
+            "the fixture table must hold at least 40 cases, has {total}"
+        );
+        assert!(
+            t.failures.is_empty(),
+            "fixture failures:\n{}",
+            t.failures.join("\n")
+        );
 
         // Every packet the balancer saw landed in exactly one outcome counter.
         let stats = env.dp.maps.stats().unwrap();
         let fields: BTreeMap<_, _> = stats.fields().into_iter().collect();
-        let outcomes: u64 = lb_common::DatapathStats::OUTCOMES.iter().map(|n| fields[n]).sum();
-        assert_eq!(outcomes, stats.rx_packets, "outcome counters must add up to rx_packets");
+        let outcomes: u64 = lb_common::DatapathStats::OUTCOMES
+            .iter()
+            .map(|n| fields[n])
+            .sum();
+        assert_eq!(
+            outcomes, stats.rx_packets,
+            "outcome counters must add up to rx_packets"
+        );
     });
 }

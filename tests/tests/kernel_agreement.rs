@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::{
-    Backend, BackendStats, DatapathConfig, DatapathStats, DecapStats, FlowKey, FlowState,
+    Backend, BackendStats, DatapathConfig, DatapathStats, DecapStats, FlowKey, FlowState, NextHop,
     PROTO_TCP, PROTO_UDP, RateGuard, VIP_F_HASH_SRC_ONLY, VipAddrKey, VipInfo, VipKey, VipStats,
     program_names,
 };
@@ -18,7 +18,16 @@ const BACKENDS: u32 = 7;
 
 fn backend_addr(id: u32, v6_family: bool) -> IpAddr {
     if v6_family {
-        IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xb, 0, 0, 0, 0, 0x100 + id as u16))
+        IpAddr::V6(Ipv6Addr::new(
+            0x2001,
+            0xdb8,
+            0xb,
+            0,
+            0,
+            0,
+            0,
+            0x100 + id as u16,
+        ))
     } else {
         IpAddr::V4(Ipv4Addr::new(198, 51, 100, 100 + id as u8))
     }
@@ -45,7 +54,12 @@ fn kernel_picks_the_backend_lb_common_predicts_for_10000_flows() {
             (v4("192.0.2.11"), PROTO_TCP, VIP_F_HASH_SRC_ONLY, &table4),
             (v6("2001:db8:1::10"), PROTO_TCP, 0, &table6),
             (v6("2001:db8:1::10"), PROTO_UDP, 0, &table6),
-            (v6("2001:db8:1::11"), PROTO_UDP, VIP_F_HASH_SRC_ONLY, &table6),
+            (
+                v6("2001:db8:1::11"),
+                PROTO_UDP,
+                VIP_F_HASH_SRC_ONLY,
+                &table6,
+            ),
         ];
         let ids: Vec<u32> = vips
             .iter()
@@ -61,12 +75,29 @@ fn kernel_picks_the_backend_lb_common_predicts_for_10000_flows() {
             let src = if vip.is_ipv4() {
                 IpAddr::V4(Ipv4Addr::new(203, 0, 113, rng.random()))
             } else {
-                IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xc, rng.random(), rng.random(), rng.random(), rng.random(), rng.random()))
+                IpAddr::V6(Ipv6Addr::new(
+                    0x2001,
+                    0xdb8,
+                    0xc,
+                    rng.random(),
+                    rng.random(),
+                    rng.random(),
+                    rng.random(),
+                    rng.random(),
+                ))
             };
             let sport: u16 = rng.random_range(1024..=65535);
             let dport: u16 = rng.random_range(1..=65535);
             let packet = if proto == PROTO_TCP {
-                tcp(xlb_tests::fixture::LB0_MAC, src, sport, vip, dport, TcpFlags::SYN, 0)
+                tcp(
+                    xlb_tests::fixture::LB0_MAC,
+                    src,
+                    sport,
+                    vip,
+                    dport,
+                    TcpFlags::SYN,
+                    0,
+                )
             } else {
                 udp(xlb_tests::fixture::LB0_MAC, src, sport, vip, dport, 8)
             };
@@ -85,11 +116,21 @@ fn kernel_picks_the_backend_lb_common_predicts_for_10000_flows() {
             });
             *per_backend.entry(want).or_default() += 1;
             if got != Some(want) {
-                mismatches.push(format!("{src}:{sport} -> {vip}:{dport}/{proto}: kernel {got:?}, lb-common {want}"));
+                mismatches.push(format!(
+                    "{src}:{sport} -> {vip}:{dport}/{proto}: kernel {got:?}, lb-common {want}"
+                ));
             }
         }
-        println!("kernel/userspace agreement: {} of {flows} flows agree; spread {per_backend:?}", flows - mismatches.len());
-        assert!(mismatches.is_empty(), "{} mismatches, first: {:?}", mismatches.len(), &mismatches[..mismatches.len().min(5)]);
+        println!(
+            "kernel/userspace agreement: {} of {flows} flows agree; spread {per_backend:?}",
+            flows - mismatches.len()
+        );
+        assert!(
+            mismatches.is_empty(),
+            "{} mismatches, first: {:?}",
+            mismatches.len(),
+            &mismatches[..mismatches.len().min(5)]
+        );
         // Every backend was exercised, so a constant answer could not pass.
         assert_eq!(per_backend.len(), 2 * BACKENDS as usize);
     });
@@ -97,7 +138,9 @@ fn kernel_picks_the_backend_lb_common_predicts_for_10000_flows() {
 
 fn outer_backend(frame: &[u8]) -> Option<IpAddr> {
     match u16::from_be_bytes([frame[12], frame[13]]) {
-        0x0800 => Some(IpAddr::V4(Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]))),
+        0x0800 => Some(IpAddr::V4(Ipv4Addr::new(
+            frame[30], frame[31], frame[32], frame[33],
+        ))),
         0x86dd => {
             let o: [u8; 16] = frame[14 + 24..14 + 40].try_into().ok()?;
             Some(IpAddr::V6(Ipv6Addr::from(o)))
@@ -120,7 +163,11 @@ fn btf_structs(object: &[u8]) -> BTreeMap<String, (usize, Vec<(String, usize)>)>
         .output()
         .expect("bpftool is installed by `cargo xtask setup`");
     let _ = std::fs::remove_dir_all(&dir);
-    assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     let mut structs = BTreeMap::new();
     let mut current: Option<(String, usize, Vec<(String, usize)>)> = None;
@@ -131,12 +178,29 @@ fn btf_structs(object: &[u8]) -> BTreeMap<String, (usize, Vec<(String, usize)>)>
             }
             if let Some(rest) = line.split("] STRUCT '").nth(1) {
                 let name = rest.split('\'').next().unwrap().to_owned();
-                let size = rest.split("size=").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+                let size = rest
+                    .split("size=")
+                    .nth(1)
+                    .unwrap()
+                    .split(' ')
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
                 current = Some((name, size, Vec::new()));
             }
         } else if let Some((_, _, members)) = current.as_mut() {
-            let name = line.trim().split('\'').nth(1).unwrap_or_default().to_owned();
-            let bits = line.split("bits_offset=").nth(1).and_then(|b| b.trim().parse().ok()).unwrap_or(0);
+            let name = line
+                .trim()
+                .split('\'')
+                .nth(1)
+                .unwrap_or_default()
+                .to_owned();
+            let bits = line
+                .split("bits_offset=")
+                .nth(1)
+                .and_then(|b| b.trim().parse().ok())
+                .unwrap_or(0);
             members.push((name, bits));
         }
     }
@@ -160,28 +224,102 @@ macro_rules! layout {
 fn map_type_layouts_in_the_object_match_userspace() {
     let btf = btf_structs(lb_userspace::datapath::EBPF_OBJECT);
     let expected = [
-        layout!(VipKey { addr_be, port_be, proto, family }),
-        layout!(VipInfo { vip_id, ring, flags, _pad }),
-        layout!(VipAddrKey { addr_be, family, _pad }),
-        layout!(Backend { addr_be, family, _pad }),
-        layout!(FlowKey { src_be, dst_be, sport_be, dport_be, proto, family, _pad }),
-        layout!(FlowState { backend_id, vip_id, last_seen_ns }),
-        layout!(DatapathConfig { maglev_table_size, new_conn_rate_limit, udp_idle_timeout_ns, tunnel_src_v4_be, fallback_mtu, tunnel_src_v6_be, gateway_mac, _pad }),
-        layout!(VipStats { packets, bytes, new_conns }),
+        layout!(VipKey {
+            addr_be,
+            port_be,
+            proto,
+            family
+        }),
+        layout!(VipInfo {
+            vip_id,
+            ring,
+            flags,
+            _pad
+        }),
+        layout!(VipAddrKey {
+            addr_be,
+            family,
+            _pad
+        }),
+        layout!(Backend {
+            addr_be,
+            family,
+            _pad
+        }),
+        layout!(FlowKey {
+            src_be,
+            dst_be,
+            sport_be,
+            dport_be,
+            proto,
+            family,
+            _pad
+        }),
+        layout!(FlowState {
+            backend_id,
+            vip_id,
+            last_seen_ns
+        }),
+        layout!(DatapathConfig {
+            maglev_table_size,
+            new_conn_rate_limit,
+            udp_idle_timeout_ns,
+            tunnel_src_v4_be,
+            fallback_mtu,
+            tunnel_src_v6_be,
+            gateway_mac,
+            _pad
+        }),
+        layout!(VipStats {
+            packets,
+            bytes,
+            new_conns
+        }),
         layout!(BackendStats { packets, bytes }),
-        layout!(RateGuard { window_start_ns, inserts }),
-        layout!(DecapStats { rx_packets, decapsulated, pass_not_tunnel, pass_not_local, drop_malformed }),
+        layout!(RateGuard {
+            window_start_ns,
+            inserts
+        }),
+        layout!(NextHop {
+            backend_addr_be,
+            ifindex,
+            mtu,
+            smac,
+            dmac,
+            _pad,
+            expires_ns
+        }),
+        layout!(DecapStats {
+            rx_packets,
+            decapsulated,
+            pass_not_tunnel,
+            pass_not_local,
+            drop_malformed
+        }),
     ];
     for (name, size, fields) in expected {
-        let (btf_size, btf_fields) = btf.get(name).unwrap_or_else(|| panic!("{name} missing from the object's BTF"));
-        assert_eq!(*btf_size, size, "{name}: size in the kernel object vs userspace");
-        let fields: Vec<(String, usize)> = fields.into_iter().map(|(n, o)| (n.to_owned(), o)).collect();
-        assert_eq!(btf_fields, &fields, "{name}: members and bit offsets in the kernel object vs userspace");
+        let (btf_size, btf_fields) = btf
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} missing from the object's BTF"));
+        assert_eq!(
+            *btf_size, size,
+            "{name}: size in the kernel object vs userspace"
+        );
+        let fields: Vec<(String, usize)> =
+            fields.into_iter().map(|(n, o)| (n.to_owned(), o)).collect();
+        assert_eq!(
+            btf_fields, &fields,
+            "{name}: members and bit offsets in the kernel object vs userspace"
+        );
     }
     // DatapathStats: every named counter at the same offset on both sides.
     let (size, members) = &btf["DatapathStats"];
     assert_eq!(*size, std::mem::size_of::<DatapathStats>());
-    let names: Vec<&str> = DatapathStats::default().fields().iter().map(|(n, _)| *n).collect();
+    let names: Vec<&str> = DatapathStats::default()
+        .fields()
+        .iter()
+        .map(|(n, _)| *n)
+        .collect();
     let btf_names: Vec<&str> = members.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(btf_names, names, "DatapathStats counters in field order");
     for (i, (_, bits)) in members.iter().enumerate() {
