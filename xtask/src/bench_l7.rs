@@ -69,20 +69,38 @@ struct Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        for (_, c) in &mut self.children {
+        let all = self.children.iter_mut().map(|(_, c)| c).chain(std::iter::once(&mut self.upstream));
+        for c in all {
+            // SIGTERM lets nginx's master stop its workers (SIGKILL would orphan them, still
+            // listening); anything left of the tree afterwards is killed by pid.
+            let tree = process_tree(c.id());
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+                sleep(Duration::from_millis(50));
+            }
+            for pid in tree {
+                if Path::new(&format!("/proc/{pid}")).exists() {
+                    let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+                }
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = self.upstream.kill();
-        let _ = self.upstream.wait();
     }
 }
 
 pub fn run(json: bool, seconds: u32, rounds: u32) -> Result<()> {
-    ensure!(seconds >= 1 && rounds >= 1, "--seconds and --rounds must be at least 1");
+    ensure!(
+        seconds >= 1 && rounds >= 1,
+        "--seconds and --rounds must be at least 1"
+    );
     ensure_packages()?;
     // The xlb binary embeds the eBPF object; build it first on a fresh checkout.
-    if !crate::ebpf::target_dir().join("bpfel-unknown-none/release/lb-ebpf").exists() {
+    if !crate::ebpf::target_dir()
+        .join("bpfel-unknown-none/release/lb-ebpf")
+        .exists()
+    {
         crate::ebpf::build(true)?;
     }
     cargo(&["build", "--release", "-p", "lb-userspace"])?;
@@ -95,23 +113,48 @@ pub fn run(json: bool, seconds: u32, rounds: u32) -> Result<()> {
 
     let upstream = spawn_pinned(
         LOAD_CPU,
-        Command::new("nginx").args(["-p", &path_str(&dir)?, "-c", &path_str(&dir.join("upstream.conf"))?, "-g", "daemon off;"]),
+        Command::new("nginx").args([
+            "-p",
+            &path_str(&dir)?,
+            "-c",
+            &path_str(&dir.join("upstream.conf"))?,
+            "-g",
+            "daemon off;",
+        ]),
     )?;
-    let mut running = Running { children: Vec::new(), upstream };
+    let mut running = Running {
+        children: Vec::new(),
+        upstream,
+    };
     running.children.push((
         Proxy::Xlb,
-        spawn_pinned(PROXY_CPU, Command::new(&xlb).args(["proxy", "--config", &path_str(&dir.join("xlb.toml"))?]).env("XLB_LOG", "warn"))?,
+        spawn_pinned(
+            PROXY_CPU,
+            Command::new(&xlb)
+                .args(["proxy", "--config", &path_str(&dir.join("xlb.toml"))?])
+                .env("XLB_LOG", "warn,rustls=error"),
+        )?,
     ));
     running.children.push((
         Proxy::Nginx,
         spawn_pinned(
             PROXY_CPU,
-            Command::new("nginx").args(["-p", &path_str(&dir)?, "-c", &path_str(&dir.join("nginx.conf"))?, "-g", "daemon off;"]),
+            Command::new("nginx").args([
+                "-p",
+                &path_str(&dir)?,
+                "-c",
+                &path_str(&dir.join("nginx.conf"))?,
+                "-g",
+                "daemon off;",
+            ]),
         )?,
     ));
     running.children.push((
         Proxy::Haproxy,
-        spawn_pinned(PROXY_CPU, Command::new("haproxy").args(["-db", "-f", &path_str(&dir.join("haproxy.cfg"))?]))?,
+        spawn_pinned(
+            PROXY_CPU,
+            Command::new("haproxy").args(["-db", "-f", &path_str(&dir.join("haproxy.cfg"))?]),
+        )?,
     ));
     for p in Proxy::ALL {
         let (h, s) = p.ports();
@@ -127,8 +170,10 @@ pub fn run(json: bool, seconds: u32, rounds: u32) -> Result<()> {
             wrk(p, scheme, 2)?;
         }
     }
-    let mut samples: Vec<(Proxy, &str, Vec<Sample>)> =
-        Proxy::ALL.iter().flat_map(|p| schemes.iter().map(move |s| (*p, *s, Vec::new()))).collect();
+    let mut samples: Vec<(Proxy, &str, Vec<Sample>)> = Proxy::ALL
+        .iter()
+        .flat_map(|p| schemes.iter().map(move |s| (*p, *s, Vec::new())))
+        .collect();
     for round in 0..rounds {
         // Interleave, and rotate the order per round so no proxy always runs first.
         let mut order: Vec<usize> = (0..samples.len()).collect();
@@ -165,11 +210,20 @@ pub fn run(json: bool, seconds: u32, rounds: u32) -> Result<()> {
 
     let mut table = String::new();
     if !json {
-        writeln!(table, "{:8} {:6} {:>10} {:>8} {:>8} {:>12}", "proxy", "scheme", "req/s", "p50 ms", "p99 ms", "CPU µs/req")?;
+        writeln!(
+            table,
+            "{:8} {:6} {:>10} {:>8} {:>8} {:>12}",
+            "proxy", "scheme", "req/s", "p50 ms", "p99 ms", "CPU µs/req"
+        )?;
     }
     for (p, scheme, s) in &samples {
         let m = |f: fn(&Sample) -> f64| median(s.iter().map(f).collect());
-        let (rps, p50, p99, cpu) = (m(|s| s.rps), m(|s| s.p50_ms), m(|s| s.p99_ms), m(|s| s.cpu_us_per_req));
+        let (rps, p50, p99, cpu) = (
+            m(|s| s.rps),
+            m(|s| s.p50_ms),
+            m(|s| s.p99_ms),
+            m(|s| s.cpu_us_per_req),
+        );
         if json {
             println!(
                 "{}",
@@ -179,7 +233,16 @@ pub fn run(json: bool, seconds: u32, rounds: u32) -> Result<()> {
                 })
             );
         } else {
-            writeln!(table, "{:8} {:6} {:>10.0} {:>8.3} {:>8.3} {:>12.2}", p.name(), scheme, rps, p50, p99, cpu)?;
+            writeln!(
+                table,
+                "{:8} {:6} {:>10.0} {:>8.3} {:>8.3} {:>12.2}",
+                p.name(),
+                scheme,
+                rps,
+                p50,
+                p99,
+                cpu
+            )?;
         }
     }
     print!("{table}");
@@ -189,7 +252,10 @@ pub fn run(json: bool, seconds: u32, rounds: u32) -> Result<()> {
 
 impl Running {
     fn pid_of(&self, p: Proxy) -> u32 {
-        self.children.iter().find(|(q, _)| *q == p).map_or(0, |(_, c)| c.id())
+        self.children
+            .iter()
+            .find(|(q, _)| *q == p)
+            .map_or(0, |(_, c)| c.id())
     }
 }
 
@@ -216,7 +282,11 @@ fn path_str(p: &Path) -> Result<String> {
 
 /// Installs nginx, haproxy and wrk with apt-get if any is missing (idempotent).
 fn ensure_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect();
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -224,7 +294,11 @@ fn ensure_packages() -> Result<()> {
         bail!("bench l7 needs {missing:?} and there is no apt-get to install them");
     }
     eprintln!("bench l7: apt-get install {missing:?}");
-    run_checked(Command::new("apt-get").args(["update", "-qq"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run_checked(
+        Command::new("apt-get")
+            .args(["update", "-qq"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
     run_checked(
         Command::new("apt-get")
             .args(["install", "-y", "-qq", "--no-install-recommends"])
@@ -241,10 +315,30 @@ fn ensure_packages() -> Result<()> {
 fn write_certificate(dir: &Path) -> Result<()> {
     let (crt, key) = (dir.join("bench.crt"), dir.join("bench.key"));
     if !crt.exists() || !key.exists() {
-        run_checked(Command::new("openssl").args([
-            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "3650",
-            "-subj", "/CN=bench.test", "-addext", "subjectAltName=DNS:bench.test", "-keyout",
-        ]).arg(&key).arg("-out").arg(&crt).stdout(Stdio::null()).stderr(Stdio::null()))?;
+        run_checked(
+            Command::new("openssl")
+                .args([
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1",
+                    "-nodes",
+                    "-days",
+                    "3650",
+                    "-subj",
+                    "/CN=bench.test",
+                    "-addext",
+                    "subjectAltName=DNS:bench.test",
+                    "-keyout",
+                ])
+                .arg(&key)
+                .arg("-out")
+                .arg(&crt)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )?;
     }
     let pem = fs::read_to_string(&crt)? + &fs::read_to_string(&key)?;
     fs::write(dir.join("bench.pem"), pem)?;
@@ -314,9 +408,17 @@ fn write_configs(dir: &Path) -> Result<()> {
 fn spawn_pinned(cpu: &str, cmd: &mut Command) -> Result<Child> {
     let program = cmd.get_program().to_owned();
     let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
-    let envs: Vec<_> = cmd.get_envs().map(|(k, v)| (k.to_owned(), v.map(|v| v.to_owned()))).collect();
+    let envs: Vec<_> = cmd
+        .get_envs()
+        .map(|(k, v)| (k.to_owned(), v.map(|v| v.to_owned())))
+        .collect();
     let mut pinned = Command::new("taskset");
-    pinned.arg("-c").arg(cpu).arg(&program).args(&args).stdout(Stdio::null());
+    pinned
+        .arg("-c")
+        .arg(cpu)
+        .arg(&program)
+        .args(&args)
+        .stdout(Stdio::null());
     for (k, v) in envs {
         match v {
             Some(v) => pinned.env(k, v),
@@ -324,7 +426,9 @@ fn spawn_pinned(cpu: &str, cmd: &mut Command) -> Result<Child> {
         };
     }
     // taskset execs the program, so the child's pid is the program's.
-    pinned.spawn().with_context(|| format!("starting {program:?}"))
+    pinned
+        .spawn()
+        .with_context(|| format!("starting {program:?}"))
 }
 
 fn wait_port(port: u16) -> Result<()> {
@@ -346,16 +450,32 @@ struct WrkOut {
 }
 
 fn wrk(p: Proxy, scheme: &str, seconds: u32) -> Result<WrkOut> {
-    let port = if scheme == "http" { p.ports().0 } else { p.ports().1 };
+    let port = if scheme == "http" {
+        p.ports().0
+    } else {
+        p.ports().1
+    };
     let url = format!("{scheme}://127.0.0.1:{port}/");
     let out = Command::new("taskset")
-        .args(["-c", LOAD_CPU, "wrk", "-t1", &format!("-c{WRK_CONNECTIONS}"), &format!("-d{seconds}s"), "--latency"])
+        .args([
+            "-c",
+            LOAD_CPU,
+            "wrk",
+            "-t1",
+            &format!("-c{WRK_CONNECTIONS}"),
+            &format!("-d{seconds}s"),
+            "--latency",
+        ])
         .args(["-H", "Host: bench.test", &url])
         .output()
         .context("running wrk")?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
-        bail!("wrk against {} failed: {text}{}", p.name(), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "wrk against {} failed: {text}{}",
+            p.name(),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     if text.contains("Non-2xx") || text.contains("Socket errors") {
         bail!("wrk saw errors against {} {scheme}:\n{text}", p.name());
@@ -364,7 +484,12 @@ fn wrk(p: Proxy, scheme: &str, seconds: u32) -> Result<WrkOut> {
 }
 
 fn parse_wrk(text: &str) -> Result<WrkOut> {
-    let mut out = WrkOut { rps: f64::NAN, requests: 0, p50_ms: f64::NAN, p99_ms: f64::NAN };
+    let mut out = WrkOut {
+        rps: f64::NAN,
+        requests: 0,
+        p50_ms: f64::NAN,
+        p99_ms: f64::NAN,
+    };
     for line in text.lines().map(str::trim) {
         if let Some(v) = line.strip_prefix("Requests/sec:") {
             out.rps = v.trim().parse()?;
@@ -373,10 +498,16 @@ fn parse_wrk(text: &str) -> Result<WrkOut> {
         } else if let Some(v) = line.strip_prefix("99%") {
             out.p99_ms = duration_ms(v.trim())?;
         } else if line.contains(" requests in ") {
-            out.requests = line.split_whitespace().next().context("request count")?.parse()?;
+            out.requests = line
+                .split_whitespace()
+                .next()
+                .context("request count")?
+                .parse()?;
         }
     }
-    ensure!(out.rps.is_finite() && out.p50_ms.is_finite() && out.p99_ms.is_finite() && out.requests > 0);
+    ensure!(
+        out.rps.is_finite() && out.p50_ms.is_finite() && out.p99_ms.is_finite() && out.requests > 0
+    );
     Ok(out)
 }
 
@@ -401,7 +532,11 @@ fn process_tree(root: u32) -> Vec<u32> {
     while i < pids.len() {
         let parent = pids[i];
         if let Ok(children) = fs::read_to_string(format!("/proc/{parent}/task/{parent}/children")) {
-            pids.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+            pids.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
         }
         i += 1;
     }
@@ -412,9 +547,13 @@ fn process_tree(root: u32) -> Vec<u32> {
 fn cpu_ticks(pids: &[u32]) -> Result<u64> {
     let mut total = 0;
     for pid in pids {
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("reading /proc/{pid}/stat"))?;
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+            .with_context(|| format!("reading /proc/{pid}/stat"))?;
         // Fields after the parenthesised command name (which may contain spaces).
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).context("stat format")?;
+        let rest = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r)
+            .context("stat format")?;
         let f: Vec<&str> = rest.split_whitespace().collect();
         // rest starts at field 3 (state); utime and stime are fields 14 and 15.
         let utime: u64 = f.get(11).context("utime")?.parse()?;
