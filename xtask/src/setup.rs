@@ -54,7 +54,13 @@ pub fn toolchain_channel(path: &Path) -> Result<String> {
 /// `cargo xtask` started under one toolchain does not leak it into another.
 pub fn clean_command(program: &str) -> Command {
     let mut cmd = Command::new(program);
-    for var in ["CARGO", "RUSTC", "RUSTUP_TOOLCHAIN", "RUSTC_WORKSPACE_WRAPPER", "RUSTDOC"] {
+    for var in [
+        "CARGO",
+        "RUSTC",
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTDOC",
+    ] {
         cmd.env_remove(var);
     }
     cmd
@@ -72,14 +78,23 @@ fn ensure_toolchain(name: &str, components: &[&str]) -> Result<()> {
             .args(["component", "list", "--installed", "--toolchain", name])
             .output()?;
         let text = String::from_utf8_lossy(&out.stdout).to_string();
-        components.iter().all(|c| text.lines().any(|l| l.starts_with(c)))
+        components
+            .iter()
+            .all(|c| text.lines().any(|l| l.starts_with(c)))
     };
     if have_components {
         return Ok(());
     }
     eprintln!("setup: installing toolchain {name} with {components:?}");
     let mut cmd = clean_command("rustup");
-    cmd.args(["toolchain", "install", name, "--profile", "minimal", "--no-self-update"]);
+    cmd.args([
+        "toolchain",
+        "install",
+        name,
+        "--profile",
+        "minimal",
+        "--no-self-update",
+    ]);
     for c in components {
         cmd.args(["-c", c]);
     }
@@ -89,7 +104,9 @@ fn ensure_toolchain(name: &str, components: &[&str]) -> Result<()> {
 fn cargo_home() -> PathBuf {
     std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or("/root".into())).join(".cargo"))
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap_or("/root".into())).join(".cargo")
+        })
 }
 
 fn ensure_bpf_linker(stable: &str, nightly: &str) -> Result<()> {
@@ -110,7 +127,9 @@ fn ensure_bpf_linker(stable: &str, nightly: &str) -> Result<()> {
     if binary.exists() && fs::read_to_string(&stamp).ok().as_deref() == Some(want.as_str()) {
         return Ok(());
     }
-    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against {nightly}'s LLVM {llvm_major}");
+    eprintln!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against {nightly}'s LLVM {llvm_major}"
+    );
 
     // Point llvm-sys at the nightly's own libLLVM through a persistent prefix holding two
     // symlinks: `libLLVM.so` (what the linker asks for) and the soname (what the loader
@@ -188,11 +207,16 @@ pub fn dpkg_installed(package: &str) -> bool {
 
 fn ensure_bpffs() {
     let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
-    if mounts.lines().any(|l| l.split_whitespace().nth(2) == Some("bpf")) {
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(2) == Some("bpf"))
+    {
         return;
     }
     // Not fatal here: unprivileged commands (lint, host tests) do not need it, and the
     // privileged ones report a clear error of their own.
     let _ = fs::create_dir_all("/sys/fs/bpf");
-    let _ = Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]).status();
+    let _ = Command::new("mount")
+        .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+        .status();
 }
