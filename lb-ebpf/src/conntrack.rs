@@ -48,19 +48,19 @@ pub fn insert(
     stats: &mut DatapathStats,
 ) {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if cfg.new_conn_rate_limit != 0 {
-        if let Some(guard) = XLB_RATE.get_ptr_mut(0) {
-            let guard = unsafe { &mut *guard };
-            if now.wrapping_sub(guard.window_start_ns) >= RATE_WINDOW_NS {
-                guard.window_start_ns = now;
-                guard.inserts = 0;
-            }
-            if guard.inserts >= cfg.new_conn_rate_limit as u64 {
-                stats.conntrack_insert_skipped += 1;
-                return;
-            }
-            guard.inserts += 1;
+    if cfg.new_conn_rate_limit != 0
+        && let Some(guard) = XLB_RATE.get_ptr_mut(0)
+    {
+        let guard = unsafe { &mut *guard };
+        if now.wrapping_sub(guard.window_start_ns) >= RATE_WINDOW_NS {
+            guard.window_start_ns = now;
+            guard.inserts = 0;
         }
+        if guard.inserts >= cfg.new_conn_rate_limit as u64 {
+            stats.conntrack_insert_skipped += 1;
+            return;
+        }
+        guard.inserts += 1;
     }
     let state = FlowState {
         backend_id: state_backend,
