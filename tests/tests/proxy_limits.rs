@@ -15,7 +15,10 @@ use lb_userspace::proxy::config::{ANNOTATION_MAX_BODY, PathType::*, ProxyConfig}
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-async fn limited_proxy(up: &Upstream, tweak: impl FnOnce(&mut ProxyConfig)) -> lb_userspace::proxy::ProxyHandle {
+async fn limited_proxy(
+    up: &Upstream,
+    tweak: impl FnOnce(&mut ProxyConfig),
+) -> lb_userspace::proxy::ProxyHandle {
     let mut cfg = base_config();
     cfg.services = vec![service("up", &[up.addr])];
     let mut ing = ingress("i", vec![(Some("l.test"), vec![path("/", Prefix, "up")])]);
@@ -36,16 +39,24 @@ async fn oversized_headers_get_431() {
     let proxy = limited_proxy(&up, |_| {}).await;
     let addr = proxy.http_addr.expect("http");
     let mut req = get_req("l.test", "/");
-    req.headers_mut().insert("x-big", "a".repeat(8000).parse().expect("value"));
+    req.headers_mut()
+        .insert("x-big", "a".repeat(8000).parse().expect("value"));
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let mut c = h1(tcp).await;
-    assert_eq!(send1(&mut c, req).await.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    assert_eq!(
+        send1(&mut c, req).await.status,
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    );
 
     // HTTP/2 (h2c): the same limit.
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let mut c = h2(tcp).await;
-    let mut req = hyper::Request::builder().uri("http://l.test/").body(Full::new(Bytes::new())).expect("request");
-    req.headers_mut().insert("x-big", "a".repeat(8000).parse().expect("value"));
+    let mut req = hyper::Request::builder()
+        .uri("http://l.test/")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    req.headers_mut()
+        .insert("x-big", "a".repeat(8000).parse().expect("value"));
     match c.send_request(req).await {
         Ok(resp) => assert_eq!(resp.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
         // h2 may refuse the stream outright; either way it is not forwarded (hits below).
@@ -53,7 +64,8 @@ async fn oversized_headers_get_431() {
     }
     // Just under the limit passes.
     let mut req = get_req("l.test", "/");
-    req.headers_mut().insert("x-big", "a".repeat(3000).parse().expect("value"));
+    req.headers_mut()
+        .insert("x-big", "a".repeat(3000).parse().expect("value"));
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let mut c = h1(tcp).await;
     assert_eq!(send1(&mut c, req).await.status, StatusCode::OK);
@@ -76,16 +88,24 @@ async fn oversized_bodies_get_413_declared_or_streamed() {
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let mut c = h1(tcp).await;
     let got = send1(&mut c, post(vec![1; 1024])).await;
-    assert_eq!((got.status, got.body.as_str()), (StatusCode::OK, "len=1024\n"));
+    assert_eq!(
+        (got.status, got.body.as_str()),
+        (StatusCode::OK, "len=1024\n")
+    );
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let mut c = h1(tcp).await;
     let got = send1(&mut c, post(vec![1; 1025])).await;
     assert_eq!(got.status, StatusCode::PAYLOAD_TOO_LARGE);
-    assert_eq!(up.hits(), 1, "a declared oversize body is refused before any upstream");
+    assert_eq!(
+        up.hits(),
+        1,
+        "a declared oversize body is refused before any upstream"
+    );
 
     // Chunked, no Content-Length: refused once the stream passes the limit.
-    let chunks: Vec<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>> =
-        (0..8).map(|_| Ok(hyper::body::Frame::data(Bytes::from(vec![2u8; 512])))).collect();
+    let chunks: Vec<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>> = (0..8)
+        .map(|_| Ok(hyper::body::Frame::data(Bytes::from(vec![2u8; 512]))))
+        .collect();
     let body = StreamBody::new(futures_util::stream::iter(chunks));
     let req = hyper::Request::builder()
         .method("POST")
@@ -94,9 +114,13 @@ async fn oversized_bodies_get_413_declared_or_streamed() {
         .body(body)
         .expect("request");
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (mut s, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await.expect("h1");
+    let (mut s, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .expect("h1");
     tokio::spawn(conn);
-    let resp = within("chunked upload", s.send_request(req)).await.expect("response");
+    let resp = within("chunked upload", s.send_request(req))
+        .await
+        .expect("response");
     assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
 }
 
@@ -104,10 +128,16 @@ async fn oversized_bodies_get_413_declared_or_streamed() {
 async fn slow_request_headers_are_cut_off() {
     let up = upstream("up").await;
     let proxy = limited_proxy(&up, |c| c.timeouts.request_header_ms = 300).await;
-    let mut tcp = tokio::net::TcpStream::connect(proxy.http_addr.expect("http")).await.expect("connect");
-    tcp.write_all(b"GET / HTTP/1.1\r\nHost: l.test\r\nX-Slow: ").await.expect("write");
+    let mut tcp = tokio::net::TcpStream::connect(proxy.http_addr.expect("http"))
+        .await
+        .expect("connect");
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: l.test\r\nX-Slow: ")
+        .await
+        .expect("write");
     let mut buf = Vec::new();
-    within("slowloris close", tcp.read_to_end(&mut buf)).await.expect("read");
+    within("slowloris close", tcp.read_to_end(&mut buf))
+        .await
+        .expect("read");
     assert!(!String::from_utf8_lossy(&buf).contains("200"), "{buf:?}");
     assert_eq!(up.hits(), 0);
 }
@@ -123,18 +153,31 @@ async fn idle_keep_alive_connections_are_closed() {
     let addr = proxy.http_addr.expect("http");
     // HTTP/1.1: answer, then close once idle.
     let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    tcp.write_all(b"GET / HTTP/1.1\r\nHost: l.test\r\n\r\n").await.expect("write");
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: l.test\r\n\r\n")
+        .await
+        .expect("write");
     let mut buf = Vec::new();
-    within("h1 idle close", tcp.read_to_end(&mut buf)).await.expect("read");
-    assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf));
+    within("h1 idle close", tcp.read_to_end(&mut buf))
+        .await
+        .expect("read");
+    assert!(
+        String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf)
+    );
     // HTTP/2: GOAWAY once no stream has been active for idle_ms.
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (mut c, conn) =
-        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .expect("h2");
+    let (mut c, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2");
     let conn = tokio::spawn(conn);
-    let req = hyper::Request::builder().uri("http://l.test/").body(Full::new(Bytes::new())).expect("request");
+    let req = hyper::Request::builder()
+        .uri("http://l.test/")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
     assert_eq!(send2(&mut c, req).await.status, StatusCode::OK);
     let ended = within("h2 idle close", conn).await.expect("conn task");
     assert!(ended.is_ok(), "graceful close: {ended:?}");
@@ -145,19 +188,39 @@ async fn slow_upstreams_get_504_and_unreachable_ones_502() {
     let up = upstream("up").await;
     let proxy = limited_proxy(&up, |c| c.timeouts.upstream_response_ms = 200).await;
     let addr = proxy.http_addr.expect("http");
-    assert_eq!(get(addr, "l.test", "/sleep/3000").await.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(
+        get(addr, "l.test", "/sleep/3000").await.status,
+        StatusCode::GATEWAY_TIMEOUT
+    );
     assert_eq!(get(addr, "l.test", "/sleep/0").await.status, StatusCode::OK);
     drop(proxy);
 
     // Connect timeout: a listener whose accept queue is full drops further SYNs.
-    let blackhole = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    blackhole.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().expect("addr").into()).expect("bind");
+    let blackhole =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    blackhole
+        .bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .expect("addr")
+                .into(),
+        )
+        .expect("bind");
     blackhole.listen(0).expect("listen");
-    let hole = blackhole.local_addr().expect("addr").as_socket().expect("inet");
+    let hole = blackhole
+        .local_addr()
+        .expect("addr")
+        .as_socket()
+        .expect("inet");
     let mut fillers = Vec::new();
     for _ in 0..4 {
         // Some of these complete into the queue, the rest hang in SYN_SENT; both fill it.
-        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(200), tokio::net::TcpStream::connect(hole)).await {
+        if let Ok(Ok(s)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(hole),
+        )
+        .await
+        {
             fillers.push(s);
         }
     }
@@ -168,7 +231,10 @@ async fn slow_upstreams_get_504_and_unreachable_ones_502() {
     let proxy = start(cfg);
     let got = get(proxy.http_addr.expect("http"), "h.test", "/").await;
     assert_eq!(got.status, StatusCode::BAD_GATEWAY);
-    assert_eq!(got.body, "502 Bad Gateway\n", "error pages say nothing about internals");
+    assert_eq!(
+        got.body, "502 Bad Gateway\n",
+        "error pages say nothing about internals"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -187,7 +253,11 @@ async fn malformed_requests_get_400_and_never_reach_upstream() {
     ];
     for raw_req in cases {
         let resp = raw(addr, raw_req).await;
-        assert!(resp.starts_with("HTTP/1.1 400"), "{:?} -> {resp:?}", String::from_utf8_lossy(raw_req));
+        assert!(
+            resp.starts_with("HTTP/1.1 400"),
+            "{:?} -> {resp:?}",
+            String::from_utf8_lossy(raw_req)
+        );
     }
     // Smuggling attempt after a clean request on the same connection.
     let resp = raw(
@@ -215,13 +285,30 @@ async fn http2_stream_limit_is_advertised_and_rapid_reset_floods_are_cut_off() {
     let addr = proxy.http_addr.expect("http");
 
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (client, conn) = within("h2 handshake", h2::client::handshake(tcp)).await.expect("h2");
+    let (client, conn) = within("h2 handshake", h2::client::handshake(tcp))
+        .await
+        .expect("h2");
     let conn = tokio::spawn(conn);
     let mut client = within("h2 ready", client.ready()).await.expect("ready");
-    let req = || http::Request::builder().uri("http://l.test/").body(()).expect("request");
+    let req = || {
+        http::Request::builder()
+            .uri("http://l.test/")
+            .body(())
+            .expect("request")
+    };
     let (resp, _) = client.send_request(req(), true).expect("send");
-    assert_eq!(within("h2 response", resp).await.expect("response").status(), 200);
-    assert_eq!(client.current_max_send_streams(), 7, "SETTINGS_MAX_CONCURRENT_STREAMS");
+    assert_eq!(
+        within("h2 response", resp)
+            .await
+            .expect("response")
+            .status(),
+        200
+    );
+    assert_eq!(
+        client.current_max_send_streams(),
+        7,
+        "SETTINGS_MAX_CONCURRENT_STREAMS"
+    );
 
     // Open and immediately reset streams, as fast as the connection takes them.
     let mut cut_off = false;

@@ -27,16 +27,28 @@ fn generation(i: usize, ups: &[std::net::SocketAddr], certs: &[(String, String)]
     s.balance = [Balance::RoundRobin, Balance::LeastRequest, Balance::Random][i % 3];
     cfg.listen.https = Some("127.0.0.1:0".parse().expect("addr"));
     let (crt, key) = certs[i % certs.len()].clone();
-    cfg.secrets = vec![TlsSecret { name: "app".into(), cert_pem: Some(crt), key_pem: Some(key), ..Default::default() }];
+    cfg.secrets = vec![TlsSecret {
+        name: "app".into(),
+        cert_pem: Some(crt),
+        key_pem: Some(key),
+        ..Default::default()
+    }];
     cfg.services = vec![s, service("ws", &ups[..1])];
     let mut ing = ingress(
         "app",
         vec![(
             Some("app.test"),
-            vec![path("/", Prefix, "app"), path(&format!("/gen/{i}"), Exact, "app"), path("/ws", Prefix, "ws")],
+            vec![
+                path("/", Prefix, "app"),
+                path(&format!("/gen/{i}"), Exact, "app"),
+                path("/ws", Prefix, "ws"),
+            ],
         )],
     );
-    ing.tls = vec![IngressTls { hosts: vec!["app.test".into()], secret_name: "app".into() }];
+    ing.tls = vec![IngressTls {
+        hosts: vec!["app.test".into()],
+        secret_name: "app".into(),
+    }];
     cfg.ingresses = vec![ing];
     cfg
 }
@@ -56,9 +68,12 @@ async fn hundred_reloads_under_load_drop_nothing() {
     let mut sockets = Vec::new();
     for _ in 0..4 {
         let tcp = tokio::net::TcpStream::connect(http).await.expect("connect");
-        let (ws, _) = within("ws handshake", tokio_tungstenite::client_async("ws://app.test/ws", tcp))
-            .await
-            .expect("websocket");
+        let (ws, _) = within(
+            "ws handshake",
+            tokio_tungstenite::client_async("ws://app.test/ws", tcp),
+        )
+        .await
+        .expect("websocket");
         sockets.push(ws);
     }
 
@@ -77,7 +92,12 @@ async fn hundred_reloads_under_load_drop_nothing() {
                     break;
                 }
                 let got = send1(&mut c, get_req("app.test", &format!("/load/{k}/{n}"))).await;
-                if got.status == StatusCode::OK { &ok } else { &failed }.fetch_add(1, Ordering::Relaxed);
+                if got.status == StatusCode::OK {
+                    &ok
+                } else {
+                    &failed
+                }
+                .fetch_add(1, Ordering::Relaxed);
             }
         }));
     }
@@ -89,7 +109,12 @@ async fn hundred_reloads_under_load_drop_nothing() {
                     break;
                 }
                 let got = get(http, "app.test", &format!("/fresh/{n}")).await;
-                if got.status == StatusCode::OK { &ok } else { &failed }.fetch_add(1, Ordering::Relaxed);
+                if got.status == StatusCode::OK {
+                    &ok
+                } else {
+                    &failed
+                }
+                .fetch_add(1, Ordering::Relaxed);
             }
         }));
     }
@@ -108,20 +133,36 @@ async fn hundred_reloads_under_load_drop_nothing() {
                     .body(http_body_util::Full::new(bytes::Bytes::new()))
                     .expect("request");
                 let got = send2(&mut c, req).await;
-                if got.status == StatusCode::OK { &ok } else { &failed }.fetch_add(1, Ordering::Relaxed);
+                if got.status == StatusCode::OK {
+                    &ok
+                } else {
+                    &failed
+                }
+                .fetch_add(1, Ordering::Relaxed);
             }
         }));
     }
 
     for i in 1..=100 {
-        proxy.apply(generation(i, &ups, &certs)).unwrap_or_else(|e| panic!("change {i}: {e}"));
+        proxy
+            .apply(generation(i, &ups, &certs))
+            .unwrap_or_else(|e| panic!("change {i}: {e}"));
         // The route added by this change is live at once.
-        assert_eq!(get(http, "app.test", &format!("/gen/{i}")).await.status, StatusCode::OK, "change {i}");
+        assert_eq!(
+            get(http, "app.test", &format!("/gen/{i}")).await.status,
+            StatusCode::OK,
+            "change {i}"
+        );
         if i % 10 == 0 {
             for (j, ws) in sockets.iter_mut().enumerate() {
                 let text = format!("change {i} socket {j}");
-                within("ws send", ws.send(Message::text(text.clone()))).await.expect("ws open");
-                let back = within("ws echo", ws.next()).await.expect("ws not closed").expect("ws message");
+                within("ws send", ws.send(Message::text(text.clone())))
+                    .await
+                    .expect("ws open");
+                let back = within("ws echo", ws.next())
+                    .await
+                    .expect("ws not closed")
+                    .expect("ws message");
                 assert_eq!(back, Message::text(text));
             }
         }
@@ -135,10 +176,15 @@ async fn hundred_reloads_under_load_drop_nothing() {
     assert_eq!(failed, 0, "{failed} of {} requests failed", ok + failed);
     assert!(ok >= 100, "load ran ({ok} requests)");
     for ws in &mut sockets {
-        within("ws close", ws.close(None)).await.expect("close after reloads");
+        within("ws close", ws.close(None))
+            .await
+            .expect("close after reloads");
     }
     let m = metrics(proxy.metrics_addr.expect("metrics")).await;
-    assert!(m.contains("xlb_proxy_config_reloads_total{result=\"ok\"} 100"), "{m}");
+    assert!(
+        m.contains("xlb_proxy_config_reloads_total{result=\"ok\"} 100"),
+        "{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,14 +192,21 @@ async fn invalid_configuration_is_rejected_and_the_old_one_kept() {
     let up = upstream("up").await;
     let mut cfg = base_config();
     cfg.services = vec![service("up", &[up.addr])];
-    cfg.ingresses = vec![ingress("i", vec![(Some("a.test"), vec![path("/", Prefix, "up")])])];
+    cfg.ingresses = vec![ingress(
+        "i",
+        vec![(Some("a.test"), vec![path("/", Prefix, "up")])],
+    )];
     let proxy = start(cfg.clone());
     let http = proxy.http_addr.expect("http");
 
     let mut bad = cfg.clone();
     bad.ingresses[0].rules[0].paths[0].backend.service = "missing".into();
     let err = proxy.apply(bad).expect_err("dangling backend");
-    assert!(err.to_string().contains("ingresses[0].rules[0].paths[0].backend"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("ingresses[0].rules[0].paths[0].backend"),
+        "{err}"
+    );
 
     let mut bad_cert = cfg.clone();
     bad_cert.listen.https = Some("127.0.0.1:0".parse().expect("addr"));
@@ -167,9 +220,16 @@ async fn invalid_configuration_is_rejected_and_the_old_one_kept() {
     let err = proxy.apply(bad_cert).expect_err("unparsable certificate");
     assert!(err.to_string().contains("default/broken"), "{err}");
 
-    assert_eq!(get(http, "a.test", "/").await.status, StatusCode::OK, "old config still serves");
+    assert_eq!(
+        get(http, "a.test", "/").await.status,
+        StatusCode::OK,
+        "old config still serves"
+    );
     let m = metrics(proxy.metrics_addr.expect("metrics")).await;
-    assert!(m.contains("xlb_proxy_config_reloads_total{result=\"rejected\"} 2"), "{m}");
+    assert!(
+        m.contains("xlb_proxy_config_reloads_total{result=\"rejected\"} 2"),
+        "{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,7 +251,10 @@ async fn config_file_changes_are_watched_and_applied() {
     let http = proxy.http_addr.expect("http");
     let _watch = lb_userspace::proxy::watch::watch(file.clone(), proxy.reloader()).expect("watch");
     assert_eq!(get(http, "w.test", "/one").await.status, StatusCode::OK);
-    assert_eq!(get(http, "w.test", "/two").await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        get(http, "w.test", "/two").await.status,
+        StatusCode::NOT_FOUND
+    );
 
     // An invalid edit is ignored...
     std::fs::write(&file, "listen: [").expect("write broken config");
@@ -210,6 +273,9 @@ async fn config_file_changes_are_watched_and_applied() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(applied, "the watched change was not applied within 5 s");
-    assert_eq!(get(http, "w.test", "/one").await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        get(http, "w.test", "/one").await.status,
+        StatusCode::NOT_FOUND
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

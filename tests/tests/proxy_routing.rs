@@ -46,7 +46,10 @@ async fn host_and_path_rules_follow_ingress_semantics() {
         ),
         {
             let mut d = ingress("fallback", vec![]);
-            d.default_backend = Some(Backend { service: "fallback".into(), port: 80 });
+            d.default_backend = Some(Backend {
+                service: "fallback".into(),
+                port: 80,
+            });
             d
         },
     ];
@@ -74,7 +77,11 @@ async fn host_and_path_rules_follow_ingress_semantics() {
         assert_eq!(got.backend(), Some(want), "{host}{p}");
     }
     let got = get(addr, "app.example.test", "/api/v1?q=1").await;
-    assert!(got.body.contains("path=/api/v1?q=1\n"), "query forwarded: {}", got.body);
+    assert!(
+        got.body.contains("path=/api/v1?q=1\n"),
+        "query forwarded: {}",
+        got.body
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -82,13 +89,20 @@ async fn unmatched_requests_get_a_bare_404() {
     let up = upstream("up").await;
     let mut cfg = base_config();
     cfg.services = vec![service("up", &[up.addr])];
-    cfg.ingresses = vec![ingress("i", vec![(Some("a.test"), vec![path("/a", Exact, "up")])])];
+    cfg.ingresses = vec![ingress(
+        "i",
+        vec![(Some("a.test"), vec![path("/a", Exact, "up")])],
+    )];
     let proxy = start(cfg);
     let addr = proxy.http_addr.expect("http listener");
     let got = get(addr, "a.test", "/a/b").await;
     assert_eq!(got.status, StatusCode::NOT_FOUND);
     assert_eq!(got.body, "404 Not Found\n");
-    assert!(got.headers.get("server").is_none(), "no server banner: {:?}", got.headers);
+    assert!(
+        got.headers.get("server").is_none(),
+        "no server banner: {:?}",
+        got.headers
+    );
     let got = get(addr, "b.test", "/a").await;
     assert_eq!(got.status, StatusCode::NOT_FOUND);
     assert_eq!(up.hits(), 0);
@@ -119,20 +133,37 @@ async fn forwarding_headers_are_added_and_hop_by_hop_headers_removed() {
         .expect("request");
     let got = send1(&mut c, req).await;
     assert_eq!(got.status, StatusCode::OK);
-    assert_eq!(got.upstream_header("x-forwarded-for"), Some("192.0.2.7, 127.0.0.1"));
+    assert_eq!(
+        got.upstream_header("x-forwarded-for"),
+        Some("192.0.2.7, 127.0.0.1")
+    );
     assert_eq!(got.upstream_header("x-forwarded-proto"), Some("http"));
-    assert_eq!(got.upstream_header("x-forwarded-host"), Some("app.test:8080"));
+    assert_eq!(
+        got.upstream_header("x-forwarded-host"),
+        Some("app.test:8080")
+    );
     assert_eq!(
         got.upstream_header("forwarded"),
         Some("for=127.0.0.1;host=\"app.test:8080\";proto=http")
     );
     assert_eq!(got.upstream_header("x-kept"), Some("yes"));
     for hop in ["x-private", "keep-alive", "proxy-authorization", "te"] {
-        assert_eq!(got.upstream_header(hop), None, "{hop} must not be forwarded");
+        assert_eq!(
+            got.upstream_header(hop),
+            None,
+            "{hop} must not be forwarded"
+        );
     }
     // The upstream nominated x-upstream-private in its Connection header.
-    assert!(got.headers.get("x-upstream-private").is_none(), "{:?}", got.headers);
-    assert_eq!(got.headers.get("x-backend").map(|v| v.as_bytes()), Some(&b"up"[..]));
+    assert!(
+        got.headers.get("x-upstream-private").is_none(),
+        "{:?}",
+        got.headers
+    );
+    assert_eq!(
+        got.headers.get("x-backend").map(|v| v.as_bytes()),
+        Some(&b"up"[..])
+    );
     // The same connection keeps working (pooled upstream connection reused).
     let again = send1(&mut c, get_req("app.test:8080", "/again")).await;
     assert_eq!(again.status, StatusCode::OK);
@@ -169,7 +200,9 @@ async fn round_robin_spreads_and_consistent_hash_sticks() {
     let mut counts: HashMap<String, usize> = HashMap::new();
     for _ in 0..10 {
         let got = get(addr, "rr.test", "/").await;
-        *counts.entry(got.backend().expect("backend").to_owned()).or_default() += 1;
+        *counts
+            .entry(got.backend().expect("backend").to_owned())
+            .or_default() += 1;
     }
     assert_eq!(counts.get("a"), Some(&5), "{counts:?}");
     assert_eq!(counts.get("b"), Some(&5), "{counts:?}");
@@ -180,8 +213,15 @@ async fn round_robin_spreads_and_consistent_hash_sticks() {
             let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
             let mut c = h1(tcp).await;
             let mut req = get_req("ch.test", "/");
-            req.headers_mut().insert("x-user", user.parse().expect("value"));
-            seen.insert(send1(&mut c, req).await.backend().expect("backend").to_owned());
+            req.headers_mut()
+                .insert("x-user", user.parse().expect("value"));
+            seen.insert(
+                send1(&mut c, req)
+                    .await
+                    .backend()
+                    .expect("backend")
+                    .to_owned(),
+            );
         }
         assert_eq!(seen.len(), 1, "{user} must stick to one endpoint: {seen:?}");
     }
@@ -198,12 +238,18 @@ async fn connect_failures_are_retried_and_the_endpoint_ejected() {
     let live = upstream("live").await;
     // A port nothing listens on (bound, then released).
     let dead = {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         l.local_addr().expect("addr")
     };
     let mut cfg = base_config();
     let mut s = service("s", &[dead, live.addr]);
-    s.health = PassiveHealth { consecutive_failures: 2, base_ejection_ms: 60_000, max_ejection_ms: 60_000 };
+    s.health = PassiveHealth {
+        consecutive_failures: 2,
+        base_ejection_ms: 60_000,
+        max_ejection_ms: 60_000,
+    };
     cfg.services = vec![s];
     cfg.ingresses = vec![ingress("i", vec![(None, vec![path("/", Prefix, "s")])])];
     cfg.listen.workers = 1;
@@ -211,12 +257,22 @@ async fn connect_failures_are_retried_and_the_endpoint_ejected() {
     let addr = proxy.http_addr.expect("http listener");
     for i in 0..10 {
         let got = get(addr, "x.test", "/").await;
-        assert_eq!(got.status, StatusCode::OK, "GET {i} is retried on the live endpoint");
+        assert_eq!(
+            got.status,
+            StatusCode::OK,
+            "GET {i} is retried on the live endpoint"
+        );
         assert_eq!(got.backend(), Some("live"));
     }
     let m = metrics(proxy.metrics_addr.expect("metrics")).await;
-    assert!(m.contains("xlb_proxy_upstream_ejections_total{upstream=\"default/s:80\"} 1"), "{m}");
-    assert!(m.contains("xlb_proxy_upstream_errors_total{upstream=\"default/s:80\"} 2"), "{m}");
+    assert!(
+        m.contains("xlb_proxy_upstream_ejections_total{upstream=\"default/s:80\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("xlb_proxy_upstream_errors_total{upstream=\"default/s:80\"} 2"),
+        "{m}"
+    );
     // Once ejected, even a POST (never retried) goes to the live endpoint.
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let mut c = h1(tcp).await;
@@ -231,7 +287,11 @@ async fn server_errors_eject_an_endpoint_and_metrics_count_them() {
     let good = upstream("good").await;
     let mut cfg = base_config();
     let mut s = service("s", &[bad.addr, good.addr]);
-    s.health = PassiveHealth { consecutive_failures: 3, base_ejection_ms: 60_000, max_ejection_ms: 60_000 };
+    s.health = PassiveHealth {
+        consecutive_failures: 3,
+        base_ejection_ms: 60_000,
+        max_ejection_ms: 60_000,
+    };
     cfg.services = vec![s];
     cfg.ingresses = vec![ingress("i", vec![(None, vec![path("/", Prefix, "s")])])];
     cfg.listen.workers = 1;
@@ -243,14 +303,35 @@ async fn server_errors_eject_an_endpoint_and_metrics_count_them() {
     for _ in 0..6 {
         statuses.push(get(addr, "x.test", "/status/500").await.status);
     }
-    assert!(statuses.iter().all(|s| *s == StatusCode::INTERNAL_SERVER_ERROR), "{statuses:?}");
+    assert!(
+        statuses
+            .iter()
+            .all(|s| *s == StatusCode::INTERNAL_SERVER_ERROR),
+        "{statuses:?}"
+    );
     let m = metrics(proxy.metrics_addr.expect("metrics")).await;
-    assert!(m.contains("xlb_proxy_upstream_ejections_total{upstream=\"default/s:80\"} 2"), "{m}");
-    assert!(m.contains("xlb_proxy_requests_total{rule=\"default/i:*/\",class=\"5xx\"} 6"), "{m}");
-    assert!(m.contains("xlb_proxy_open_connections{listener=\"http\"}"), "{m}");
-    assert!(m.contains("xlb_proxy_request_duration_seconds_count 6"), "{m}");
+    assert!(
+        m.contains("xlb_proxy_upstream_ejections_total{upstream=\"default/s:80\"} 2"),
+        "{m}"
+    );
+    assert!(
+        m.contains("xlb_proxy_requests_total{rule=\"default/i:*/\",class=\"5xx\"} 6"),
+        "{m}"
+    );
+    assert!(
+        m.contains("xlb_proxy_open_connections{listener=\"http\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains("xlb_proxy_request_duration_seconds_count 6"),
+        "{m}"
+    );
     let got = get(addr, "x.test", "/fine").await;
-    assert_eq!(got.status, StatusCode::OK, "panic mode still routes when all are ejected");
+    assert_eq!(
+        got.status,
+        StatusCode::OK,
+        "panic mode still routes when all are ejected"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -258,9 +339,14 @@ async fn h2c_prior_knowledge_is_served_on_the_plain_listener() {
     let up = upstream("up").await;
     let mut cfg = base_config();
     cfg.services = vec![service("up", &[up.addr])];
-    cfg.ingresses = vec![ingress("i", vec![(Some("h2.test"), vec![path("/", Prefix, "up")])])];
+    cfg.ingresses = vec![ingress(
+        "i",
+        vec![(Some("h2.test"), vec![path("/", Prefix, "up")])],
+    )];
     let proxy = start(cfg);
-    let tcp = tokio::net::TcpStream::connect(proxy.http_addr.expect("http")).await.expect("connect");
+    let tcp = tokio::net::TcpStream::connect(proxy.http_addr.expect("http"))
+        .await
+        .expect("connect");
     let mut c = h2(tcp).await;
     for i in 0..3 {
         let req = hyper::Request::builder()
@@ -270,7 +356,107 @@ async fn h2c_prior_knowledge_is_served_on_the_plain_listener() {
         let got = send2(&mut c, req).await;
         assert_eq!(got.status, StatusCode::OK);
         assert_eq!(got.version, hyper::Version::HTTP_2);
-        assert!(got.body.contains(&format!("path=/n/{i}\n")), "origin-form upstream: {}", got.body);
+        assert!(
+            got.body.contains(&format!("path=/n/{i}\n")),
+            "origin-form upstream: {}",
+            got.body
+        );
         assert_eq!(got.upstream_header("host"), Some("h2.test"));
+    }
+}
+
+/// A hand-written upstream: reads one request head per connection, writes `response`, then
+/// closes the connection (whatever the response says about keep-alive).
+async fn one_shot_upstream(
+    response: &'static [u8],
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 65536 {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(response).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_framing_and_connections_closed_while_pooled() {
+    let (chunked, t1) =
+        one_shot_upstream(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\n").await;
+    let (until_close, t2) =
+        one_shot_upstream(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil close").await;
+    // Claims keep-alive but closes: the pooled connection is dead by the next request.
+    let (closer, t3) = one_shot_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+    let mut cfg = base_config();
+    cfg.listen.workers = 1;
+    cfg.services = vec![
+        service("chunked", &[chunked]),
+        service("close", &[until_close]),
+        service("closer", &[closer]),
+    ];
+    cfg.ingresses = vec![ingress(
+        "i",
+        vec![
+            (Some("chunked.test"), vec![path("/", Prefix, "chunked")]),
+            (Some("close.test"), vec![path("/", Prefix, "close")]),
+            (Some("closer.test"), vec![path("/", Prefix, "closer")]),
+        ],
+    )];
+    let proxy = start(cfg);
+    let addr = proxy.http_addr.expect("http");
+    let got = get(addr, "chunked.test", "/").await;
+    assert_eq!(
+        (got.status, got.body.as_str()),
+        (StatusCode::OK, "hello world")
+    );
+    let got = get(addr, "close.test", "/").await;
+    assert_eq!(
+        (got.status, got.body.as_str()),
+        (StatusCode::OK, "until close")
+    );
+    for i in 0..5 {
+        let got = get(addr, "closer.test", &format!("/get/{i}")).await;
+        assert_eq!(
+            (got.status, got.body.as_str()),
+            (StatusCode::OK, "ok"),
+            "GET {i}"
+        );
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut c = h1(tcp).await;
+        let req = hyper::Request::builder()
+            .method("POST")
+            .uri("/post")
+            .header("host", "closer.test")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"payload",
+            )))
+            .expect("request");
+        let got = send1(&mut c, req).await;
+        assert_eq!(
+            (got.status, got.body.as_str()),
+            (StatusCode::OK, "ok"),
+            "POST {i}"
+        );
+    }
+    for t in [t1, t2, t3] {
+        t.abort();
     }
 }

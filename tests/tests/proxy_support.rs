@@ -15,7 +15,9 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use lb_userspace::proxy::config::{Backend as IngressBackend, HttpPath, Ingress, IngressRule, PathType, ProxyConfig, Service};
+use lb_userspace::proxy::config::{
+    Backend as IngressBackend, HttpPath, Ingress, IngressRule, PathType, ProxyConfig, Service,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -57,13 +59,17 @@ impl Upstream {
 
 /// Starts an upstream named `name` on 127.0.0.1.
 pub async fn upstream(name: &'static str) -> Upstream {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind upstream");
     let addr = listener.local_addr().expect("upstream addr");
     let hits = Arc::new(AtomicUsize::new(0));
     let h = hits.clone();
     let task = tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let h = h.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
@@ -80,7 +86,10 @@ pub async fn upstream(name: &'static str) -> Upstream {
     Upstream { addr, hits, task }
 }
 
-async fn answer(name: &'static str, mut req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn answer(
+    name: &'static str,
+    mut req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_owned();
     if let Some(key) = req.headers().get("sec-websocket-key").cloned() {
         let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
@@ -113,16 +122,32 @@ async fn answer(name: &'static str, mut req: Request<Incoming>) -> Result<Respon
         return Ok(resp);
     }
     let mut status = StatusCode::OK;
-    let mut text = format!("backend={name}\nmethod={}\npath={}\n", req.method(), req.uri());
+    let mut text = format!(
+        "backend={name}\nmethod={}\npath={}\n",
+        req.method(),
+        req.uri()
+    );
     for (k, v) in req.headers() {
-        text.push_str(&format!("h:{k}={}\n", String::from_utf8_lossy(v.as_bytes())));
+        text.push_str(&format!(
+            "h:{k}={}\n",
+            String::from_utf8_lossy(v.as_bytes())
+        ));
     }
     if let Some(code) = path.strip_prefix("/status/") {
-        status = code.parse::<u16>().ok().and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::OK);
+        status = code
+            .parse::<u16>()
+            .ok()
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .unwrap_or(StatusCode::OK);
     } else if let Some(ms) = path.strip_prefix("/sleep/") {
         tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
     } else if path == "/echo-body" {
-        let n = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(usize::MAX);
+        let n = req
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes().len())
+            .unwrap_or(usize::MAX);
         text = format!("len={n}\n");
     }
     let resp = Response::builder()
@@ -137,7 +162,12 @@ async fn answer(name: &'static str, mut req: Request<Incoming>) -> Result<Respon
 
 /// A Service port in namespace `default`.
 pub fn service(name: &str, endpoints: &[SocketAddr]) -> Service {
-    Service { name: name.to_owned(), port: 80, endpoints: endpoints.to_vec(), ..Default::default() }
+    Service {
+        name: name.to_owned(),
+        port: 80,
+        endpoints: endpoints.to_vec(),
+        ..Default::default()
+    }
 }
 
 /// A path of a rule, backed by `service`:80.
@@ -145,7 +175,10 @@ pub fn path(p: &str, path_type: PathType, service: &str) -> HttpPath {
     HttpPath {
         path: p.to_owned(),
         path_type,
-        backend: IngressBackend { service: service.to_owned(), port: 80 },
+        backend: IngressBackend {
+            service: service.to_owned(),
+            port: 80,
+        },
     }
 }
 
@@ -155,7 +188,10 @@ pub fn ingress(name: &str, rules: Vec<(Option<&str>, Vec<HttpPath>)>) -> Ingress
         name: name.to_owned(),
         rules: rules
             .into_iter()
-            .map(|(host, paths)| IngressRule { host: host.map(str::to_owned), paths })
+            .map(|(host, paths)| IngressRule {
+                host: host.map(str::to_owned),
+                paths,
+            })
             .collect(),
         ..Default::default()
     }
@@ -190,13 +226,18 @@ impl Got {
     /// A request header as the upstream saw it.
     pub fn upstream_header(&self, name: &str) -> Option<&str> {
         let prefix = format!("h:{name}=");
-        self.body.lines().find_map(|l| l.strip_prefix(prefix.as_str()))
+        self.body
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
     }
 }
 
 async fn read(resp: Response<Incoming>) -> Got {
     let (parts, body) = resp.into_parts();
-    let body = within("response body", body.collect()).await.expect("body").to_bytes();
+    let body = within("response body", body.collect())
+        .await
+        .expect("body")
+        .to_bytes();
     Got {
         status: parts.status,
         headers: parts.headers,
@@ -210,9 +251,12 @@ pub async fn h1<IO>(io: IO) -> hyper::client::conn::http1::SendRequest<Full<Byte
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (send, conn) = within("h1 handshake", hyper::client::conn::http1::handshake(TokioIo::new(io)))
-        .await
-        .expect("h1 handshake");
+    let (send, conn) = within(
+        "h1 handshake",
+        hyper::client::conn::http1::handshake(TokioIo::new(io)),
+    )
+    .await
+    .expect("h1 handshake");
     tokio::spawn(conn.with_upgrades());
     send
 }
@@ -242,26 +286,48 @@ pub fn get_req(host: &str, path: &str) -> Request<Full<Bytes>> {
 }
 
 /// Sends on an HTTP/1.1 connection and reads the response.
-pub async fn send1(s: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>, req: Request<Full<Bytes>>) -> Got {
-    within("h1 ready", s.ready()).await.expect("connection ready");
-    read(within("h1 response", s.send_request(req)).await.expect("h1 response")).await
+pub async fn send1(
+    s: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    req: Request<Full<Bytes>>,
+) -> Got {
+    within("h1 ready", s.ready())
+        .await
+        .expect("connection ready");
+    read(
+        within("h1 response", s.send_request(req))
+            .await
+            .expect("h1 response"),
+    )
+    .await
 }
 
 /// Sends on an HTTP/2 connection and reads the response.
-pub async fn send2(s: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>, req: Request<Full<Bytes>>) -> Got {
-    read(within("h2 response", s.send_request(req)).await.expect("h2 response")).await
+pub async fn send2(
+    s: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    req: Request<Full<Bytes>>,
+) -> Got {
+    read(
+        within("h2 response", s.send_request(req))
+            .await
+            .expect("h2 response"),
+    )
+    .await
 }
 
 /// One GET over a fresh plain connection.
 pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Got {
-    let tcp = within("connect", TcpStream::connect(addr)).await.expect("connect to proxy");
+    let tcp = within("connect", TcpStream::connect(addr))
+        .await
+        .expect("connect to proxy");
     let mut s = h1(tcp).await;
     send1(&mut s, get_req(host, path)).await
 }
 
 /// Writes raw bytes and reads until the proxy closes the connection (or [`STEP`] passes).
 pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
-    let mut tcp = within("connect", TcpStream::connect(addr)).await.expect("connect to proxy");
+    let mut tcp = within("connect", TcpStream::connect(addr))
+        .await
+        .expect("connect to proxy");
     tcp.write_all(bytes).await.expect("write");
     let mut out = Vec::new();
     let _ = tokio::time::timeout(STEP, tcp.read_to_end(&mut out)).await;
@@ -286,17 +352,27 @@ impl Pki {
     pub fn new() -> Self {
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, "xlb test CA");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "xlb test CA");
         let key = rcgen::KeyPair::generate().expect("ca key");
         let cert = params.self_signed(&key).expect("ca cert");
-        Self { ca_der: cert.der().clone(), ca_params: params, ca_key: key }
+        Self {
+            ca_der: cert.der().clone(),
+            ca_params: params,
+            ca_key: key,
+        }
     }
 
     /// (certificate PEM, key PEM) for `hosts`, with CN = first host.
     pub fn leaf(&self, hosts: &[&str]) -> (String, String) {
-        let mut params =
-            rcgen::CertificateParams::new(hosts.iter().map(|h| (*h).to_owned()).collect::<Vec<_>>()).expect("leaf params");
-        params.distinguished_name.push(rcgen::DnType::CommonName, hosts[0]);
+        let mut params = rcgen::CertificateParams::new(
+            hosts.iter().map(|h| (*h).to_owned()).collect::<Vec<_>>(),
+        )
+        .expect("leaf params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, hosts[0]);
         let key = rcgen::KeyPair::generate().expect("leaf key");
         let issuer = rcgen::Issuer::from_params(&self.ca_params, &self.ca_key);
         let cert = params.signed_by(&key, &issuer).expect("leaf cert");
@@ -304,7 +380,11 @@ impl Pki {
     }
 
     /// A client trusting this CA, offering `alpn`, limited to `versions`.
-    pub fn client(&self, alpn: &[&[u8]], versions: &[&'static rustls::SupportedProtocolVersion]) -> tokio_rustls::TlsConnector {
+    pub fn client(
+        &self,
+        alpn: &[&[u8]],
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> tokio_rustls::TlsConnector {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.ca_der.clone()).expect("trust CA");
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -331,7 +411,11 @@ pub async fn tls(
 
 /// The common name of the certificate the server presented.
 pub fn peer_cn(s: &tokio_rustls::client::TlsStream<TcpStream>) -> String {
-    let certs = s.get_ref().1.peer_certificates().expect("server certificate");
+    let certs = s
+        .get_ref()
+        .1
+        .peer_certificates()
+        .expect("server certificate");
     let (_, x509) = x509_cn(certs[0].as_ref());
     x509
 }

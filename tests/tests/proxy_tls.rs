@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use hyper::StatusCode;
-use lb_userspace::proxy::config::{ANNOTATION_SSL_REDIRECT, IngressTls, PathType::*, ProxyConfig, TlsSecret};
+use lb_userspace::proxy::config::{
+    ANNOTATION_SSL_REDIRECT, IngressTls, PathType::*, ProxyConfig, TlsSecret,
+};
 use rustls::version::{TLS12, TLS13};
 use support::*;
 
@@ -43,26 +45,56 @@ async fn fixture(name: &str) -> Fixture {
     cfg.listen.https_redirect_port = Some(8443);
     cfg.tls.default_secret = Some("default/fallback".into());
     cfg.secrets = vec![
-        TlsSecret { name: "shop".into(), cert_pem: Some(shop_crt), key_pem: Some(shop_key), ..Default::default() },
+        TlsSecret {
+            name: "shop".into(),
+            cert_pem: Some(shop_crt),
+            key_pem: Some(shop_key),
+            ..Default::default()
+        },
         TlsSecret {
             name: "api".into(),
             cert_file: Some(dir.join("api.crt")),
             key_file: Some(dir.join("api.key")),
             ..Default::default()
         },
-        TlsSecret { name: "fallback".into(), cert_pem: Some(def_crt), key_pem: Some(def_key), ..Default::default() },
+        TlsSecret {
+            name: "fallback".into(),
+            cert_pem: Some(def_crt),
+            key_pem: Some(def_key),
+            ..Default::default()
+        },
     ];
     cfg.services = vec![service("up", &[up.addr])];
     let mut shop = ingress(
         "shop",
-        vec![(Some("shop.test"), vec![path("/", Prefix, "up")]), (Some("*.shop.test"), vec![path("/", Prefix, "up")])],
+        vec![
+            (Some("shop.test"), vec![path("/", Prefix, "up")]),
+            (Some("*.shop.test"), vec![path("/", Prefix, "up")]),
+        ],
     );
-    shop.tls = vec![IngressTls { hosts: vec!["shop.test".into(), "*.shop.test".into()], secret_name: "shop".into() }];
+    shop.tls = vec![IngressTls {
+        hosts: vec!["shop.test".into(), "*.shop.test".into()],
+        secret_name: "shop".into(),
+    }];
     shop.annotations = BTreeMap::from([(ANNOTATION_SSL_REDIRECT.to_owned(), "true".to_owned())]);
-    let mut api = ingress("api", vec![(Some("api.test"), vec![path("/", Prefix, "up")]), (None, vec![path("/", Prefix, "up")])]);
-    api.tls = vec![IngressTls { hosts: vec!["api.test".into()], secret_name: "api".into() }];
+    let mut api = ingress(
+        "api",
+        vec![
+            (Some("api.test"), vec![path("/", Prefix, "up")]),
+            (None, vec![path("/", Prefix, "up")]),
+        ],
+    );
+    api.tls = vec![IngressTls {
+        hosts: vec!["api.test".into()],
+        secret_name: "api".into(),
+    }];
     cfg.ingresses = vec![shop, api];
-    Fixture { pki, cfg, _up: up, dir }
+    Fixture {
+        pki,
+        cfg,
+        _up: up,
+        dir,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,7 +109,9 @@ async fn sni_selects_the_certificate_with_a_default_fallback() {
         ("api.test", "api.test"),
         ("default.test", "default.test"),
     ] {
-        let s = tls(&client, addr, sni).await.unwrap_or_else(|e| panic!("{sni}: {e}"));
+        let s = tls(&client, addr, sni)
+            .await
+            .unwrap_or_else(|e| panic!("{sni}: {e}"));
         assert_eq!(peer_cn(&s), cn, "SNI {sni}");
         let mut c = h1(s).await;
         let got = send1(&mut c, get_req(sni, "/")).await;
@@ -85,11 +119,15 @@ async fn sni_selects_the_certificate_with_a_default_fallback() {
         assert_eq!(got.upstream_header("x-forwarded-proto"), Some("https"));
     }
     // No SNI at all (an IP address as server name): the default certificate.
-    let s = tls(&client, addr, "127.0.0.1").await.expect("handshake without SNI");
+    let s = tls(&client, addr, "127.0.0.1")
+        .await
+        .expect("handshake without SNI");
     assert_eq!(peer_cn(&s), "default.test");
     // A name covered by no certificate fails verification on the client: the default
     // certificate was served, not some other Ingress's.
-    let err = tls(&client, addr, "a.b.shop.test").await.expect_err("wildcard is one label");
+    let err = tls(&client, addr, "a.b.shop.test")
+        .await
+        .expect_err("wildcard is one label");
     assert!(err.to_string().contains("certificate"), "{err}");
 }
 
@@ -99,7 +137,13 @@ async fn alpn_negotiates_h2_or_http11() {
     let proxy = start(f.cfg.clone());
     let addr = proxy.https_addr.expect("https listener");
 
-    let s = tls(&f.pki.client(&[b"h2", b"http/1.1"], &[&TLS13]), addr, "api.test").await.expect("tls");
+    let s = tls(
+        &f.pki.client(&[b"h2", b"http/1.1"], &[&TLS13]),
+        addr,
+        "api.test",
+    )
+    .await
+    .expect("tls");
     assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     let mut c = h2(s).await;
     // Several concurrent streams on one connection.
@@ -126,7 +170,9 @@ async fn alpn_negotiates_h2_or_http11() {
     assert_eq!(send2(&mut c, req).await.status, StatusCode::OK);
 
     for alpn in [&[&b"http/1.1"[..]][..], &[]] {
-        let s = tls(&f.pki.client(alpn, &[&TLS13]), addr, "api.test").await.expect("tls");
+        let s = tls(&f.pki.client(alpn, &[&TLS13]), addr, "api.test")
+            .await
+            .expect("tls");
         let mut c = h1(s).await;
         let got = send1(&mut c, get_req("api.test", "/one")).await;
         assert_eq!(got.version, hyper::Version::HTTP_11);
@@ -139,8 +185,13 @@ async fn tls12_and_tls13_are_offered_and_tls13_only_is_enforced() {
     let f = fixture("versions").await;
     let proxy = start(f.cfg.clone());
     let addr = proxy.https_addr.expect("https listener");
-    for (v, want) in [(&TLS12, rustls::ProtocolVersion::TLSv1_2), (&TLS13, rustls::ProtocolVersion::TLSv1_3)] {
-        let s = tls(&f.pki.client(&[b"h2"], &[v]), addr, "shop.test").await.expect("tls");
+    for (v, want) in [
+        (&TLS12, rustls::ProtocolVersion::TLSv1_2),
+        (&TLS13, rustls::ProtocolVersion::TLSv1_3),
+    ] {
+        let s = tls(&f.pki.client(&[b"h2"], &[v]), addr, "shop.test")
+            .await
+            .expect("tls");
         assert_eq!(s.get_ref().1.protocol_version(), Some(want));
         let mut c = h2(s).await;
         let req = hyper::Request::builder()
@@ -155,8 +206,17 @@ async fn tls12_and_tls13_are_offered_and_tls13_only_is_enforced() {
     cfg.tls.tls13_only = true;
     let proxy = start(cfg);
     let addr = proxy.https_addr.expect("https listener");
-    assert!(tls(&f.pki.client(&[], &[&TLS12]), addr, "shop.test").await.is_err(), "TLS 1.2 refused");
-    assert!(tls(&f.pki.client(&[], &[&TLS13]), addr, "shop.test").await.is_ok());
+    assert!(
+        tls(&f.pki.client(&[], &[&TLS12]), addr, "shop.test")
+            .await
+            .is_err(),
+        "TLS 1.2 refused"
+    );
+    assert!(
+        tls(&f.pki.client(&[], &[&TLS13]), addr, "shop.test")
+            .await
+            .is_ok()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,12 +229,21 @@ async fn ssl_redirect_sends_plain_http_to_https() {
         got.headers.get("location").and_then(|v| v.to_str().ok()),
         Some("https://shop.test:8443/cart?id=7")
     );
-    assert!(got.backend().is_none(), "a redirect is answered by the proxy");
+    assert!(
+        got.backend().is_none(),
+        "a redirect is answered by the proxy"
+    );
     // Ingresses without the annotation are served over plain HTTP.
     let got = get(proxy.http_addr.expect("http"), "api.test", "/").await;
     assert_eq!(got.status, StatusCode::OK);
     // Over TLS the redirecting Ingress is proxied.
-    let s = tls(&f.pki.client(&[], &[&TLS13]), proxy.https_addr.expect("https"), "shop.test").await.expect("tls");
+    let s = tls(
+        &f.pki.client(&[], &[&TLS13]),
+        proxy.https_addr.expect("https"),
+        "shop.test",
+    )
+    .await
+    .expect("tls");
     let mut c = h1(s).await;
     let got = send1(&mut c, get_req("shop.test", "/cart?id=7")).await;
     assert_eq!(got.status, StatusCode::OK);

@@ -16,8 +16,13 @@ where
 {
     for i in 0..n {
         let text = format!("{tag}-{i}");
-        within("ws send", ws.send(Message::text(text.clone()))).await.expect("send");
-        let back = within("ws echo", ws.next()).await.expect("stream open").expect("message");
+        within("ws send", ws.send(Message::text(text.clone())))
+            .await
+            .expect("send");
+        let back = within("ws echo", ws.next())
+            .await
+            .expect("stream open")
+            .expect("message");
         assert_eq!(back, Message::text(text));
     }
 }
@@ -29,32 +34,60 @@ async fn websocket_is_tunnelled_over_http_and_https() {
     let (crt, key) = pki.leaf(&["ws.test"]);
     let mut cfg = base_config();
     cfg.listen.https = Some("127.0.0.1:0".parse().expect("addr"));
-    cfg.secrets = vec![TlsSecret { name: "ws".into(), cert_pem: Some(crt), key_pem: Some(key), ..Default::default() }];
+    cfg.secrets = vec![TlsSecret {
+        name: "ws".into(),
+        cert_pem: Some(crt),
+        key_pem: Some(key),
+        ..Default::default()
+    }];
     cfg.services = vec![service("ws", &[up.addr])];
-    let mut ing = ingress("ws", vec![(Some("ws.test"), vec![path("/chat", Prefix, "ws")])]);
-    ing.tls = vec![IngressTls { hosts: vec!["ws.test".into()], secret_name: "ws".into() }];
+    let mut ing = ingress(
+        "ws",
+        vec![(Some("ws.test"), vec![path("/chat", Prefix, "ws")])],
+    );
+    ing.tls = vec![IngressTls {
+        hosts: vec!["ws.test".into()],
+        secret_name: "ws".into(),
+    }];
     cfg.ingresses = vec![ing];
     let proxy = start(cfg);
 
-    let tcp = tokio::net::TcpStream::connect(proxy.http_addr.expect("http")).await.expect("connect");
-    let (mut ws, resp) = within("ws handshake", tokio_tungstenite::client_async("ws://ws.test/chat/room1", tcp))
+    let tcp = tokio::net::TcpStream::connect(proxy.http_addr.expect("http"))
         .await
-        .expect("websocket handshake through the proxy");
+        .expect("connect");
+    let (mut ws, resp) = within(
+        "ws handshake",
+        tokio_tungstenite::client_async("ws://ws.test/chat/room1", tcp),
+    )
+    .await
+    .expect("websocket handshake through the proxy");
     assert_eq!(resp.status(), 101);
     echo_round(&mut ws, "plain", 20).await;
     // Large binary frames cross in both directions too.
     let blob = vec![7u8; 256 * 1024];
-    within("ws send", ws.send(Message::binary(blob.clone()))).await.expect("send");
-    let back = within("ws echo", ws.next()).await.expect("open").expect("message");
+    within("ws send", ws.send(Message::binary(blob.clone())))
+        .await
+        .expect("send");
+    let back = within("ws echo", ws.next())
+        .await
+        .expect("open")
+        .expect("message");
     assert_eq!(back.into_data().len(), blob.len());
     within("ws close", ws.close(None)).await.expect("close");
 
-    let s = tls(&pki.client(&[b"http/1.1"], &[&TLS13]), proxy.https_addr.expect("https"), "ws.test")
-        .await
-        .expect("tls");
-    let (mut ws, _) = within("wss handshake", tokio_tungstenite::client_async("wss://ws.test/chat", s))
-        .await
-        .expect("websocket over TLS through the proxy");
+    let s = tls(
+        &pki.client(&[b"http/1.1"], &[&TLS13]),
+        proxy.https_addr.expect("https"),
+        "ws.test",
+    )
+    .await
+    .expect("tls");
+    let (mut ws, _) = within(
+        "wss handshake",
+        tokio_tungstenite::client_async("wss://ws.test/chat", s),
+    )
+    .await
+    .expect("websocket over TLS through the proxy");
     echo_round(&mut ws, "tls", 20).await;
     assert_eq!(up.hits(), 2, "one upgrade request per WebSocket");
 }
@@ -64,12 +97,20 @@ async fn upgrade_to_an_unrouted_path_is_refused() {
     let up = upstream("ws").await;
     let mut cfg = base_config();
     cfg.services = vec![service("ws", &[up.addr])];
-    cfg.ingresses = vec![ingress("ws", vec![(Some("ws.test"), vec![path("/chat", Exact, "ws")])])];
+    cfg.ingresses = vec![ingress(
+        "ws",
+        vec![(Some("ws.test"), vec![path("/chat", Exact, "ws")])],
+    )];
     let proxy = start(cfg);
-    let tcp = tokio::net::TcpStream::connect(proxy.http_addr.expect("http")).await.expect("connect");
-    let err = within("ws handshake", tokio_tungstenite::client_async("ws://ws.test/other", tcp))
+    let tcp = tokio::net::TcpStream::connect(proxy.http_addr.expect("http"))
         .await
-        .expect_err("no route");
+        .expect("connect");
+    let err = within(
+        "ws handshake",
+        tokio_tungstenite::client_async("ws://ws.test/other", tcp),
+    )
+    .await
+    .expect_err("no route");
     assert!(err.to_string().contains("404"), "{err}");
     assert_eq!(up.hits(), 0);
 }

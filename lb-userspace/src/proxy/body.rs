@@ -1,17 +1,16 @@
 //! Body types of the forwarding path: no boxing, no per-frame allocation.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
 
 use super::access_log::LogRecord;
+use super::client::UpstreamBody;
 use super::server::ActiveGuard;
-use super::upstream::{Endpoint, InFlight};
+use super::upstream::InFlight;
 
 /// Errors of body streams, as hyper wants them.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -87,18 +86,16 @@ impl Body for ReqBody {
 }
 
 enum Kind {
-    Upstream(Incoming),
+    Upstream(UpstreamBody),
     Full(Option<Bytes>),
 }
 
-/// The response body sent downstream. Dropping it returns the upstream connection to the
-/// pool if the body was read to its end, releases the endpoint's in-flight count and writes
-/// the access log line (so that it has the byte count and the full duration).
+/// The response body sent downstream. Dropping it releases the endpoint's in-flight count and
+/// the connection's busy mark, and writes the access log line (so that it has the byte count
+/// and the full duration).
 pub struct RespBody {
     kind: Kind,
-    done: bool,
     bytes: u64,
-    pooled: Option<(Arc<Endpoint>, SendRequest<ReqBody>)>,
     _in_flight: Option<InFlight>,
     _active: Option<ActiveGuard>,
     log: Option<Box<LogRecord>>,
@@ -107,7 +104,6 @@ pub struct RespBody {
 impl std::fmt::Debug for RespBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RespBody")
-            .field("done", &self.done)
             .field("bytes", &self.bytes)
             .finish()
     }
@@ -124,26 +120,17 @@ impl RespBody {
         Self::new(Kind::Full(None))
     }
 
-    /// An upstream body; the connection goes back to `pooled` once it has been read fully.
-    pub(crate) fn upstream(
-        body: Incoming,
-        pooled: Option<(Arc<Endpoint>, SendRequest<ReqBody>)>,
-        in_flight: Option<InFlight>,
-    ) -> Self {
-        let done = body.is_end_stream();
+    /// An upstream body, counted in flight on its endpoint until dropped.
+    pub(crate) fn upstream(body: UpstreamBody, in_flight: InFlight) -> Self {
         let mut b = Self::new(Kind::Upstream(body));
-        b.done = done;
-        b.pooled = pooled;
-        b._in_flight = in_flight;
+        b._in_flight = Some(in_flight);
         b
     }
 
     fn new(kind: Kind) -> Self {
         Self {
             kind,
-            done: false,
             bytes: 0,
-            pooled: None,
             _in_flight: None,
             _active: None,
             log: None,
@@ -172,20 +159,12 @@ impl Body for RespBody {
         let this = self.get_mut();
         let r = match &mut this.kind {
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Upstream(inc) => match ready!(Pin::new(inc).poll_frame(cx)) {
-                Some(Ok(f)) => Poll::Ready(Some(Ok(f))),
-                Some(Err(e)) => Poll::Ready(Some(Err(Box::new(e) as BoxError))),
-                None => Poll::Ready(None),
-            },
+            Kind::Upstream(up) => Pin::new(up).poll_frame(cx),
         };
-        match &r {
-            Poll::Ready(Some(Ok(f))) => {
-                if let Some(d) = f.data_ref() {
-                    this.bytes += d.len() as u64;
-                }
-            }
-            Poll::Ready(None) => this.done = true,
-            _ => {}
+        if let Poll::Ready(Some(Ok(f))) = &r
+            && let Some(d) = f.data_ref()
+        {
+            this.bytes += d.len() as u64;
         }
         r
     }
@@ -207,11 +186,6 @@ impl Body for RespBody {
 
 impl Drop for RespBody {
     fn drop(&mut self) {
-        if let Some((ep, sender)) = self.pooled.take()
-            && (self.done || self.is_end_stream())
-        {
-            ep.checkin(sender);
-        }
         if let Some(log) = self.log.take() {
             log.emit(self.bytes);
         }

@@ -147,14 +147,23 @@ impl Metrics {
     /// Counters for a rule label.
     pub fn rule(&self, rule: &str) -> RuleCounters {
         use StatusClass::*;
-        RuleCounters([Informational, Success, Redirection, ClientError, ServerError].map(|class| {
-            self.requests
-                .get_or_create(&RequestLabels {
-                    rule: rule.to_owned(),
-                    class,
-                })
-                .clone()
-        }))
+        RuleCounters(
+            [
+                Informational,
+                Success,
+                Redirection,
+                ClientError,
+                ServerError,
+            ]
+            .map(|class| {
+                self.requests
+                    .get_or_create(&RequestLabels {
+                        rule: rule.to_owned(),
+                        class,
+                    })
+                    .clone()
+            }),
+        )
     }
 
     /// The error counter of an upstream.

@@ -3,11 +3,12 @@
 //! load balancing with passive health, and live reconfiguration. See docs/proxy.md.
 //!
 //! Layout: [`config`] (model + validation), [`routing`], [`tls`], [`upstream`] (balancing,
-//! health, pools), [`server`] (workers and the forwarding path), [`h1guard`] (request
+//! health, pools), [`client`] (inline upstream HTTP/1.1), [`server`] (workers and the forwarding path), [`h1guard`] (request
 //! smuggling guard), [`body`], [`metrics`], [`access_log`] and [`watch`] (config file watcher).
 
 pub mod access_log;
 pub mod body;
+pub mod client;
 pub mod config;
 pub mod h1guard;
 pub mod metrics;

@@ -17,13 +17,16 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::access_log::LogRecord;
-use super::body::{BodyTooLarge, ReqBody, RespBody};
+use super::body::{ReqBody, RespBody};
+use super::client::{ExchangeError, ResponseHead, UpstreamBody, UpstreamConn};
 use super::config::{Annotations, ConfigError, ProxyConfig};
 use super::h1guard::GuardedIo;
 use super::metrics::{Metrics, RuleCounters};
@@ -814,18 +817,6 @@ fn is_idempotent(m: &Method) -> bool {
     )
 }
 
-fn has_source<E: std::error::Error + 'static>(mut e: &(dyn std::error::Error + 'static)) -> bool {
-    loop {
-        if e.is::<E>() {
-            return true;
-        }
-        match e.source() {
-            Some(s) => e = s,
-            None => return false,
-        }
-    }
-}
-
 async fn forward(state: &State, ctx: &ConnCtx, mut req: Request<Incoming>) -> Outcome {
     let s = &state.settings;
     if req.version() == Version::HTTP_2 && header_bytes(req.headers()) > s.max_header_bytes {
@@ -871,29 +862,46 @@ async fn forward(state: &State, ctx: &ConnCtx, mut req: Request<Incoming>) -> Ou
     add_forwarding_headers(&mut parts.headers, ctx);
     parts.extensions = http::Extensions::new();
     let idempotent = is_idempotent(&parts.method);
-    let mut req = Request::from_parts(parts, ReqBody::limited(body, route.max_body));
-
+    let mut body = ReqBody::limited(body, route.max_body);
+    // A pooled connection may have been closed by the upstream while idle. Requests that can
+    // be re-sent find out by trying; the others get a liveness probe first.
+    let probe_pooled = !idempotent || !body.is_end_stream();
+    let mut body_touched = false;
     let upstream = &route.upstream;
     let mut excluded: Option<Arc<Endpoint>> = None;
-    for attempt in 0..2 {
+    let mut connect_attempts = 2u8;
+    let mut stale_resends = 4u8;
+    loop {
         let pick = PickContext {
             client_ip: ctx.peer.ip(),
-            headers: req.headers(),
+            headers: &parts.headers,
         };
         let Some(ep) = upstream.pick(&pick, excluded.as_deref()) else {
             // No endpoint at all is 503; no *other* endpoint to retry on is the 502 of the
             // failed first attempt.
-            let status = if excluded.is_some() { StatusCode::BAD_GATEWAY } else { StatusCode::SERVICE_UNAVAILABLE };
+            let status = if excluded.is_some() {
+                StatusCode::BAD_GATEWAY
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
             return Outcome::local(status, Some(route));
         };
         let in_flight = ep.start_request();
-        let (mut sender, pooled) = match sender_for(&ep, s.connect, upgrade).await {
+        let (mut conn, reused) = match connection_for(
+            &ep,
+            s.connect,
+            upgrade,
+            probe_pooled && stale_resends > 0,
+        )
+        .await
+        {
             Ok(x) => x,
             Err(e) => {
                 tracing::debug!(endpoint = %ep.addr, error = %e, "upstream connect failed");
                 upstream.errors.inc();
                 upstream.record_failure(&ep);
-                if idempotent && attempt == 0 {
+                connect_attempts -= 1;
+                if idempotent && connect_attempts > 0 {
                     excluded = Some(ep);
                     continue;
                 }
@@ -903,29 +911,28 @@ async fn forward(state: &State, ctx: &ConnCtx, mut req: Request<Incoming>) -> Ou
                 };
             }
         };
-        let sent = tokio::time::timeout(s.response, sender.try_send_request(req)).await;
-        let resp = match sent {
-            Ok(Ok(r)) => r,
-            Ok(Err(mut e)) => {
-                if let Some(back) = e.take_message() {
-                    // Not sent: a pooled connection closed under us. Not the endpoint's fault;
-                    // try again with a fresh connection (any method: nothing was sent).
-                    req = back;
-                    if attempt == 0 || pooled {
-                        continue;
-                    }
-                    upstream.errors.inc();
-                    return Outcome {
-                        endpoint: Some(ep.addr),
-                        ..Outcome::local(StatusCode::BAD_GATEWAY, Some(route))
-                    };
-                }
-                let err = e.into_error();
+        let exchanged = tokio::time::timeout(
+            s.response,
+            conn.exchange(&parts, &mut body, &mut body_touched),
+        )
+        .await;
+        let head = match exchanged {
+            Ok(Ok(head)) => head,
+            Ok(Err(ExchangeError::Stale)) if reused && !body_touched && stale_resends > 0 => {
+                // Closed while idle in the pool: nothing was processed, send it again.
+                stale_resends -= 1;
+                continue;
+            }
+            Ok(Err(ExchangeError::BodyTooLarge(_))) => {
+                return Outcome::local(StatusCode::PAYLOAD_TOO_LARGE, Some(route));
+            }
+            Ok(Err(ExchangeError::RequestBody(e))) => {
+                tracing::debug!(error = %e, "client request body failed");
+                return Outcome::local(StatusCode::BAD_REQUEST, Some(route));
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(endpoint = %ep.addr, error = %e, "upstream exchange failed");
                 upstream.errors.inc();
-                if has_source::<BodyTooLarge>(&err) {
-                    return Outcome::local(StatusCode::PAYLOAD_TOO_LARGE, Some(route));
-                }
-                tracing::debug!(endpoint = %ep.addr, error = %err, "upstream exchange failed");
                 upstream.record_failure(&ep);
                 return Outcome {
                     endpoint: Some(ep.addr),
@@ -941,100 +948,87 @@ async fn forward(state: &State, ctx: &ConnCtx, mut req: Request<Incoming>) -> Ou
                 };
             }
         };
-        if resp.status().is_server_error() {
+        if head.status.is_server_error() {
             upstream.record_failure(&ep);
         } else {
             upstream.record_success(&ep);
         }
         let endpoint = Some(ep.addr);
         if let Some(client_upgrade) = client_upgrade
-            && resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            && head.status == StatusCode::SWITCHING_PROTOCOLS
         {
+            let resp = tunnel(conn, head, client_upgrade, in_flight);
             return Outcome {
-                resp: tunnel(resp, client_upgrade, in_flight),
+                resp,
                 route: Some(route),
                 endpoint,
             };
         }
-        let (mut rparts, rbody) = resp.into_parts();
-        strip_hop_by_hop(&mut rparts.headers, false);
-        rparts.version = Version::HTTP_11;
-        let pool = (!upgrade).then(|| (ep.clone(), sender));
-        let body = RespBody::upstream(rbody, pool, Some(in_flight));
+        let body = UpstreamBody::new(conn, &head, ep.clone());
+        let mut resp = Response::new(RespBody::upstream(body, in_flight));
+        *resp.status_mut() = head.status;
+        *resp.headers_mut() = head.headers;
+        strip_hop_by_hop(resp.headers_mut(), false);
         return Outcome {
-            resp: Response::from_parts(rparts, body),
+            resp,
             route: Some(route),
             endpoint,
         };
     }
-    Outcome::local(StatusCode::BAD_GATEWAY, Some(route))
 }
 
-/// A pooled connection to `ep` if one is ready, else a new one. Upgrades always get a new,
-/// unpooled connection (it becomes the tunnel).
-async fn sender_for(
+/// A pooled connection to `ep` (probed for liveness if `probe`), else a new one. Upgrades
+/// always get a new connection: it becomes the tunnel. Returns whether it was pooled.
+async fn connection_for(
     ep: &Arc<Endpoint>,
     connect_timeout: Duration,
     upgrade: bool,
-) -> std::io::Result<(hyper::client::conn::http1::SendRequest<ReqBody>, bool)> {
+    probe: bool,
+) -> std::io::Result<(UpstreamConn, bool)> {
     if !upgrade {
-        // Bounded by the pool size; closed connections are dropped as they are found.
-        while let Some(mut s) = ep.checkout() {
-            if s.ready().await.is_ok() {
-                return Ok((s, true));
+        // Bounded by the pool size; dead connections are dropped as they are found.
+        while let Some(mut c) = ep.checkout() {
+            if !probe || c.looks_alive() {
+                return Ok((c, true));
             }
         }
     }
-    let stream = upstream::connect(ep.addr, connect_timeout).await?;
-    let (sender, conn) = hyper::client::conn::http1::Builder::new()
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(std::io::Error::other)?;
-    if upgrade {
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream upgrade connection failed");
-            }
-        });
-    } else {
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream connection failed");
-            }
-        });
-    }
-    Ok((sender, false))
+    Ok((
+        UpstreamConn::connect(ep.addr, connect_timeout).await?,
+        false,
+    ))
 }
 
-/// Answers 101 downstream and splices the two upgraded connections once both are ready.
+/// Answers 101 downstream and splices the client's upgraded connection with the upstream
+/// socket (bytes the upstream sent right after its 101 are delivered first).
 fn tunnel(
-    resp: Response<Incoming>,
+    conn: UpstreamConn,
+    head: ResponseHead,
     client: hyper::upgrade::OnUpgrade,
     in_flight: upstream::InFlight,
 ) -> Response<RespBody> {
-    let mut resp = resp;
-    let upstream_upgrade = hyper::upgrade::on(&mut resp);
-    let (mut parts, _) = resp.into_parts();
-    parts.version = Version::HTTP_11;
+    let (mut up, leftover) = conn.into_parts();
     tokio::spawn(async move {
         let _in_flight = in_flight;
-        let (c, u) = tokio::join!(client, upstream_upgrade);
-        match (c, u) {
-            (Ok(c), Ok(u)) => {
-                let mut c = TokioIo::new(c);
-                let mut u = TokioIo::new(u);
-                if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
-                    tracing::debug!(error = %e, "upgraded connection ended with error");
-                }
+        let client = match client.await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "client upgrade failed");
+                return;
             }
-            (c, u) => tracing::debug!(
-                client_ok = c.is_ok(),
-                upstream_ok = u.is_ok(),
-                "upgrade failed"
-            ),
+        };
+        let mut client = TokioIo::new(client);
+        if !leftover.is_empty() && client.write_all(&leftover).await.is_err() {
+            return;
+        }
+        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut up).await {
+            tracing::debug!(error = %e, "upgraded connection ended with error");
         }
     });
-    Response::from_parts(parts, RespBody::empty())
+    let mut resp = Response::new(RespBody::empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    *resp.headers_mut() = head.headers;
+    resp
 }
 
 fn redirect_to_https(

@@ -9,14 +9,13 @@ use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use http::{HeaderMap, HeaderName};
-use hyper::client::conn::http1::SendRequest;
 use prometheus_client::metrics::counter::Counter;
 use rand::Rng;
 
-use super::body::ReqBody;
+use super::client::UpstreamConn;
 use super::config::{Balance, PassiveHealth, Service};
 use super::metrics::Metrics;
 
@@ -58,7 +57,7 @@ pub struct Endpoint {
     /// `now_ms()` until which the endpoint is ejected (0 = admitted).
     ejected_until: AtomicU64,
     /// Idle connections, one list per worker (no cross-thread wakeups on the hot path).
-    idle: Box<[Mutex<Vec<SendRequest<ReqBody>>>]>,
+    idle: Box<[Mutex<Vec<UpstreamConn>>]>,
 }
 
 impl Endpoint {
@@ -84,26 +83,20 @@ impl Endpoint {
         !self.admitted(now_ms())
     }
 
-    fn idle_list(&self) -> &Mutex<Vec<SendRequest<ReqBody>>> {
+    fn idle_list(&self) -> &Mutex<Vec<UpstreamConn>> {
         &self.idle[worker_index() % self.idle.len()]
     }
 
-    /// An idle pooled connection, if any is still open (most recently used first).
-    pub(crate) fn checkout(&self) -> Option<SendRequest<ReqBody>> {
-        let mut idle = self.idle_list().lock().unwrap_or_else(|e| e.into_inner());
-        while let Some(s) = idle.pop() {
-            if !s.is_closed() {
-                return Some(s);
-            }
-        }
-        None
+    /// The most recently used idle connection (LIFO: the likeliest to be still open).
+    pub(crate) fn checkout(&self) -> Option<UpstreamConn> {
+        self.idle_list()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
     }
 
     /// Returns a connection whose last response has been read completely.
-    pub(crate) fn checkin(&self, s: SendRequest<ReqBody>) {
-        if s.is_closed() {
-            return;
-        }
+    pub(crate) fn checkin(&self, s: UpstreamConn) {
         let mut idle = self.idle_list().lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < MAX_IDLE_PER_WORKER {
             idle.push(s);
@@ -343,18 +336,6 @@ pub fn build_upstreams(
             (key, Arc::new(Upstream::new(s, workers, prev, metrics)))
         })
         .collect()
-}
-
-/// How long a connect may take.
-pub(crate) async fn connect(
-    addr: SocketAddr,
-    timeout: Duration,
-) -> std::io::Result<tokio::net::TcpStream> {
-    let s = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
-    s.set_nodelay(true)?;
-    Ok(s)
 }
 
 #[cfg(test)]

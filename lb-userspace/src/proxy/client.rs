@@ -1,0 +1,614 @@
+//! A lean HTTP/1.1 client for upstream exchanges.
+//!
+//! hyper's client runs each connection as its own task and hands requests, responses and body
+//! chunks across channels, which costs several task wake-ups per proxied request. Here the
+//! exchange runs inline in the downstream request's task: the head (and body) are written,
+//! the response head is parsed with httparse, and the response body is decoded straight from
+//! the socket by [`UpstreamBody`] as hyper's server polls it. A connection whose response was
+//! read to its end goes back to its endpoint's pool.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::body::{BodyTooLarge, BoxError, ReqBody};
+use super::upstream::Endpoint;
+
+/// Largest upstream response head accepted.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Most response headers accepted.
+const MAX_RESPONSE_HEADERS: usize = 128;
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Why an upstream exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    /// The connection was closed before any response byte arrived and no request body had been
+    /// consumed: safe to send again on another connection.
+    #[error("upstream connection closed before responding")]
+    Stale,
+    /// The downstream request body exceeded the route's limit.
+    #[error(transparent)]
+    BodyTooLarge(#[from] BodyTooLarge),
+    /// The downstream request body failed (client went away).
+    #[error("request body: {0}")]
+    RequestBody(BoxError),
+    /// Socket error.
+    #[error("upstream i/o: {0}")]
+    Io(#[from] io::Error),
+    /// The upstream's response is not valid HTTP/1.1.
+    #[error("malformed upstream response: {0}")]
+    Protocol(&'static str),
+}
+
+/// An upstream HTTP/1.1 connection.
+#[derive(Debug)]
+pub struct UpstreamConn {
+    io: TcpStream,
+    /// Bytes read but not consumed yet.
+    rbuf: BytesMut,
+    /// Reused buffer for request heads.
+    wbuf: Vec<u8>,
+}
+
+/// How the response body is delimited (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked(Chunk),
+    UntilClose,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    Size { value: u64, digits: bool },
+    Ext { value: u64 },
+    SizeLf { value: u64 },
+    Data(u64),
+    DataCr,
+    DataLf,
+    TrailerStart,
+    Trailer,
+    TrailerLf,
+}
+
+/// A parsed response head.
+#[derive(Debug)]
+pub struct ResponseHead {
+    /// Status.
+    pub status: StatusCode,
+    /// Headers as received.
+    pub headers: HeaderMap,
+    framing: Framing,
+    keep_alive: bool,
+}
+
+impl UpstreamConn {
+    /// Connects (with `TCP_NODELAY`).
+    pub async fn connect(
+        addr: std::net::SocketAddr,
+        timeout: std::time::Duration,
+    ) -> io::Result<Self> {
+        let io = tokio::time::timeout(timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+        io.set_nodelay(true)?;
+        Ok(Self {
+            io,
+            rbuf: BytesMut::with_capacity(READ_CHUNK),
+            wbuf: Vec::with_capacity(1024),
+        })
+    }
+
+    /// Whether an idle pooled connection still looks usable: no EOF and no unsolicited bytes.
+    /// One non-blocking read; used before sending requests that cannot be re-sent.
+    pub fn looks_alive(&mut self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// Sends a request and reads the response head. `parts.uri` must be origin-form and
+    /// hop-by-hop headers already removed.
+    pub async fn exchange(
+        &mut self,
+        parts: &http::request::Parts,
+        body: &mut ReqBody,
+        body_touched: &mut bool,
+    ) -> Result<ResponseHead, ExchangeError> {
+        let chunked = !body.is_end_stream() && !parts.headers.contains_key(header::CONTENT_LENGTH);
+        self.encode_head(parts, chunked);
+        if let Err(e) = self.io.write_all(&self.wbuf).await {
+            return Err(if is_reset(&e) {
+                ExchangeError::Stale
+            } else {
+                e.into()
+            });
+        }
+        if !body.is_end_stream() {
+            *body_touched = true;
+            self.send_body(body, chunked).await?;
+        }
+        loop {
+            let head = self.read_head(&parts.method, *body_touched).await?;
+            // Interim responses (100 Continue, 103 Early Hints) are not forwarded.
+            if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS {
+                continue;
+            }
+            return Ok(head);
+        }
+    }
+
+    fn encode_head(&mut self, parts: &http::request::Parts, chunked: bool) {
+        let w = &mut self.wbuf;
+        w.clear();
+        w.extend_from_slice(parts.method.as_str().as_bytes());
+        w.push(b' ');
+        w.extend_from_slice(
+            parts
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .as_bytes(),
+        );
+        w.extend_from_slice(b" HTTP/1.1\r\n");
+        for (name, value) in &parts.headers {
+            w.extend_from_slice(name.as_str().as_bytes());
+            w.extend_from_slice(b": ");
+            w.extend_from_slice(value.as_bytes());
+            w.extend_from_slice(b"\r\n");
+        }
+        if chunked {
+            w.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
+        w.extend_from_slice(b"\r\n");
+    }
+
+    async fn send_body(&mut self, body: &mut ReqBody, chunked: bool) -> Result<(), ExchangeError> {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| match e.downcast::<BodyTooLarge>() {
+                Ok(b) => ExchangeError::BodyTooLarge(*b),
+                Err(e) => ExchangeError::RequestBody(e),
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers are not forwarded
+            };
+            if data.is_empty() {
+                continue;
+            }
+            if chunked {
+                let size = format!("{:x}\r\n", data.len());
+                self.io.write_all(size.as_bytes()).await?;
+                self.io.write_all(&data).await?;
+                self.io.write_all(b"\r\n").await?;
+            } else {
+                self.io.write_all(&data).await?;
+            }
+        }
+        if chunked {
+            self.io.write_all(b"0\r\n\r\n").await?;
+        }
+        Ok(())
+    }
+
+    async fn read_head(
+        &mut self,
+        method: &Method,
+        body_touched: bool,
+    ) -> Result<ResponseHead, ExchangeError> {
+        let mut received_any = !self.rbuf.is_empty();
+        loop {
+            if !self.rbuf.is_empty() {
+                let mut slots = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+                let mut resp = httparse::Response::new(&mut slots);
+                match resp.parse(&self.rbuf) {
+                    Ok(httparse::Status::Complete(len)) => {
+                        let head = build_head(&resp, method)?;
+                        self.rbuf.advance(len);
+                        return Ok(head);
+                    }
+                    Ok(httparse::Status::Partial) => {}
+                    Err(_) => return Err(ExchangeError::Protocol("unparsable head")),
+                }
+                if self.rbuf.len() > MAX_RESPONSE_HEAD {
+                    return Err(ExchangeError::Protocol("head too large"));
+                }
+            }
+            self.rbuf.reserve(READ_CHUNK);
+            let n = match self.io.read_buf(&mut self.rbuf).await {
+                Ok(n) => n,
+                Err(e) if is_reset(&e) && !received_any && !body_touched => {
+                    return Err(ExchangeError::Stale);
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if n == 0 {
+                return Err(if received_any || body_touched {
+                    ExchangeError::Io(io::ErrorKind::UnexpectedEof.into())
+                } else {
+                    ExchangeError::Stale
+                });
+            }
+            received_any = true;
+        }
+    }
+
+    /// The socket and any bytes already read past the response head (for upgrades).
+    pub fn into_parts(self) -> (TcpStream, BytesMut) {
+        (self.io, self.rbuf)
+    }
+}
+
+fn is_reset(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
+    )
+}
+
+fn build_head(
+    resp: &httparse::Response<'_, '_>,
+    method: &Method,
+) -> Result<ResponseHead, ExchangeError> {
+    let code = resp.code.ok_or(ExchangeError::Protocol("no status"))?;
+    let status = StatusCode::from_u16(code).map_err(|_| ExchangeError::Protocol("bad status"))?;
+    let http11 = resp.version == Some(1);
+    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    let mut content_length: Option<u64> = None;
+    let mut chunked = false;
+    let mut te = false;
+    let mut close = !http11;
+    for h in resp.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| ExchangeError::Protocol("header name"))?;
+        let value = HeaderValue::from_bytes(h.value)
+            .map_err(|_| ExchangeError::Protocol("header value"))?;
+        if name == header::CONTENT_LENGTH {
+            let n: u64 = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or(ExchangeError::Protocol("content-length"))?;
+            if content_length.is_some_and(|prev| prev != n) {
+                return Err(ExchangeError::Protocol("conflicting content-length"));
+            }
+            content_length = Some(n);
+        } else if name == header::TRANSFER_ENCODING {
+            te = true;
+            chunked = h
+                .value
+                .rsplit(|b| *b == b',')
+                .next()
+                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name == header::CONNECTION {
+            let v = h.value;
+            if v.split(|b| *b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+            {
+                close = true;
+            } else if !http11
+                && v.split(|b| *b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"keep-alive"))
+            {
+                close = false;
+            }
+        }
+        headers.append(name, value);
+    }
+    let framing = if *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        Framing::Empty
+    } else if te {
+        if chunked {
+            // Transfer-Encoding overrides Content-Length (RFC 9112 §6.3); never pass both on.
+            headers.remove(header::CONTENT_LENGTH);
+            Framing::Chunked(Chunk::Size {
+                value: 0,
+                digits: false,
+            })
+        } else {
+            close = true;
+            Framing::UntilClose
+        }
+    } else if let Some(n) = content_length {
+        if n == 0 {
+            Framing::Empty
+        } else {
+            Framing::Length(n)
+        }
+    } else {
+        close = true;
+        Framing::UntilClose
+    };
+    Ok(ResponseHead {
+        status,
+        headers,
+        framing,
+        keep_alive: !close,
+    })
+}
+
+/// An upstream response body, decoded from the connection as it is polled. Once complete (and
+/// the connection reusable) the connection returns to `endpoint`'s pool.
+#[derive(Debug)]
+pub struct UpstreamBody {
+    conn: Option<UpstreamConn>,
+    framing: Framing,
+    keep_alive: bool,
+    endpoint: Arc<Endpoint>,
+    done: bool,
+}
+
+impl UpstreamBody {
+    /// The body of `head`, read from `conn`.
+    pub fn new(conn: UpstreamConn, head: &ResponseHead, endpoint: Arc<Endpoint>) -> Self {
+        let mut b = Self {
+            conn: Some(conn),
+            framing: head.framing,
+            keep_alive: head.keep_alive,
+            endpoint,
+            done: false,
+        };
+        if matches!(b.framing, Framing::Empty) {
+            b.finish();
+        }
+        b
+    }
+
+    fn finish(&mut self) {
+        self.done = true;
+        if let Some(conn) = self.conn.take()
+            && self.keep_alive
+            && conn.rbuf.is_empty()
+        {
+            self.endpoint.checkin(conn);
+        }
+    }
+
+    /// Reads more bytes into the connection buffer; `Ok(0)` is EOF.
+    fn poll_fill(conn: &mut UpstreamConn, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        conn.rbuf.reserve(READ_CHUNK);
+        loop {
+            ready!(conn.io.poll_read_ready(cx))?;
+            match conn.io.try_read_buf(&mut conn.rbuf) {
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// Advances the chunked decoder over buffered bytes.
+    fn decode_chunked(conn: &mut UpstreamConn, st: &mut Chunk) -> Result<Decoded, ExchangeError> {
+        let buf = &mut conn.rbuf;
+        while !buf.is_empty() {
+            if let Chunk::Data(n) = *st {
+                let take = usize::try_from(n).unwrap_or(usize::MAX).min(buf.len());
+                let data = buf.split_to(take).freeze();
+                let left = n - take as u64;
+                *st = if left == 0 {
+                    Chunk::DataCr
+                } else {
+                    Chunk::Data(left)
+                };
+                return Ok(Decoded::Data(data));
+            }
+            let b = buf[0];
+            buf.advance(1);
+            *st = match *st {
+                Chunk::Size { value, digits } => match b {
+                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                        let d = u64::from((b as char).to_digit(16).unwrap_or(0));
+                        let v = value
+                            .checked_mul(16)
+                            .and_then(|v| v.checked_add(d))
+                            .ok_or(ExchangeError::Protocol("chunk size"))?;
+                        Chunk::Size {
+                            value: v,
+                            digits: true,
+                        }
+                    }
+                    b';' | b' ' | b'\t' if digits => Chunk::Ext { value },
+                    b'\r' if digits => Chunk::SizeLf { value },
+                    _ => return Err(ExchangeError::Protocol("chunk size")),
+                },
+                Chunk::Ext { value } => match b {
+                    b'\r' => Chunk::SizeLf { value },
+                    _ => Chunk::Ext { value },
+                },
+                Chunk::SizeLf { value } => match (b, value) {
+                    (b'\n', 0) => Chunk::TrailerStart,
+                    (b'\n', v) => Chunk::Data(v),
+                    _ => return Err(ExchangeError::Protocol("chunk size line")),
+                },
+                Chunk::DataCr if b == b'\r' => Chunk::DataLf,
+                Chunk::DataLf if b == b'\n' => Chunk::Size {
+                    value: 0,
+                    digits: false,
+                },
+                Chunk::TrailerStart => match b {
+                    b'\r' => Chunk::TrailerLf,
+                    _ => Chunk::Trailer,
+                },
+                Chunk::Trailer => match b {
+                    b'\n' => Chunk::TrailerStart,
+                    _ => Chunk::Trailer,
+                },
+                Chunk::TrailerLf if b == b'\n' => return Ok(Decoded::End),
+                _ => return Err(ExchangeError::Protocol("chunk framing")),
+            };
+        }
+        Ok(Decoded::NeedMore)
+    }
+}
+
+enum Decoded {
+    Data(Bytes),
+    NeedMore,
+    End,
+}
+
+enum Step {
+    /// Data, and whether it completes the body.
+    Data(Bytes, bool),
+    End,
+    Fill,
+    Fail(ExchangeError),
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            // Produce from buffered bytes if possible (disjoint borrows of conn and framing).
+            let step = match &mut this.framing {
+                Framing::Empty => Step::End,
+                Framing::Length(n) if !conn.rbuf.is_empty() => {
+                    let take = usize::try_from(*n)
+                        .unwrap_or(usize::MAX)
+                        .min(conn.rbuf.len());
+                    let data = conn.rbuf.split_to(take).freeze();
+                    *n -= take as u64;
+                    Step::Data(data, *n == 0)
+                }
+                Framing::Length(_) => Step::Fill,
+                Framing::Chunked(st) => match Self::decode_chunked(conn, st) {
+                    Ok(Decoded::Data(d)) => Step::Data(d, false),
+                    Ok(Decoded::End) => Step::End,
+                    Ok(Decoded::NeedMore) => Step::Fill,
+                    Err(e) => Step::Fail(e),
+                },
+                Framing::UntilClose if !conn.rbuf.is_empty() => {
+                    Step::Data(conn.rbuf.split().freeze(), false)
+                }
+                Framing::UntilClose => Step::Fill,
+            };
+            match step {
+                Step::Data(d, last) => {
+                    if last {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                }
+                Step::End => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Step::Fail(e) => {
+                    this.conn = None;
+                    this.done = true;
+                    return Poll::Ready(Some(Err(Box::new(e))));
+                }
+                Step::Fill => match ready!(Self::poll_fill(conn, cx)) {
+                    Ok(0) if matches!(this.framing, Framing::UntilClose) => {
+                        this.keep_alive = false;
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                    Ok(0) => {
+                        this.conn = None;
+                        this.done = true;
+                        let e = ExchangeError::Io(io::ErrorKind::UnexpectedEof.into());
+                        return Poll::Ready(Some(Err(Box::new(e))));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        this.conn = None;
+                        this.done = true;
+                        return Poll::Ready(Some(Err(Box::new(ExchangeError::Io(e)))));
+                    }
+                },
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Empty => SizeHint::with_exact(0),
+            Framing::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(raw: &[u8], method: &Method) -> ResponseHead {
+        let mut slots = [httparse::EMPTY_HEADER; 16];
+        let mut r = httparse::Response::new(&mut slots);
+        assert!(r.parse(raw).expect("parses").is_complete());
+        build_head(&r, method).expect("valid head")
+    }
+
+    #[test]
+    fn framing_follows_rfc9112() {
+        let h = head(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+            &Method::GET,
+        );
+        assert!(matches!(h.framing, Framing::Length(5)) && h.keep_alive);
+        let h = head(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+            &Method::HEAD,
+        );
+        assert!(matches!(h.framing, Framing::Empty));
+        let h = head(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 5\r\n\r\n",
+            &Method::GET,
+        );
+        assert!(matches!(h.framing, Framing::Chunked(_)));
+        assert!(!h.headers.contains_key(header::CONTENT_LENGTH));
+        let h = head(b"HTTP/1.1 200 OK\r\n\r\n", &Method::GET);
+        assert!(matches!(h.framing, Framing::UntilClose) && !h.keep_alive);
+        let h = head(
+            b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n",
+            &Method::GET,
+        );
+        assert!(matches!(h.framing, Framing::Empty) && !h.keep_alive);
+        let h = head(
+            b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n",
+            &Method::GET,
+        );
+        assert!(!h.keep_alive);
+    }
+
+    #[test]
+    fn conflicting_lengths_are_refused() {
+        let mut slots = [httparse::EMPTY_HEADER; 16];
+        let mut r = httparse::Response::new(&mut slots);
+        let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n";
+        assert!(r.parse(raw).expect("parses").is_complete());
+        assert!(build_head(&r, &Method::GET).is_err());
+    }
+}
