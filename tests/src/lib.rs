@@ -7,6 +7,7 @@
 pub mod fixture;
 pub mod netns;
 pub mod packets;
+pub mod testbed;
 
 /// Fails the test with a clear message unless running as root (CI is root).
 pub fn require_root() {
