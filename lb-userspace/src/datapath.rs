@@ -7,12 +7,14 @@
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashMap, IterableMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, IterableMap, Map, MapData, PerCpuArray, PerCpuValues};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::xdp::XdpLink;
 use aya::programs::{TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use lb_common::{
-    Backend, BackendStats, DatapathConfig, DatapathStats, DecapStats, FlowKey, FlowState,
-    NextHop, RateGuard, VipAddrKey, VipInfo, VipKey, VipStats, map_names, program_names,
+    Backend, BackendStats, DatapathConfig, DatapathStats, DecapStats, FlowKey, FlowState, NextHop,
+    RateGuard, VipAddrKey, VipInfo, VipKey, VipStats, map_names, program_names,
 };
 use thiserror::Error;
 
@@ -61,6 +63,14 @@ pub enum DatapathError {
         #[source]
         source: std::io::Error,
     },
+    #[error("interface {iface}: {reason}")]
+    Interface { iface: String, reason: String },
+    #[error("pinned link {path}: {reason}")]
+    Link { path: PathBuf, reason: String },
+    #[error("waiting for an RCU grace period: {0}")]
+    GracePeriod(std::io::Error),
+    #[error("no xlb datapath is pinned at {path} (is the agent running? see --pin-dir)")]
+    NotPinned { path: PathBuf },
 }
 
 type Result<T, E = DatapathError> = std::result::Result<T, E>;
@@ -252,6 +262,340 @@ impl Datapath {
     }
 }
 
+/// How to attach an XDP program (the config's `node.xdp_mode`, the CLI's `--mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// In the driver; fail if the driver cannot.
+    Native,
+    /// In the generic (skb) path.
+    Generic,
+    /// Native, else generic with a warning.
+    Auto,
+}
+
+impl From<crate::config::XdpMode> for AttachMode {
+    fn from(mode: crate::config::XdpMode) -> Self {
+        match mode {
+            crate::config::XdpMode::Native => AttachMode::Native,
+            crate::config::XdpMode::Generic => AttachMode::Generic,
+            crate::config::XdpMode::Auto => AttachMode::Auto,
+        }
+    }
+}
+
+/// What [`Datapath::attach_pinned`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// A pinned link existed: its program was replaced atomically (`bpf_link_update`), so
+    /// the interface never ran without a program.
+    Adopted,
+    /// A new link was created in native mode and pinned.
+    Native,
+    /// A new link was created in generic mode and pinned. `native_error` says why native
+    /// failed when the mode was `auto`.
+    Generic { native_error: Option<String> },
+}
+
+/// Where the link of `program` on `iface` is pinned.
+pub fn link_pin_path(pin_dir: &Path, program: &str, iface: &str) -> PathBuf {
+    pin_dir.join(format!("link_{program}_{iface}"))
+}
+
+/// Prefix of every link pin (see [`link_pin_path`]).
+const LINK_PIN_PREFIX: &str = "link_";
+
+/// Name of the symlink in the pin directory that points at the agent's state file
+/// (bpffs holds no regular files, but it does hold symlinks).
+pub const STATE_LINK_NAME: &str = "state.json";
+
+impl Datapath {
+    /// Attaches `program` to `iface` through a BPF link pinned under the pin directory, so
+    /// the program stays attached after this process exits.
+    ///
+    /// If the link is already pinned (an agent ran before), the program in that link is
+    /// replaced atomically by this load's program, which uses the same pinned maps:
+    /// no packet sees the interface without a program and no flow is dropped. A pin whose
+    /// interface has gone (the kernel answers ENOLINK) is removed and a new link made.
+    pub fn attach_pinned(
+        &mut self,
+        program: &'static str,
+        iface: &str,
+        mode: AttachMode,
+    ) -> Result<Attached> {
+        let path = link_pin_path(&self.pin_dir, program, iface);
+        let link_err = |reason: String| DatapathError::Link {
+            path: path.clone(),
+            reason,
+        };
+        if path.exists() {
+            let pinned = PinnedLink::from_pin(&path).map_err(|e| link_err(e.to_string()))?;
+            let fd_link: FdLink = pinned.into();
+            let xdp_link = XdpLink::try_from(fd_link)
+                .map_err(|e| link_err(format!("not an XDP link: {e}")))?;
+            let prog = self.program_mut(program)?;
+            match prog.attach_to_link(xdp_link) {
+                Ok(id) => {
+                    // Dropping our handle closes only our fd: the pin keeps the link.
+                    let link = prog
+                        .take_link(id)
+                        .map_err(|source| DatapathError::Program {
+                            name: program,
+                            source,
+                        })?;
+                    drop(link);
+                    return Ok(Attached::Adopted);
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        pin = %path.display(),
+                        error = %e,
+                        "pinned link cannot be updated (interface gone?); replacing it"
+                    );
+                    std::fs::remove_file(&path).map_err(|e| link_err(e.to_string()))?;
+                }
+            }
+        }
+        let iface_c = std::ffi::CString::new(iface).map_err(|_| DatapathError::Interface {
+            iface: iface.to_owned(),
+            reason: "name contains a NUL byte".into(),
+        })?;
+        let try_attach = |dp: &mut Datapath, xdp_mode: XdpMode| {
+            let prog = dp.program_mut(program)?;
+            let id = prog
+                .attach(iface_c.as_c_str(), xdp_mode)
+                .map_err(|source| match source {
+                    aya::programs::ProgramError::UnknownInterface { .. } => {
+                        DatapathError::Interface {
+                            iface: iface.to_owned(),
+                            reason: "no such interface".into(),
+                        }
+                    }
+                    source => DatapathError::Program {
+                        name: program,
+                        source,
+                    },
+                })?;
+            prog.take_link(id).map_err(|source| DatapathError::Program {
+                name: program,
+                source,
+            })
+        };
+        let (link, attached) = match mode {
+            AttachMode::Native => (try_attach(self, XdpMode::Driver)?, Attached::Native),
+            AttachMode::Generic => (
+                try_attach(self, XdpMode::Skb)?,
+                Attached::Generic { native_error: None },
+            ),
+            AttachMode::Auto => match try_attach(self, XdpMode::Driver) {
+                Ok(link) => (link, Attached::Native),
+                Err(DatapathError::Interface { iface, reason }) => {
+                    return Err(DatapathError::Interface { iface, reason });
+                }
+                Err(native) => (
+                    try_attach(self, XdpMode::Skb)?,
+                    Attached::Generic {
+                        native_error: Some(error_chain(&native)),
+                    },
+                ),
+            },
+        };
+        let fd_link = FdLink::try_from(link).map_err(|e| {
+            link_err(format!(
+                "the kernel attached through netlink, not a BPF link, so it cannot be pinned: {e}"
+            ))
+        })?;
+        fd_link
+            .pin(&path)
+            .map_err(|e| link_err(format!("pinning: {e}")))?;
+        Ok(attached)
+    }
+}
+
+/// Detaches a pinned link by removing its pin (the kernel releases the link once no fd
+/// refers to it). Returns false if nothing was pinned.
+pub fn detach_pinned(pin_dir: &Path, program: &str, iface: &str) -> Result<bool> {
+    let path = link_pin_path(pin_dir, program, iface);
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(DatapathError::Link {
+            path,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// The interfaces that have a pinned link of `program` under `pin_dir`.
+pub fn pinned_links(pin_dir: &Path, program: &str) -> Vec<String> {
+    let prefix = format!("{LINK_PIN_PREFIX}{program}_");
+    let Ok(entries) = std::fs::read_dir(pin_dir) else {
+        return Vec::new();
+    };
+    let mut ifaces: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .filter_map(|name| name.strip_prefix(&prefix).map(str::to_owned))
+        .collect();
+    ifaces.sort();
+    ifaces
+}
+
+/// What [`unload`] removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Unloaded {
+    /// Link pins removed (each detached a program from an interface).
+    pub links: Vec<String>,
+    /// Map pins removed.
+    pub maps: usize,
+}
+
+/// Detaches everything pinned under `pin_dir` and removes the pins, the state file the
+/// state symlink points to, and the directory. The maps (and their counters and
+/// connection entries) are freed by the kernel once nothing refers to them.
+pub fn unload(pin_dir: &Path) -> Result<Unloaded> {
+    let pin_err = |source: std::io::Error| DatapathError::PinDir {
+        path: pin_dir.to_path_buf(),
+        source,
+    };
+    if !pin_dir.join(map_names::VIPS).exists() && !pin_dir.join(map_names::DECAP_ADDRS).exists() {
+        return Err(DatapathError::NotPinned {
+            path: pin_dir.to_path_buf(),
+        });
+    }
+    let mut done = Unloaded::default();
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(pin_dir)
+        .map_err(pin_err)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    // Links first: the programs leave the interfaces before their maps are unpinned.
+    entries.sort_by_key(|p| {
+        !p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(LINK_PIN_PREFIX))
+    });
+    for path in entries {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        if name == STATE_LINK_NAME {
+            if let Ok(target) = std::fs::read_link(&path) {
+                let _ = std::fs::remove_file(target);
+            }
+        } else if let Some(link) = name.strip_prefix(LINK_PIN_PREFIX) {
+            done.links.push(link.to_owned());
+        } else {
+            done.maps += 1;
+        }
+        std::fs::remove_file(&path).map_err(pin_err)?;
+    }
+    std::fs::remove_dir(pin_dir).map_err(pin_err)?;
+    Ok(done)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Waits for an RCU grace period: every XDP program run that started before this call
+/// has finished when it returns.
+///
+/// XDP programs run inside an RCU read-side section. The kernel calls `synchronize_rcu()`
+/// after every update of a map-in-map (`maybe_wait_bpf_programs` in kernel/bpf/syscall.c),
+/// so updating slot 0 of a private one-slot `BPF_MAP_TYPE_ARRAY_OF_MAPS` is a
+/// userspace-callable RCU barrier. The manager calls it before writing into a ring that a
+/// packet might still be reading (a ring retired by an earlier `VipInfo.ring` flip).
+pub struct GracePeriod {
+    outer: std::os::fd::OwnedFd,
+    // Kept open: its fd is the value stored into the outer map.
+    inner: Array<MapData, u32>,
+}
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_TYPE_ARRAY_OF_MAPS: u32 = 12;
+
+#[repr(C)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+    inner_map_fd: u32,
+}
+
+#[repr(C)]
+struct MapUpdateAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
+    // SAFETY: `attr` is a live, fully initialised `#[repr(C)]` prefix of `union bpf_attr`
+    // for `cmd`; the kernel reads at most `size_of::<T>()` bytes from it.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut T as *mut libc::c_void,
+            size_of::<T>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+impl GracePeriod {
+    /// Creates the private map pair.
+    pub fn new() -> Result<Self> {
+        let inner = Array::<MapData, u32>::create(1, 0).map_err(map_err("xlb_rcu_inner"))?;
+        let inner_fd = inner.map().fd().as_fd().as_raw_fd();
+        let mut attr = MapCreateAttr {
+            map_type: BPF_MAP_TYPE_ARRAY_OF_MAPS,
+            key_size: 4,
+            value_size: 4,
+            max_entries: 1,
+            map_flags: 0,
+            inner_map_fd: inner_fd as u32,
+        };
+        let fd = sys_bpf(BPF_MAP_CREATE, &mut attr).map_err(DatapathError::GracePeriod)?;
+        // SAFETY: BPF_MAP_CREATE returned a new fd that nothing else owns.
+        let outer =
+            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+        Ok(Self { outer, inner })
+    }
+
+    /// Returns after one RCU grace period.
+    pub fn wait(&self) -> Result<()> {
+        let key: u32 = 0;
+        let value: u32 = self.inner.map().fd().as_fd().as_raw_fd() as u32;
+        let mut attr = MapUpdateAttr {
+            map_fd: self.outer.as_raw_fd() as u32,
+            _pad: 0,
+            key: &key as *const u32 as u64,
+            value: &value as *const u32 as u64,
+            flags: 0,
+        };
+        sys_bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map_err(DatapathError::GracePeriod)?;
+        Ok(())
+    }
+}
+
 /// BPF_PROG_TEST_RUN of an XDP program on one packet.
 pub fn run_xdp_test(
     prog: &Xdp,
@@ -409,6 +753,96 @@ impl Maps {
                 packets: a.packets + s.packets,
                 bytes: a.bytes + s.bytes,
             }))
+    }
+}
+
+impl Maps {
+    /// Every VIP table entry.
+    pub fn vip_entries(&self) -> Result<Vec<(VipKey, VipInfo)>> {
+        self.vips
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(map_names::VIPS))
+    }
+
+    /// Every VIP-address entry (address → VIP count).
+    pub fn vip_addr_entries(&self) -> Result<Vec<(VipAddrKey, u32)>> {
+        self.vip_addrs
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(map_names::VIP_ADDRS))
+    }
+
+    /// Every backend id in use (family set), with its entry.
+    pub fn backend_entries(&self) -> Result<Vec<(u32, Backend)>> {
+        let mut out = Vec::new();
+        for (id, backend) in self.backends.iter().enumerate() {
+            let backend = backend.map_err(map_err(map_names::BACKENDS))?;
+            if backend.family != 0 {
+                out.push((id as u32, backend));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets every CPU's cached next hop of backend `id` (the kernel compares the
+    /// address too; this makes a reused id resolve afresh regardless).
+    pub fn clear_nexthop(&mut self, id: u32) -> Result<()> {
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(_, source)| {
+                map_err(map_names::NEXTHOP)(aya::maps::MapError::IoError(source))
+            })?
+            .get() as usize;
+        let zeros = PerCpuValues::try_from(vec![NextHop::default(); cpus])
+            .map_err(|source| map_err(map_names::NEXTHOP)(aya::maps::MapError::IoError(source)))?;
+        self.nexthop
+            .set(id, zeros, 0)
+            .map_err(map_err(map_names::NEXTHOP))
+    }
+
+    /// Deletes the connection entries of a removed VIP: same address, protocol and port
+    /// (for an any-port VIP: same address and protocol, and its id). Returns how many went.
+    pub fn flush_flows(&mut self, vip: &VipKey, vip_id: u32) -> Result<u64> {
+        let doomed: Vec<FlowKey> = self
+            .conntrack
+            .iter()
+            .filter_map(|entry| entry.ok())
+            .filter(|(key, state)| {
+                let same_address =
+                    key.family == vip.family && key.dst_be == vip.addr_be && key.proto == vip.proto;
+                // An any-port VIP shares its address with port VIPs that stay: match its
+                // entries by id so theirs survive.
+                same_address
+                    && if vip.port_be == 0 {
+                        state.vip_id == vip_id
+                    } else {
+                        key.dport_be == vip.port_be
+                    }
+            })
+            .map(|(key, _)| key)
+            .collect();
+        let mut removed = 0;
+        for key in &doomed {
+            // An entry may expire (LRU) between the walk and the delete: not an error.
+            if self.conntrack.remove(key).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Number of connection entries (walks the table: one syscall per entry).
+    pub fn conntrack_count(&self) -> u64 {
+        self.conntrack.keys().filter(|k| k.is_ok()).count() as u64
+    }
+
+    /// Connection entries, at most `limit`.
+    pub fn conntrack_entries(&self, limit: usize) -> Vec<(FlowKey, FlowState)> {
+        self.conntrack
+            .iter()
+            .filter_map(|e| e.ok())
+            .take(limit)
+            .collect()
     }
 }
 

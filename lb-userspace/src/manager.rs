@@ -1,0 +1,186 @@
+//! Turns a desired state into map writes: plan the difference against what is applied
+//! ([`crate::plan`]), then write only that, in the plan's order.
+//!
+//! # Table replacement without an empty or half-written instant
+//!
+//! Each VIP owns two rings. A changed table is written into the VIP's *idle* ring; then one
+//! hash-map update of `XLB_VIPS[vip]` flips `VipInfo.ring` to it. A packet reads `VipInfo`
+//! once and then its ring, so it sees either the old table or the new one, whole.
+//!
+//! The ring just retired may still be read by a packet that loaded the old `VipInfo`
+//! before the flip. Before the next write into any ring, the manager therefore waits one
+//! RCU grace period ([`GracePeriod::wait`]: an update of a private
+//! `BPF_MAP_TYPE_ARRAY_OF_MAPS`, after which the kernel has run `synchronize_rcu()`).
+//! XDP programs run inside RCU read-side sections, so when it returns no packet that saw
+//! the old `VipInfo` is still running. The wait happens at the start of every apply that
+//! writes rings — once per apply, typically a few milliseconds — which also covers rings
+//! retired by a previous agent process just before it exited.
+//!
+//! # Backends
+//!
+//! Backend ids are keyed by address and stable (see [`crate::plan`]). A draining backend
+//! keeps its entry (established flows keep reaching it) but gets no ring slots. When an id
+//! is (re)assigned or removed, its per-CPU next-hop cache is zeroed, so a reused id never
+//! starts with another address's route (the kernel compares the address too).
+
+use lb_common::{Backend, map_names};
+
+use crate::datapath::{DatapathError, GracePeriod, Maps};
+use crate::maglev::MaglevWarning;
+use crate::model::DesiredState;
+use crate::plan::{self, AppliedState, Limits, MapOp, PlanError};
+use crate::state::{self, StateError};
+
+/// Why an apply failed. The maps hold exactly the ops that succeeded and
+/// [`Manager::applied`] mirrors them.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    /// Nothing was written.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// A write failed after `completed` of `total` ops.
+    #[error("map update {completed} of {total} failed: {source}")]
+    Write {
+        /// Ops written before the failure.
+        completed: usize,
+        /// Ops planned.
+        total: usize,
+        /// The failure.
+        source: DatapathError,
+    },
+    /// The grace-period wait failed; nothing was written.
+    #[error(transparent)]
+    GracePeriod(DatapathError),
+    /// Reading the maps back failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// What an apply did.
+#[derive(Clone, Debug, Default)]
+pub struct ApplyReport {
+    /// Map updates written.
+    pub ops: usize,
+    /// Tables written (rings).
+    pub rings_written: usize,
+    /// Connection entries deleted with removed VIPs.
+    pub flows_flushed: u64,
+    /// Warnings of the Maglev builder.
+    pub warnings: Vec<MaglevWarning>,
+}
+
+/// The map writer and its mirror of the maps.
+pub struct Manager {
+    applied: AppliedState,
+    grace: GracePeriod,
+}
+
+impl Manager {
+    /// A manager for maps that hold what `applied` says.
+    pub fn new(applied: AppliedState) -> Result<Self, ManagerError> {
+        Ok(Manager {
+            applied,
+            grace: GracePeriod::new().map_err(ManagerError::GracePeriod)?,
+        })
+    }
+
+    /// A manager for maps that may already hold state (pins of an earlier agent): the
+    /// mirror is read back from the maps.
+    pub fn adopt(maps: &Maps, limits: Limits) -> Result<Self, ManagerError> {
+        Self::new(state::rebuild_applied(maps, limits)?)
+    }
+
+    /// The mirror of the maps.
+    pub fn applied(&self) -> &AppliedState {
+        &self.applied
+    }
+
+    /// Plans `desired` against the maps and writes the difference.
+    pub fn apply(
+        &mut self,
+        maps: &mut Maps,
+        desired: &DesiredState,
+    ) -> Result<ApplyReport, ManagerError> {
+        let plan = plan::plan(desired, &self.applied)?;
+        let mut report = ApplyReport {
+            warnings: plan.warnings.clone(),
+            ..ApplyReport::default()
+        };
+        if plan
+            .ops
+            .iter()
+            .any(|op| matches!(op, MapOp::WriteRing { .. }))
+        {
+            self.grace.wait().map_err(ManagerError::GracePeriod)?;
+        }
+        for (done, op) in plan.ops.iter().enumerate() {
+            if let Err(source) = write_op(maps, op, &mut report) {
+                self.applied = plan.applied_after(&self.applied, done);
+                return Err(ManagerError::Write {
+                    completed: done,
+                    total: plan.ops.len(),
+                    source,
+                });
+            }
+            report.ops += 1;
+        }
+        self.applied = plan.applied;
+        Ok(report)
+    }
+}
+
+fn write_op(maps: &mut Maps, op: &MapOp, report: &mut ApplyReport) -> Result<(), DatapathError> {
+    let err = |name: &'static str| move |source| DatapathError::Map { name, source };
+    match op {
+        MapOp::SetBackend { id, backend } => {
+            maps.backends
+                .set(*id, backend, 0)
+                .map_err(err(map_names::BACKENDS))?;
+            maps.clear_nexthop(*id)?;
+        }
+        MapOp::RemoveBackend { id } => {
+            // An array entry cannot be deleted; family 0 marks the id unused.
+            maps.backends
+                .set(*id, &Backend::default(), 0)
+                .map_err(err(map_names::BACKENDS))?;
+            maps.clear_nexthop(*id)?;
+        }
+        MapOp::WriteRing { ring, table } => {
+            maps.maglev.write_ring(*ring, table)?;
+            report.rings_written += 1;
+        }
+        MapOp::SetVipAddr { key, vip_count } => {
+            maps.vip_addrs
+                .insert(key, vip_count, 0)
+                .map_err(err(map_names::VIP_ADDRS))?;
+        }
+        MapOp::RemoveVipAddr { key } => {
+            remove_if_present(maps.vip_addrs.remove(key)).map_err(err(map_names::VIP_ADDRS))?;
+        }
+        MapOp::SetVip { key, info } => {
+            maps.vips
+                .insert(key, info, 0)
+                .map_err(err(map_names::VIPS))?;
+        }
+        MapOp::RemoveVip { key } => {
+            remove_if_present(maps.vips.remove(key)).map_err(err(map_names::VIPS))?;
+        }
+        MapOp::FlushFlows { vip, vip_id } => {
+            report.flows_flushed += maps.flush_flows(vip, *vip_id)?;
+        }
+    }
+    Ok(())
+}
+
+/// A delete of a key that is already gone has the effect the plan wanted.
+fn remove_if_present(result: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match result {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}

@@ -1,0 +1,330 @@
+//! What the agent applied, in two forms:
+//!
+//! * [`rebuild_applied`] reconstructs the planner's [`AppliedState`] from the pinned maps
+//!   themselves when an agent starts on a running datapath. The maps are the truth (a
+//!   previous agent may have died in the middle of an apply), so ids, active rings and
+//!   address counts are read back, never guessed.
+//! * [`PersistedState`] is the metadata the maps do not hold (VIP names, weights, backend
+//!   states), written as JSON after every apply for the CLI. bpffs holds no regular files,
+//!   so the file lives in a state directory (default [`DEFAULT_STATE_DIR`]) and a symlink
+//!   named [`datapath::STATE_LINK_NAME`] in the pin directory points at it.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use lb_common::{Backend, VipInfo, VipKey};
+use serde::{Deserialize, Serialize};
+
+use crate::datapath::{self, DatapathError, Maps};
+use crate::model::{BackendState, DesiredState, Protocol};
+use crate::plan::{AppliedState, Limits, MapOp};
+
+/// Default directory of the state files.
+pub const DEFAULT_STATE_DIR: &str = "/run/xlb";
+
+/// Errors reading the maps back or reading/writing the state file.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// A map could not be read.
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    /// The pinned maps hold something no agent writes.
+    #[error("pinned maps are inconsistent ({0}); remove them with `xlb unload`")]
+    Inconsistent(String),
+    /// The state file could not be written or read.
+    #[error("state file {path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Rebuilds the planner's mirror of the maps from the maps.
+///
+/// Ids in use are recorded as such; unused ids below the highest one in use go to the free
+/// lists, so they are reused (the planner reuses freed ids after never-used ones). Only the
+/// *active* ring of each VIP is recorded: the planner always writes a changed table into
+/// the other (idle) ring and flips `VipInfo.ring`, so whatever the idle ring holds —
+/// possibly a half-written table of a crashed apply — is never read by a packet before it
+/// has been rewritten whole. The manager additionally waits an RCU grace period before
+/// writing any ring (see [`crate::manager`]), which also covers a ring retired by a
+/// previous agent's flip just before it exited.
+pub fn rebuild_applied(maps: &Maps, limits: Limits) -> Result<AppliedState, StateError> {
+    let mut applied = AppliedState::new(limits);
+    let rings = maps.maglev.rings();
+    if maps.maglev.table_size() != limits.table_size || rings != 2 * limits.max_vips {
+        return Err(StateError::Inconsistent(format!(
+            "the pinned Maglev map holds {rings} rings of {}; the config wants {} rings of {} \
+             (maglev_table_size or max_vips changed)",
+            maps.maglev.table_size(),
+            2 * limits.max_vips,
+            limits.table_size
+        )));
+    }
+
+    let backends = maps.backend_entries()?;
+    let mut highest_backend = 0;
+    for (id, backend) in &backends {
+        if *id == lb_common::NO_BACKEND || *id >= limits.max_backends {
+            return Err(StateError::Inconsistent(format!(
+                "backend id {id} outside 1..{}",
+                limits.max_backends
+            )));
+        }
+        applied.record(&MapOp::SetBackend {
+            id: *id,
+            backend: *backend,
+        });
+        highest_backend = highest_backend.max(*id);
+    }
+    for hole in 1..highest_backend {
+        if !backends.iter().any(|(id, _)| *id == hole) {
+            // Recorded as set then removed: the planner's only way into its free list.
+            applied.record(&MapOp::SetBackend {
+                id: hole,
+                backend: Backend::default(),
+            });
+            applied.record(&MapOp::RemoveBackend { id: hole });
+        }
+    }
+
+    let vips = maps.vip_entries()?;
+    let mut highest_vip = None;
+    for (key, info) in &vips {
+        if info.vip_id >= limits.max_vips || info.ring / 2 != info.vip_id {
+            return Err(StateError::Inconsistent(format!(
+                "VIP id {} with ring {} (max_vips {})",
+                info.vip_id, info.ring, limits.max_vips
+            )));
+        }
+        let table: Arc<[u32]> = maps.maglev.read_ring(info.ring)?.into();
+        applied.record(&MapOp::WriteRing {
+            ring: info.ring,
+            table,
+        });
+        applied.record(&MapOp::SetVip {
+            key: *key,
+            info: *info,
+        });
+        highest_vip = Some(highest_vip.unwrap_or(0).max(info.vip_id));
+    }
+    if let Some(highest) = highest_vip {
+        for hole in 0..highest {
+            if !vips.iter().any(|(_, info)| info.vip_id == hole) {
+                let placeholder = VipKey {
+                    addr_be: [u32::MAX, hole, 0, 0],
+                    port_be: 0,
+                    proto: 0,
+                    family: 0,
+                };
+                applied.record(&MapOp::SetVip {
+                    key: placeholder,
+                    info: VipInfo {
+                        vip_id: hole,
+                        ring: 2 * hole,
+                        flags: 0,
+                        _pad: 0,
+                    },
+                });
+                applied.record(&MapOp::RemoveVip { key: placeholder });
+            }
+        }
+    }
+
+    for (key, vip_count) in maps.vip_addr_entries()? {
+        applied.record(&MapOp::SetVipAddr { key, vip_count });
+    }
+    Ok(applied)
+}
+
+/// One backend of a VIP as the CLI shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersistedBackend {
+    /// Address.
+    pub address: IpAddr,
+    /// Backend id in the maps.
+    pub id: u32,
+    /// Configured weight.
+    pub weight: u32,
+    /// Active or draining.
+    pub state: BackendState,
+}
+
+/// One VIP as the CLI shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersistedVip {
+    /// Name.
+    pub name: String,
+    /// Address.
+    pub address: IpAddr,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// Port (0 = any).
+    pub port: u16,
+    /// Hash on the client address only.
+    pub source_affinity: bool,
+    /// VIP id in the maps.
+    pub vip_id: u32,
+    /// Backends.
+    pub backends: Vec<PersistedBackend>,
+}
+
+/// The agent's last successful apply, for the CLI.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersistedState {
+    /// Format version.
+    pub version: u32,
+    /// When it was written (Unix milliseconds).
+    pub written_unix_ms: u64,
+    /// The config file the agent serves, if any.
+    pub config_path: Option<PathBuf>,
+    /// Maglev table size.
+    pub table_size: u32,
+    /// The VIPs.
+    pub vips: Vec<PersistedVip>,
+}
+
+impl PersistedState {
+    /// Describes `desired` with the ids of `applied`.
+    pub fn describe(
+        desired: &DesiredState,
+        applied: &AppliedState,
+        config_path: Option<&Path>,
+    ) -> PersistedState {
+        let vips = desired
+            .vips
+            .iter()
+            .filter_map(|vip| {
+                let info = applied.vip(&vip.key.to_map_key())?;
+                Some(PersistedVip {
+                    name: vip.name.clone(),
+                    address: vip.key.address,
+                    protocol: vip.key.protocol,
+                    port: vip.key.port,
+                    source_affinity: vip.source_affinity,
+                    vip_id: info.vip_id,
+                    backends: vip
+                        .backends
+                        .iter()
+                        .map(|b| PersistedBackend {
+                            address: b.address,
+                            id: applied.backend_id(b.address).unwrap_or(0),
+                            weight: b.weight,
+                            state: b.state,
+                        })
+                        .collect(),
+                })
+            })
+            .collect();
+        PersistedState {
+            version: 1,
+            written_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            config_path: config_path.map(Path::to_path_buf),
+            table_size: applied.limits().table_size,
+            vips,
+        }
+    }
+}
+
+/// The state file of a pin directory: one file per pin directory in `state_dir`, named
+/// after the pin directory's path.
+pub fn state_file_for(pin_dir: &Path, state_dir: &Path) -> PathBuf {
+    let flat: String = pin_dir
+        .to_string_lossy()
+        .trim_matches('/')
+        .chars()
+        .map(|c| if c == '/' { '_' } else { c })
+        .collect();
+    state_dir.join(format!("{flat}.json"))
+}
+
+fn file_err(path: &Path) -> impl Fn(std::io::Error) -> StateError + '_ {
+    move |e| StateError::File {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+/// Writes the state atomically (temporary file, then rename) and points the pin
+/// directory's symlink at it.
+pub fn write(pin_dir: &Path, state_dir: &Path, state: &PersistedState) -> Result<(), StateError> {
+    let path = state_file_for(pin_dir, state_dir);
+    std::fs::create_dir_all(state_dir).map_err(file_err(state_dir))?;
+    let tmp = path.with_extension("json.tmp");
+    let text = serde_json::to_vec_pretty(state).map_err(|e| StateError::File {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    std::fs::write(&tmp, text).map_err(file_err(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(file_err(&path))?;
+    let link = pin_dir.join(datapath::STATE_LINK_NAME);
+    if std::fs::read_link(&link).ok().as_deref() != Some(path.as_path()) {
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&path, &link).map_err(file_err(&link))?;
+    }
+    Ok(())
+}
+
+/// Reads the state the pin directory's symlink points at; `None` if there is none.
+pub fn read(pin_dir: &Path) -> Result<Option<PersistedState>, StateError> {
+    let link = pin_dir.join(datapath::STATE_LINK_NAME);
+    let text = match std::fs::read(&link) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(file_err(&link)(e)),
+    };
+    serde_json::from_slice(&text)
+        .map(Some)
+        .map_err(|e| StateError::File {
+            path: link,
+            reason: e.to_string(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_file_name_flattens_the_pin_dir() {
+        assert_eq!(
+            state_file_for(Path::new("/sys/fs/bpf/xlb"), Path::new("/run/xlb")),
+            PathBuf::from("/run/xlb/sys_fs_bpf_xlb.json")
+        );
+    }
+
+    #[test]
+    fn persisted_state_round_trips_through_json() {
+        let state = PersistedState {
+            version: 1,
+            written_unix_ms: 5,
+            config_path: Some("/etc/xlb.toml".into()),
+            table_size: 251,
+            vips: vec![PersistedVip {
+                name: "web".into(),
+                address: "192.0.2.10".parse().unwrap(),
+                protocol: Protocol::Udp,
+                port: 53,
+                source_affinity: true,
+                vip_id: 3,
+                backends: vec![PersistedBackend {
+                    address: "2001:db8::1".parse().unwrap(),
+                    id: 7,
+                    weight: 2,
+                    state: BackendState::Draining,
+                }],
+            }],
+        };
+        let text = serde_json::to_string(&state).unwrap();
+        assert!(text.contains("\"draining\""), "{text}");
+        assert_eq!(
+            serde_json::from_str::<PersistedState>(&text).unwrap(),
+            state
+        );
+    }
+}
