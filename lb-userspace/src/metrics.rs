@@ -1,0 +1,316 @@
+//! The agent's Prometheus endpoint (`node.metrics_listen`, default 127.0.0.1:9430).
+//!
+//! Datapath counters are read from the maps at scrape time (per-CPU values summed), so
+//! they continue across agent restarts exactly as the kernel counts them. Agent-side
+//! metrics (config applies, failures, apply latency) live in the process.
+//!
+//! | Metric | Labels | Meaning |
+//! |---|---|---|
+//! | `xlb_vip_packets_total`, `xlb_vip_bytes_total`, `xlb_vip_new_connections_total` | `vip`, `service` | per VIP |
+//! | `xlb_backend_packets_total`, `xlb_backend_bytes_total` | `backend` | per backend address |
+//! | `xlb_rx_packets_total` | | packets seen by the balancer |
+//! | `xlb_packets_total` | `outcome` | each packet's single outcome (`DatapathStats::OUTCOMES`) |
+//! | `xlb_conntrack_events_total` | `event` | hit, miss, insert_skipped (rate guard), insert_failed, udp_expired |
+//! | `xlb_fib_gateway_fallback_total` | | next hop taken from `gateway_mac` |
+//! | `xlb_conntrack_entries` | | entries in the connection table (walked per scrape) |
+//! | `xlb_config_applies_total`, `xlb_config_apply_failures_total` | | config applies |
+//! | `xlb_config_apply_seconds` | | config file event → maps updated |
+
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex, RwLock};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::datapath::Maps;
+use crate::state::PersistedVip;
+
+/// Agent-side metrics, updated by the agent loop.
+#[derive(Debug, Clone)]
+pub struct AgentMetrics {
+    /// Successful applies.
+    pub applies: Counter,
+    /// Rejected or failed applies.
+    pub apply_failures: Counter,
+    /// Seconds from a config file event to the maps being updated.
+    pub apply_latency: Histogram,
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        AgentMetrics {
+            applies: Counter::default(),
+            apply_failures: Counter::default(),
+            // 1 ms .. ~16 s.
+            apply_latency: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+        }
+    }
+}
+
+/// Reads the datapath maps on every scrape.
+pub struct DatapathCollector {
+    maps: Mutex<Maps>,
+    vips: Arc<RwLock<Vec<PersistedVip>>>,
+}
+
+impl std::fmt::Debug for DatapathCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DatapathCollector")
+    }
+}
+
+impl DatapathCollector {
+    /// `maps`: handles on the pinned maps; `vips`: names and ids, replaced after each apply.
+    pub fn new(maps: Maps, vips: Arc<RwLock<Vec<PersistedVip>>>) -> Self {
+        DatapathCollector {
+            maps: Mutex::new(maps),
+            vips,
+        }
+    }
+}
+
+fn counter<L: prometheus_client::encoding::EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: &[(L, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, value) in series {
+        ConstCounter::new(*value).encode(metric.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+fn plain_counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    let metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    ConstCounter::new(value).encode(metric)
+}
+
+type Labels = Vec<(String, String)>;
+
+impl Collector for DatapathCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Ok(maps) = self.maps.lock() else {
+            return Ok(());
+        };
+        let vips = self.vips.read().map(|v| v.clone()).unwrap_or_default();
+
+        let mut vip_series: [Vec<(Labels, u64)>; 3] = Default::default();
+        let mut backend_series: [Vec<(Labels, u64)>; 2] = Default::default();
+        let mut seen_backends = std::collections::BTreeSet::new();
+        for vip in &vips {
+            let Ok(stats) = maps.vip_stats(vip.vip_id) else {
+                continue;
+            };
+            let service = crate::model::ServiceKey {
+                address: vip.address,
+                protocol: vip.protocol,
+                port: vip.port,
+            }
+            .to_string();
+            let labels = vec![
+                ("vip".to_owned(), vip.name.clone()),
+                ("service".to_owned(), service),
+            ];
+            for (series, value) in
+                vip_series
+                    .iter_mut()
+                    .zip([stats.packets, stats.bytes, stats.new_conns])
+            {
+                series.push((labels.clone(), value));
+            }
+            for backend in &vip.backends {
+                if !seen_backends.insert(backend.id) {
+                    continue;
+                }
+                let Ok(stats) = maps.backend_stats(backend.id) else {
+                    continue;
+                };
+                let labels = vec![("backend".to_owned(), backend.address.to_string())];
+                backend_series[0].push((labels.clone(), stats.packets));
+                backend_series[1].push((labels, stats.bytes));
+            }
+        }
+        counter(
+            &mut encoder,
+            "xlb_vip_packets",
+            "Packets forwarded for a VIP",
+            &vip_series[0],
+        )?;
+        counter(
+            &mut encoder,
+            "xlb_vip_bytes",
+            "L3 bytes forwarded for a VIP",
+            &vip_series[1],
+        )?;
+        counter(
+            &mut encoder,
+            "xlb_vip_new_connections",
+            "New connections (Maglev picks) of a VIP",
+            &vip_series[2],
+        )?;
+        counter(
+            &mut encoder,
+            "xlb_backend_packets",
+            "Packets sent to a backend",
+            &backend_series[0],
+        )?;
+        counter(
+            &mut encoder,
+            "xlb_backend_bytes",
+            "Inner bytes sent to a backend",
+            &backend_series[1],
+        )?;
+
+        if let Ok(stats) = maps.stats() {
+            let fields = stats.fields();
+            let value = |name: &str| {
+                fields
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map_or(0, |(_, v)| *v)
+            };
+            plain_counter(
+                &mut encoder,
+                "xlb_rx_packets",
+                "Packets seen by the balancer",
+                value("rx_packets"),
+            )?;
+            let outcomes: Vec<([(&str, &str); 1], u64)> = lb_common::DatapathStats::OUTCOMES
+                .iter()
+                .map(|name| ([("outcome", *name)], value(name)))
+                .collect();
+            counter(
+                &mut encoder,
+                "xlb_packets",
+                "Packets by outcome (each packet has exactly one)",
+                &outcomes,
+            )?;
+            let events: Vec<([(&str, &str); 1], u64)> = [
+                ("hit", "conntrack_hit"),
+                ("miss", "conntrack_miss"),
+                ("insert_skipped", "conntrack_insert_skipped"),
+                ("insert_failed", "conntrack_insert_failed"),
+                ("udp_expired", "conntrack_udp_expired"),
+            ]
+            .iter()
+            .map(|(label, field)| ([("event", *label)], value(field)))
+            .collect();
+            counter(
+                &mut encoder,
+                "xlb_conntrack_events",
+                "Connection-table events; insert_skipped counts inserts skipped by the \
+                 new-connection rate guard",
+                &events,
+            )?;
+            plain_counter(
+                &mut encoder,
+                "xlb_fib_gateway_fallback",
+                "Next hops taken from the configured gateway MAC",
+                value("fib_gateway_fallback"),
+            )?;
+        }
+        let entries = maps.conntrack_count();
+        let metric = encoder.encode_descriptor(
+            "xlb_conntrack_entries",
+            "Entries in the connection table",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(entries as i64).encode(metric)?;
+        Ok(())
+    }
+}
+
+/// The registry with both metric sets.
+pub fn registry(agent: &AgentMetrics, datapath: DatapathCollector) -> Registry {
+    let mut registry = Registry::default();
+    registry.register(
+        "xlb_config_applies",
+        "Config applies that reached the maps",
+        agent.applies.clone(),
+    );
+    registry.register(
+        "xlb_config_apply_failures",
+        "Config changes rejected (invalid) or failed while writing",
+        agent.apply_failures.clone(),
+    );
+    registry.register(
+        "xlb_config_apply_seconds",
+        "Time from a config file change to the maps being updated",
+        agent.apply_latency.clone(),
+    );
+    registry.register_collector(Box::new(datapath));
+    registry
+}
+
+/// Renders the registry in the text format.
+pub fn render(registry: &Registry) -> String {
+    let mut text = String::new();
+    if prometheus_client::encoding::text::encode(&mut text, registry).is_err() {
+        text.clear();
+        let _ = writeln!(text, "# encoding failed");
+    }
+    text
+}
+
+/// Serves `GET /metrics` on `listener` until the task is dropped. A minimal HTTP/1.1
+/// responder: one request per connection, which is how Prometheus and curl scrape.
+pub async fn serve(listener: tokio::net::TcpListener, registry: Arc<Registry>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let mut request = Vec::with_capacity(1024);
+            let mut buf = [0u8; 1024];
+            let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16384 {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+            })
+            .await;
+            if read.is_err() {
+                return;
+            }
+            let line = String::from_utf8_lossy(&request);
+            let path = line.split_whitespace().nth(1).unwrap_or("");
+            let response = if path == "/metrics" || path.starts_with("/metrics?") {
+                let body = tokio::task::spawn_blocking(move || render(&registry))
+                    .await
+                    .unwrap_or_default();
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; \
+                     version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: \
+                     close\r\n\r\n{body}",
+                    body.len()
+                )
+            } else {
+                let body = "see /metrics\n";
+                format!(
+                    "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: \
+                     {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+            };
+            let _ = stream.write_all(response.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}
