@@ -19,3 +19,4 @@ pub fn require_root() {
          (`sudo cargo xtask test`)"
     );
 }
+pub mod agent_support;
