@@ -800,21 +800,26 @@ address = "198.51.100.12"
     fn embedded_default_is_the_documented_demo() {
         let resolved = Config::embedded_default().resolve().unwrap();
         let vips = &resolved.desired.vips;
-        assert_eq!(vips.len(), 1);
-        assert_eq!(vips[0].key.to_string(), "192.0.2.10:80/tcp");
+        let keys: Vec<String> = vips.iter().map(|v| v.key.to_string()).collect();
+        assert_eq!(
+            keys,
+            [
+                "203.0.113.10:80/tcp",
+                "203.0.113.10:53/udp",
+                "[2001:db8:f::10]:80/tcp"
+            ]
+        );
         let backends: Vec<String> = vips[0]
             .backends
             .iter()
             .map(|b| b.address.to_string())
             .collect();
-        assert_eq!(
-            backends,
-            ["198.51.100.11", "198.51.100.12", "198.51.100.13"]
-        );
+        assert_eq!(backends, ["198.51.100.6", "198.51.100.10", "198.51.100.14"]);
         assert_eq!(
             resolved.node.tunnel_source_v4,
             Some(Ipv4Addr::new(192, 0, 2, 1))
         );
+        assert_eq!(resolved.node.interfaces, ["eth0"]);
     }
 
     #[test]

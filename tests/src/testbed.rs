@@ -1,9 +1,9 @@
 //! End-to-end test bed: real hosts in network namespaces joined by veth pairs.
 //!
 //! ```text
-//!  client ns ──c0/l0── LB node ns ──b1/eth0── backend 1 ns   (VIPs on lo, xlb decap on eth0)
-//!  192.0.2.100-199    192.0.2.1      ├─b2/eth0── backend 2 ns
-//!  2001:db8:c::100    (XDP on l0)     └─b3/eth0── backend 3 ns …
+//!  client ns ──c0/eth0── LB node ns ──b1/eth0── backend 1 ns (VIPs on lo, xlb decap on eth0)
+//!  192.0.2.100-199       192.0.2.1     ├─b2/eth0── backend 2 ns
+//!  2001:db8:c::100     (XDP on eth0)   └─b3/eth0── backend 3 ns …
 //! ```
 //!
 //! VIPs live in 203.0.113.0/24 and 2001:db8:f::/64, routed by the client to the LB node. The
@@ -19,7 +19,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::netns::NetNs;
+use aya::programs::XdpMode;
+use lb_common::{
+    Backend, DatapathConfig, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, VipAddrKey, VipInfo,
+    VipKey, program_names,
+};
+use lb_userspace::datapath::{Datapath, LoadOptions};
+use lb_userspace::maglev::{self, WeightedBackend};
+
+use crate::netns::{NetNs, PinDir};
+use crate::packets::addr_words;
 
 /// The IPv4 VIP used by the test bed.
 pub const VIP4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
@@ -80,7 +89,7 @@ impl Testbed {
         }
         // client <-> LB node
         client.ip(&[
-            "link", "add", "c0", "type", "veth", "peer", "name", "l0", "netns", &lb.name,
+            "link", "add", "c0", "type", "veth", "peer", "name", "eth0", "netns", &lb.name,
         ]);
         let client_addrs: Vec<Ipv4Addr> = (0..opts.client_addresses.max(1))
             .map(|i| Ipv4Addr::new(192, 0, 2, 100 + i as u8))
@@ -107,15 +116,15 @@ impl Testbed {
             "via",
             "2001:db8:c::1",
         ]);
-        lb.ip(&["addr", "add", "192.0.2.1/24", "dev", "l0"]);
-        lb.ip(&["addr", "add", "2001:db8:c::1/64", "dev", "l0", "nodad"]);
-        lb.ip(&["link", "set", "l0", "up"]);
+        lb.ip(&["addr", "add", "192.0.2.1/24", "dev", "eth0"]);
+        lb.ip(&["addr", "add", "2001:db8:c::1/64", "dev", "eth0", "nodad"]);
+        lb.ip(&["link", "set", "eth0", "up"]);
         for kv in [
             "net.ipv4.conf.all.forwarding=1",
             "net.ipv6.conf.all.forwarding=1",
             "net.ipv4.conf.all.rp_filter=0",
             "net.ipv4.conf.default.rp_filter=0",
-            "net.ipv4.conf.l0.rp_filter=0",
+            "net.ipv4.conf.eth0.rp_filter=0",
         ] {
             sysctl(&lb, kv);
         }
@@ -197,7 +206,7 @@ impl Testbed {
             });
         }
         client.exec(&["ethtool", "-K", "c0", "tx", "off"]);
-        lb.exec(&["ethtool", "-K", "l0", "tx", "off"]);
+        lb.exec(&["ethtool", "-K", "eth0", "tx", "off"]);
         Self {
             client,
             lb,
@@ -513,4 +522,172 @@ mod socket2_like {
         }
         Ok(unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) })
     }
+}
+
+/// Maglev table size used by the test bed.
+pub const M: u32 = 65_537;
+
+pub fn small_load_options(pins: &PinDir) -> LoadOptions {
+    LoadOptions {
+        pin_dir: pins.path.clone(),
+        maglev_table_size: M,
+        max_vips: 8,
+        max_backends: 64,
+        conntrack_entries: 65_536,
+    }
+}
+
+/// Loads the balancer in the LB namespace, attaches it to eth0 (native XDP), and programs one
+/// TCP and one UDP VIP on each address family over the backends with the given weights.
+pub fn start_balancer(bed: &Testbed, pins: &PinDir, weights: &[u32]) -> Datapath {
+    let opts = small_load_options(pins);
+    let backends: Vec<(IpAddr, IpAddr, u32)> = bed
+        .backends
+        .iter()
+        .zip(weights)
+        .map(|(b, w)| (IpAddr::V4(b.addr), IpAddr::V6(b.addr6), *w))
+        .collect();
+    in_ns(&bed.lb, move || {
+        let mut dp = Datapath::load(&opts).expect("load datapath");
+        dp.attach(program_names::BALANCER, "eth0", XdpMode::Driver)
+            .expect("attach balancer");
+        let cfg = DatapathConfig {
+            maglev_table_size: M,
+            new_conn_rate_limit: 0,
+            udp_idle_timeout_ns: 30_000_000_000,
+            tunnel_src_v4_be: addr_words(IpAddr::V4(LB_CLIENT_SIDE))[0],
+            fallback_mtu: 1500,
+            tunnel_src_v6_be: addr_words(IpAddr::V6(LB_CLIENT_SIDE6)),
+            gateway_mac: [0; 6],
+            _pad: [0; 2],
+        };
+        dp.maps.set_config(&cfg).unwrap();
+        // Backend ids: IPv4 i, IPv6 32 + i.
+        let mut v4 = Vec::new();
+        let mut v6 = Vec::new();
+        for (i, (a4, a6, w)) in backends.iter().enumerate() {
+            let id4 = i as u32 + 1;
+            let id6 = 32 + i as u32 + 1;
+            dp.maps
+                .backends
+                .set(
+                    id4,
+                    &Backend {
+                        addr_be: addr_words(*a4),
+                        family: FAMILY_V4,
+                        _pad: [0; 3],
+                    },
+                    0,
+                )
+                .unwrap();
+            dp.maps
+                .backends
+                .set(
+                    id6,
+                    &Backend {
+                        addr_be: addr_words(*a6),
+                        family: FAMILY_V6,
+                        _pad: [0; 3],
+                    },
+                    0,
+                )
+                .unwrap();
+            v4.push(WeightedBackend {
+                address: *a4,
+                weight: *w,
+                id: id4,
+            });
+            v6.push(WeightedBackend {
+                address: *a6,
+                weight: *w,
+                id: id6,
+            });
+        }
+        let vips = [
+            (IpAddr::V4(VIP4), 80u16, PROTO_TCP, &v4),
+            (IpAddr::V4(VIP4), 53, PROTO_UDP, &v4),
+            (IpAddr::V6(VIP6), 80, PROTO_TCP, &v6),
+            (IpAddr::V6(VIP6), 53, PROTO_UDP, &v6),
+        ];
+        for (vip_id, (addr, port, proto, set)) in vips.iter().enumerate() {
+            let table = maglev::build(&format!("{addr}:{port}"), M, set)
+                .expect("maglev")
+                .table;
+            let ring = 2 * vip_id as u32;
+            dp.maps.maglev.write_ring(ring, &table).unwrap();
+            let family = if addr.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 };
+            let key = VipKey {
+                addr_be: addr_words(*addr),
+                port_be: port.to_be(),
+                proto: *proto,
+                family,
+            };
+            dp.maps
+                .vips
+                .insert(
+                    &key,
+                    &VipInfo {
+                        vip_id: vip_id as u32,
+                        ring,
+                        flags: 0,
+                        _pad: 0,
+                    },
+                    0,
+                )
+                .unwrap();
+            let akey = VipAddrKey {
+                addr_be: addr_words(*addr),
+                family,
+                _pad: [0; 3],
+            };
+            let n = dp.maps.vip_addrs.get(&akey, 0).unwrap_or(0);
+            dp.maps.vip_addrs.insert(&akey, &(n + 1), 0).unwrap();
+        }
+        dp
+    })
+}
+
+/// Attaches the decapsulator on every backend's eth0 and, on the client, the pass program
+/// (native XDP_TX toward a veth is delivered only when its peer runs an XDP program).
+pub fn start_decap_and_peers(bed: &Testbed) -> Vec<(PinDir, Datapath)> {
+    let mut held = Vec::new();
+    for b in &bed.backends {
+        let pins = PinDir::new(&format!("decap{}", b.index));
+        let mut opts = small_load_options(&pins);
+        opts.maglev_table_size = 3;
+        let (a4, a6) = (b.addr, b.addr6);
+        let dp = in_ns(&b.ns, move || {
+            let mut dp = Datapath::load(&opts).expect("load decap");
+            dp.attach(program_names::DECAP, "eth0", XdpMode::Driver)
+                .expect("attach decap");
+            for addr in [IpAddr::V4(a4), IpAddr::V6(a6)] {
+                let family = if addr.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 };
+                dp.maps
+                    .decap_addrs
+                    .insert(
+                        &VipAddrKey {
+                            addr_be: addr_words(addr),
+                            family,
+                            _pad: [0; 3],
+                        },
+                        &1,
+                        0,
+                    )
+                    .unwrap();
+            }
+            dp
+        });
+        held.push((pins, dp));
+    }
+    let pins = PinDir::new("clientpass");
+    let mut opts = small_load_options(&pins);
+    opts.maglev_table_size = 3;
+    let dp = in_ns(&bed.client, move || {
+        let mut dp = Datapath::load(&opts).expect("load pass");
+        dp.attach(program_names::PASS, "c0", XdpMode::Driver)
+            .expect("attach pass");
+        dp
+    });
+    held.push((pins, dp));
+    held
 }

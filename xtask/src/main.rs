@@ -117,10 +117,10 @@ fn main() -> Result<()> {
             ebpf::build(true)?;
             util::require_root("the demo creates network namespaces and attaches XDP")?;
             util::cargo(&["build", "--release", "-p", "lb-userspace"])?;
-            util::run_checked(
-                std::process::Command::new(util::project_root().join("target/release/xlb"))
-                    .arg("demo"),
-            )
+            util::cargo(&["build", "--release", "-p", "xlb-tests", "--example", "demo"])?;
+            util::run_checked(&mut std::process::Command::new(
+                util::project_root().join("target/release/examples/demo"),
+            ))
         }
         Command::Bench { which } => {
             setup::run()?;
