@@ -26,7 +26,9 @@ pub fn xlb_binary() -> PathBuf {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../lb-userspace/Cargo.toml");
             let mut build = Command::new(cargo);
-            build.args(["build", "--bin", "xlb", "--manifest-path"]).arg(&manifest);
+            build
+                .args(["build", "--bin", "xlb", "--manifest-path"])
+                .arg(&manifest);
             if profile_dir.file_name().is_some_and(|n| n == "release") {
                 build.arg("--release");
             }
@@ -153,7 +155,10 @@ impl XlbProcess {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("xlb did not exit within 10 s of SIGTERM:\n{}", self.log_text());
+                panic!(
+                    "xlb did not exit within 10 s of SIGTERM:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -185,7 +190,16 @@ impl Topology {
         let lb_if = unique_name("xl");
         let client_if = unique_name("xk");
         lb.ip(&[
-            "link", "add", &lb_if, "type", "veth", "peer", "name", &client_if, "netns", &client.name,
+            "link",
+            "add",
+            &lb_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &client_if,
+            "netns",
+            &client.name,
         ]);
         lb.ip(&["addr", "add", "192.0.2.1/24", "dev", &lb_if]);
         lb.ip(&["link", "set", &lb_if, "up"]);
@@ -207,9 +221,8 @@ impl Topology {
         std::thread::spawn(move || {
             let file = std::fs::File::open(format!("/run/netns/{name}")).expect("netns file");
             // SAFETY: setns on a valid namespace fd affects only this short-lived thread.
-            let rc = unsafe {
-                libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET)
-            };
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
             assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
             let socket = std::net::UdpSocket::bind("192.0.2.2:0").expect("bind in client ns");
             for _ in 0..count {
@@ -224,8 +237,13 @@ impl Topology {
     /// The XDP program attached to `iface` in `ns` (its name), if any.
     pub fn xdp_program(ns: &NetNs, iface: &str) -> Option<String> {
         let text = ns.ip(&["-d", "link", "show", "dev", iface]);
-        let line = text.lines().find(|l| l.trim_start().starts_with("prog/xdp"))?;
-        let name = line.split_whitespace().skip_while(|w| *w != "name").nth(1)?;
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("prog/xdp"))?;
+        let name = line
+            .split_whitespace()
+            .skip_while(|w| *w != "name")
+            .nth(1)?;
         Some(name.to_owned())
     }
 }
@@ -287,7 +305,8 @@ pub fn scrape_metrics(ns: &NetNs, port: u16) -> Option<String> {
             return None;
         }
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+        let mut stream =
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
         stream
             .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
@@ -303,6 +322,11 @@ pub fn scrape_metrics(ns: &NetNs, port: u16) -> Option<String> {
 
 /// The value of a metric line `name{labels} value` (exact series text before the value).
 pub fn metric_value(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    text.lines().find_map(|line| {
+        line.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }

@@ -23,7 +23,9 @@ address = "198.51.100.12"
 
 fn rx_packets(pin_dir: &PinDir) -> u64 {
     let stats = xlb_json(&["stats"], &pin_dir.path);
-    stats["balancer"]["rx_packets"].as_u64().expect("rx_packets")
+    stats["balancer"]["rx_packets"]
+        .as_u64()
+        .expect("rx_packets")
 }
 
 fn flow_key() -> FlowKey {
@@ -83,17 +85,25 @@ fn agent_restart_adopts_pins_and_keeps_the_datapath_running() {
     });
 
     // SIGTERM: the agent exits cleanly, the program stays attached and keeps counting.
-    assert!(agent.terminate(), "agent exits 0 on SIGTERM:\n{}", agent.log_text());
+    assert!(
+        agent.terminate(),
+        "agent exits 0 on SIGTERM:\n{}",
+        agent.log_text()
+    );
     assert_eq!(
         Topology::xdp_program(&topo.lb, &topo.lb_if).as_deref(),
         Some("xlb_balancer"),
         "the program stays attached after the agent exits"
     );
     topo.send_to_lb(5);
-    let rx_stopped = wait_for("counters while the agent is stopped", Duration::from_secs(10), || {
-        let rx = rx_packets(&pin_dir);
-        (rx > rx_first).then_some(rx)
-    });
+    let rx_stopped = wait_for(
+        "counters while the agent is stopped",
+        Duration::from_secs(10),
+        || {
+            let rx = rx_packets(&pin_dir);
+            (rx > rx_first).then_some(rx)
+        },
+    );
     // The CLI works with the agent stopped.
     assert_eq!(xlb_json(&["vips"], &pin_dir.path), vips_before);
 
@@ -103,20 +113,31 @@ fn agent_restart_adopts_pins_and_keeps_the_datapath_running() {
     let log = agent.log_text();
     assert!(log.contains("adopted a running datapath"), "{log}");
     assert!(log.contains("kept the pinned XDP link"), "{log}");
-    assert!(log.contains("ops=0"), "an unchanged config writes nothing on adoption: {log}");
+    assert!(
+        log.contains("ops=0"),
+        "an unchanged config writes nothing on adoption: {log}"
+    );
     let vips_after = xlb_json(&["vips"], &pin_dir.path);
     assert_eq!(vips_after[0]["vip_id"], vips_before[0]["vip_id"]);
     assert_eq!(vips_after[0]["ring"], vips_before[0]["ring"]);
     assert_eq!(vips_after[0]["backends"], {
         // Counters are part of the rows; ids, weights and slots must be identical.
         let mut b = vips_before[0]["backends"].clone();
-        for (row, after) in b.as_array_mut().unwrap().iter_mut().zip(vips_after[0]["backends"].as_array().unwrap()) {
+        for (row, after) in b
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .zip(vips_after[0]["backends"].as_array().unwrap())
+        {
             row["packets"] = after["packets"].clone();
             row["bytes"] = after["bytes"].clone();
         }
         b
     });
-    assert!(rx_packets(&pin_dir) >= rx_stopped, "counters continue, not reset");
+    assert!(
+        rx_packets(&pin_dir) >= rx_stopped,
+        "counters continue, not reset"
+    );
     let maps = Maps::open_pinned(&pin_dir.path).unwrap();
     assert_eq!(
         maps.conntrack.get(&flow_key(), 0).unwrap().backend_id,
@@ -134,7 +155,9 @@ fn agent_restart_adopts_pins_and_keeps_the_datapath_running() {
     assert_eq!(Topology::xdp_program(&topo.lb, &topo.lb_if), None);
     assert!(!pin_dir.path.exists());
     assert_eq!(
-        std::fs::read_dir(&state_dir).map(|d| d.count()).unwrap_or(0),
+        std::fs::read_dir(&state_dir)
+            .map(|d| d.count())
+            .unwrap_or(0),
         0,
         "the state file goes with the pins"
     );
@@ -148,12 +171,23 @@ fn cli_without_pins_fails_with_one_line() {
         vec!["vips", "--pin-dir", missing],
         vec!["stats", "--pin-dir", missing],
         vec!["unload", "--pin-dir", missing],
-        vec!["explain", "192.0.2.2:1", "203.0.113.10:80", "tcp", "--pin-dir", missing],
+        vec![
+            "explain",
+            "192.0.2.2:1",
+            "203.0.113.10:80",
+            "tcp",
+            "--pin-dir",
+            missing,
+        ],
     ] {
         let out = xlb(&args);
         assert!(!out.status.success(), "{args:?} must fail");
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: one line: {stderr}");
+        assert_eq!(
+            stderr.trim_end().lines().count(),
+            1,
+            "{args:?}: one line: {stderr}"
+        );
         assert!(stderr.contains("xlb-test-definitely-missing"), "{stderr}");
     }
 }
