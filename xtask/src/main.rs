@@ -59,6 +59,17 @@ enum Bench {
         #[arg(long, default_value_t = 5)]
         rounds: u32,
     },
+    /// Forwarding through an LB-node namespace: xlb vs iptables DNAT vs a bare XDP redirect.
+    Forwarding {
+        #[arg(long)]
+        json: bool,
+        /// Seconds per measured run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+        /// Interleaved rounds per case; the median is reported.
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
+    },
     /// Maglev table build time against the paper's figures.
     Maglev {
         #[arg(long)]
@@ -133,6 +144,37 @@ fn main() -> Result<()> {
                         util::project_root().join("target/release/examples/bench_datapath"),
                     );
                     cmd.args(["--runs", &runs.to_string(), "--rounds", &rounds.to_string()]);
+                    if json {
+                        cmd.arg("--json");
+                    }
+                    util::run_checked(&mut cmd)
+                }
+                Bench::Forwarding {
+                    json,
+                    seconds,
+                    rounds,
+                } => {
+                    ebpf::build(true)?;
+                    util::require_root(
+                        "the benchmark creates network namespaces and attaches XDP",
+                    )?;
+                    util::cargo(&[
+                        "build",
+                        "--release",
+                        "-p",
+                        "xlb-tests",
+                        "--example",
+                        "bench_forwarding",
+                    ])?;
+                    let mut cmd = std::process::Command::new(
+                        util::project_root().join("target/release/examples/bench_forwarding"),
+                    );
+                    cmd.args([
+                        "--seconds",
+                        &seconds.to_string(),
+                        "--rounds",
+                        &rounds.to_string(),
+                    ]);
                     if json {
                         cmd.arg("--json");
                     }
