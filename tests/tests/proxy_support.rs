@@ -348,6 +348,12 @@ pub struct Pki {
     pub ca_der: rustls::pki_types::CertificateDer<'static>,
 }
 
+impl Default for Pki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Pki {
     pub fn new() -> Self {
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");

@@ -89,7 +89,7 @@ impl<R> RouteTable<R> {
                 if group.prefixes.iter().all(|(p, _)| &**p != norm) {
                     group.prefixes.push((norm.into(), route));
                     // Stable sort keeps config order among equal lengths (they are distinct).
-                    group.prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+                    group.prefixes.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
                 }
             }
         }

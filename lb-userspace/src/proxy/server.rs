@@ -675,6 +675,14 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes hop-by-hop headers and the headers the Connection header nominates. `Upgrade` is
 /// removed too unless this exchange is an upgrade, in which case `Connection: upgrade` is kept.
 fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
+    // One pass over the (few) headers instead of a hash lookup per hop-by-hop name: most
+    // messages carry none of them.
+    let present = h
+        .keys()
+        .any(|n| *n == header::UPGRADE || HOP_BY_HOP.iter().any(|hop| hop == n));
+    if !present {
+        return;
+    }
     if let Some(conn) = h.get(header::CONNECTION)
         && let Ok(list) = conn.to_str()
     {
