@@ -1,0 +1,179 @@
+//! The manager against real maps (no interface needed): reading the applied state back
+//! from the maps after a restart, ring flips that never touch the live ring, and the RCU
+//! grace-period barrier.
+
+use lb_userspace::config::{Config, Format};
+use lb_userspace::datapath::{Datapath, GracePeriod, LoadOptions};
+use lb_userspace::manager::Manager;
+use lb_userspace::model::DesiredState;
+use lb_userspace::plan::{self, MapOp};
+use lb_userspace::state::rebuild_applied;
+use xlb_tests::netns::PinDir;
+use xlb_tests::require_root;
+
+const M: u32 = 251;
+
+fn desired(vips: &str) -> (DesiredState, plan::Limits) {
+    let text = format!(
+        "[node]\ninterfaces = [\"lo\"]\ntunnel_source_v4 = \"192.0.2.1\"\nmaglev_table_size = {M}\n\
+         max_vips = 8\nmax_backends = 32\nconntrack_entries = 1024\n{vips}"
+    );
+    let resolved = Config::parse(&text, Format::Toml)
+        .unwrap()
+        .resolve()
+        .unwrap();
+    (resolved.desired, resolved.node.limits)
+}
+
+fn vip(name: &str, address: &str, port: u16, backends: &[&str]) -> String {
+    let mut text = format!("[[vips]]\nname = \"{name}\"\naddress = \"{address}\"\nport = {port}\n");
+    for b in backends {
+        text.push_str(&format!("[[vips.backends]]\naddress = \"{b}\"\n"));
+    }
+    text
+}
+
+fn load(pin_dir: &PinDir, limits: plan::Limits) -> Datapath {
+    Datapath::load(&LoadOptions {
+        pin_dir: pin_dir.path.clone(),
+        maglev_table_size: limits.table_size,
+        max_vips: limits.max_vips,
+        max_backends: limits.max_backends,
+        conntrack_entries: 1024,
+    })
+    .unwrap()
+}
+
+#[test]
+fn state_read_back_from_the_maps_plans_no_writes_and_keeps_ids() {
+    require_root();
+    let pin_dir = PinDir::new("rebuild");
+    let first = [
+        vip(
+            "a",
+            "203.0.113.1",
+            80,
+            &["198.51.100.1", "198.51.100.2", "198.51.100.3"],
+        ),
+        vip("b", "203.0.113.2", 443, &["198.51.100.4"]),
+        vip("c", "203.0.113.3", 0, &["198.51.100.5", "198.51.100.6"]),
+    ]
+    .concat();
+    // Then: a backend and a VIP go (holes in both id spaces), one table changes.
+    let second = [
+        vip("a", "203.0.113.1", 80, &["198.51.100.1", "198.51.100.3"]),
+        vip(
+            "c",
+            "203.0.113.3",
+            0,
+            &["198.51.100.5", "198.51.100.6", "198.51.100.7"],
+        ),
+    ]
+    .concat();
+    let (desired1, limits) = desired(&first);
+    let (desired2, _) = desired(&second);
+    let mut datapath = load(&pin_dir, limits);
+    let mut manager = Manager::adopt(&datapath.maps, limits).unwrap();
+    manager.apply(&mut datapath.maps, &desired1).unwrap();
+    manager.apply(&mut datapath.maps, &desired2).unwrap();
+    let live = manager.applied().clone();
+    drop(manager);
+    drop(datapath);
+
+    // A new process: fresh load adopting the pins, state rebuilt from the maps.
+    let datapath = load(&pin_dir, limits);
+    let rebuilt = rebuild_applied(&datapath.maps, limits).unwrap();
+    let plan = plan::plan(&desired2, &rebuilt).unwrap();
+    assert!(
+        plan.ops.is_empty(),
+        "nothing to write after adoption: {:?}",
+        plan.ops
+    );
+    for address in [
+        "198.51.100.1",
+        "198.51.100.3",
+        "198.51.100.5",
+        "198.51.100.7",
+    ] {
+        let address = address.parse().unwrap();
+        assert_eq!(rebuilt.backend_id(address), live.backend_id(address));
+    }
+    for (key, info) in live.vips() {
+        assert_eq!(rebuilt.vip(key), Some(*info));
+    }
+    // The next change plans the same writes from either state: ids and rings agree.
+    let third = [
+        vip("a", "203.0.113.1", 80, &["198.51.100.1", "198.51.100.8"]),
+        vip("d", "203.0.113.4", 53, &["198.51.100.9"]),
+    ]
+    .concat();
+    let (desired3, _) = desired(&third);
+    let from_live = plan::plan(&desired3, &live).unwrap().ops;
+    let from_rebuilt = plan::plan(&desired3, &rebuilt).unwrap().ops;
+    assert_eq!(from_rebuilt, from_live);
+}
+
+#[test]
+fn a_changed_table_goes_to_the_idle_ring_and_the_live_ring_is_untouched() {
+    require_root();
+    let pin_dir = PinDir::new("flip");
+    let (one, limits) = desired(&vip(
+        "a",
+        "203.0.113.1",
+        80,
+        &["198.51.100.1", "198.51.100.2"],
+    ));
+    let (two, _) = desired(&vip(
+        "a",
+        "203.0.113.1",
+        80,
+        &["198.51.100.1", "198.51.100.3"],
+    ));
+    let mut datapath = load(&pin_dir, limits);
+    let mut manager = Manager::adopt(&datapath.maps, limits).unwrap();
+    manager.apply(&mut datapath.maps, &one).unwrap();
+    let key = one.vips[0].key.to_map_key();
+    let first = datapath.maps.vips.get(&key, 0).unwrap();
+    let live_table = datapath.maps.maglev.read_ring(first.ring).unwrap();
+
+    let plan = plan::plan(&two, manager.applied()).unwrap();
+    let written: Vec<u32> = plan
+        .ops
+        .iter()
+        .filter_map(|op| match op {
+            MapOp::WriteRing { ring, .. } => Some(*ring),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        written,
+        vec![first.ring ^ 1],
+        "only the idle ring is written"
+    );
+    let report = manager.apply(&mut datapath.maps, &two).unwrap();
+    assert_eq!(report.rings_written, 1);
+    let second = datapath.maps.vips.get(&key, 0).unwrap();
+    assert_eq!(second.ring, first.ring ^ 1, "one update flips the ring");
+    assert_eq!(second.vip_id, first.vip_id);
+    assert_eq!(
+        datapath.maps.maglev.read_ring(first.ring).unwrap(),
+        live_table,
+        "the retired ring still holds the old table, whole"
+    );
+    let new_table = datapath.maps.maglev.read_ring(second.ring).unwrap();
+    assert!(
+        new_table.iter().all(|id| *id != 0),
+        "no empty slot in the new table"
+    );
+}
+
+#[test]
+fn grace_period_barrier_returns() {
+    require_root();
+    let barrier = GracePeriod::new().unwrap();
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        barrier.wait().unwrap();
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+}
