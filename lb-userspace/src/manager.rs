@@ -184,3 +184,21 @@ fn remove_if_present(result: Result<(), aya::maps::MapError>) -> Result<(), aya:
         other => other,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deleting_a_missing_key_is_what_the_plan_wanted() {
+        assert!(remove_if_present(Err(aya::maps::MapError::KeyNotFound)).is_ok());
+        assert!(remove_if_present(Ok(())).is_ok());
+        assert!(
+            remove_if_present(Err(aya::maps::MapError::OutOfBounds {
+                index: 1,
+                max_entries: 1
+            }))
+            .is_err()
+        );
+    }
+}
