@@ -1,0 +1,158 @@
+//! Benchmark-only XDP programs for `cargo xtask bench forwarding` (never loaded by the agent).
+//!
+//! * `bench_gen` — a live-frames traffic generator: run with `BPF_PROG_RUN` and
+//!   `BPF_F_TEST_XDP_LIVE_FRAMES` on the client's veth, it rewrites the UDP source port of
+//!   the template frame from a per-CPU counter over `flows` flows, zeroes the UDP checksum
+//!   and returns `XDP_TX` (the kernel turns that into a redirect out of the ingress device).
+//!   The counter is also the number of frames offered.
+//! * `bench_sink` — on backends: counts every frame (per CPU) and drops it.
+//! * `bench_redirect` — the ceiling on the LB node: rewrite both MACs from a one-entry
+//!   config map and `bpf_redirect` to the configured ifindex. No parsing, no lookups.
+//! * `bench_pass` — `return XDP_PASS` on the LB node for the kernel-forwarding case (native
+//!   XDP_TX into a veth is delivered only when the peer runs an XDP program).
+//!
+//! Self-contained on purpose: its own header offsets, no shared maps, nothing pinned.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    btf_maps::{Array, PerCpuArray},
+    helpers::generated::bpf_redirect,
+    macros::{btf_map, xdp},
+    programs::XdpContext,
+};
+
+const ETH_LEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const IPPROTO_UDP: u8 = 17;
+/// Ethernet + option-less IPv4 + UDP: the template frame the harness builds.
+const UDP_SPORT_OFF: usize = ETH_LEN + 20;
+const UDP_CSUM_OFF: usize = ETH_LEN + 20 + 6;
+const HDR_END: usize = ETH_LEN + 20 + 8;
+
+/// Generator settings (index 0), written by the harness before the run.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct GenConfig {
+    /// Number of distinct flows (source ports); 0 is treated as 1.
+    pub flows: u32,
+    /// First source port, host order.
+    pub base_port: u32,
+}
+
+/// Ceiling settings (index 0).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RedirectConfig {
+    pub ifindex: u32,
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+}
+
+#[btf_map]
+static BENCH_GEN_CONFIG: Array<GenConfig, 1> = Array::new();
+
+/// Frames the generator has offered (also its flow counter), per CPU.
+#[btf_map]
+static BENCH_GEN_COUNT: PerCpuArray<u64, 1> = PerCpuArray::new();
+
+/// Frames the sink has received, per CPU.
+#[btf_map]
+static BENCH_SINK_COUNT: PerCpuArray<u64, 1> = PerCpuArray::new();
+
+#[btf_map]
+static BENCH_REDIRECT_CONFIG: Array<RedirectConfig, 1> = Array::new();
+
+#[inline(always)]
+fn bump(map: &PerCpuArray<u64, 1>) -> u64 {
+    match map.get_ptr_mut(0) {
+        Some(p) => {
+            // SAFETY: a per-CPU slot, only this CPU writes it while the program runs.
+            unsafe {
+                let n = *p;
+                *p = n + 1;
+                n
+            }
+        }
+        None => 0,
+    }
+}
+
+/// The live-frames generator.
+#[xdp]
+pub fn bench_gen(ctx: XdpContext) -> u32 {
+    let data = ctx.data();
+    let end = ctx.data_end();
+    if data + HDR_END > end {
+        return xdp_action::XDP_ABORTED;
+    }
+    let p = data as *mut u8;
+    // SAFETY: every access below is inside [data, data + HDR_END), checked above.
+    unsafe {
+        let ethertype = u16::from_be_bytes([*p.add(12), *p.add(13)]);
+        if ethertype != ETH_P_IP || *p.add(ETH_LEN + 9) != IPPROTO_UDP {
+            return xdp_action::XDP_ABORTED;
+        }
+    }
+    let (flows, base) = match BENCH_GEN_CONFIG.get(0) {
+        Some(c) => (if c.flows == 0 { 1 } else { c.flows }, c.base_port),
+        None => (1, 1024),
+    };
+    let n = bump(&BENCH_GEN_COUNT);
+    let port = (base + (n as u32) % flows) as u16;
+    let [hi, lo] = port.to_be_bytes();
+    // SAFETY: inside the checked header range.
+    unsafe {
+        *p.add(UDP_SPORT_OFF) = hi;
+        *p.add(UDP_SPORT_OFF + 1) = lo;
+        // UDP over IPv4 may carry no checksum; the IPv4 header is untouched.
+        *p.add(UDP_CSUM_OFF) = 0;
+        *p.add(UDP_CSUM_OFF + 1) = 0;
+    }
+    xdp_action::XDP_TX
+}
+
+/// The backends' counter.
+#[xdp]
+pub fn bench_sink(_ctx: XdpContext) -> u32 {
+    bump(&BENCH_SINK_COUNT);
+    xdp_action::XDP_DROP
+}
+
+/// The ceiling: MAC rewrite and redirect, nothing else.
+#[xdp]
+pub fn bench_redirect(ctx: XdpContext) -> u32 {
+    let data = ctx.data();
+    if data + ETH_LEN > ctx.data_end() {
+        return xdp_action::XDP_DROP;
+    }
+    let Some(cfg) = BENCH_REDIRECT_CONFIG.get(0) else {
+        return xdp_action::XDP_DROP;
+    };
+    let p = data as *mut [u8; 6];
+    // SAFETY: the 12 MAC bytes are inside the checked Ethernet header.
+    unsafe {
+        *p = cfg.dst_mac;
+        *p.add(1) = cfg.src_mac;
+    }
+    // SAFETY: plain helper call.
+    unsafe { bpf_redirect(cfg.ifindex, 0) as u32 }
+}
+
+/// Lets the LB node's kernel stack take the frames (kernel-forwarding case).
+#[xdp]
+pub fn bench_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any reachable panic path; this is never executed.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
