@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use lb_common::program_names;
 
 use crate::config::{Config, ConfigError, NodeSettings, ResolvedConfig};
-use crate::datapath::{AttachMode, Attached, Datapath, DatapathError, LoadOptions, Maps};
+use crate::datapath::{self, AttachMode, Attached, Datapath, DatapathError, LoadOptions, Maps};
 use crate::manager::{Manager, ManagerError};
 use crate::metrics::{self, AgentMetrics, DatapathCollector};
 use crate::state::{self, PersistedState, PersistedVip};
@@ -367,6 +367,14 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
                 native_error = %e,
                 "native XDP failed; attached in generic mode (much slower)"
             ),
+        }
+    }
+
+    // Links pinned by an earlier agent for interfaces the config no longer lists.
+    for iface in datapath::pinned_links(&node.pin_dir, program_names::BALANCER) {
+        if !node.interfaces.contains(&iface) {
+            datapath::detach_pinned(&node.pin_dir, program_names::BALANCER, &iface)?;
+            tracing::info!(iface, "detached: no longer in node.interfaces");
         }
     }
 

@@ -305,8 +305,8 @@ pub fn link_pin_path(pin_dir: &Path, program: &str, iface: &str) -> PathBuf {
 const LINK_PIN_PREFIX: &str = "link_";
 
 /// Name of the symlink in the pin directory that points at the agent's state file
-/// (bpffs holds no regular files, but it does hold symlinks).
-pub const STATE_LINK_NAME: &str = "state.json";
+/// (bpffs holds no regular files, but it does hold symlinks; names with a dot are refused).
+pub const STATE_LINK_NAME: &str = "agent_state";
 
 impl Datapath {
     /// Attaches `program` to `iface` through a BPF link pinned under the pin directory, so
