@@ -363,6 +363,20 @@ async fn h2c_prior_knowledge_is_served_on_the_plain_listener() {
         );
         assert_eq!(got.upstream_header("host"), Some("h2.test"));
     }
+    // A request body without Content-Length goes upstream chunked.
+    let req = hyper::Request::builder()
+        .method("POST")
+        .uri("http://h2.test/echo-body")
+        .body(http_body_util::Full::new(bytes::Bytes::from(vec![
+            b'x';
+            100_000
+        ])))
+        .expect("request");
+    let got = send2(&mut c, req).await;
+    assert_eq!(
+        (got.status, got.body.as_str()),
+        (StatusCode::OK, "len=100000\n")
+    );
 }
 
 /// A hand-written upstream: reads one request head per connection, writes `response`, then

@@ -47,3 +47,61 @@ impl LogRecord {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("capture lock").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn line_has_every_field() {
+        let capture = Capture::default();
+        let writer = capture.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            LogRecord {
+                start: Instant::now(),
+                client: "192.0.2.1:4000".parse().expect("addr"),
+                method: http::Method::GET,
+                host: "a.test".into(),
+                path: "/x?y=1".into(),
+                rule: Arc::from("default/i:a.test/"),
+                upstream: Some("127.0.0.1:9000".parse().expect("addr")),
+                status: 200,
+            }
+            .emit(42);
+        });
+        let line =
+            String::from_utf8(capture.0.lock().expect("capture lock").clone()).expect("utf-8");
+        for field in [
+            "xlb::access",
+            "client=192.0.2.1:4000",
+            "method=GET",
+            "host=a.test",
+            "path=/x?y=1",
+            "rule=default/i:a.test/",
+            "upstream=\"127.0.0.1:9000\"",
+            "status=200",
+            "bytes=42",
+            "duration_us=",
+        ] {
+            assert!(line.contains(field), "{field} missing in {line}");
+        }
+    }
+}

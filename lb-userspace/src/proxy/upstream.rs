@@ -400,6 +400,42 @@ mod tests {
     }
 
     #[test]
+    fn ejected_endpoint_is_readmitted_after_backoff_and_backoff_doubles() {
+        let m = Metrics::new();
+        let mut s = svc(Balance::RoundRobin, 2);
+        s.health = PassiveHealth {
+            consecutive_failures: 1,
+            base_ejection_ms: 20,
+            max_ejection_ms: 1_000,
+        };
+        let u = Upstream::new(&s, 1, None, &m);
+        let e0 = u.endpoints()[0].clone();
+        u.record_failure(&e0);
+        assert!(e0.is_ejected());
+        let first = e0.ejected_until.load(Ordering::Relaxed) - now_ms();
+        // Bounded wait: the 20 ms backoff must expire within 2 s.
+        for _ in 0..200 {
+            if !e0.is_ejected() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(!e0.is_ejected(), "re-admitted after the backoff");
+        u.record_failure(&e0);
+        let second = e0.ejected_until.load(Ordering::Relaxed) - now_ms();
+        assert!(
+            second > first,
+            "second ejection lasts longer ({second} ms vs {first} ms)"
+        );
+        u.record_success(&e0);
+        assert_eq!(
+            e0.ejections.load(Ordering::Relaxed),
+            2,
+            "a success while ejected keeps the backoff"
+        );
+    }
+
+    #[test]
     fn consistent_hash_is_sticky_and_spreads() {
         let m = Metrics::new();
         let u = Upstream::new(&svc(Balance::ConsistentHash, 4), 1, None, &m);
