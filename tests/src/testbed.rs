@@ -383,19 +383,31 @@ impl Drop for BackendServer {
 
 /// Opens a TCP connection from the client namespace, bound to `src`, with a timeout.
 pub fn connect_from(client: &NetNs, src: IpAddr, dst: SocketAddr) -> std::io::Result<TcpStream> {
-    in_ns(client, move || {
-        let domain = if dst.is_ipv4() {
-            libc::AF_INET
-        } else {
-            libc::AF_INET6
-        };
-        let socket = socket2_like::tcp_socket(domain)?;
-        socket2_like::bind(&socket, SocketAddr::new(src, 0))?;
-        let stream = socket2_like::connect_timeout(socket, dst, Duration::from_secs(3))?;
-        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
-        stream.set_write_timeout(Some(Duration::from_secs(3)))?;
-        Ok(stream)
-    })
+    in_ns(client, move || connect_here(src, 0, dst))
+}
+
+/// Opens a TCP connection from `src:sport` (0 = ephemeral) in the calling thread's
+/// namespace. Closing it sends a RST (linger 0), so the same 4-tuple can be reused at once
+/// (no TIME_WAIT), which the flow-movement scenarios need.
+pub fn connect_here(src: IpAddr, sport: u16, dst: SocketAddr) -> std::io::Result<TcpStream> {
+    let domain = if dst.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let socket = socket2_like::tcp_socket(domain)?;
+    socket2_like::linger_zero(&socket);
+    socket2_like::bind(&socket, SocketAddr::new(src, sport))?;
+    let stream = socket2_like::connect_timeout(socket, dst, Duration::from_secs(3))?;
+    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(3)))?;
+    Ok(stream)
+}
+
+/// One short request from `src:sport` in the calling thread's namespace.
+pub fn tcp_request_here(src: IpAddr, sport: u16, dst: SocketAddr) -> std::io::Result<String> {
+    let mut s = connect_here(src, sport, dst)?;
+    ask(&mut s)
 }
 
 /// Sends one request line and reads the answer line (`backend-N`).
@@ -475,6 +487,24 @@ mod socket2_like {
             }
         };
         (storage, len as libc::socklen_t)
+    }
+
+    pub fn linger_zero(fd: &OwnedFd) {
+        use std::os::fd::AsRawFd;
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: valid fd; SO_LINGER with a properly sized struct.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                &linger as *const _ as *const _,
+                std::mem::size_of::<libc::linger>() as u32,
+            );
+        }
     }
 
     pub fn bind(fd: &OwnedFd, addr: SocketAddr) -> std::io::Result<()> {
