@@ -471,6 +471,8 @@ pub(crate) struct ConnCtx {
     active: AtomicUsize,
     last_active_ms: AtomicU64,
     born: Instant,
+    /// Whether requests mark the connection busy for the idle watchdog (HTTP/2 only).
+    track_idle: bool,
 }
 
 impl ConnCtx {
@@ -526,7 +528,7 @@ async fn serve_connection(
     let settings = shared.state.load().settings.clone();
     let peer_value = HeaderValue::from_str(&peer.ip().to_string())
         .unwrap_or(HeaderValue::from_static("unknown"));
-    let ctx = ConnCtx {
+    let mut ctx = ConnCtx {
         peer,
         https: tls.is_some(),
         peer_value,
@@ -534,6 +536,7 @@ async fn serve_connection(
         active: AtomicUsize::new(0),
         last_active_ms: AtomicU64::new(0),
         born: Instant::now(),
+        track_idle: false,
     };
     match tls {
         Some(acceptor) => {
@@ -551,6 +554,7 @@ async fn serve_connection(
             };
             let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
             if h2 {
+                ctx.track_idle = true;
                 serve_h2(shared, Arc::new(ctx), TokioIo::new(tls_stream), &settings).await;
             } else {
                 let io = GuardedIo::new(tls_stream);
@@ -560,6 +564,7 @@ async fn serve_connection(
         None => {
             match tokio::time::timeout(settings.header, starts_with_h2_preface(&stream)).await {
                 Ok(Ok(true)) => {
+                    ctx.track_idle = true;
                     serve_h2(shared, Arc::new(ctx), TokioIo::new(stream), &settings).await
                 }
                 Ok(Ok(false)) => {
@@ -596,13 +601,17 @@ where
     b.timer(TokioTimer::new())
         // hyper starts this timer whenever it waits for a request head, so it also bounds
         // how long a keep-alive connection may sit idle (see docs/proxy.md).
-        .header_read_timeout(s.header)
+        // ... and so it is also the keep-alive idle timeout for HTTP/1.1: no per-connection
+        // watchdog timer has to be polled on every wake-up.
+        .header_read_timeout(s.header.min(s.idle))
         .max_header_size(s.max_header_bytes)
         .max_buf_size(s.max_header_bytes.max(8192) + 4096);
     let conn = b
         .serve_connection(io, service(shared, ctx.clone()))
         .with_upgrades();
-    drive_with_idle_timeout(conn, &ctx, s.idle, |c| c.graceful_shutdown()).await;
+    if let Err(e) = conn.await {
+        tracing::debug!(peer = %ctx.peer, error = %e, "connection ended with error");
+    }
 }
 
 async fn serve_h2<I>(shared: Arc<Shared>, ctx: Arc<ConnCtx>, io: TokioIo<I>, s: &Settings)
@@ -765,7 +774,7 @@ impl Outcome {
 
 async fn handle(shared: &Shared, ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<RespBody> {
     let start = Instant::now();
-    let active = ActiveGuard::new(ctx.clone());
+    let active = ctx.track_idle.then(|| ActiveGuard::new(ctx.clone()));
     let state = shared.state.load_full();
     let log_fields = state.settings.access_log.then(|| {
         (
@@ -802,7 +811,9 @@ async fn handle(shared: &Shared, ctx: Arc<ConnCtx>, req: Request<Incoming>) -> R
             status: status.as_u16(),
         })));
     }
-    resp.body_mut().set_active(active);
+    if let Some(active) = active {
+        resp.body_mut().set_active(active);
+    }
     resp
 }
 
