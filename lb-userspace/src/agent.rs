@@ -310,6 +310,13 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let resolved = load_config(&opts)?;
     let node = resolved.node.clone();
     let mode = opts.mode.unwrap_or_else(|| node.xdp_mode.into());
+    // Bound first: a port in use must fail the start before anything is attached.
+    let listener = tokio::net::TcpListener::bind(node.metrics_listen)
+        .await
+        .map_err(|source| AgentError::Io {
+            what: format!("listening for metrics on {}", node.metrics_listen),
+            source,
+        })?;
     enable_forwarding();
 
     let load = LoadOptions {
@@ -392,12 +399,6 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
 
     let collector = DatapathCollector::new(Maps::open_pinned(&node.pin_dir)?, vips_for_metrics);
     let registry = Arc::new(metrics::registry(&metrics, collector));
-    let listener = tokio::net::TcpListener::bind(node.metrics_listen)
-        .await
-        .map_err(|source| AgentError::Io {
-            what: format!("listening for metrics on {}", node.metrics_listen),
-            source,
-        })?;
     tracing::info!(listen = %node.metrics_listen, "metrics at /metrics");
     let metrics_task = tokio::spawn(metrics::serve(listener, registry));
 
