@@ -239,33 +239,35 @@ impl Upstream {
                     .cloned()
             }
             Balance::LeastRequest => {
-                let candidates: Vec<&Arc<Endpoint>> = if self.endpoints.iter().all(|e| ok(e)) {
-                    // Fast path: two random distinct picks, no filtering allocation.
+                let less_loaded = |a: &Arc<Endpoint>, b: &Arc<Endpoint>| {
+                    let load = |e: &Endpoint| e.in_flight.load(Ordering::Relaxed);
+                    if load(b) < load(a) {
+                        b.clone()
+                    } else {
+                        a.clone()
+                    }
+                };
+                let mut rng = rand::rng();
+                if self.endpoints.iter().all(|e| ok(e)) {
+                    // Fast path, no allocation: two random distinct endpoints.
                     if n == 1 {
                         return Some(self.endpoints[0].clone());
                     }
-                    let mut rng = rand::rng();
                     let a = rng.random_range(0..n);
                     let b = (a + rng.random_range(1..n)) % n;
-                    vec![&self.endpoints[a], &self.endpoints[b]]
-                } else {
-                    let healthy: Vec<&Arc<Endpoint>> =
-                        self.endpoints.iter().filter(|e| ok(e)).collect();
-                    match healthy.len() {
-                        0 => return None,
-                        1 => return Some(healthy[0].clone()),
-                        m => {
-                            let mut rng = rand::rng();
-                            let a = rng.random_range(0..m);
-                            let b = (a + rng.random_range(1..m)) % m;
-                            vec![healthy[a], healthy[b]]
-                        }
+                    return Some(less_loaded(&self.endpoints[a], &self.endpoints[b]));
+                }
+                let healthy: Vec<&Arc<Endpoint>> =
+                    self.endpoints.iter().filter(|e| ok(e)).collect();
+                match healthy.len() {
+                    0 => None,
+                    1 => Some(healthy[0].clone()),
+                    m => {
+                        let a = rng.random_range(0..m);
+                        let b = (a + rng.random_range(1..m)) % m;
+                        Some(less_loaded(healthy[a], healthy[b]))
                     }
-                };
-                candidates
-                    .into_iter()
-                    .min_by_key(|e| e.in_flight.load(Ordering::Relaxed))
-                    .cloned()
+                }
             }
             Balance::ConsistentHash => {
                 let key = match &self.hash_header {
