@@ -208,16 +208,12 @@ impl UpstreamConn {
         let mut received_any = !self.rbuf.is_empty();
         loop {
             if !self.rbuf.is_empty() {
-                let mut slots = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-                let mut resp = httparse::Response::new(&mut slots);
-                match resp.parse(&self.rbuf) {
-                    Ok(httparse::Status::Complete(len)) => {
-                        let head = build_head(&resp, method)?;
-                        self.rbuf.advance(len);
-                        return Ok(head);
-                    }
-                    Ok(httparse::Status::Partial) => {}
-                    Err(_) => return Err(ExchangeError::Protocol("unparsable head")),
+                if let Some((len, raw)) = RawHead::parse(&self.rbuf)? {
+                    // Header values become slices of this buffer: no copy, no allocation.
+                    // The allocation is reclaimed by `reserve` once the response head has
+                    // been written downstream and these slices are gone.
+                    let bytes = self.rbuf.split_to(len).freeze();
+                    return build_head(&raw, &bytes, method);
                 }
                 if self.rbuf.len() > MAX_RESPONSE_HEAD {
                     return Err(ExchangeError::Protocol("head too large"));
@@ -257,25 +253,64 @@ fn is_reset(e: &io::Error) -> bool {
     )
 }
 
+/// Header positions in a parsed response head (offsets into the head's bytes).
+struct RawHead {
+    code: u16,
+    http11: bool,
+    count: usize,
+    /// (name start, name end, value start, value end)
+    spans: [(u32, u32, u32, u32); MAX_RESPONSE_HEADERS],
+}
+
+impl RawHead {
+    /// `Some((head length, positions))` once the head is complete.
+    fn parse(buf: &[u8]) -> Result<Option<(usize, Self)>, ExchangeError> {
+        let mut slots = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+        let mut resp = httparse::Response::new(&mut slots);
+        let len = match resp.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(_) => return Err(ExchangeError::Protocol("unparsable head")),
+        };
+        let base = buf.as_ptr() as usize;
+        let off = |p: *const u8| u32::try_from(p as usize - base).unwrap_or(u32::MAX);
+        let mut raw = Self {
+            code: resp.code.ok_or(ExchangeError::Protocol("no status"))?,
+            http11: resp.version == Some(1),
+            count: resp.headers.len(),
+            spans: [(0, 0, 0, 0); MAX_RESPONSE_HEADERS],
+        };
+        for (span, h) in raw.spans.iter_mut().zip(resp.headers.iter()) {
+            let n = off(h.name.as_ptr());
+            let v = off(h.value.as_ptr());
+            *span = (n, n + h.name.len() as u32, v, v + h.value.len() as u32);
+        }
+        Ok(Some((len, raw)))
+    }
+}
+
 fn build_head(
-    resp: &httparse::Response<'_, '_>,
+    raw: &RawHead,
+    bytes: &Bytes,
     method: &Method,
 ) -> Result<ResponseHead, ExchangeError> {
-    let code = resp.code.ok_or(ExchangeError::Protocol("no status"))?;
-    let status = StatusCode::from_u16(code).map_err(|_| ExchangeError::Protocol("bad status"))?;
-    let http11 = resp.version == Some(1);
-    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    let status =
+        StatusCode::from_u16(raw.code).map_err(|_| ExchangeError::Protocol("bad status"))?;
+    let http11 = raw.http11;
+    let mut headers = HeaderMap::with_capacity(raw.count);
     let mut content_length: Option<u64> = None;
     let mut chunked = false;
     let mut te = false;
     let mut close = !http11;
-    for h in resp.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
+    for &(ns, ne, vs, ve) in &raw.spans[..raw.count] {
+        let name_bytes = &bytes[ns as usize..ne as usize];
+        let raw_value = &bytes[vs as usize..ve as usize];
+        let name = HeaderName::from_bytes(name_bytes)
             .map_err(|_| ExchangeError::Protocol("header name"))?;
-        let value = HeaderValue::from_bytes(h.value)
+        let value = HeaderValue::from_maybe_shared(bytes.slice(vs as usize..ve as usize))
             .map_err(|_| ExchangeError::Protocol("header value"))?;
         if name == header::CONTENT_LENGTH {
-            let n: u64 = std::str::from_utf8(h.value)
+            let n: u64 = std::str::from_utf8(raw_value)
                 .ok()
                 .and_then(|v| v.trim().parse().ok())
                 .ok_or(ExchangeError::Protocol("content-length"))?;
@@ -285,13 +320,12 @@ fn build_head(
             content_length = Some(n);
         } else if name == header::TRANSFER_ENCODING {
             te = true;
-            chunked = h
-                .value
+            chunked = raw_value
                 .rsplit(|b| *b == b',')
                 .next()
                 .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         } else if name == header::CONNECTION {
-            let v = h.value;
+            let v = raw_value;
             if v.split(|b| *b == b',')
                 .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
             {
@@ -564,11 +598,13 @@ impl Body for UpstreamBody {
 mod tests {
     use super::*;
 
+    fn parse(raw: &[u8], method: &Method) -> Result<ResponseHead, ExchangeError> {
+        let (len, positions) = RawHead::parse(raw)?.expect("complete head");
+        build_head(&positions, &Bytes::copy_from_slice(&raw[..len]), method)
+    }
+
     fn head(raw: &[u8], method: &Method) -> ResponseHead {
-        let mut slots = [httparse::EMPTY_HEADER; 16];
-        let mut r = httparse::Response::new(&mut slots);
-        assert!(r.parse(raw).expect("parses").is_complete());
-        build_head(&r, method).expect("valid head")
+        parse(raw, method).expect("valid head")
     }
 
     #[test]
@@ -605,10 +641,16 @@ mod tests {
 
     #[test]
     fn conflicting_lengths_are_refused() {
-        let mut slots = [httparse::EMPTY_HEADER; 16];
-        let mut r = httparse::Response::new(&mut slots);
         let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n";
-        assert!(r.parse(raw).expect("parses").is_complete());
-        assert!(build_head(&r, &Method::GET).is_err());
+        assert!(parse(raw, &Method::GET).is_err());
+        let h = head(
+            b"HTTP/1.1 200 OK\r\nX-A: 1\r\nServer: up\r\n\r\nbody",
+            &Method::GET,
+        );
+        assert_eq!(h.headers.get("x-a").map(|v| v.as_bytes()), Some(&b"1"[..]));
+        assert_eq!(
+            h.headers.get("server").map(|v| v.as_bytes()),
+            Some(&b"up"[..])
+        );
     }
 }
