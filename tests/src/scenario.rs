@@ -146,19 +146,33 @@ impl AgentBed {
 
     /// Starts `xlb agent` on the LB node with the current config and waits until it applied it.
     pub fn start_agent(&mut self) {
+        let config = self.config_path.to_str().expect("utf-8").to_owned();
+        self.start_agent_with(&["--config", &config]);
+    }
+
+    /// The agent's state directory (read by the CLI through the pin directory's link).
+    pub fn state_dir(&self) -> String {
+        self.scratch
+            .path
+            .join("state")
+            .to_str()
+            .expect("utf-8")
+            .to_owned()
+    }
+
+    /// Starts `xlb agent EXTRA… --state-dir <scratch>` on the LB node and waits until it
+    /// applied its config.
+    pub fn start_agent_with(&mut self, extra: &[&str]) {
         let log = self
             .scratch
             .path
             .join(format!("agent{}.log", self.agent_starts));
         self.agent_starts += 1;
-        let config = self.config_path.to_str().expect("utf-8").to_owned();
-        let state_dir = self.scratch.path.join("state");
-        let state = state_dir.to_str().expect("utf-8").to_owned();
-        let mut agent = XlbProcess::spawn(
-            &self.bed.lb,
-            &["agent", "--config", &config, "--state-dir", &state],
-            log,
-        );
+        let state = self.state_dir();
+        let mut args = vec!["agent"];
+        args.extend_from_slice(extra);
+        args.extend(["--state-dir", state.as_str()]);
+        let mut agent = XlbProcess::spawn(&self.bed.lb, &args, log);
         agent.wait_log("agent ready", Duration::from_secs(30));
         self.applies_seen = 0;
         self.agent = Some(agent);
