@@ -69,19 +69,29 @@ struct Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        let all = self.children.iter_mut().map(|(_, c)| c).chain(std::iter::once(&mut self.upstream));
+        let all = self
+            .children
+            .iter_mut()
+            .map(|(_, c)| c)
+            .chain(std::iter::once(&mut self.upstream));
         for c in all {
             // SIGTERM lets nginx's master stop its workers (SIGKILL would orphan them, still
             // listening); anything left of the tree afterwards is killed by pid.
             let tree = process_tree(c.id());
-            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
                 sleep(Duration::from_millis(50));
             }
             for pid in tree {
                 if Path::new(&format!("/proc/{pid}")).exists() {
-                    let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+                    let _ = Command::new("kill")
+                        .arg("-KILL")
+                        .arg(pid.to_string())
+                        .status();
                 }
             }
             let _ = c.kill();
