@@ -4,7 +4,10 @@
 //!   `BPF_F_TEST_XDP_LIVE_FRAMES` on the client's veth, it rewrites the UDP source port of
 //!   the template frame from a per-CPU counter over `flows` flows, zeroes the UDP checksum
 //!   and returns `XDP_TX` (the kernel turns that into a redirect out of the ingress device).
-//!   The counter is also the number of frames offered.
+//!   The counter is also the number of frames offered. Live frames are recycled pages that
+//!   keep whatever the last user wrote into them (the balancer's encapsulation, the kernel's
+//!   DNAT and TTL decrement), so every run rewrites all 42 header bytes from the template in
+//!   the config map instead of trusting the page.
 //! * `bench_sink` — on backends: counts every frame (per CPU) and drops it.
 //! * `bench_redirect` — the ceiling on the LB node: rewrite both MACs from a one-entry
 //!   config map and `bpf_redirect` to the configured ifindex. No parsing, no lookups.
@@ -39,6 +42,8 @@ pub struct GenConfig {
     pub flows: u32,
     /// First source port, host order.
     pub base_port: u32,
+    /// Ethernet + IPv4 (no options) + UDP headers of the frame (2 bytes of padding).
+    pub hdr: [u8; 44],
 }
 
 /// Ceiling settings (index 0).
@@ -88,17 +93,24 @@ pub fn bench_gen(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_ABORTED;
     }
     let p = data as *mut u8;
-    // SAFETY: every access below is inside [data, data + HDR_END), checked above.
+    let Some(cfg) = BENCH_GEN_CONFIG.get(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let tpl = cfg.hdr.as_ptr();
+    // SAFETY: reads stay in the 44-byte template; writes stay in [data, data + 42), checked.
     unsafe {
+        for i in 0..5 {
+            let w = core::ptr::read_unaligned(tpl.add(8 * i) as *const u64);
+            core::ptr::write_unaligned(p.add(8 * i) as *mut u64, w);
+        }
+        *p.add(40) = *tpl.add(40);
+        *p.add(41) = *tpl.add(41);
         let ethertype = u16::from_be_bytes([*p.add(12), *p.add(13)]);
         if ethertype != ETH_P_IP || *p.add(ETH_LEN + 9) != IPPROTO_UDP {
             return xdp_action::XDP_ABORTED;
         }
     }
-    let (flows, base) = match BENCH_GEN_CONFIG.get(0) {
-        Some(c) => (if c.flows == 0 { 1 } else { c.flows }, c.base_port),
-        None => (1, 1024),
-    };
+    let (flows, base) = (if cfg.flows == 0 { 1 } else { cfg.flows }, cfg.base_port);
     let n = bump(&BENCH_GEN_COUNT);
     let port = (base + (n as u32) % flows) as u16;
     let [hi, lo] = port.to_be_bytes();
