@@ -13,7 +13,7 @@
 //!
 //! # Driving it
 //!
-//! ```ignore
+//! ```text
 //! let plan = plan::plan(&desired, &applied)?;     // pure; errors leave nothing to undo
 //! for warning in &plan.warnings { tracing::warn!("{warning}") }
 //! let mut done = 0;

@@ -32,7 +32,7 @@ enum Command {
     /// Run all tests (unit, packet fixtures, privileged integration tests). Needs root.
     Test {
         /// Extra arguments passed to `cargo test` (e.g. a test name filter).
-        #[arg(trailing_var_arg = true)]
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// `cargo fmt --check` and `cargo clippy -D warnings` over both workspaces.
@@ -107,7 +107,7 @@ fn main() -> Result<()> {
             util::require_root("the tests load XDP programs and create network namespaces")?;
             let mut cmd = vec!["test", "--workspace"];
             cmd.extend(args.iter().map(String::as_str));
-            util::cargo(&cmd)
+            util::cargo_test_with_summary(&cmd)
         }
         Command::Lint => {
             setup::run()?;
