@@ -275,29 +275,28 @@ impl BackendServer {
                 UdpSocket::bind((Ipv6Addr::UNSPECIFIED, port)).expect("bind udp"),
             )
         });
-        let mut threads = Vec::new();
-        for listener in [tcp] {
-            listener.set_nonblocking(true).unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        udp.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let tcp_thread = {
             let (stop, name) = (stop.clone(), name.clone());
-            threads.push(std::thread::spawn(move || {
-                accept_loop(listener, stop, name)
-            }));
-        }
-        for socket in [udp] {
-            socket
-                .set_read_timeout(Some(Duration::from_millis(50)))
-                .unwrap();
-            let (stop, name) = (stop.clone(), name.clone());
-            threads.push(std::thread::spawn(move || {
+            std::thread::spawn(move || accept_loop(tcp, stop, name))
+        };
+        let udp_thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
                 let mut buf = [0u8; 2048];
                 while !stop.load(Ordering::Relaxed) {
-                    if let Ok((_, peer)) = socket.recv_from(&mut buf) {
-                        let _ = socket.send_to(name.as_bytes(), peer);
+                    if let Ok((_, peer)) = udp.recv_from(&mut buf) {
+                        let _ = udp.send_to(name.as_bytes(), peer);
                     }
                 }
-            }));
+            })
+        };
+        Self {
+            stop,
+            threads: vec![tcp_thread, udp_thread],
         }
-        Self { stop, threads }
     }
 }
 
@@ -327,21 +326,9 @@ fn serve(stream: TcpStream, stop: Arc<AtomicBool>, name: String) {
         match reader.read_line(&mut line) {
             Ok(0) => return,
             Ok(_) => {
-                if line.starts_with("BULK ") {
-                    // "BULK n": send n bytes (path-MTU tests).
-                    let n: usize = line[5..].trim().parse().unwrap_or(0);
-                    let chunk = vec![b'x'; 64 * 1024];
-                    let mut left = n;
-                    while left > 0 {
-                        let k = left.min(chunk.len());
-                        if writer.write_all(&chunk[..k]).is_err() {
-                            return;
-                        }
-                        left -= k;
-                    }
-                } else if line.starts_with("UPLOAD ") {
+                if let Some(count) = line.strip_prefix("UPLOAD ") {
                     // "UPLOAD n": read n bytes, answer with the count (client-to-server MTU).
-                    let n: usize = line[7..].trim().parse().unwrap_or(0);
+                    let n: usize = count.trim().parse().unwrap_or(0);
                     let mut got = 0;
                     let mut buf = vec![0u8; 64 * 1024];
                     let deadline = Instant::now() + Duration::from_secs(30);

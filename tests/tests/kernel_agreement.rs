@@ -151,7 +151,10 @@ fn outer_backend(frame: &[u8]) -> Option<IpAddr> {
 
 /// Reads `STRUCT` records from `bpftool btf dump file OBJ format raw`:
 /// name → (size, [(member, bit offset)]).
-fn btf_structs(object: &[u8]) -> BTreeMap<String, (usize, Vec<(String, usize)>)> {
+/// A BTF struct: size in bytes and (member name, bit offset) in order.
+type BtfStruct = (usize, Vec<(String, usize)>);
+
+fn btf_structs(object: &[u8]) -> BTreeMap<String, BtfStruct> {
     let dir = std::env::temp_dir().join(format!("xlb-btf-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("lb-ebpf.o");
@@ -170,11 +173,11 @@ fn btf_structs(object: &[u8]) -> BTreeMap<String, (usize, Vec<(String, usize)>)>
     );
     let text = String::from_utf8(out.stdout).unwrap();
     let mut structs = BTreeMap::new();
-    let mut current: Option<(String, usize, Vec<(String, usize)>)> = None;
+    let mut current: Option<(String, BtfStruct)> = None;
     for line in text.lines() {
         if line.starts_with('[') {
-            if let Some((name, size, members)) = current.take() {
-                structs.insert(name, (size, members));
+            if let Some((name, record)) = current.take() {
+                structs.insert(name, record);
             }
             if let Some(rest) = line.split("] STRUCT '").nth(1) {
                 let name = rest.split('\'').next().unwrap().to_owned();
@@ -187,9 +190,9 @@ fn btf_structs(object: &[u8]) -> BTreeMap<String, (usize, Vec<(String, usize)>)>
                     .unwrap()
                     .parse()
                     .unwrap();
-                current = Some((name, size, Vec::new()));
+                current = Some((name, (size, Vec::new())));
             }
-        } else if let Some((_, _, members)) = current.as_mut() {
+        } else if let Some((_, (_, members))) = current.as_mut() {
             let name = line
                 .trim()
                 .split('\'')
@@ -204,8 +207,8 @@ fn btf_structs(object: &[u8]) -> BTreeMap<String, (usize, Vec<(String, usize)>)>
             members.push((name, bits));
         }
     }
-    if let Some((name, size, members)) = current {
-        structs.insert(name, (size, members));
+    if let Some((name, record)) = current {
+        structs.insert(name, record);
     }
     structs
 }
