@@ -167,6 +167,15 @@ async fn forwarding_headers_are_added_and_hop_by_hop_headers_removed() {
     // The same connection keeps working (pooled upstream connection reused).
     let again = send1(&mut c, get_req("app.test:8080", "/again")).await;
     assert_eq!(again.status, StatusCode::OK);
+    // Absolute-form target: its authority wins over Host, upstream gets origin-form.
+    let resp = raw(
+        addr,
+        b"GET http://abs.test/p?q=1 HTTP/1.1\r\nHost: other.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.contains("path=/p?q=1\n"), "{resp}");
+    assert!(resp.contains("h:host=abs.test\n"), "{resp}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -870,9 +870,9 @@ async fn forward(state: &State, ctx: &ConnCtx, mut req: Request<Incoming>) -> Ou
             .path_and_query()
             .cloned()
             .map_or_else(|| Uri::from_static("/"), Uri::from);
-        if !parts.headers.contains_key(header::HOST)
-            && let Some(v) = authority.and_then(|a| HeaderValue::from_str(&a).ok())
-        {
+        // The target's authority wins over a Host header (RFC 9112 §3.2.2); it is also what
+        // the request was routed on.
+        if let Some(v) = authority.and_then(|a| HeaderValue::from_str(&a).ok()) {
             parts.headers.insert(header::HOST, v);
         }
     }
@@ -910,7 +910,8 @@ async fn forward(state: &State, ctx: &ConnCtx, mut req: Request<Incoming>) -> Ou
             &ep,
             s.connect,
             upgrade,
-            probe_pooled && stale_resends > 0,
+            // Once the re-send budget is spent, every request probes.
+            probe_pooled || stale_resends == 0,
         )
         .await
         {
