@@ -49,9 +49,7 @@ fn try_balance(ctx: &XdpContext, stats: &mut DatapathStats) -> Result<Outcome, O
     }
 
     let (sport_be, dport_be, tcp_flags) = parse::parse_l4(ctx, &p)?;
-    let info = lookup_vip(&p, dport_be).ok_or(Outcome::PassNotVip)?;
     let cfg: &DatapathConfig = XLB_CONFIG.get(0).ok_or(Outcome::PassNotVip)?;
-
     let key = FlowKey {
         src_be: p.src_be,
         dst_be: p.dst_be,
@@ -61,47 +59,54 @@ fn try_balance(ctx: &XdpContext, stats: &mut DatapathStats) -> Result<Outcome, O
         family: p.family,
         _pad: [0; 2],
     };
-    // A SYN starts a new connection: always a fresh pick, so a reused 5-tuple follows the
-    // current table rather than a stale entry.
+    // The 5-tuple hash labels IPv6 tunnels (ECMP and the backend's RSS keep a flow together).
+    let flow_label = || flow_hash(&p.src_be, sport_be, dport_be, p.proto, false);
+
+    // Established flows: the connection table alone decides, so they skip the VIP lookup.
+    // Its entries exist only for VIP flows (the agent deletes a VIP's entries when it
+    // removes the VIP). A SYN starts a new connection: always a fresh pick, so a reused
+    // 5-tuple follows the current table rather than a stale entry.
     let is_syn = p.proto == PROTO_TCP && tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
     let tracked = if is_syn {
         None
     } else {
         conntrack::lookup(&key, cfg, stats)
+            .and_then(|(id, vip_id)| maglev::backend(id).map(|b| (id, vip_id, b)))
     };
-    let src_only = info.flags & VIP_F_HASH_SRC_ONLY != 0;
-    // The hash picks new flows and, for IPv6 tunnels, fills the outer flow label.
-    let hash = || flow_hash(&p.src_be, sport_be, dport_be, p.proto, src_only);
-
-    let (backend_id, backend, flow_hash) =
-        match tracked.and_then(|id| maglev::backend(id).map(|b| (id, b))) {
-            Some((id, backend)) => {
-                stats.conntrack_hit += 1;
-                let entropy = if backend.family == lb_common::FAMILY_V6 {
-                    hash()
-                } else {
-                    0
-                };
-                (id, backend, entropy)
+    let (backend_id, vip_id, backend, entropy) = match tracked {
+        Some((id, vip_id, backend)) => {
+            stats.conntrack_hit += 1;
+            let entropy = if backend.family == lb_common::FAMILY_V6 {
+                flow_label()
+            } else {
+                0
+            };
+            (id, vip_id, backend, entropy)
+        }
+        None => {
+            // Miss, SYN, expired UDP entry, or the recorded backend is gone.
+            let info = lookup_vip(&p, dport_be).ok_or(Outcome::PassNotVip)?;
+            stats.conntrack_miss += 1;
+            let five_tuple = flow_label();
+            let pick_hash = if info.flags & VIP_F_HASH_SRC_ONLY != 0 {
+                flow_hash(&p.src_be, sport_be, dport_be, p.proto, true)
+            } else {
+                five_tuple
+            };
+            let id = maglev::pick(info, pick_hash, cfg).ok_or(Outcome::DropNoBackend)?;
+            let backend = maglev::backend(id).ok_or(Outcome::DropNoBackend)?;
+            conntrack::insert(&key, id, info.vip_id, cfg, stats);
+            if let Some(v) = XLB_VIP_STATS.get_ptr_mut(info.vip_id) {
+                unsafe { (*v).new_conns += 1 };
             }
-            None => {
-                // Miss, SYN, expired UDP entry, or the recorded backend is gone.
-                stats.conntrack_miss += 1;
-                let hash = hash();
-                let id = maglev::pick(info, hash, cfg).ok_or(Outcome::DropNoBackend)?;
-                let backend = maglev::backend(id).ok_or(Outcome::DropNoBackend)?;
-                conntrack::insert(&key, id, info.vip_id, cfg, stats);
-                if let Some(v) = XLB_VIP_STATS.get_ptr_mut(info.vip_id) {
-                    unsafe { (*v).new_conns += 1 };
-                }
-                (id, backend, hash)
-            }
-        };
+            (id, info.vip_id, backend, five_tuple)
+        }
+    };
 
-    let outcome = encap::forward(ctx, &p, backend_id, backend, cfg, stats, flow_hash)?;
+    let outcome = encap::forward(ctx, &p, backend_id, backend, cfg, stats, entropy)?;
     let bytes = p.ip_len as u64;
     if matches!(outcome, Outcome::ForwardedTx | Outcome::ForwardedRedirect) {
-        if let Some(v) = XLB_VIP_STATS.get_ptr_mut(info.vip_id) {
+        if let Some(v) = XLB_VIP_STATS.get_ptr_mut(vip_id) {
             unsafe {
                 (*v).packets += 1;
                 (*v).bytes += bytes;

@@ -15,9 +15,13 @@ const UDP_REFRESH_NS: u64 = 1_000_000_000;
 /// Length of a rate-guard window.
 const RATE_WINDOW_NS: u64 = 1_000_000_000;
 
-/// Backend id recorded for the flow, if any and still fresh.
+/// `(backend id, VIP id)` recorded for the flow, if any and still fresh.
 #[inline(always)]
-pub fn lookup(key: &FlowKey, cfg: &DatapathConfig, stats: &mut DatapathStats) -> Option<u32> {
+pub fn lookup(
+    key: &FlowKey,
+    cfg: &DatapathConfig,
+    stats: &mut DatapathStats,
+) -> Option<(u32, u32)> {
     let state = XLB_CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: the pointer is valid for this program run (RCU); concurrent writers only
     // store whole u64/u32 fields, so a torn read cannot produce a wrong backend id.
@@ -33,7 +37,7 @@ pub fn lookup(key: &FlowKey, cfg: &DatapathConfig, stats: &mut DatapathStats) ->
             state.last_seen_ns = now;
         }
     }
-    Some(state.backend_id)
+    Some((state.backend_id, state.vip_id))
 }
 
 /// Records a new flow unless this CPU is above the new-connection rate limit, in which

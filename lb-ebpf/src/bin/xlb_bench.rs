@@ -8,7 +8,9 @@
 //!   keep whatever the last user wrote into them (the balancer's encapsulation, the kernel's
 //!   DNAT and TTL decrement), so every run rewrites all 42 header bytes from the template in
 //!   the config map instead of trusting the page.
-//! * `bench_sink` — on backends: counts every frame (per CPU) and drops it.
+//! * `bench_sink` — on backends: counts every IPv4 frame (per CPU) and drops it; everything
+//!   else (ARP, IPv6 neighbour discovery) passes, so the LB node's neighbour entries for
+//!   the backends stay resolved through a long run.
 //! * `bench_redirect` — the ceiling on the LB node: rewrite both MACs from a one-entry
 //!   config map and `bpf_redirect` to the configured ifindex. No parsing, no lookups.
 //! * `bench_pass` — `return XDP_PASS` on the LB node for the kernel-forwarding case (native
@@ -127,7 +129,17 @@ pub fn bench_gen(ctx: XdpContext) -> u32 {
 
 /// The backends' counter.
 #[xdp]
-pub fn bench_sink(_ctx: XdpContext) -> u32 {
+pub fn bench_sink(ctx: XdpContext) -> u32 {
+    let data = ctx.data();
+    if data + ETH_LEN > ctx.data_end() {
+        return xdp_action::XDP_PASS;
+    }
+    let p = data as *const u8;
+    // SAFETY: inside the checked Ethernet header.
+    let ethertype = unsafe { u16::from_be_bytes([*p.add(12), *p.add(13)]) };
+    if ethertype != ETH_P_IP {
+        return xdp_action::XDP_PASS;
+    }
     bump(&BENCH_SINK_COUNT);
     xdp_action::XDP_DROP
 }
