@@ -42,8 +42,6 @@ const LB_CPU: usize = 1;
 const WARMUP: Duration = Duration::from_secs(1);
 const VIP_PORT: u16 = 53;
 const FRAME_LEN: usize = 60;
-/// Frames per live-frames batch (the kernel's maximum is 256).
-const GEN_BATCH: u32 = 256;
 
 struct Args {
     seconds: u32,
@@ -53,6 +51,9 @@ struct Args {
     verbose: bool,
     /// SCHED_FIFO for the NAPI threads (the LB's and the backends').
     rt: bool,
+    /// Frames per live-frames batch (kernel maximum 256). The LB is woken once per batch,
+    /// and its veth ring holds 256 frames: smaller batches wake it before the ring fills.
+    batch: u32,
 }
 
 fn parse_args() -> Args {
@@ -63,6 +64,7 @@ fn parse_args() -> Args {
         flows: 4096,
         verbose: false,
         rt: true,
+        batch: 256,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -78,6 +80,7 @@ fn parse_args() -> Args {
             "--json" => a.json = true,
             "--verbose" => a.verbose = true,
             "--no-rt" => a.rt = false,
+            "--batch" => a.batch = num("--batch").clamp(1, 256),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -155,6 +158,7 @@ struct Bench {
     seconds: u32,
     verbose: bool,
     rt: bool,
+    batch: u32,
 }
 
 static STOP_SIGNALLED: AtomicU64 = AtomicU64::new(0);
@@ -324,6 +328,7 @@ impl Bench {
             seconds: args.seconds,
             verbose: args.verbose,
             rt: args.rt,
+            batch: args.batch,
         };
         bench.refresh_lb_napi();
         drop((gen_cfg, redir_cfg));
@@ -438,6 +443,7 @@ impl Bench {
         let frame = self.frame.clone();
         let this = &*self;
         let rt = self.rt;
+        let batch = self.batch;
         let prog: &Xdp = this
             .ebpf
             .program("bench_gen")
@@ -465,7 +471,7 @@ impl Bench {
                         data_in: Some(&frame),
                         ctx_in: Some(&ctx),
                         repeat,
-                        attrs: TestRunAttrs::new().xdp_live_frames(GEN_BATCH),
+                        attrs: TestRunAttrs::new().xdp_live_frames(batch),
                         ..Default::default()
                     });
                     if STOP.load(Ordering::Acquire) || t.elapsed() > hard_deadline {
@@ -646,6 +652,16 @@ fn main() {
                 for (k, v) in &r.counters {
                     eprintln!("    {k} {v:+}");
                 }
+            }
+            if r.pps < 0.01 * r.accepted_pps {
+                eprintln!(
+                    "warning: round {round} {}: the LB took {} Mpps but the backends got {} Mpps; \
+                     counters: {:?}",
+                    case.name(),
+                    fmt_mpps(r.accepted_pps),
+                    fmt_mpps(r.pps),
+                    r.counters
+                );
             }
             runs.entry(case.name()).or_default().push(r);
         }
