@@ -279,3 +279,63 @@ async fn config_file_changes_are_watched_and_applied() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_finishes_requests_in_flight_and_refuses_new_connections() {
+    let up = upstream("up").await;
+    let mut cfg = base_config();
+    cfg.timeouts.shutdown_grace_ms = 5_000;
+    cfg.services = vec![service("up", &[up.addr])];
+    cfg.ingresses = vec![ingress("i", vec![(None, vec![path("/", Prefix, "up")])])];
+    let proxy = start(cfg);
+    let addr = proxy.http_addr.expect("http");
+
+    // HTTP/1.1 with a slow request in flight, and an idle HTTP/2 connection.
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut c1 = h1(tcp).await;
+    let slow = tokio::spawn(async move { send1(&mut c1, get_req("d.test", "/sleep/800")).await });
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut c2, conn2) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2");
+    let conn2 = tokio::spawn(conn2);
+    let req = hyper::Request::builder()
+        .uri("http://d.test/")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("request");
+    assert_eq!(send2(&mut c2, req).await.status, StatusCode::OK);
+    // Let the slow request reach the upstream before draining starts.
+    for _ in 0..100 {
+        if up.hits() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let drained = tokio::task::spawn_blocking(move || proxy.drain());
+    let mut refused = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "listeners stay open while draining");
+    let got = within("slow request", slow).await.expect("request task");
+    assert_eq!(
+        got.status,
+        StatusCode::OK,
+        "the request in flight completes"
+    );
+    assert_eq!(
+        got.headers.get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..])
+    );
+    let ended = within("h2 GOAWAY", conn2).await.expect("h2 task");
+    assert!(ended.is_ok(), "HTTP/2 closed gracefully: {ended:?}");
+    within("drain", drained).await.expect("drain returns");
+}

@@ -139,6 +139,9 @@ pub struct Timeouts {
     pub upstream_response_ms: u64,
     /// A downstream connection with no request in flight is closed after this long.
     pub idle_ms: u64,
+    /// On SIGTERM: how long open connections may finish their requests after the listeners
+    /// close, before the rest are cut.
+    pub shutdown_grace_ms: u64,
 }
 
 impl Default for Timeouts {
@@ -148,6 +151,7 @@ impl Default for Timeouts {
             request_header_ms: 10_000,
             upstream_response_ms: 60_000,
             idle_ms: 60_000,
+            shutdown_grace_ms: 10_000,
         }
     }
 }
@@ -727,6 +731,7 @@ impl ProxyConfig {
             ("timeouts.request_header_ms", t.request_header_ms),
             ("timeouts.upstream_response_ms", t.upstream_response_ms),
             ("timeouts.idle_ms", t.idle_ms),
+            ("timeouts.shutdown_grace_ms", t.shutdown_grace_ms),
         ] {
             if v == 0 {
                 return Err(invalid(name, "must be positive"));

@@ -34,7 +34,7 @@ pub struct ProxyArgs {
     pub check: bool,
 }
 
-/// Runs the proxy until SIGTERM/SIGINT. The configuration file is watched and re-applied on
+/// Runs the proxy until SIGTERM/SIGINT, then drains connections (see [`ProxyHandle::drain`]). The configuration file is watched and re-applied on
 /// change (and on SIGHUP); an invalid configuration is logged and ignored.
 pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let cfg = match &args.config {
@@ -73,7 +73,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             }
         }
     }
-    tracing::info!("shutting down");
-    tokio::task::spawn_blocking(move || handle.shutdown()).await?;
+    tracing::info!("draining connections, then shutting down");
+    tokio::task::spawn_blocking(move || handle.drain()).await?;
     Ok(())
 }

@@ -9,7 +9,7 @@
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -186,7 +186,18 @@ struct Shared {
     workers: usize,
     /// Serialises reloads so that endpoint state carries over from the latest one.
     reload_lock: Mutex<()>,
+    /// Set when shutdown begins: HTTP/1 responses then carry `Connection: close`.
+    draining: AtomicBool,
+    /// Open downstream connections, all workers.
+    open: AtomicUsize,
+    /// The lifecycle phase (HTTP/2 connections send GOAWAY when draining starts).
+    phase: watch::Receiver<u8>,
 }
+
+/// Lifecycle phases broadcast to the workers.
+const RUNNING: u8 = 0;
+const DRAINING: u8 = 1;
+const STOPPED: u8 = 2;
 
 /// A running proxy. Dropping it stops the workers.
 #[derive(Debug)]
@@ -198,7 +209,7 @@ pub struct ProxyHandle {
     /// Bound metrics address.
     pub metrics_addr: Option<SocketAddr>,
     reloader: Reloader,
-    stop: watch::Sender<bool>,
+    stop: watch::Sender<u8>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -251,14 +262,35 @@ impl ProxyHandle {
         self.reloader.shared.metrics.clone()
     }
 
-    /// Stops accepting, stops the workers and waits for their threads. Connections still open
-    /// are closed.
+    /// Stops the workers and waits for their threads. Connections still open are closed.
     pub fn shutdown(mut self) {
         self.stop_and_join();
     }
 
+    /// Graceful shutdown: closes the listeners, lets open connections finish their requests
+    /// (HTTP/1 responses get `Connection: close`, HTTP/2 connections GOAWAY) for up to
+    /// `timeouts.shutdown_grace_ms`, then stops.
+    pub fn drain(mut self) {
+        let shared = &self.reloader.shared;
+        let grace = Duration::from_millis(shared.state.load().cfg.timeouts.shutdown_grace_ms);
+        shared.draining.store(true, Ordering::SeqCst);
+        let _ = self.stop.send(DRAINING);
+        let deadline = Instant::now() + grace;
+        while shared.open.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let left = shared.open.load(Ordering::SeqCst);
+        if left > 0 {
+            tracing::warn!(
+                connections = left,
+                "grace period over; closing the remaining connections"
+            );
+        }
+        self.stop_and_join();
+    }
+
     fn stop_and_join(&mut self) {
-        let _ = self.stop.send(true);
+        let _ = self.stop.send(STOPPED);
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -309,11 +341,15 @@ pub fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
     let state = State::build(Arc::new(cfg), None, &metrics, workers)?;
     let listen = state.cfg.listen.clone();
     let tls13_only = state.cfg.tls.tls13_only;
+    let (stop, stop_rx) = watch::channel(RUNNING);
     let shared = Arc::new(Shared {
         state: ArcSwap::from_pointee(state),
         metrics,
         workers,
         reload_lock: Mutex::new(()),
+        draining: AtomicBool::new(false),
+        open: AtomicUsize::new(0),
+        phase: stop_rx.clone(),
     });
 
     let (http_addr, mut http_socks) = match listen.http {
@@ -362,7 +398,6 @@ pub fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
         None => None,
     };
 
-    let (stop, stop_rx) = watch::channel(false);
     let mut threads = Vec::with_capacity(workers);
     for w in 0..workers {
         let http = http_socks.pop();
@@ -395,22 +430,28 @@ pub fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
                             Err(e) => tracing::error!(error = %e, "https listener"),
                         }
                     }
+                    let mut metrics_task = None;
                     if let Some(l) = metrics_l {
                         match tokio::net::TcpListener::from_std(l) {
-                            Ok(l) => tasks.push(tokio::spawn(super::metrics::serve(
-                                l,
-                                shared.metrics.clone(),
-                            ))),
+                            Ok(l) => {
+                                metrics_task = Some(tokio::spawn(super::metrics::serve(
+                                    l,
+                                    shared.metrics.clone(),
+                                )))
+                            }
                             Err(e) => tracing::error!(error = %e, "metrics listener"),
                         }
                     }
-                    // Wait for the stop signal (or the handle being dropped).
-                    while !*stop_rx.borrow_and_update() {
-                        if stop_rx.changed().await.is_err() {
-                            break;
-                        }
-                    }
+                    // Draining: stop accepting (dropping the listeners refuses new
+                    // connections) while the connection tasks finish.
+                    let _ = stop_rx.wait_for(|p| *p >= DRAINING).await;
                     for t in tasks {
+                        t.abort();
+                    }
+                    // Stopped (or the handle dropped): returning drops the runtime and with it
+                    // every connection still open.
+                    let _ = stop_rx.wait_for(|p| *p >= STOPPED).await;
+                    if let Some(t) = metrics_task {
                         t.abort();
                     }
                 });
@@ -452,7 +493,9 @@ async fn accept_loop(
         let gauge = gauge.clone();
         tokio::spawn(async move {
             gauge.inc();
-            serve_connection(shared, stream, peer, tls).await;
+            shared.open.fetch_add(1, Ordering::SeqCst);
+            serve_connection(shared.clone(), stream, peer, tls).await;
+            shared.open.fetch_sub(1, Ordering::SeqCst);
             gauge.dec();
         });
     }
@@ -624,16 +667,18 @@ where
         .max_pending_accept_reset_streams(s.h2_pending_resets)
         .max_local_error_reset_streams(s.h2_local_resets)
         .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX));
+    let phase = shared.phase.clone();
     let conn = b.serve_connection(io, service(shared, ctx.clone()));
-    drive_with_idle_timeout(conn, &ctx, s.idle, |c| c.graceful_shutdown()).await;
+    drive_with_idle_timeout(conn, &ctx, s.idle, phase, |c| c.graceful_shutdown()).await;
 }
 
-/// Runs a connection, shutting it down gracefully once it has had no request in flight for
-/// `idle`.
+/// Runs an HTTP/2 connection, shutting it down gracefully (GOAWAY) once it has had no stream
+/// in flight for `idle`, or when the proxy starts draining.
 async fn drive_with_idle_timeout<C, E>(
     conn: C,
     ctx: &ConnCtx,
     idle: Duration,
+    mut phase: watch::Receiver<u8>,
     shutdown: impl FnOnce(std::pin::Pin<&mut C>),
 ) where
     C: Future<Output = Result<(), E>>,
@@ -642,6 +687,7 @@ async fn drive_with_idle_timeout<C, E>(
     let mut conn = pin!(conn);
     let mut shutdown = Some(shutdown);
     let mut deadline = tokio::time::Instant::now() + idle;
+    let mut draining = false;
     loop {
         tokio::select! {
             r = conn.as_mut() => {
@@ -649,6 +695,12 @@ async fn drive_with_idle_timeout<C, E>(
                     tracing::debug!(peer = %ctx.peer, error = %e, "connection ended with error");
                 }
                 return;
+            }
+            changed = phase.wait_for(|p| *p >= DRAINING), if !draining => {
+                draining = true;
+                if changed.is_ok() && let Some(f) = shutdown.take() {
+                    f(conn.as_mut());
+                }
             }
             () = tokio::time::sleep_until(deadline) => {
                 let Some(f) = shutdown.take() else {
@@ -786,6 +838,7 @@ async fn handle(shared: &Shared, ctx: Arc<ConnCtx>, req: Request<Incoming>) -> R
                 .to_owned(),
         )
     });
+    let http1 = req.version() <= Version::HTTP_11;
     let out = forward(&state, &ctx, req).await;
     let status = out.resp.status();
     match &out.route {
@@ -796,6 +849,11 @@ async fn handle(shared: &Shared, ctx: Arc<ConnCtx>, req: Request<Incoming>) -> R
         .metrics
         .observe_latency(start.elapsed().as_secs_f64());
     let mut resp = out.resp;
+    if http1 && status != StatusCode::SWITCHING_PROTOCOLS && shared.draining.load(Ordering::Relaxed)
+    {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     if let Some((method, host, path)) = log_fields {
         resp.body_mut().set_log(Some(Box::new(LogRecord {
             start,
