@@ -677,7 +677,7 @@ fn main() {
                 "{}",
                 serde_json::json!({
                     "case": case.name(),
-                    "pps": pps(case).round(),
+                    "pps": pps(case).round() as u64,
                     "ns_per_pkt": (ns(case) * 10.0).round() / 10.0,
                 })
             );
