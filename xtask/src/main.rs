@@ -3,6 +3,7 @@
 mod bench_l7;
 mod bench_maglev;
 mod ebpf;
+mod kube;
 mod setup;
 mod util;
 
@@ -39,6 +40,8 @@ enum Command {
     Lint,
     /// Run the demo: xlb on network namespaces with the embedded default config.
     Demo,
+    /// Build (once, cached) the kube-apiserver the Kubernetes tests run; prints its path.
+    KubeApiserver,
     /// Benchmarks; each prints a table, or one JSON object per line with --json.
     Bench {
         #[command(subcommand)]
@@ -105,6 +108,9 @@ fn main() -> Result<()> {
             setup::run()?;
             ebpf::build(true)?;
             util::require_root("the tests load XDP programs and create network namespaces")?;
+            let apiserver = kube::ensure()?;
+            // SAFETY: still single-threaded here; the spawned `cargo test` inherits it.
+            unsafe { std::env::set_var(kube::ENV_VAR, &apiserver) };
             let mut cmd = vec!["test", "--workspace"];
             cmd.extend(args.iter().map(String::as_str));
             util::cargo_test_with_summary(&cmd)
@@ -133,6 +139,7 @@ fn main() -> Result<()> {
                 util::project_root().join("target/release/examples/demo"),
             ))
         }
+        Command::KubeApiserver => kube::run(),
         Command::Bench { which } => {
             setup::run()?;
             match which {
