@@ -39,6 +39,9 @@ pub struct AgentOptions {
     pub metrics_listen: Option<SocketAddr>,
     /// Directory of the state file the CLI reads.
     pub state_dir: PathBuf,
+    /// `--kubernetes`: VIPs come from Services/EndpointSlices instead of the config file
+    /// (which still supplies the node settings). See `docs/kubernetes.md`.
+    pub kubernetes: Option<crate::kubernetes::source::SourceOptions>,
 }
 
 /// Why the agent could not start.
@@ -171,6 +174,10 @@ struct Running {
     node: NodeSettings,
     metrics: AgentMetrics,
     vips_for_metrics: Arc<RwLock<Vec<PersistedVip>>>,
+    /// The last state from Kubernetes (`--kubernetes`); `None` until the first sync.
+    kube: Option<crate::model::DesiredState>,
+    /// API event → maps updated, for `--kubernetes`.
+    kube_latency: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl Running {
@@ -224,6 +231,15 @@ impl Running {
             tracing::error!("writing node settings failed: {e}");
             return;
         }
+        let mut resolved = resolved;
+        if self.opts.kubernetes.is_some() {
+            // The file supplies node settings only; VIPs stay Kubernetes' (or, before the
+            // first sync, what the maps hold).
+            match &self.kube {
+                Some(kube) => resolved.desired = kube.clone(),
+                None => return,
+            }
+        }
         match self
             .manager
             .apply(&mut self.datapath.maps, &resolved.desired)
@@ -264,6 +280,38 @@ impl Running {
                 }
             }
         }
+    }
+}
+
+impl Running {
+    /// Applies a state from the Kubernetes source; the previous state keeps serving if the
+    /// apply fails.
+    fn apply_kubernetes(&mut self, update: crate::kubernetes::source::Update) {
+        let desired = update.translation.desired;
+        match self.manager.apply(&mut self.datapath.maps, &desired) {
+            Ok(report) => {
+                let elapsed = update.since.elapsed();
+                self.metrics.applies.inc();
+                self.kube_latency.observe(elapsed.as_secs_f64());
+                for warning in &report.warnings {
+                    tracing::warn!("{warning}");
+                }
+                tracing::info!(
+                    vips = desired.vips.len(),
+                    ops = report.ops,
+                    ms = elapsed.as_secs_f64() * 1e3,
+                    "kubernetes state applied"
+                );
+            }
+            Err(e) => {
+                self.metrics.apply_failures.inc();
+                tracing::error!("kubernetes state not applied, previous state keeps serving: {e}");
+            }
+        }
+        if let Err(e) = self.persist(&desired) {
+            tracing::warn!("{e}");
+        }
+        self.kube = Some(desired);
     }
 }
 
@@ -347,16 +395,37 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     }
     datapath.maps.set_config(&node.datapath_config())?;
     let started = Instant::now();
-    let report = manager.apply(&mut datapath.maps, &resolved.desired)?;
-    for warning in &report.warnings {
-        tracing::warn!("{warning}");
+    let mut resolved = resolved;
+    let mut kube_rx = None;
+    if let Some(kube) = &opts.kubernetes {
+        if !resolved.desired.vips.is_empty() {
+            tracing::warn!(
+                "--kubernetes: the config file's vips are ignored; VIPs come from Services"
+            );
+        }
+        // Nothing is applied until the first complete sync: the adopted maps keep serving,
+        // also when the API server is unreachable at start.
+        resolved.desired = crate::model::DesiredState::default();
+        kube_rx = Some(
+            crate::kubernetes::source::spawn(kube.clone())
+                .await
+                .map_err(|e| AgentError::Io {
+                    what: "starting the Kubernetes source".into(),
+                    source: std::io::Error::other(e.to_string()),
+                })?,
+        );
+    } else {
+        let report = manager.apply(&mut datapath.maps, &resolved.desired)?;
+        for warning in &report.warnings {
+            tracing::warn!("{warning}");
+        }
+        tracing::info!(
+            ops = report.ops,
+            rings = report.rings_written,
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "initial config applied"
+        );
     }
-    tracing::info!(
-        ops = report.ops,
-        rings = report.rings_written,
-        ms = started.elapsed().as_secs_f64() * 1e3,
-        "initial config applied"
-    );
     for iface in &node.interfaces {
         match datapath.attach_pinned(program_names::BALANCER, iface, mode)? {
             Attached::Adopted => tracing::info!(
@@ -394,11 +463,23 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         node: node.clone(),
         metrics: metrics.clone(),
         vips_for_metrics: vips_for_metrics.clone(),
+        kube: None,
+        kube_latency: prometheus_client::metrics::histogram::Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),
+        ),
     };
     running.persist(&resolved.desired)?;
 
     let collector = DatapathCollector::new(Maps::open_pinned(&node.pin_dir)?, vips_for_metrics);
-    let registry = Arc::new(metrics::registry(&metrics, collector));
+    let mut registry = metrics::registry(&metrics, collector);
+    if opts.kubernetes.is_some() {
+        registry.register(
+            "xlb_kubernetes_event_to_maps_seconds",
+            "From the first API event of a batch to the maps being updated",
+            running.kube_latency.clone(),
+        );
+    }
+    let registry = Arc::new(registry);
     tracing::info!(listen = %node.metrics_listen, "metrics at /metrics");
     let metrics_task = tokio::spawn(metrics::serve(listener, registry));
 
@@ -422,6 +503,9 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
+            Some(update) = async { kube_rx.as_mut()?.recv().await }, if kube_rx.is_some() => {
+                running.apply_kubernetes(update);
+            }
             Some(first) = rx.recv() => {
                 // Editors write in several steps: let the burst settle, then read once.
                 tokio::time::sleep(Duration::from_millis(50)).await;

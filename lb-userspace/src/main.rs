@@ -90,6 +90,8 @@ enum Command {
         /// Directory of the state file the CLI reads.
         #[arg(long, default_value = state::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
+        #[command(flatten)]
+        kube: lb_userspace::kubernetes::KubeArgs,
     },
     /// Run the decapsulator on a backend: strip xlb's tunnels addressed to this host.
     Decap {
@@ -217,8 +219,10 @@ fn run(command: Command) -> anyhow::Result<()> {
             pin_dir,
             metrics_listen,
             state_dir,
+            kube,
         } => {
             let opts = agent::AgentOptions {
+                kubernetes: kube.options(),
                 config_path: config,
                 pin_dir,
                 mode: mode.map(Into::into),

@@ -6,6 +6,7 @@
 
 pub mod bench_support;
 pub mod fixture;
+pub mod kube;
 pub mod netns;
 pub mod packets;
 pub mod scenario;

@@ -1,0 +1,425 @@
+//! The live Kubernetes source of `xlb agent --kubernetes`: reflectors over Services and
+//! EndpointSlices (one shared cache), batched translation, Events for skipped objects, and
+//! — on the Lease holder only — Service status writes for the VIPs it decided.
+//!
+//! * **Batching.** The first watch event of a burst starts a 50 ms window; then the caches
+//!   are translated once and, if the desired state changed, sent to the agent with the time
+//!   of that first event (the agent observes event → maps updated).
+//! * **Nothing partial.** No state is sent before both caches finished their initial list,
+//!   and a relist (after 410 Gone or a reconnect) swaps a cache only when complete — an
+//!   unreachable API server therefore leaves the last applied state serving.
+//! * **Errors.** Watch errors are logged and the watchers resume with backoff; a 410 Gone
+//!   relists.
+//! * **Leader election.** A `coordination.k8s.io` Lease; the holder renews it every
+//!   `lease_duration / 3`, others take it over once it has not been renewed for
+//!   `lease_duration`. Updates carry the Lease's resourceVersion, so of two racing agents
+//!   exactly one wins. Every agent programs its own node from the same caches; only the
+//!   holder writes `status.loadBalancer`.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::{ObjectReference, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use tokio::sync::mpsc;
+
+use super::translate::{Skipped, TranslateOptions, Translation, translate};
+
+/// How the Kubernetes source runs.
+#[derive(Clone, Debug)]
+pub struct SourceOptions {
+    /// Class, class-less claim, pools.
+    pub translate: TranslateOptions,
+    /// Window that collects a burst of watch events into one apply.
+    pub batch: Duration,
+    /// Namespace and name of the Lease that elects the status writer.
+    pub lease_namespace: String,
+    /// Name of the Lease.
+    pub lease_name: String,
+    /// This agent's identity in the Lease (node or pod name).
+    pub identity: String,
+    /// How long a Lease holder stays leader without renewing.
+    pub lease_duration: Duration,
+    /// A kubeconfig file; `None` infers (`KUBECONFIG`, `~/.kube/config`, in-cluster).
+    pub kubeconfig: Option<std::path::PathBuf>,
+}
+
+impl SourceOptions {
+    /// Defaults: 50 ms batches, Lease `xlb-status-writer` in `kube-system`, 15 s leases.
+    pub fn new(translate: TranslateOptions, identity: String) -> Self {
+        SourceOptions {
+            translate,
+            batch: Duration::from_millis(50),
+            lease_namespace: "kube-system".into(),
+            lease_name: "xlb-status-writer".into(),
+            identity,
+            lease_duration: Duration::from_secs(15),
+            kubeconfig: None,
+        }
+    }
+}
+
+/// One translated state for the agent.
+#[derive(Debug)]
+pub struct Update {
+    /// What to program, what was skipped.
+    pub translation: Translation,
+    /// When the first API event of this batch arrived.
+    pub since: Instant,
+    /// Watches that expired (410 Gone) and were relisted so far.
+    pub relists: u64,
+}
+
+/// Why the source could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// No kubeconfig / in-cluster configuration.
+    #[error("Kubernetes client configuration: {0}")]
+    Config(String),
+}
+
+/// Starts the source with the configured client; translated states arrive on the channel.
+pub async fn spawn(opts: SourceOptions) -> Result<mpsc::Receiver<Update>, SourceError> {
+    let config = match &opts.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| SourceError::Config(format!("{}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                .await
+                .map_err(|e| SourceError::Config(format!("{}: {e}", path.display())))?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| SourceError::Config(e.to_string()))?,
+    };
+    let client = kube::Client::try_from(config).map_err(|e| SourceError::Config(e.to_string()))?;
+    Ok(start(client, opts))
+}
+
+/// Starts the source on `client` (a tokio task; it ends when the receiver is dropped).
+pub fn start(client: kube::Client, opts: SourceOptions) -> mpsc::Receiver<Update> {
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(run(client, opts, tx));
+    rx
+}
+
+async fn run(client: kube::Client, opts: SourceOptions, tx: mpsc::Sender<Update>) {
+    let (services, svc_writer) = reflector::store::<Service>();
+    let (slices, slice_writer) = reflector::store::<EndpointSlice>();
+    let config = watcher::Config::default();
+    let svc_stream = reflector::reflector(
+        svc_writer,
+        watcher(Api::<Service>::all(client.clone()), config.clone()),
+    )
+    .default_backoff()
+    .map(|r| r.map(|_| ()).map_err(|e| ("Service", e)))
+    .boxed();
+    let slice_stream = reflector::reflector(
+        slice_writer,
+        watcher(Api::<EndpointSlice>::all(client.clone()), config),
+    )
+    .default_backoff()
+    .map(|r| r.map(|_| ()).map_err(|e| ("EndpointSlice", e)))
+    .boxed();
+    let mut events = futures_util::stream::select(svc_stream, slice_stream);
+
+    let leader = Leader::new(client.clone(), &opts);
+    let leader_task = tokio::spawn(leader.clone().run());
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "xlb".into(),
+            instance: Some(opts.identity.clone()),
+        },
+    );
+    let mut reported: BTreeSet<String> = BTreeSet::new();
+    let mut last: Option<Translation> = None;
+    let mut pending: Option<Instant> = None;
+    let mut relists = 0;
+    loop {
+        let next = match pending {
+            // Inside a batch window: take more events until it closes.
+            Some(first) => {
+                let left = (first + opts.batch).saturating_duration_since(Instant::now());
+                tokio::time::timeout(left, events.next()).await.ok()
+            }
+            None => match tokio::time::timeout(Duration::from_secs(5), events.next()).await {
+                Ok(event) => Some(event),
+                // Quiet period: a new Lease holder may still owe status writes.
+                Err(_) => {
+                    if let Some(t) = &last
+                        && leader.is_leader()
+                    {
+                        write_status(&client, &services, t, &opts.identity).await;
+                    }
+                    continue;
+                }
+            },
+        };
+        match next {
+            Some(Some(Ok(()))) => {
+                pending.get_or_insert_with(Instant::now);
+                continue;
+            }
+            Some(Some(Err((kind, e)))) => {
+                let gone = match &e {
+                    watcher::Error::WatchError(s) => s.code == 410,
+                    watcher::Error::WatchStartFailed(kube::Error::Api(s)) => s.code == 410,
+                    _ => false,
+                };
+                if gone {
+                    relists += 1;
+                    tracing::info!(kind, "watch expired (410 Gone): relisting");
+                } else {
+                    tracing::warn!(kind, error = %e, "watch failed; retrying with backoff, last state keeps serving");
+                }
+                continue;
+            }
+            // Both streams ended: only at shutdown.
+            Some(None) => break,
+            // The batch window closed.
+            None => {}
+        }
+        let Some(since) = pending.take() else {
+            continue;
+        };
+        if !ready(&services) || !ready(&slices) {
+            continue;
+        }
+        let svc_state = services.state();
+        let slice_state = slices.state();
+        let translation = translate(
+            svc_state.iter().map(AsRef::as_ref),
+            slice_state.iter().map(AsRef::as_ref),
+            &opts.translate,
+        );
+        for skipped in &translation.skipped {
+            if reported.insert(skipped.to_string()) {
+                tracing::warn!(kind = skipped.kind, object = %format!("{}/{}", skipped.namespace, skipped.name),
+                    reason = %skipped.reason, "skipped a bad object; everything else is served");
+                publish(&recorder, skipped).await;
+            }
+        }
+        // Once an object is fixed its reason may come back later and deserves a new report.
+        reported.retain(|r| translation.skipped.iter().any(|s| s.to_string() == *r));
+        if leader.is_leader() {
+            write_status(&client, &services, &translation, &opts.identity).await;
+        }
+        if last.as_ref() == Some(&translation) {
+            continue;
+        }
+        last = Some(translation.clone());
+        if tx
+            .send(Update {
+                translation,
+                since,
+                relists,
+            })
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    leader_task.abort();
+}
+
+/// True once the store finished its first list (without waiting).
+fn ready<K: kube::Resource + Clone + 'static>(store: &Store<K>) -> bool
+where
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    futures_util::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|r| r.is_ok())
+}
+
+async fn publish(recorder: &Recorder, skipped: &Skipped) {
+    let (api_version, kind) = match skipped.kind {
+        "EndpointSlice" => ("discovery.k8s.io/v1", "EndpointSlice"),
+        _ => ("v1", "Service"),
+    };
+    let reference = ObjectReference {
+        api_version: Some(api_version.into()),
+        kind: Some(kind.into()),
+        namespace: Some(skipped.namespace.clone()),
+        name: Some(skipped.name.clone()),
+        ..ObjectReference::default()
+    };
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "Skipped".into(),
+        note: Some(truncate(&skipped.reason, 1000)),
+        action: "Translate".into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, &reference).await {
+        tracing::warn!(error = %e, "cannot publish the Event for a skipped object");
+    }
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((i, _)) => text[..i].to_owned(),
+        None => text.to_owned(),
+    }
+}
+
+/// Writes `status.loadBalancer.ingress` where it differs from the decided VIPs.
+async fn write_status(
+    client: &kube::Client,
+    services: &Store<Service>,
+    translation: &Translation,
+    identity: &str,
+) {
+    // The field manager names the agent, so managedFields show who wrote the status.
+    let params = PatchParams {
+        field_manager: Some(format!("xlb/{identity}")),
+        ..PatchParams::default()
+    };
+    for ((namespace, name), addresses) in &translation.addresses {
+        let current: Vec<String> = services
+            .get(&reflector::ObjectRef::new(name).within(namespace))
+            .and_then(|s| s.status.clone())
+            .and_then(|s| s.load_balancer)
+            .and_then(|lb| lb.ingress)
+            .map(|i| i.into_iter().filter_map(|i| i.ip).collect())
+            .unwrap_or_default();
+        let wanted: Vec<String> = addresses.iter().map(ToString::to_string).collect();
+        if current == wanted {
+            continue;
+        }
+        let ingress: Vec<_> = wanted
+            .iter()
+            .map(|ip| serde_json::json!({"ip": ip}))
+            .collect();
+        let patch = serde_json::json!({"status": {"loadBalancer": {"ingress": ingress}}});
+        let api = Api::<Service>::namespaced(client.clone(), namespace);
+        match api.patch_status(name, &params, &Patch::Merge(&patch)).await {
+            Ok(_) => {
+                tracing::info!(service = %format!("{namespace}/{name}"), vips = ?wanted, "status written")
+            }
+            Err(e) => {
+                tracing::warn!(service = %format!("{namespace}/{name}"), error = %e, "status write failed; retried on the next change")
+            }
+        }
+    }
+}
+
+/// Lease-based leader election for the status writer.
+#[derive(Clone)]
+struct Leader {
+    api: Api<Lease>,
+    name: String,
+    identity: String,
+    duration: Duration,
+    /// Until when this agent may act as leader (its last successful renewal + duration).
+    until: std::sync::Arc<std::sync::Mutex<Option<Instant>>>,
+}
+
+impl Leader {
+    fn new(client: kube::Client, opts: &SourceOptions) -> Self {
+        Leader {
+            api: Api::namespaced(client, &opts.lease_namespace),
+            name: opts.lease_name.clone(),
+            identity: opts.identity.clone(),
+            duration: opts.lease_duration,
+            until: Default::default(),
+        }
+    }
+
+    fn is_leader(&self) -> bool {
+        self.until
+            .lock()
+            .ok()
+            .and_then(|u| *u)
+            .is_some_and(|u| Instant::now() < u)
+    }
+
+    async fn run(self) {
+        let mut was = false;
+        loop {
+            let started = Instant::now();
+            let held = match tokio::time::timeout(self.duration / 3, self.try_acquire()).await {
+                Ok(Ok(held)) => held,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "lease attempt failed");
+                    false
+                }
+                Err(_) => false,
+            };
+            if let Ok(mut until) = self.until.lock() {
+                // Leadership is counted from before the request: never longer than the Lease.
+                *until = held.then_some(started + self.duration);
+            }
+            if held != was {
+                tracing::info!(lease = %self.name, identity = %self.identity, leader = held,
+                    "status-writer lease {}", if held { "acquired" } else { "lost" });
+                was = held;
+            }
+            tokio::time::sleep(self.duration / 3).await;
+        }
+    }
+
+    /// Creates, renews or takes over the Lease; true if this agent holds it afterwards.
+    async fn try_acquire(&self) -> Result<bool, kube::Error> {
+        let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
+        let seconds = i32::try_from(self.duration.as_secs()).unwrap_or(i32::MAX);
+        let Some(mut lease) = self.api.get_opt(&self.name).await? else {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(self.name.clone()),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(self.identity.clone()),
+                    lease_duration_seconds: Some(seconds),
+                    acquire_time: Some(now.clone()),
+                    renew_time: Some(now),
+                    lease_transitions: Some(0),
+                    ..LeaseSpec::default()
+                }),
+            };
+            return match self.api.create(&PostParams::default(), &lease).await {
+                Ok(_) => Ok(true),
+                Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+                Err(e) => Err(e),
+            };
+        };
+        let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+        let mine = spec.holder_identity.as_deref() == Some(self.identity.as_str());
+        let expired = match (&spec.renew_time, spec.lease_duration_seconds) {
+            (Some(renewed), Some(secs)) => {
+                let age = now.0.duration_since(renewed.0);
+                age.as_secs() >= i64::from(secs)
+            }
+            _ => true,
+        };
+        if !mine && !expired {
+            return Ok(false);
+        }
+        if !mine {
+            spec.holder_identity = Some(self.identity.clone());
+            spec.acquire_time = Some(now.clone());
+            spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+        }
+        spec.renew_time = Some(now);
+        spec.lease_duration_seconds = Some(seconds);
+        // The replace carries the resourceVersion read above: of two racing agents, the
+        // second gets 409 Conflict and stays a follower.
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}

@@ -1,0 +1,366 @@
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde_json::{Value, json};
+
+use super::*;
+
+fn service(name: &str, extra: Value) -> Service {
+    let mut v = json!({
+        "metadata": {"namespace": "default", "name": name,
+                     "annotations": {CLASS_ANNOTATION: DEFAULT_CLASS}},
+        "spec": {"type": "LoadBalancer",
+                 "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]},
+    });
+    merge(&mut v, extra);
+    serde_json::from_value(v).unwrap()
+}
+
+fn slice(name: &str, service: &str, family: &str, endpoints: Value) -> EndpointSlice {
+    serde_json::from_value(json!({
+        "metadata": {"namespace": "default", "name": name,
+                     "labels": {SERVICE_NAME_LABEL: service}},
+        "addressType": family,
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"},
+                  {"name": "dns", "port": 53, "protocol": "UDP"}],
+        "endpoints": endpoints,
+    }))
+    .unwrap()
+}
+
+fn merge(base: &mut Value, extra: Value) {
+    match (base, extra) {
+        (Value::Object(b), Value::Object(e)) => {
+            for (k, v) in e {
+                merge(b.entry(k).or_insert(Value::Null), v);
+            }
+        }
+        (b, e) => *b = e,
+    }
+}
+
+fn opts() -> TranslateOptions {
+    TranslateOptions {
+        pools: vec![
+            "192.0.2.0/30".parse().unwrap(),
+            "2001:db8::/126".parse().unwrap(),
+        ],
+        ..TranslateOptions::default()
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn backends(t: &Translation, vip: usize) -> Vec<(IpAddr, BackendState, u32)> {
+    t.desired.vips[vip]
+        .backends
+        .iter()
+        .map(|b| (b.address, b.state, b.weight))
+        .collect()
+}
+
+#[test]
+fn ready_serving_terminating_map_to_active_draining_absent() {
+    let svc = service("web", json!({"spec": {"loadBalancerIP": "198.51.100.1"}}));
+    let es = slice(
+        "web-1",
+        "web",
+        "IPv4",
+        json!([
+            {"addresses": ["10.0.0.1"], "conditions": {"ready": true}},
+            {"addresses": ["10.0.0.2"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+            {"addresses": ["10.0.0.3"], "conditions": {"ready": false, "serving": false, "terminating": true}},
+            {"addresses": ["10.0.0.4"], "conditions": {"ready": false}},
+            {"addresses": ["10.0.0.5"]},
+        ]),
+    );
+    let t = translate(&[svc], &[es], &opts());
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert_eq!(t.desired.vips.len(), 1);
+    let vip = &t.desired.vips[0];
+    assert_eq!(vip.name, "default/web:http");
+    assert_eq!(vip.key.to_string(), "198.51.100.1:80/tcp");
+    assert!(!vip.source_affinity);
+    assert_eq!(
+        backends(&t, 0),
+        vec![
+            (ip("10.0.0.1"), BackendState::Active, 1),
+            (ip("10.0.0.2"), BackendState::Draining, 0),
+            (ip("10.0.0.5"), BackendState::Active, 1),
+        ]
+    );
+    t.desired.validate().unwrap();
+}
+
+#[test]
+fn class_rules_and_classless_claim() {
+    let other = service(
+        "other",
+        json!({"metadata": {"annotations": {CLASS_ANNOTATION: "example.com/other"}},
+               "spec": {"loadBalancerIP": "198.51.100.2"}}),
+    );
+    let mut classless = service(
+        "classless",
+        json!({"spec": {"loadBalancerIP": "198.51.100.3"}}),
+    );
+    classless.metadata.annotations = None;
+    let by_field = service(
+        "field",
+        json!({"metadata": {"annotations": {}}, "spec": {"loadBalancerClass": DEFAULT_CLASS, "loadBalancerIP": "198.51.100.4"}}),
+    );
+    let cluster_ip = service(
+        "cip",
+        json!({"spec": {"type": "ClusterIP", "loadBalancerIP": "198.51.100.5"}}),
+    );
+    let all = [other, classless, by_field, cluster_ip];
+    let t = translate(&all, &[] as &[EndpointSlice; 0], &opts());
+    let names: Vec<_> = t.desired.vips.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(names, ["default/field:http"]);
+    let claim = TranslateOptions {
+        claim_classless: true,
+        ..opts()
+    };
+    let t = translate(&all, &[] as &[EndpointSlice; 0], &claim);
+    let mut names: Vec<_> = t.desired.vips.iter().map(|v| v.name.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["default/classless:http", "default/field:http"]);
+}
+
+#[test]
+fn ports_by_name_and_number_tcp_udp_affinity() {
+    let svc = service(
+        "dns",
+        json!({"spec": {"loadBalancerIP": "198.51.100.1", "sessionAffinity": "ClientIP",
+                        "ports": [{"name": "dns", "port": 53, "protocol": "UDP"},
+                                  {"name": "http", "port": 8053}]}}),
+    );
+    let es = slice(
+        "dns-1",
+        "dns",
+        "IPv4",
+        json!([{"addresses": ["10.0.0.1"], "conditions": {"ready": true}}]),
+    );
+    let t = translate(&[svc], &[es], &opts());
+    assert_eq!(t.desired.vips.len(), 2);
+    assert_eq!(t.desired.vips[0].key.to_string(), "198.51.100.1:53/udp");
+    assert_eq!(t.desired.vips[1].key.to_string(), "198.51.100.1:8053/tcp");
+    assert!(t.desired.vips.iter().all(|v| v.source_affinity));
+    assert_eq!(backends(&t, 0).len(), 1);
+    assert_eq!(backends(&t, 1).len(), 1);
+}
+
+#[test]
+fn unnamed_single_port_matches_unnamed_slice_port() {
+    let svc = service(
+        "one",
+        json!({"spec": {"loadBalancerIP": "198.51.100.1", "ports": [{"port": 443}]}}),
+    );
+    let es: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"namespace": "default", "name": "one-x", "labels": {SERVICE_NAME_LABEL: "one"}},
+        "addressType": "IPv4",
+        "ports": [{"port": 8443, "protocol": "TCP"}],
+        "endpoints": [{"addresses": ["10.0.0.9"]}],
+    }))
+    .unwrap();
+    let t = translate(&[svc], &[es], &opts());
+    assert_eq!(t.desired.vips[0].name, "default/one:443/tcp");
+    assert_eq!(
+        backends(&t, 0),
+        vec![(ip("10.0.0.9"), BackendState::Active, 1)]
+    );
+}
+
+#[test]
+fn dual_stack_allocates_per_family_and_matches_slices_by_family() {
+    let svc = service("ds", json!({"spec": {"ipFamilies": ["IPv4", "IPv6"]}}));
+    let v4 = slice("ds-4", "ds", "IPv4", json!([{"addresses": ["10.0.0.1"]}]));
+    let v6 = slice("ds-6", "ds", "IPv6", json!([{"addresses": ["fd00::1"]}]));
+    let t = translate(&[svc], &[v4, v6], &opts());
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    let keys: Vec<String> = t.desired.vips.iter().map(|v| v.key.to_string()).collect();
+    // /30 keeps network and broadcast out: .1 is the first address handed out.
+    assert_eq!(keys, ["192.0.2.1:80/tcp", "[2001:db8::]:80/tcp"]);
+    assert_eq!(
+        backends(&t, 0),
+        vec![(ip("10.0.0.1"), BackendState::Active, 1)]
+    );
+    assert_eq!(
+        backends(&t, 1),
+        vec![(ip("fd00::1"), BackendState::Active, 1)]
+    );
+    assert_eq!(
+        t.addresses[&("default".to_string(), "ds".to_string())],
+        vec![ip("192.0.2.1"), ip("2001:db8::")]
+    );
+}
+
+#[test]
+fn ipam_never_reuses_and_reads_status_back() {
+    // "a" holds .1 through its status (written by a leader before a restart); "b" and "c"
+    // are new and get the next free addresses; "d" finds the pool exhausted.
+    let a = service(
+        "a",
+        json!({"metadata": {"creationTimestamp": "2026-01-04T00:00:00Z"},
+               "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.1"}]}}}),
+    );
+    let b = service(
+        "b",
+        json!({"metadata": {"creationTimestamp": "2026-01-01T00:00:00Z"}}),
+    );
+    let c = service(
+        "c",
+        json!({"metadata": {"creationTimestamp": "2026-01-02T00:00:00Z"}}),
+    );
+    let d = service(
+        "d",
+        json!({"metadata": {"creationTimestamp": "2026-01-03T00:00:00Z"}}),
+    );
+    let t = translate(
+        &[d.clone(), c.clone(), b.clone(), a.clone()],
+        &[] as &[EndpointSlice; 0],
+        &opts(),
+    );
+    let got = |t: &Translation, n: &str| {
+        t.addresses
+            .get(&("default".to_string(), n.to_string()))
+            .cloned()
+    };
+    assert_eq!(got(&t, "a"), Some(vec![ip("192.0.2.1")]));
+    assert_eq!(got(&t, "b"), Some(vec![ip("192.0.2.2")]));
+    assert_eq!(got(&t, "c"), None);
+    let all: Vec<IpAddr> = t.addresses.values().flatten().copied().collect();
+    let unique: std::collections::BTreeSet<_> = all.iter().collect();
+    assert_eq!(
+        all.len(),
+        unique.len(),
+        "an address was handed out twice: {all:?}"
+    );
+    assert_eq!(all.len(), 2, "a /30 has two usable addresses");
+    assert_eq!(t.skipped.len(), 2, "{:?}", t.skipped);
+    assert!(
+        t.skipped
+            .iter()
+            .all(|s| s.reason.contains("no free IPv4 address"))
+    );
+    assert_eq!(t.skipped[0].name, "c");
+    // The order the objects arrive in does not matter.
+    let again = translate(&[a, b, c, d], &[] as &[EndpointSlice; 0], &opts());
+    assert_eq!(again, t);
+}
+
+#[test]
+fn bad_objects_are_skipped_and_the_rest_keeps_working() {
+    let good = service("good", json!({"spec": {"loadBalancerIP": "198.51.100.1"}}));
+    let bad_ip = service("bad-ip", json!({"spec": {"loadBalancerIP": "300.1.1.1"}}));
+    let loopback = service(
+        "lo",
+        json!({"metadata": {"annotations": {IPS_ANNOTATION: "127.0.0.1"}}}),
+    );
+    let dup = service(
+        "dup",
+        json!({"metadata": {"creationTimestamp": "2030-01-01T00:00:00Z"}, "spec": {"loadBalancerIP": "198.51.100.1"}}),
+    );
+    let other_port = service(
+        "other-port",
+        json!({"spec": {"loadBalancerIP": "198.51.100.1", "ports": [{"name": "https", "port": 443}]}}),
+    );
+    let sctp = service(
+        "sctp",
+        json!({"spec": {"loadBalancerIP": "198.51.100.9", "ports": [{"port": 9, "protocol": "SCTP"}]}}),
+    );
+    let es = slice(
+        "good-1",
+        "good",
+        "IPv4",
+        json!([{"addresses": ["10.0.0.1"]}, {"addresses": ["not-an-ip"]}, {"addresses": ["198.51.100.1"]}]),
+    );
+    let t = translate(
+        &[good, bad_ip, loopback, dup, other_port, sctp],
+        &[es],
+        &opts(),
+    );
+    let served: Vec<_> = t.desired.vips.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(served, ["default/good:http", "default/other-port:https"]);
+    assert_eq!(
+        backends(&t, 0),
+        vec![(ip("10.0.0.1"), BackendState::Active, 1)]
+    );
+    let reasons: Vec<String> = t.skipped.iter().map(ToString::to_string).collect();
+    let has = |needle: &str| reasons.iter().any(|r| r.contains(needle));
+    assert!(
+        has("Service default/bad-ip: spec.loadBalancerIP \"300.1.1.1\" is not an IP address"),
+        "{reasons:?}"
+    );
+    assert!(
+        has(
+            "Service default/lo: annotation xlb.dev/load-balancer-ips 127.0.0.1 is a loopback address"
+        ),
+        "{reasons:?}"
+    );
+    assert!(
+        has("Service default/dup: 198.51.100.1:80/tcp is already served for Service default/good"),
+        "{reasons:?}"
+    );
+    assert!(
+        has("Service default/sctp: port 9 protocol SCTP is not supported"),
+        "{reasons:?}"
+    );
+    assert!(
+        has("EndpointSlice default/good-1: endpoint address \"not-an-ip\""),
+        "{reasons:?}"
+    );
+    assert_eq!(reasons.len(), 5, "{reasons:?}");
+    t.desired.validate().unwrap();
+}
+
+#[test]
+fn same_endpoint_in_two_slices_active_wins() {
+    let svc = service("web", json!({"spec": {"loadBalancerIP": "198.51.100.1"}}));
+    let a = slice(
+        "web-a",
+        "web",
+        "IPv4",
+        json!([{"addresses": ["10.0.0.1"], "conditions": {"ready": false, "serving": true, "terminating": true}}]),
+    );
+    let b = slice(
+        "web-b",
+        "web",
+        "IPv4",
+        json!([{"addresses": ["10.0.0.1"], "conditions": {"ready": true}}]),
+    );
+    let other_ns: EndpointSlice = {
+        let mut s = slice("web-c", "web", "IPv4", json!([{"addresses": ["10.0.0.7"]}]));
+        s.metadata.namespace = Some("elsewhere".into());
+        s
+    };
+    let t = translate(&[svc], &[a, b, other_ns], &opts());
+    assert_eq!(
+        backends(&t, 0),
+        vec![(ip("10.0.0.1"), BackendState::Active, 1)]
+    );
+}
+
+#[test]
+fn pools_parse() {
+    let p: Pool = "10.0.0.10-10.0.0.12".parse().unwrap();
+    let used = BTreeSet::from([ip("10.0.0.10")]);
+    assert_eq!(allocate(&[p], false, &used), Some(ip("10.0.0.11")));
+    assert_eq!(allocate(&[p], true, &used), None);
+    let big: Pool = "2001:db8::/64".parse().unwrap();
+    assert_eq!(
+        allocate(&[big], true, &BTreeSet::new()),
+        Some(ip("2001:db8::"))
+    );
+    let slash32: Pool = "10.1.1.1/32".parse().unwrap();
+    assert_eq!(
+        allocate(&[slash32], false, &BTreeSet::new()),
+        Some(ip("10.1.1.1"))
+    );
+    assert!("10.0.0.5-10.0.0.1".parse::<Pool>().is_err());
+    assert!("10.0.0.0/33".parse::<Pool>().is_err());
+    assert!("10.0.0.1-2001:db8::1".parse::<Pool>().is_err());
+    assert!("nope".parse::<Pool>().is_err());
+}

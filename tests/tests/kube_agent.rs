@@ -1,0 +1,199 @@
+//! The real `xlb agent --kubernetes` in a network namespace with etcd and kube-apiserver on
+//! that namespace's loopback: Services and EndpointSlices reach the pinned maps (read back
+//! with `xlb vips -o json`), scaling and termination show up as backend changes, and the
+//! Lease holder writes the allocated VIP to the Service's status. Needs root.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use xlb_tests::agent_support::*;
+use xlb_tests::kube::{KubeOptions, KubeServer};
+use xlb_tests::netns::{NetNs, PinDir};
+use xlb_tests::require_root;
+
+const CLASS: &str = "test.xlb.dev/agent";
+const WAIT: Duration = Duration::from_secs(30);
+
+fn apply(server: &KubeServer, scratch: &Scratch, name: &str, object: Value) {
+    let path = scratch.path.join(format!("{name}.json"));
+    std::fs::write(&path, object.to_string()).expect("write manifest");
+    let path = path.to_str().expect("utf-8 path");
+    // Not `kubectl apply`: it takes the CRD-served EndpointSlice for the built-in type and
+    // sends a strategic merge patch, which custom resources do not accept.
+    let (ok, out) = server.kubectl(&["replace", "-f", path]);
+    if !ok && out.contains("NotFound") {
+        let (ok, out) = server.kubectl(&["create", "-f", path]);
+        assert!(ok, "kubectl create {name}: {out}");
+    } else {
+        assert!(ok, "kubectl replace {name}: {out}");
+    }
+}
+
+fn slice(endpoints: Value) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"namespace": "default", "name": "web-1",
+                     "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 80, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    })
+}
+
+/// `(address, state)` of the backends of the VIP named `name` in the pinned maps.
+fn backends(pin_dir: &PinDir, name: &str) -> Option<Vec<(String, String)>> {
+    let vips = xlb_json(&["vips"], &pin_dir.path);
+    let vip = vips.as_array()?.iter().find(|v| v["name"] == name)?;
+    let mut out: Vec<(String, String)> = vip["backends"]
+        .as_array()?
+        .iter()
+        .map(|b| {
+            (
+                b["address"].as_str().unwrap_or("").to_owned(),
+                b["state"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    out.sort();
+    Some(out)
+}
+
+#[test]
+fn kube_agent_programs_services_into_the_maps() {
+    require_root();
+    let ns = NetNs::new("xk");
+    ns.ip(&["link", "add", "xka", "type", "veth", "peer", "name", "xkb"]);
+    ns.ip(&["addr", "add", "192.0.2.1/24", "dev", "xka"]);
+    ns.ip(&["link", "set", "xka", "up"]);
+    ns.ip(&["link", "set", "xkb", "up"]);
+    let server = KubeServer::start(KubeOptions {
+        netns: Some(ns.name.clone()),
+        ..KubeOptions::default()
+    });
+    let pin_dir = PinDir::new("xk");
+    let scratch = Scratch::new("xk");
+    let config = scratch.path.join("xlb.toml");
+    write_atomically(&config, &agent_config("xka", &pin_dir, ""));
+    let state_dir = scratch.path.join("state");
+    // Declared before the agent: dropped after it is killed.
+    let _cleanup = Unload(pin_dir.path.clone());
+    let mut agent = XlbProcess::spawn(
+        &ns,
+        &[
+            "agent",
+            "--config",
+            config.to_str().unwrap(),
+            "--state-dir",
+            state_dir.to_str().unwrap(),
+            "--kubernetes",
+            "--kubeconfig",
+            server.kubeconfig.to_str().unwrap(),
+            "--kube-class",
+            CLASS,
+            "--kube-pool",
+            "203.0.113.0/28",
+            "--kube-identity",
+            "node-xk",
+        ],
+        scratch.path.join("agent.log"),
+    );
+    agent.wait_log("agent ready", Duration::from_secs(20));
+
+    apply(
+        &server,
+        &scratch,
+        "service",
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"namespace": "default", "name": "web",
+                         "annotations": {"xlb.dev/load-balancer-class": CLASS}},
+            "spec": {"type": "LoadBalancer", "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]},
+        }),
+    );
+    let ready = |ip: &str| json!({"addresses": [ip], "conditions": {"ready": true}});
+    apply(
+        &server,
+        &scratch,
+        "slice",
+        slice(json!([ready("198.51.100.11"), ready("198.51.100.12")])),
+    );
+    wait_for("web with 2 backends in the maps", WAIT, || {
+        backends(&pin_dir, "default/web:http").filter(|b| b.len() == 2)
+    });
+    let vips = xlb_json(&["vips"], &pin_dir.path);
+    let web = vips
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "default/web:http")
+        .unwrap();
+    assert_eq!(
+        web["address"], "203.0.113.1",
+        "allocated from the pool: {web}"
+    );
+
+    // Scaled to 3, then one terminating (serving): draining in the maps.
+    apply(
+        &server,
+        &scratch,
+        "slice",
+        slice(json!([
+            ready("198.51.100.11"),
+            ready("198.51.100.12"),
+            ready("198.51.100.13")
+        ])),
+    );
+    wait_for("3 backends", WAIT, || {
+        backends(&pin_dir, "default/web:http").filter(|b| b.len() == 3)
+    });
+    apply(
+        &server,
+        &scratch,
+        "slice",
+        slice(json!([
+            ready("198.51.100.11"),
+            {"addresses": ["198.51.100.12"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+        ])),
+    );
+    let got = wait_for("one draining backend", WAIT, || {
+        backends(&pin_dir, "default/web:http")
+            .filter(|b| b.len() == 2 && b.iter().any(|(_, s)| s == "draining"))
+    });
+    assert_eq!(
+        got[0],
+        ("198.51.100.11".to_owned(), "active".to_owned()),
+        "{got:?}"
+    );
+
+    // The only agent holds the Lease and writes status.
+    wait_for("status written", WAIT, || {
+        let (ok, out) = server.kubectl(&[
+            "get",
+            "service",
+            "web",
+            "-o",
+            "jsonpath={.status.loadBalancer.ingress[0].ip}",
+        ]);
+        (ok && out.trim() == "203.0.113.1").then_some(())
+    });
+
+    // Deleted: the VIP leaves the maps.
+    let (ok, out) = server.kubectl(&["delete", "service", "web"]);
+    assert!(ok, "{out}");
+    wait_for("web gone from the maps", WAIT, || {
+        backends(&pin_dir, "default/web:http")
+            .is_none()
+            .then_some(())
+    });
+    assert!(agent.log_text().contains("kubernetes state applied"));
+    let _ = agent.terminate();
+}
+
+/// Unloads the datapath at the end, also when the test fails.
+struct Unload(std::path::PathBuf);
+
+impl Drop for Unload {
+    fn drop(&mut self) {
+        let _ = xlb(&["unload", "--pin-dir", self.0.to_str().unwrap()]);
+    }
+}
