@@ -13,6 +13,7 @@ pub mod maglev;
 pub mod manager;
 pub mod metrics;
 pub mod model;
+pub mod neighbours;
 pub mod plan;
 pub mod proxy;
 pub mod state;
