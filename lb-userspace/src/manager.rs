@@ -73,6 +73,8 @@ pub struct ApplyReport {
 pub struct Manager {
     applied: AppliedState,
     grace: GracePeriod,
+    /// Backends whose next hop already has a managed neighbour entry (see `neighbours`).
+    resolved_backends: std::collections::BTreeSet<std::net::IpAddr>,
 }
 
 impl Manager {
@@ -81,6 +83,7 @@ impl Manager {
         Ok(Manager {
             applied,
             grace: GracePeriod::new().map_err(ManagerError::GracePeriod)?,
+            resolved_backends: Default::default(),
         })
     }
 
@@ -125,6 +128,15 @@ impl Manager {
             report.ops += 1;
         }
         self.applied = plan.applied;
+        // XDP's FIB lookup reads the neighbour table but never fills it: keep the next hop
+        // of every new backend resolved by the kernel.
+        crate::neighbours::keep_resolved(
+            desired
+                .vips
+                .iter()
+                .flat_map(|v| v.backends.iter().map(|b| b.address)),
+            &mut self.resolved_backends,
+        );
         Ok(report)
     }
 }
