@@ -315,7 +315,64 @@ fn udp_sticks_and_ipv6_vip_works() {
             .collect(),
     };
     ab.write_config(&[web, dns, web6]);
+    // The agent, not the test bed, must keep the backends' neighbours resolved.
+    ab.bed.lb.ip(&["neigh", "flush", "all"]);
+    ab.bed.lb.ip(&["-6", "neigh", "flush", "all"]);
+    for b in &ab.bed.backends {
+        let _ = std::process::Command::new("ip")
+            .args([
+                "-n",
+                &ab.bed.lb.name,
+                "neigh",
+                "del",
+                &b.addr.to_string(),
+                "dev",
+                &format!("b{}", b.index),
+            ])
+            .output();
+        let _ = std::process::Command::new("ip")
+            .args([
+                "-n",
+                &ab.bed.lb.name,
+                "-6",
+                "neigh",
+                "del",
+                &b.addr6.to_string(),
+                "dev",
+                &format!("b{}", b.index),
+            ])
+            .output();
+    }
     ab.start_agent();
+    // The entries appear right after the apply and resolve within milliseconds.
+    let lb = &ab.bed.lb;
+    let wanted: Vec<String> = ab
+        .bed
+        .backends
+        .iter()
+        .flat_map(|b| [b.addr.to_string(), b.addr6.to_string()])
+        .collect();
+    xlb_tests::agent_support::wait_for(
+        "managed neighbour entries from the agent",
+        Duration::from_secs(10),
+        || {
+            let neigh = format!(
+                "{}{}",
+                lb.ip(&["neigh", "show"]),
+                lb.ip(&["-6", "neigh", "show"])
+            );
+            wanted
+                .iter()
+                .all(|addr| {
+                    neigh.lines().any(|l| {
+                        l.starts_with(&format!("{addr} "))
+                            && l.contains("managed")
+                            && l.contains("lladdr")
+                    })
+                })
+                .then_some(())
+        },
+    );
 
     let src = ab.bed.client_addrs[0];
     let per_flow: Vec<Vec<String>> = in_ns(&ab.bed.client, move || {
