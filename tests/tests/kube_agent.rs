@@ -165,6 +165,14 @@ fn kube_agent_programs_services_into_the_maps() {
         "{got:?}"
     );
 
+    // API event → maps updated is measured.
+    let text = scrape_metrics(&ns, 9430).expect("metrics served");
+    let observed = metric_value(&text, "xlb_kubernetes_event_to_maps_seconds_count");
+    assert!(
+        observed.is_some_and(|n| n >= 3.0),
+        "event-to-maps histogram: {observed:?}"
+    );
+
     // The only agent holds the Lease and writes status.
     wait_for("status written", WAIT, || {
         let (ok, out) = server.kubectl(&[
