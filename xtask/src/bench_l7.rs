@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 
-use crate::setup::dpkg_installed;
 use crate::util::{cargo, project_root, run_checked};
 
 const PACKAGES: [&str; 3] = ["nginx", "haproxy", "wrk"];
@@ -292,34 +291,7 @@ fn path_str(p: &Path) -> Result<String> {
 
 /// Installs nginx, haproxy and wrk with apt-get if any is missing (idempotent).
 fn ensure_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !dpkg_installed(p))
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    if !Path::new("/usr/bin/apt-get").exists() {
-        bail!("bench l7 needs {missing:?} and there is no apt-get to install them");
-    }
-    eprintln!("bench l7: apt-get install {missing:?}");
-    run_checked(
-        Command::new("apt-get")
-            .args(["update", "-qq"])
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
-    run_checked(
-        Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
-    // Debian starts the packaged services; the bench runs its own instances.
-    for svc in ["nginx", "haproxy"] {
-        let _ = Command::new("systemctl").args(["stop", svc]).status();
-    }
-    Ok(())
+    crate::setup::apt_install("bench l7", &PACKAGES)
 }
 
 fn write_certificate(dir: &Path) -> Result<()> {

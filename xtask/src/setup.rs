@@ -175,7 +175,13 @@ fn ensure_bpf_linker(stable: &str, nightly: &str) -> Result<()> {
 }
 
 fn ensure_apt_packages() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+    apt_install("setup", APT_PACKAGES)
+}
+
+/// Installs the Debian `packages` that are missing (nothing when all are installed).
+/// `who` names the caller in the log line.
+pub fn apt_install(who: &str, packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| !dpkg_installed(p))
@@ -184,10 +190,14 @@ fn ensure_apt_packages() -> Result<()> {
         return Ok(());
     }
     if !Path::new("/usr/bin/apt-get").exists() {
-        bail!("missing packages {missing:?} and no apt-get to install them");
+        bail!("{who} needs {missing:?} and there is no apt-get to install them");
     }
-    eprintln!("setup: apt-get install {missing:?}");
-    run_checked(Command::new("apt-get").args(["update", "-qq"]))?;
+    eprintln!("{who}: apt-get install {missing:?}");
+    run_checked(
+        Command::new("apt-get")
+            .args(["update", "-qq"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
     run_checked(
         Command::new("apt-get")
             .args(["install", "-y", "-qq", "--no-install-recommends"])
