@@ -185,6 +185,27 @@ fn kube_agent_programs_services_into_the_maps() {
         (ok && out.trim() == "203.0.113.1").then_some(())
     });
 
+    // API server away: the maps keep the last state; back: changes flow again.
+    let before = backends(&pin_dir, "default/web:http");
+    server.stop_apiserver();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        backends(&pin_dir, "default/web:http"),
+        before,
+        "state changed without an API server"
+    );
+    server.start_apiserver();
+    apply(
+        &server,
+        &scratch,
+        "slice",
+        slice(json!([ready("198.51.100.11"), ready("198.51.100.14")])),
+    );
+    wait_for("the change after the restart", WAIT, || {
+        backends(&pin_dir, "default/web:http")
+            .filter(|b| b.iter().any(|(a, _)| a == "198.51.100.14"))
+    });
+
     // Deleted: the VIP leaves the maps.
     let (ok, out) = server.kubectl(&["delete", "service", "web"]);
     assert!(ok, "{out}");
