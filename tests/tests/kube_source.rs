@@ -279,3 +279,85 @@ fn kube_two_agents_race_for_the_lease_one_writes_status() {
         delete(&services, "raced").await;
     });
 }
+
+/// Status writers of a Service (field managers named `xlb/…`).
+async fn status_writers(services: &Api<Service>, name: &str) -> Option<(String, Vec<String>)> {
+    let svc = services.get_opt(name).await.ok()??;
+    let ip = svc.status?.load_balancer?.ingress?.first()?.ip.clone()?;
+    let managers = svc
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|m| m.manager)
+        .filter(|m| m.starts_with("xlb/"))
+        .collect();
+    Some((ip, managers))
+}
+
+#[test]
+fn kube_lease_fails_over_when_the_holder_goes_away() {
+    let server = KubeServer::shared();
+    let class = "test.xlb.dev/failover";
+    let short = |identity: &str| {
+        let mut opts = options(class, identity);
+        opts.lease_duration = Duration::from_secs(4);
+        opts
+    };
+    // Agent A in a runtime of its own: dropping that runtime is the agent dying.
+    let rt_a = runtime();
+    let mut a = rt_a.block_on(async { start(server.client().await, short("node-a")) });
+    let rt = runtime();
+    rt.block_on(async {
+        let client = server.client().await;
+        let services: Api<Service> = Api::namespaced(client.clone(), "default");
+        put(&services, &service("default", "first", class, json!({}))).await;
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if let Some((ip, managers)) = status_writers(&services, "first").await {
+                assert_eq!(ip, "192.0.2.1");
+                assert_eq!(managers, ["xlb/node-a"]);
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "A never wrote status");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    // A's channel is drained by nobody from here on; it goes away with its runtime.
+    a.close();
+    drop(rt_a);
+    rt.block_on(async {
+        let client = server.client().await;
+        let mut b = start(client.clone(), short("node-b"));
+        let services: Api<Service> = Api::namespaced(client.clone(), "default");
+        put(&services, &service("default", "second", class, json!({}))).await;
+        // B programs both at once (followers do not wait for status) …
+        let u = wait_update(&mut b, "B sees both", WAIT, |u| {
+            vip(u, "default/first:http").is_some() && vip(u, "default/second:http").is_some()
+        })
+        .await;
+        assert_eq!(
+            vip(&u, "default/second:http")
+                .expect("second")
+                .key
+                .to_string(),
+            "192.0.2.2:80/tcp"
+        );
+        // … and takes the Lease over once A's expires, then writes the new Service's status.
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if let Some((ip, managers)) = status_writers(&services, "second").await {
+                assert_eq!(ip, "192.0.2.2");
+                assert_eq!(managers, ["xlb/node-b"]);
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "B never took over the status writes"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        delete(&services, "first").await;
+        delete(&services, "second").await;
+    });
+}
