@@ -162,6 +162,9 @@ map_types! {
         pub conntrack_udp_expired: u64,
         /// Detail: next hop taken from the configured gateway MAC.
         pub fib_gateway_fallback: u64,
+        /// Detail: ICMP errors about a VIP flow (e.g. "fragmentation needed" for a backend's
+        /// direct reply) sent on to the flow's backend.
+        pub icmp_to_backend: u64,
     }
 
     /// Per-CPU counters of one VIP.
@@ -225,6 +228,9 @@ map_types! {
     }
 }
 
+/// Number of `u64` counters in [`DatapathStats`].
+pub const DATAPATH_COUNTERS: usize = 21;
+
 /// [`VipInfo::flags`]: hash on the source address only (session affinity).
 pub const VIP_F_HASH_SRC_ONLY: u32 = 1 << 0;
 
@@ -247,7 +253,7 @@ impl DatapathStats {
     ];
 
     /// Every counter as `(name, value)`, in field order.
-    pub fn fields(&self) -> [(&'static str, u64); 20] {
+    pub fn fields(&self) -> [(&'static str, u64); DATAPATH_COUNTERS] {
         [
             ("rx_packets", self.rx_packets),
             ("pass_not_ip", self.pass_not_ip),
@@ -269,6 +275,7 @@ impl DatapathStats {
             ("conntrack_insert_failed", self.conntrack_insert_failed),
             ("conntrack_udp_expired", self.conntrack_udp_expired),
             ("fib_gateway_fallback", self.fib_gateway_fallback),
+            ("icmp_to_backend", self.icmp_to_backend),
         ]
     }
 }
@@ -295,7 +302,7 @@ const _: () = {
     assert!(size_of::<FlowKey>() == 40);
     assert!(size_of::<FlowState>() == 16);
     assert!(size_of::<DatapathConfig>() == 48);
-    assert!(size_of::<DatapathStats>() == 20 * 8);
+    assert!(size_of::<DatapathStats>() == DATAPATH_COUNTERS * 8);
     assert!(size_of::<VipStats>() == 24);
     assert!(size_of::<BackendStats>() == 16);
     assert!(size_of::<RateGuard>() == 16);

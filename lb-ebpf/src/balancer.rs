@@ -9,6 +9,7 @@ use lb_common::{
 use crate::conntrack;
 use crate::encap;
 use crate::headers::{TCP_FLAG_ACK, TCP_FLAG_SYN};
+use crate::icmp;
 use crate::maglev;
 use crate::maps::{XLB_BACK_STATS, XLB_CONFIG, XLB_VIP_ADDRS, XLB_VIP_STATS, XLB_VIPS};
 use crate::parse::{self, Packet};
@@ -41,11 +42,16 @@ fn try_balance(ctx: &XdpContext, stats: &mut DatapathStats) -> Result<Outcome, O
         if !is_vip_address(&p) {
             return Err(Outcome::PassNotVip);
         }
-        return Err(if p.is_fragment {
-            Outcome::DropFragment
-        } else {
-            Outcome::PassVipOtherProto
-        });
+        if p.is_fragment {
+            return Err(Outcome::DropFragment);
+        }
+        // An ICMP error about a VIP flow belongs to the flow's backend: with direct server
+        // return the backend's replies come from the VIP, so "fragmentation needed" for them
+        // reaches this node, and the backend's path-MTU discovery depends on getting it.
+        if let Some(outcome) = forward_icmp_error(ctx, &p, stats)? {
+            return Ok(outcome);
+        }
+        return Err(Outcome::PassVipOtherProto);
     }
 
     let (sport_be, dport_be, tcp_flags) = parse::parse_l4(ctx, &p)?;
@@ -104,22 +110,67 @@ fn try_balance(ctx: &XdpContext, stats: &mut DatapathStats) -> Result<Outcome, O
     };
 
     let outcome = encap::forward(ctx, &p, backend_id, backend, cfg, stats, entropy)?;
-    let bytes = p.ip_len as u64;
     if matches!(outcome, Outcome::ForwardedTx | Outcome::ForwardedRedirect) {
-        if let Some(v) = XLB_VIP_STATS.get_ptr_mut(vip_id) {
-            unsafe {
-                (*v).packets += 1;
-                (*v).bytes += bytes;
-            }
-        }
-        if let Some(b) = XLB_BACK_STATS.get_ptr_mut(backend_id) {
-            unsafe {
-                (*b).packets += 1;
-                (*b).bytes += bytes;
-            }
-        }
+        count_forwarded(vip_id, backend_id, p.ip_len as u64);
     }
     Ok(outcome)
+}
+
+/// Sends an ICMP error quoting a packet of a VIP flow to that flow's backend: the one in the
+/// connection table, else the one Maglev picks. `Ok(None)`: not such an error.
+#[inline(always)]
+fn forward_icmp_error(
+    ctx: &XdpContext,
+    p: &Packet,
+    stats: &mut DatapathStats,
+) -> Result<Option<Outcome>, Outcome> {
+    let Some(key) = icmp::quoted_vip_flow(ctx, p) else {
+        return Ok(None);
+    };
+    let cfg: &DatapathConfig = XLB_CONFIG.get(0).ok_or(Outcome::PassVipOtherProto)?;
+    let entropy = flow_hash(&key.src_be, key.sport_be, key.dport_be, key.proto, false);
+    let (backend_id, vip_id) = match conntrack::lookup(&key, cfg, stats) {
+        Some((id, vip_id)) if maglev::backend(id).is_some() => (id, vip_id),
+        _ => {
+            let vip = Packet {
+                dst_be: key.dst_be,
+                proto: key.proto,
+                ..*p
+            };
+            let Some(info) = lookup_vip(&vip, key.dport_be) else {
+                return Ok(None);
+            };
+            let src_only = info.flags & VIP_F_HASH_SRC_ONLY != 0;
+            let hash = flow_hash(&key.src_be, key.sport_be, key.dport_be, key.proto, src_only);
+            let Some(id) = maglev::pick(info, hash, cfg) else {
+                return Ok(None);
+            };
+            (id, info.vip_id)
+        }
+    };
+    let backend = maglev::backend(backend_id).ok_or(Outcome::DropNoBackend)?;
+    let outcome = encap::forward(ctx, p, backend_id, backend, cfg, stats, entropy)?;
+    if matches!(outcome, Outcome::ForwardedTx | Outcome::ForwardedRedirect) {
+        stats.icmp_to_backend += 1;
+        count_forwarded(vip_id, backend_id, p.ip_len as u64);
+    }
+    Ok(Some(outcome))
+}
+
+#[inline(always)]
+fn count_forwarded(vip_id: u32, backend_id: u32, bytes: u64) {
+    if let Some(v) = XLB_VIP_STATS.get_ptr_mut(vip_id) {
+        unsafe {
+            (*v).packets += 1;
+            (*v).bytes += bytes;
+        }
+    }
+    if let Some(b) = XLB_BACK_STATS.get_ptr_mut(backend_id) {
+        unsafe {
+            (*b).packets += 1;
+            (*b).bytes += bytes;
+        }
+    }
 }
 
 /// The VIP for (destination, port, protocol), falling back to the address's any-port VIP.

@@ -8,7 +8,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use lb_common::FAMILY_V4;
+use lb_common::{FAMILY_V4, FlowKey};
 
 use crate::checksum;
 use crate::headers::*;
@@ -196,4 +196,72 @@ unsafe fn sum_words<const N: usize>(ptr: *const u16) -> u64 {
         i += 1;
     }
     sum
+}
+
+/// ICMPv4 types that quote an offending packet and matter to its sender.
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+/// ICMPv6 error types that quote an offending packet.
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PKT_TOOBIG: u8 = 2;
+const ICMPV6_TIME_EXCEED: u8 = 3;
+
+/// If `p` is an ICMP error quoting a TCP/UDP packet sent *from* the VIP it is addressed to
+/// (a backend's direct reply), the flow as the balancer keys it: client → VIP.
+#[inline(always)]
+pub fn quoted_vip_flow(ctx: &XdpContext, p: &Packet) -> Option<FlowKey> {
+    let icmp: *const IcmpHdr = ptr_at(ctx, p.l4_off)?;
+    let kind = unsafe { (*icmp).kind };
+    let inner_off = p.l4_off + ICMP_HLEN;
+    let (src_be, dst_be, proto, ports_off) = if p.family == FAMILY_V4 {
+        if p.proto != IPPROTO_ICMP || (kind != ICMP_DEST_UNREACH && kind != ICMP_TIME_EXCEEDED) {
+            return None;
+        }
+        let inner: *const Ipv4Hdr = ptr_at(ctx, inner_off)?;
+        let inner = unsafe { &*inner };
+        let ihl = ((inner.ver_ihl & 0x0f) as usize) * 4;
+        if inner.ver_ihl >> 4 != 4 || ihl < IPV4_HLEN {
+            return None;
+        }
+        (
+            [inner.saddr_be, 0, 0, 0],
+            [inner.daddr_be, 0, 0, 0],
+            inner.proto,
+            inner_off + ihl,
+        )
+    } else {
+        if p.proto != IPPROTO_ICMPV6
+            || (kind != ICMPV6_DEST_UNREACH
+                && kind != ICMPV6_PKT_TOOBIG
+                && kind != ICMPV6_TIME_EXCEED)
+        {
+            return None;
+        }
+        let inner: *const Ipv6Hdr = ptr_at(ctx, inner_off)?;
+        let inner = unsafe { &*inner };
+        if u32::from_be(inner.ver_tc_flow_be) >> 28 != 6 {
+            return None;
+        }
+        (
+            inner.saddr_be,
+            inner.daddr_be,
+            inner.nexthdr,
+            inner_off + IPV6_HLEN,
+        )
+    };
+    // Only errors about packets the VIP sent are ours to pass on.
+    if (proto != IPPROTO_TCP && proto != lb_common::PROTO_UDP) || src_be != p.dst_be {
+        return None;
+    }
+    let ports: *const [u16; 2] = ptr_at(ctx, ports_off)?;
+    let [vip_port_be, client_port_be] = unsafe { *ports };
+    Some(FlowKey {
+        src_be: dst_be,
+        dst_be: src_be,
+        sport_be: client_port_be,
+        dport_be: vip_port_be,
+        proto,
+        family: p.family,
+        _pad: [0; 2],
+    })
 }

@@ -847,9 +847,10 @@ impl Maps {
 }
 
 fn sum_stats(a: &DatapathStats, b: &DatapathStats) -> DatapathStats {
-    let a: &[u64; 20] = bytemuck::cast_ref(a);
-    let b: &[u64; 20] = bytemuck::cast_ref(b);
-    bytemuck::cast::<[u64; 20], DatapathStats>(std::array::from_fn(|i| a[i] + b[i]))
+    const N: usize = lb_common::DATAPATH_COUNTERS;
+    let a: &[u64; N] = bytemuck::cast_ref(a);
+    let b: &[u64; N] = bytemuck::cast_ref(b);
+    bytemuck::cast::<[u64; N], DatapathStats>(std::array::from_fn(|i| a[i] + b[i]))
 }
 
 /// The Maglev rings, written through a shared memory mapping of the (BPF_F_MMAPABLE)

@@ -112,6 +112,41 @@ pub fn icmp4_echo(lb_mac: [u8; 6], src: IpAddr, dst: IpAddr) -> Vec<u8> {
     out
 }
 
+/// An ICMP error from `router` to `vip` quoting the start of `quoted_frame` (an Ethernet
+/// frame the VIP sent): "fragmentation needed" (IPv4) or "packet too big" (IPv6), with `mtu`.
+pub fn icmp_too_big_to_vip(
+    lb_mac: [u8; 6],
+    router: IpAddr,
+    vip: IpAddr,
+    quoted_frame: &[u8],
+    mtu: u16,
+) -> Vec<u8> {
+    let eth = PacketBuilder::ethernet2(CLIENT_MAC, lb_mac);
+    let mut out = Vec::new();
+    match (router, vip) {
+        (IpAddr::V4(r), IpAddr::V4(v)) => {
+            let quote = &quoted_frame[14..14 + 28];
+            eth.ipv4(r.octets(), v.octets(), 64)
+                .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+                    etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded {
+                        next_hop_mtu: mtu,
+                    },
+                ))
+                .write(&mut out, quote)
+                .expect("build icmp");
+        }
+        (IpAddr::V6(r), IpAddr::V6(v)) => {
+            let quote = &quoted_frame[14..];
+            eth.ipv6(r.octets(), v.octets(), 64)
+                .icmpv6(etherparse::Icmpv6Type::PacketTooBig { mtu: mtu as u32 })
+                .write(&mut out, quote)
+                .expect("build icmpv6");
+        }
+        _ => panic!("mixed address families"),
+    }
+    out
+}
+
 /// Inserts an 802.1Q tag with `vid` after the MAC addresses.
 pub fn with_vlan(frame: &[u8], vid: u16) -> Vec<u8> {
     let mut out = frame[..12].to_vec();

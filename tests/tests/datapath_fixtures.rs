@@ -1158,6 +1158,130 @@ fn datapath_packet_fixtures() {
         }
         env.set_config(|_| {});
 
+        // ---- ICMP errors about a VIP flow go to the flow's backend (path MTU of the
+        // backends' direct replies), as the original packet was encapsulated.
+        let router = v4("198.51.100.250");
+        let icmp_case = |env: &FixtureEnv,
+                         name: &str,
+                         pkt: Vec<u8>,
+                         vip: u32,
+                         backend: u32,
+                         entropy: u32,
+                         outer_src: IpAddr| {
+            let expected = expected_encap(
+                &pkt,
+                14,
+                LB0_MAC,
+                ROUTER_MAC,
+                outer_src,
+                backend_addr(backend),
+                entropy,
+            );
+            let ip_len = pkt.len() - 14;
+            let mut counters = c(&[
+                ("rx_packets", 1),
+                ("forwarded_tx", 1),
+                ("icmp_to_backend", 1),
+            ]);
+            counters.push((format!("vip{vip}_packets"), 1));
+            counters.push((format!("vip{vip}_bytes"), ip_len as u64));
+            counters.push((format!("backend{backend}_packets"), 1));
+            counters.push((format!("backend{backend}_bytes"), ip_len as u64));
+            let _ = env;
+            Case {
+                name: name.into(),
+                program: BALANCER,
+                packet: pkt,
+                ingress: lb0,
+                verdict: XDP_TX,
+                output: Output::Bytes(expected),
+                counters,
+            }
+        };
+        // Flow 41000 has a connection entry from the SYN case above.
+        let tracked = env
+            .dp
+            .maps
+            .conntrack
+            .get(&flow_key(client4, 41000, vip4, 80, PROTO_TCP), 0)
+            .expect("entry of flow 41000")
+            .backend_id;
+        let reply = tcp(LB0_MAC, vip4, 80, client4, 41000, TcpFlags::ACK, 1400);
+        let p = icmp_too_big_to_vip(LB0_MAC, router, vip4, &reply, 1400);
+        t.case(
+            env,
+            icmp_case(
+                env,
+                "ICMP frag needed for a tracked flow's reply goes to its backend",
+                p,
+                v_tcp4,
+                tracked,
+                0,
+                tunnel_src_v4(),
+            ),
+        );
+        let (picked, _) = env.predict(v_tcp4, client4, 47777, 80, PROTO_TCP);
+        let reply = tcp(LB0_MAC, vip4, 80, client4, 47777, TcpFlags::ACK, 1400);
+        let p = icmp_too_big_to_vip(LB0_MAC, router, vip4, &reply, 1400);
+        t.case(
+            env,
+            icmp_case(
+                env,
+                "ICMP frag needed for an untracked flow goes to Maglev's backend",
+                p,
+                v_tcp4,
+                picked,
+                0,
+                tunnel_src_v4(),
+            ),
+        );
+        let (picked6, hash6) = env.predict(v_tcp6, client6, 42000, 80, PROTO_TCP);
+        let tracked6 = env
+            .dp
+            .maps
+            .conntrack
+            .get(&flow_key(client6, 42000, vip6, 80, PROTO_TCP), 0)
+            .map(|s| s.backend_id)
+            .unwrap_or(picked6);
+        let reply6 = tcp(LB0_MAC, vip6, 80, client6, 42000, TcpFlags::ACK, 1300);
+        let p = icmp_too_big_to_vip(
+            LB0_MAC,
+            v6("2001:db8:1::fe"),
+            vip6,
+            &reply6[..14 + 40 + 20 + 64],
+            1280,
+        );
+        t.case(
+            env,
+            icmp_case(
+                env,
+                "ICMPv6 packet too big for a v6 flow's reply goes to its backend",
+                p,
+                v_tcp6,
+                tracked6,
+                hash6,
+                tunnel_src_v6(),
+            ),
+        );
+        let foreign = tcp(
+            LB0_MAC,
+            v4("192.0.2.200"),
+            80,
+            client4,
+            41000,
+            TcpFlags::ACK,
+            0,
+        );
+        let p = icmp_too_big_to_vip(LB0_MAC, router, vip4, &foreign, 1400);
+        t.case(
+            env,
+            passes(
+                "ICMP error quoting a packet the VIP did not send goes to the stack",
+                p,
+                "pass_vip_other_proto",
+            ),
+        );
+
         // ---- Decapsulation on backends.
         let local4 = v4("198.51.100.11");
         let local6 = v6("2001:db8:b::21");
