@@ -241,13 +241,19 @@ fn kube_two_agents_race_for_the_lease_one_writes_status() {
         assert_eq!(ua.translation.desired, ub.translation.desired);
 
         let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-system");
-        let holder = leases
-            .get(&lease_name)
-            .await
-            .expect("lease exists")
-            .spec
-            .and_then(|s| s.holder_identity)
-            .expect("lease has a holder");
+        // The Lease is created by whichever agent's first attempt lands first.
+        let deadline = std::time::Instant::now() + WAIT;
+        let holder = loop {
+            let lease = leases.get_opt(&lease_name).await.expect("get lease");
+            if let Some(holder) = lease.and_then(|l| l.spec?.holder_identity) {
+                break holder;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nobody took the Lease"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
         assert!(holder == "node-a" || holder == "node-b", "{holder}");
 
         // Status written, and only by the holder (the field manager names the agent).
