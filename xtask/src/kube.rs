@@ -21,7 +21,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use crate::setup::dpkg_installed;
+use crate::setup::apt_install;
 use crate::util::run_checked;
 
 pub const VERSION: &str = "1.20.2";
@@ -59,7 +59,7 @@ pub fn cache_dir() -> PathBuf {
 
 /// Builds (once) and returns the path of the cached kube-apiserver binary.
 pub fn ensure() -> Result<PathBuf> {
-    ensure_apt_packages()?;
+    apt_install("kube-apiserver", APT_PACKAGES)?;
     let dir = cache_dir();
     let binary = dir.join("kube-apiserver");
     if is_working_binary(&binary) {
@@ -99,25 +99,6 @@ fn is_working_binary(binary: &Path) -> bool {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false)
-}
-
-fn ensure_apt_packages() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !dpkg_installed(p))
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    eprintln!("kube-apiserver: apt-get install {missing:?}");
-    run_checked(Command::new("apt-get").args(["update", "-qq"]))?;
-    run_checked(
-        Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
 }
 
 /// Downloads and unpacks the orig tarball; returns the Kubernetes source tree.
