@@ -42,6 +42,20 @@ fn payload(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i % 251) as u8).collect()
 }
 
+/// Ethernet (client router → `lb_mac`) and IP (`src` → `dst`, TTL 63) layers of a packet.
+fn client_ip_layer(
+    lb_mac: [u8; 6],
+    src: IpAddr,
+    dst: IpAddr,
+) -> etherparse::PacketBuilderStep<etherparse::IpHeaders> {
+    let eth = PacketBuilder::ethernet2(CLIENT_MAC, lb_mac);
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), 63),
+        (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), 63),
+        _ => panic!("mixed address families"),
+    }
+}
+
 /// An Ethernet frame carrying TCP from `src` to `dst`, addressed to `lb_mac`.
 pub fn tcp(
     lb_mac: [u8; 6],
@@ -52,12 +66,7 @@ pub fn tcp(
     flags: TcpFlags,
     payload_len: usize,
 ) -> Vec<u8> {
-    let eth = PacketBuilder::ethernet2(CLIENT_MAC, lb_mac);
-    let ip = match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), 63),
-        (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), 63),
-        _ => panic!("mixed address families"),
-    };
+    let ip = client_ip_layer(lb_mac, src, dst);
     let mut b = ip.tcp(sport, dport, 1000, 64240);
     if flags.syn {
         b = b.syn();
@@ -85,12 +94,7 @@ pub fn udp(
     dport: u16,
     payload_len: usize,
 ) -> Vec<u8> {
-    let eth = PacketBuilder::ethernet2(CLIENT_MAC, lb_mac);
-    let ip = match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), 63),
-        (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), 63),
-        _ => panic!("mixed address families"),
-    };
+    let ip = client_ip_layer(lb_mac, src, dst);
     let mut out = Vec::new();
     ip.udp(sport, dport)
         .write(&mut out, &payload(payload_len))
