@@ -666,6 +666,20 @@ mod tests {
 
     const M: u32 = 251;
 
+    /// The table `maglev::build` makes for `vip` with the backend ids `applied` assigned.
+    fn expected_table(vip: &VipSpec, applied: &AppliedState) -> Vec<u32> {
+        let backends: Vec<WeightedBackend> = vip
+            .backends
+            .iter()
+            .map(|b| WeightedBackend {
+                address: b.address,
+                weight: b.effective_weight(),
+                id: applied.backend_id(b.address).unwrap(),
+            })
+            .collect();
+        maglev::build("x", M, &backends).unwrap().table
+    }
+
     fn limits() -> Limits {
         Limits {
             table_size: M,
@@ -832,19 +846,7 @@ mod tests {
         let info = applied.vip(&web().key.to_map_key()).unwrap();
         let table = applied.ring(info.ring).unwrap();
         assert!(!table.contains(&id));
-        let expected: Vec<WeightedBackend> = draining
-            .backends
-            .iter()
-            .map(|b| WeightedBackend {
-                address: b.address,
-                weight: b.effective_weight(),
-                id: applied.backend_id(b.address).unwrap(),
-            })
-            .collect();
-        assert_eq!(
-            &table[..],
-            &maglev::build("x", M, &expected).unwrap().table[..]
-        );
+        assert_eq!(&table[..], &expected_table(&draining, &applied)[..]);
         // Weight 0 is the same as draining: table unchanged, nothing written.
         let mut zero = web();
         zero.backends[1].weight = 0;
@@ -1166,18 +1168,9 @@ mod tests {
                 for v in &desired.vips {
                     let info = applied.vip(&v.key.to_map_key()).unwrap();
                     assert_eq!(info.flags, v.flags());
-                    let input: Vec<WeightedBackend> = v
-                        .backends
-                        .iter()
-                        .map(|b| WeightedBackend {
-                            address: b.address,
-                            weight: b.effective_weight(),
-                            id: applied.backend_id(b.address).unwrap(),
-                        })
-                        .collect();
                     assert_eq!(
                         &applied.rings[&info.ring][..],
-                        &maglev::build("x", M, &input).unwrap().table[..]
+                        &expected_table(v, &applied)[..]
                     );
                 }
                 let total: u32 = applied.vip_addrs.values().sum();

@@ -248,6 +248,18 @@ impl Topology {
     }
 }
 
+/// One TCP VIP, 203.0.113.10:80, over two backends: the agent tests' base config.
+pub const WEB_VIP_TOML: &str = r#"
+[[vips]]
+name = "web"
+address = "203.0.113.10"
+port = 80
+[[vips.backends]]
+address = "198.51.100.11"
+[[vips.backends]]
+address = "198.51.100.12"
+"#;
+
 /// A config for the agent tests: small maps, one interface, the given VIP section.
 pub fn agent_config(iface: &str, pin_dir: &PinDir, vips_toml: &str) -> String {
     format!(

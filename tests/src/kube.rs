@@ -23,6 +23,15 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::agent_support::wait_for;
+
+/// A small multi-threaded runtime for the Kubernetes tests (kube-rs needs one).
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
 use crate::netns::unique_name;
 
 /// Version the xtask builds; part of the cache path.

@@ -10,16 +10,7 @@ use xlb_tests::agent_support::*;
 use xlb_tests::netns::PinDir;
 use xlb_tests::require_root;
 
-const VIPS: &str = r#"
-[[vips]]
-name = "web"
-address = "203.0.113.10"
-port = 80
-[[vips.backends]]
-address = "198.51.100.11"
-[[vips.backends]]
-address = "198.51.100.12"
-"#;
+const VIPS: &str = WEB_VIP_TOML;
 
 fn rx_packets(pin_dir: &PinDir) -> u64 {
     let stats = xlb_json(&["stats"], &pin_dir.path);

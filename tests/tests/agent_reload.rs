@@ -13,16 +13,7 @@ use xlb_tests::agent_support::*;
 use xlb_tests::netns::PinDir;
 use xlb_tests::require_root;
 
-const WEB: &str = r#"
-[[vips]]
-name = "web"
-address = "203.0.113.10"
-port = 80
-[[vips.backends]]
-address = "198.51.100.11"
-[[vips.backends]]
-address = "198.51.100.12"
-"#;
+const WEB: &str = WEB_VIP_TOML;
 
 const WEB_AND_DNS: &str = r#"
 [[vips]]

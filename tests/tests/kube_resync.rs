@@ -9,18 +9,11 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
 use lb_userspace::kubernetes::source::start;
 use serde_json::json;
+use xlb_tests::kube::runtime;
 use xlb_tests::kube::source::{options, put, service, slice, vip, wait_update};
 use xlb_tests::kube::{KubeOptions, KubeServer};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
 
 fn endpoints(ips: &[&str]) -> serde_json::Value {
     ips.iter()

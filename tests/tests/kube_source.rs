@@ -14,17 +14,10 @@ use lb_userspace::kubernetes::source::start;
 use lb_userspace::kubernetes::translate::IPS_ANNOTATION;
 use serde_json::json;
 use xlb_tests::kube::KubeServer;
+use xlb_tests::kube::runtime;
 use xlb_tests::kube::source::{backends, delete, options, put, service, slice, vip, wait_update};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
 
 fn ready(ip: &str) -> serde_json::Value {
     json!({"addresses": [ip], "conditions": {"ready": true, "serving": true, "terminating": false}})
