@@ -1,7 +1,10 @@
 //! Kubernetes as a source of the desired state: Services of type LoadBalancer and their
-//! EndpointSlices ([`translate`]), watched live by `xlb agent --kubernetes` ([`source`]).
-//! See `docs/kubernetes.md`.
+//! EndpointSlices ([`translate`]), watched live by `xlb agent --kubernetes` ([`source`]);
+//! Ingresses, their TLS Secrets and backends ([`ingress`]), watched live by
+//! `xlb proxy --kubernetes` ([`ingress_source`]). See `docs/kubernetes.md`.
 
+pub mod ingress;
+pub mod ingress_source;
 pub mod source;
 pub mod translate;
 
@@ -48,16 +51,7 @@ impl KubeArgs {
         if !self.kubernetes {
             return None;
         }
-        let identity = self
-            .kube_identity
-            .clone()
-            .or_else(|| std::env::var("NODE_NAME").ok())
-            .or_else(|| {
-                std::fs::read_to_string("/proc/sys/kernel/hostname")
-                    .ok()
-                    .map(|h| h.trim().to_owned())
-            })
-            .unwrap_or_else(|| "xlb".into());
+        let identity = identity(self.kube_identity.clone());
         let mut opts = source::SourceOptions::new(
             TranslateOptions {
                 class: self.kube_class.clone(),
@@ -68,6 +62,65 @@ impl KubeArgs {
         );
         opts.lease_namespace = self.kube_lease_namespace.clone();
         opts.lease_duration = Duration::from_secs(self.kube_lease_seconds.max(1));
+        opts.kubeconfig = self.kubeconfig.clone();
+        Some(opts)
+    }
+}
+
+/// `explicit`, else `$NODE_NAME`, else the hostname.
+fn identity(explicit: Option<String>) -> String {
+    explicit
+        .or_else(|| std::env::var("NODE_NAME").ok())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_else(|| "xlb".into())
+}
+
+/// The `xlb proxy` flags of the Kubernetes source.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ProxyKubeArgs {
+    /// Take IngressClasses, Ingresses, TLS Secrets, Services and EndpointSlices from the
+    /// Kubernetes API instead of the config file's objects (the file, if given, still
+    /// supplies listeners, timeouts, limits and TLS settings).
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// `spec.controller` of the IngressClasses served.
+    #[arg(long, default_value = ingress::CONTROLLER_NAME)]
+    pub kube_controller: String,
+    /// Address written to `status.loadBalancer.ingress` of served Ingresses: an IP or a
+    /// hostname (repeatable). Give every replica the same (the address clients use, e.g.
+    /// the VIP in front of the proxies). Default: status is not written.
+    #[arg(long = "kube-publish-address")]
+    pub kube_publish: Vec<String>,
+    /// Watch Ingresses, Secrets, Services and EndpointSlices of this namespace only
+    /// (default: all namespaces).
+    #[arg(long)]
+    pub kube_namespace: Option<String>,
+    /// This proxy's identity in Events (default: $NODE_NAME, else the hostname).
+    #[arg(long)]
+    pub kube_identity: Option<String>,
+    /// Kubeconfig file (default: `KUBECONFIG`, `~/.kube/config`, then in-cluster).
+    #[arg(long)]
+    pub kubeconfig: Option<std::path::PathBuf>,
+}
+
+impl ProxyKubeArgs {
+    /// The source options, if `--kubernetes` was given; `node` holds the node settings.
+    pub fn options(
+        &self,
+        node: crate::proxy::ProxyConfig,
+    ) -> Option<ingress_source::IngressSourceOptions> {
+        if !self.kubernetes {
+            return None;
+        }
+        let mut opts =
+            ingress_source::IngressSourceOptions::new(node, identity(self.kube_identity.clone()));
+        opts.ingress.controller = self.kube_controller.clone();
+        opts.publish = self.kube_publish.clone();
+        opts.namespace = self.kube_namespace.clone();
         opts.kubeconfig = self.kubeconfig.clone();
         Some(opts)
     }

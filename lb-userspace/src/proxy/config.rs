@@ -84,6 +84,12 @@ pub struct ProxyConfig {
     pub secrets: Vec<TlsSecret>,
     /// Service ports and their endpoints, referenced by Ingress backends.
     pub services: Vec<Service>,
+    /// Set by a live source (`xlb proxy --kubernetes`) whose certificates come and go with
+    /// Ingresses: an HTTPS listener with no certificate at all is then accepted (handshakes
+    /// fail until one exists) instead of being rejected as a file mistake — otherwise deleting
+    /// the last TLS Ingress would freeze every later update. Not part of the file format.
+    #[serde(skip)]
+    pub dynamic_certificates: bool,
 }
 
 /// Listening sockets.
@@ -452,14 +458,29 @@ impl ProxyConfig {
 
     /// Reads, parses and validates a file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let cfg = Self::read(path)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads and parses a file without validating it: for `xlb proxy --kubernetes`, which
+    /// keeps only the node-wide settings and validates them with the objects from the API.
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
         let origin = path.display().to_string();
+        let parse = |format: &'static str, message: String| ConfigError::Parse {
+            origin: origin.clone(),
+            format,
+            message,
+        };
         match path.extension().and_then(|e| e.to_str()) {
-            Some("yaml" | "yml") => Self::from_yaml_str(&text, &origin),
-            _ => Self::from_toml_str(&text, &origin),
+            Some("yaml" | "yml") => {
+                serde_norway::from_str(&text).map_err(|e| parse("YAML", e.to_string()))
+            }
+            _ => toml::from_str(&text).map_err(|e| parse("TOML", e.to_string())),
         }
     }
 
@@ -717,6 +738,7 @@ impl ProxyConfig {
             return Err(invalid("listen.workers", "at most 256"));
         }
         if self.listen.https.is_some()
+            && !self.dynamic_certificates
             && self.tls.default_secret.is_none()
             && !self.ingresses.iter().any(|i| !i.tls.is_empty())
         {

@@ -32,11 +32,16 @@ pub struct ProxyArgs {
     /// Validate the configuration (and load its certificates' files) and exit.
     #[arg(long)]
     pub check: bool,
+    #[command(flatten)]
+    pub kube: crate::kubernetes::ProxyKubeArgs,
 }
 
 /// Runs the proxy until SIGTERM/SIGINT, then drains connections (see [`ProxyHandle::drain`]). The configuration file is watched and re-applied on
 /// change (and on SIGHUP); an invalid configuration is logged and ignored.
 pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
+    if args.kube.kubernetes {
+        return run_kubernetes(args).await;
+    }
     let cfg = match &args.config {
         Some(p) => ProxyConfig::load(p)?,
         None => ProxyConfig::embedded_default()?,
@@ -76,4 +81,30 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     tracing::info!("draining connections, then shutting down");
     tokio::task::spawn_blocking(move || handle.drain()).await?;
     Ok(())
+}
+
+/// `xlb proxy --kubernetes`: node settings from the file (or the embedded default), objects
+/// from the API (see [`crate::kubernetes::ingress_source`]).
+async fn run_kubernetes(args: ProxyArgs) -> anyhow::Result<()> {
+    use crate::kubernetes::ingress::{node_settings, validate_node};
+    let file = match &args.config {
+        Some(p) => ProxyConfig::read(p)?,
+        None => ProxyConfig::embedded_default()?,
+    };
+    let (node, dropped) = node_settings(file);
+    if !dropped.is_empty() {
+        tracing::warn!(
+            ignored = ?dropped,
+            "with --kubernetes the config file supplies node settings only; its objects are ignored"
+        );
+    }
+    validate_node(&node)?;
+    if args.check {
+        println!("node settings are valid");
+        return Ok(());
+    }
+    let Some(opts) = args.kube.options(node) else {
+        unreachable!("run_kubernetes is only called with --kubernetes");
+    };
+    crate::kubernetes::ingress_source::serve(opts).await
 }

@@ -1,0 +1,424 @@
+//! The live Kubernetes source of `xlb proxy --kubernetes`: reflectors over IngressClasses,
+//! Ingresses, `kubernetes.io/tls` Secrets, Services and EndpointSlices; batched translation
+//! ([`super::ingress`]) swapped into the running proxy; Events for rejected Ingresses; the
+//! proxy's address written to the status of the Ingresses it serves.
+//!
+//! * **Batching.** The first watch event of a burst starts a window ([`IngressSourceOptions::batch`],
+//!   50 ms); then the caches are translated once and, if the config changed, sent on.
+//! * **Nothing partial.** Nothing is sent before all five caches finished their initial list,
+//!   and a relist (after 410 Gone or a reconnect) swaps a cache only when complete, so an
+//!   unreachable API server leaves the last applied config serving.
+//! * **Secrets.** Only Secrets of type `kubernetes.io/tls` are watched (a field selector: the
+//!   others never reach the proxy's memory), and only those named by a served Ingress or the
+//!   file's `tls.default_secret` are used. RBAC cannot narrow list/watch by name, so the
+//!   ServiceAccount can read every Secret in the watched namespaces; `--kube-namespace`
+//!   narrows that to one namespace (with a Role instead of the ClusterRole).
+//! * **Status.** With publish addresses configured, every served Ingress's
+//!   `status.loadBalancer.ingress` is set to them (merge patch, only when different). All
+//!   replicas are given the same addresses (the VIP in front of them), so their writes agree
+//!   and no election is needed.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{ObjectReference, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use tokio::sync::mpsc;
+
+use super::ingress::{IngressOptions, IngressTranslation, Rejected, TLS_SECRET_TYPE, translate};
+use super::source::SourceError;
+use crate::proxy::ProxyConfig;
+
+/// How the Ingress source runs.
+#[derive(Clone, Debug)]
+pub struct IngressSourceOptions {
+    /// Which IngressClasses are ours.
+    pub ingress: IngressOptions,
+    /// Node-wide settings (from the proxy config file; see [`super::ingress::node_settings`]).
+    pub node: ProxyConfig,
+    /// Window that collects a burst of watch events into one translation.
+    pub batch: Duration,
+    /// Written to `status.loadBalancer.ingress` of served Ingresses: IP addresses as `ip`,
+    /// anything else as `hostname`. Empty: status is not written.
+    pub publish: Vec<String>,
+    /// Watch only this namespace (IngressClasses are cluster-scoped and always watched).
+    pub namespace: Option<String>,
+    /// This proxy's identity in Events and as field manager.
+    pub identity: String,
+    /// A kubeconfig file; `None` infers (`KUBECONFIG`, `~/.kube/config`, in-cluster).
+    pub kubeconfig: Option<std::path::PathBuf>,
+}
+
+impl IngressSourceOptions {
+    /// Defaults: the default controller name, 50 ms batches, all namespaces, no status.
+    pub fn new(node: ProxyConfig, identity: String) -> Self {
+        IngressSourceOptions {
+            ingress: IngressOptions::default(),
+            node,
+            batch: Duration::from_millis(50),
+            publish: Vec::new(),
+            namespace: None,
+            identity,
+            kubeconfig: None,
+        }
+    }
+}
+
+/// One translated config for the proxy.
+#[derive(Debug)]
+pub struct IngressUpdate {
+    /// The config to swap in, and what was rejected.
+    pub translation: IngressTranslation,
+    /// When the first API event of this batch arrived.
+    pub since: Instant,
+    /// Watches that expired (410 Gone) and were relisted so far.
+    pub relists: u64,
+}
+
+/// Starts the source with the configured client; translated configs arrive on the channel.
+pub async fn spawn(
+    opts: IngressSourceOptions,
+) -> Result<mpsc::Receiver<IngressUpdate>, SourceError> {
+    let config = match &opts.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| SourceError::Config(format!("{}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                .await
+                .map_err(|e| SourceError::Config(format!("{}: {e}", path.display())))?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| SourceError::Config(e.to_string()))?,
+    };
+    let client = kube::Client::try_from(config).map_err(|e| SourceError::Config(e.to_string()))?;
+    Ok(start(client, opts))
+}
+
+/// Starts the source on `client` (a tokio task; it ends when the receiver is dropped).
+pub fn start(client: kube::Client, opts: IngressSourceOptions) -> mpsc::Receiver<IngressUpdate> {
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(run(client, opts, tx));
+    rx
+}
+
+/// A watch stream of one kind feeding its store; items are `()` or `(kind, error)`.
+type Events = futures_util::stream::BoxStream<'static, Result<(), (&'static str, watcher::Error)>>;
+
+fn reflect<K>(api: Api<K>, config: watcher::Config, kind: &'static str) -> (Store<K>, Events)
+where
+    K: kube::Resource
+        + Clone
+        + std::fmt::Debug
+        + k8s_openapi::serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (store, writer) = reflector::store::<K>();
+    let stream = reflector::reflector(writer, watcher(api, config))
+        .default_backoff()
+        .map(move |r| r.map(|_| ()).map_err(|e| (kind, e)))
+        .boxed();
+    (store, stream)
+}
+
+fn api<K>(client: &kube::Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+async fn run(client: kube::Client, opts: IngressSourceOptions, tx: mpsc::Sender<IngressUpdate>) {
+    let ns = opts.namespace.as_deref();
+    let all = watcher::Config::default();
+    let (classes, s1) = reflect(
+        Api::<IngressClass>::all(client.clone()),
+        all.clone(),
+        "IngressClass",
+    );
+    let (ingresses, s2) = reflect(api::<Ingress>(&client, ns), all.clone(), "Ingress");
+    let (secrets, s3) = reflect(
+        api::<Secret>(&client, ns),
+        all.clone().fields(&format!("type={TLS_SECRET_TYPE}")),
+        "Secret",
+    );
+    let (services, s4) = reflect(api::<Service>(&client, ns), all.clone(), "Service");
+    let (slices, s5) = reflect(api::<EndpointSlice>(&client, ns), all, "EndpointSlice");
+    let mut events = futures_util::stream::select_all([s1, s2, s3, s4, s5]);
+
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "xlb-proxy".into(),
+            instance: Some(opts.identity.clone()),
+        },
+    );
+    let mut reported: BTreeSet<String> = BTreeSet::new();
+    let mut warned: BTreeSet<String> = BTreeSet::new();
+    let mut last: Option<IngressTranslation> = None;
+    let mut pending: Option<Instant> = None;
+    let mut relists = 0;
+    loop {
+        let next = match pending {
+            Some(first) => {
+                let left = (first + opts.batch).saturating_duration_since(Instant::now());
+                tokio::time::timeout(left, events.next()).await.ok()
+            }
+            None => match tokio::time::timeout(Duration::from_secs(10), events.next()).await {
+                Ok(event) => Some(event),
+                // Quiet period: retry status writes that failed (API server away, conflicts).
+                Err(_) => {
+                    if let Some(t) = &last
+                        && !opts.publish.is_empty()
+                    {
+                        write_status(&client, &ingresses, t, &opts).await;
+                    }
+                    continue;
+                }
+            },
+        };
+        match next {
+            Some(Some(Ok(()))) => {
+                pending.get_or_insert_with(Instant::now);
+                continue;
+            }
+            Some(Some(Err((kind, e)))) => {
+                let gone = match &e {
+                    watcher::Error::WatchError(s) => s.code == 410,
+                    watcher::Error::WatchStartFailed(kube::Error::Api(s)) => s.code == 410,
+                    _ => false,
+                };
+                if gone {
+                    relists += 1;
+                    tracing::info!(kind, "watch expired (410 Gone): relisting");
+                } else {
+                    tracing::warn!(kind, error = %e, "watch failed; retrying with backoff, last config keeps serving");
+                }
+                continue;
+            }
+            Some(None) => break,
+            None => {}
+        }
+        let Some(since) = pending.take() else {
+            continue;
+        };
+        if !(ready(&classes)
+            && ready(&ingresses)
+            && ready(&secrets)
+            && ready(&services)
+            && ready(&slices))
+        {
+            continue;
+        }
+        let (c, i, s, v, e) = (
+            classes.state(),
+            ingresses.state(),
+            secrets.state(),
+            services.state(),
+            slices.state(),
+        );
+        let translation = translate(
+            &opts.node,
+            c.iter().map(AsRef::as_ref),
+            i.iter().map(AsRef::as_ref),
+            s.iter().map(AsRef::as_ref),
+            v.iter().map(AsRef::as_ref),
+            e.iter().map(AsRef::as_ref),
+            &opts.ingress,
+        );
+        for rejected in &translation.rejected {
+            if reported.insert(rejected.to_string()) {
+                tracing::warn!(ingress = %format!("{}/{}", rejected.namespace, rejected.name),
+                    reason = %rejected.reason, "rejected an Ingress; everything else is served");
+                publish(&recorder, rejected).await;
+            }
+        }
+        // Once fixed, the same fault later deserves a new report.
+        reported.retain(|r| translation.rejected.iter().any(|x| x.to_string() == *r));
+        for w in &translation.warnings {
+            if warned.insert(w.clone()) {
+                tracing::warn!("{w}");
+            }
+        }
+        warned.retain(|w| translation.warnings.contains(w));
+        if !opts.publish.is_empty() {
+            write_status(&client, &ingresses, &translation, &opts).await;
+        }
+        if last.as_ref() == Some(&translation) {
+            continue;
+        }
+        last = Some(translation.clone());
+        let update = IngressUpdate {
+            translation,
+            since,
+            relists,
+        };
+        if tx.send(update).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// True once the store finished its first list (without waiting).
+fn ready<K: kube::Resource + Clone + 'static>(store: &Store<K>) -> bool
+where
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    futures_util::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|r| r.is_ok())
+}
+
+async fn publish(recorder: &Recorder, rejected: &Rejected) {
+    let reference = ObjectReference {
+        api_version: Some("networking.k8s.io/v1".into()),
+        kind: Some("Ingress".into()),
+        namespace: Some(rejected.namespace.clone()),
+        name: Some(rejected.name.clone()),
+        ..ObjectReference::default()
+    };
+    // Event notes are limited to 1 kB by the API.
+    let note: String = rejected.reason.chars().take(1000).collect();
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "Rejected".into(),
+        note: Some(note),
+        action: "Translate".into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, &reference).await {
+        tracing::warn!(error = %e, "cannot publish the Event for a rejected Ingress");
+    }
+}
+
+/// The status entries for the publish addresses: IPs as `ip`, the rest as `hostname`.
+pub fn status_entries(publish: &[String]) -> Vec<serde_json::Value> {
+    publish
+        .iter()
+        .map(|a| match a.parse::<IpAddr>() {
+            Ok(ip) => serde_json::json!({"ip": ip.to_string()}),
+            Err(_) => serde_json::json!({"hostname": a}),
+        })
+        .collect()
+}
+
+/// Writes `status.loadBalancer.ingress` of served Ingresses where it differs.
+async fn write_status(
+    client: &kube::Client,
+    ingresses: &Store<Ingress>,
+    translation: &IngressTranslation,
+    opts: &IngressSourceOptions,
+) {
+    let wanted = status_entries(&opts.publish);
+    let params = PatchParams {
+        field_manager: Some(format!("xlb-proxy/{}", opts.identity)),
+        ..PatchParams::default()
+    };
+    for (namespace, name) in &translation.served {
+        let current: Vec<serde_json::Value> = ingresses
+            .get(&reflector::ObjectRef::new(name).within(namespace))
+            .and_then(|i| i.status.clone())
+            .and_then(|s| s.load_balancer)
+            .and_then(|lb| lb.ingress)
+            .into_iter()
+            .flatten()
+            .map(|i| match (i.ip, i.hostname) {
+                (Some(ip), _) => serde_json::json!({"ip": ip}),
+                (None, Some(h)) => serde_json::json!({"hostname": h}),
+                (None, None) => serde_json::json!({}),
+            })
+            .collect();
+        if current == wanted {
+            continue;
+        }
+        let patch = serde_json::json!({"status": {"loadBalancer": {"ingress": wanted}}});
+        let api = Api::<Ingress>::namespaced(client.clone(), namespace);
+        match api.patch_status(name, &params, &Patch::Merge(&patch)).await {
+            Ok(_) => {
+                tracing::info!(ingress = %format!("{namespace}/{name}"), addresses = ?opts.publish, "status written")
+            }
+            Err(e) => {
+                tracing::warn!(ingress = %format!("{namespace}/{name}"), error = %e, "status write failed; retried on the next change or within 10 s")
+            }
+        }
+    }
+}
+
+/// Runs the proxy from Kubernetes until SIGTERM/SIGINT: waits for the first complete
+/// translation, starts the listeners with it, then swaps every later one in live.
+pub async fn serve(opts: IngressSourceOptions) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    // SIGHUP would otherwise end the process; there is no file to re-read.
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut rx = spawn(opts)
+        .await
+        .context("connecting to the Kubernetes API")?;
+    tracing::info!(
+        "waiting for the initial lists of IngressClasses, Ingresses, Secrets, Services and EndpointSlices"
+    );
+    // Listeners open only with a complete rule set: answering 404 for every host while the
+    // lists load would fail requests during a rolling update.
+    let first = tokio::select! {
+        u = rx.recv() => u.context("the Kubernetes source ended before its first list")?,
+        _ = tokio::signal::ctrl_c() => return Ok(()),
+        _ = term.recv() => return Ok(()),
+    };
+    log_update(&first);
+    let handle = crate::proxy::start(first.translation.config).context("starting the proxy")?;
+    tracing::info!(
+        http = ?handle.http_addr,
+        https = ?handle.https_addr,
+        metrics = ?handle.metrics_addr,
+        "xlb proxy running"
+    );
+    let reloader = handle.reloader();
+    loop {
+        tokio::select! {
+            u = rx.recv() => {
+                let Some(update) = u else {
+                    anyhow::bail!("the Kubernetes source ended");
+                };
+                log_update(&update);
+                let r = reloader.clone();
+                let since = update.since;
+                // Building routes and loading certificates is CPU work: off the runtime.
+                let result = tokio::task::spawn_blocking(move || r.apply(update.translation.config)).await?;
+                match result {
+                    Ok(()) => tracing::info!(latency_ms = since.elapsed().as_millis() as u64, "kubernetes configuration applied"),
+                    Err(e) => tracing::error!(error = %e, "kubernetes configuration rejected; keeping the previous one"),
+                }
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = hup.recv() => tracing::info!("SIGHUP: nothing to reload (the configuration comes from Kubernetes)"),
+        }
+    }
+    tracing::info!("draining connections, then shutting down");
+    tokio::task::spawn_blocking(move || handle.drain()).await?;
+    Ok(())
+}
+
+fn log_update(u: &IngressUpdate) {
+    tracing::info!(
+        ingresses = u.translation.served.len(),
+        rejected = u.translation.rejected.len(),
+        services = u.translation.config.services.len(),
+        secrets = u.translation.config.secrets.len(),
+        relists = u.relists,
+        "kubernetes state translated"
+    );
+}
