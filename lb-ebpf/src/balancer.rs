@@ -6,8 +6,9 @@ use lb_common::{
     VipInfo, VipKey, flow_hash,
 };
 
+use crate::clock::Clock;
 use crate::conntrack;
-use crate::encap;
+use crate::encap::{self, Target};
 use crate::headers::{TCP_FLAG_ACK, TCP_FLAG_SYN};
 use crate::icmp;
 use crate::maglev;
@@ -72,11 +73,12 @@ fn try_balance(ctx: &XdpContext, stats: &mut DatapathStats) -> Result<Outcome, O
     // Its entries exist only for VIP flows (the agent deletes a VIP's entries when it
     // removes the VIP). A SYN starts a new connection: always a fresh pick, so a reused
     // 5-tuple follows the current table rather than a stale entry.
+    let mut clock = Clock::new();
     let is_syn = p.proto == PROTO_TCP && tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
     let tracked = if is_syn {
         None
     } else {
-        conntrack::lookup(&key, cfg, stats)
+        conntrack::lookup(&key, cfg, stats, &mut clock)
             .and_then(|(id, vip_id)| maglev::backend(id).map(|b| (id, vip_id, b)))
     };
     let (backend_id, vip_id, backend, entropy) = match tracked {
@@ -101,7 +103,7 @@ fn try_balance(ctx: &XdpContext, stats: &mut DatapathStats) -> Result<Outcome, O
             };
             let id = maglev::pick(info, pick_hash, cfg).ok_or(Outcome::DropNoBackend)?;
             let backend = maglev::backend(id).ok_or(Outcome::DropNoBackend)?;
-            conntrack::insert(&key, id, info.vip_id, cfg, stats);
+            conntrack::insert(&key, id, info.vip_id, cfg, stats, &mut clock);
             if let Some(v) = XLB_VIP_STATS.get_ptr_mut(info.vip_id) {
                 unsafe { (*v).new_conns += 1 };
             }
@@ -109,7 +111,12 @@ fn try_balance(ctx: &XdpContext, stats: &mut DatapathStats) -> Result<Outcome, O
         }
     };
 
-    let outcome = encap::forward(ctx, &p, backend_id, backend, cfg, stats, entropy)?;
+    let target = Target {
+        backend_id,
+        backend,
+        flow_entropy: entropy,
+    };
+    let outcome = encap::forward(ctx, &p, &target, cfg, stats, &mut clock)?;
     if matches!(outcome, Outcome::ForwardedTx | Outcome::ForwardedRedirect) {
         count_forwarded(vip_id, backend_id, p.ip_len as u64);
     }
@@ -129,7 +136,8 @@ fn forward_icmp_error(
     };
     let cfg: &DatapathConfig = XLB_CONFIG.get(0).ok_or(Outcome::PassVipOtherProto)?;
     let entropy = flow_hash(&key.src_be, key.sport_be, key.dport_be, key.proto, false);
-    let (backend_id, vip_id) = match conntrack::lookup(&key, cfg, stats) {
+    let mut clock = Clock::new();
+    let (backend_id, vip_id) = match conntrack::lookup(&key, cfg, stats, &mut clock) {
         Some((id, vip_id)) if maglev::backend(id).is_some() => (id, vip_id),
         _ => {
             let vip = Packet {
@@ -149,7 +157,12 @@ fn forward_icmp_error(
         }
     };
     let backend = maglev::backend(backend_id).ok_or(Outcome::DropNoBackend)?;
-    let outcome = encap::forward(ctx, p, backend_id, backend, cfg, stats, entropy)?;
+    let target = Target {
+        backend_id,
+        backend,
+        flow_entropy: entropy,
+    };
+    let outcome = encap::forward(ctx, p, &target, cfg, stats, &mut clock)?;
     if matches!(outcome, Outcome::ForwardedTx | Outcome::ForwardedRedirect) {
         stats.icmp_to_backend += 1;
         count_forwarded(vip_id, backend_id, p.ip_len as u64);

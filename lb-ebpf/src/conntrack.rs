@@ -1,13 +1,10 @@
 //! Connection tracking: flows stay on their backend while the backend exists, whatever
 //! happens to the Maglev tables (backend added, drained, or another one removed).
 
-use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::{DatapathConfig, DatapathStats, FlowKey, FlowState, PROTO_UDP};
 
+use crate::clock::Clock;
 use crate::maps::{XLB_CONNTRACK, XLB_RATE};
-
-// Timestamps use the coarse clock (CLOCK_MONOTONIC_COARSE, tick resolution): a TSC read
-// costs more than the rest of an insert's bookkeeping, and timeouts are seconds long.
 
 /// UDP entries are re-stamped at most this often, so a busy flow does not dirty the
 /// entry's cache line on every packet.
@@ -21,13 +18,14 @@ pub fn lookup(
     key: &FlowKey,
     cfg: &DatapathConfig,
     stats: &mut DatapathStats,
+    clock: &mut Clock,
 ) -> Option<(u32, u32)> {
     let state = XLB_CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: the pointer is valid for this program run (RCU); concurrent writers only
     // store whole u64/u32 fields, so a torn read cannot produce a wrong backend id.
     let state = unsafe { &mut *state };
     if key.proto == PROTO_UDP {
-        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        let now = clock.now();
         let idle = now.wrapping_sub(state.last_seen_ns);
         if idle > cfg.udp_idle_timeout_ns {
             stats.conntrack_udp_expired += 1;
@@ -50,8 +48,9 @@ pub fn insert(
     vip_id: u32,
     cfg: &DatapathConfig,
     stats: &mut DatapathStats,
+    clock: &mut Clock,
 ) {
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = clock.now();
     if cfg.new_conn_rate_limit != 0
         && let Some(guard) = XLB_RATE.get_ptr_mut(0)
     {

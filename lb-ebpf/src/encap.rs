@@ -6,9 +6,7 @@ use aya_ebpf::{
     bindings::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams,
     },
-    helpers::generated::{
-        bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_xdp_adjust_head,
-    },
+    helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_xdp_adjust_head},
     programs::XdpContext,
 };
 use lb_common::{Backend, DatapathConfig, DatapathStats, FAMILY_V4, FAMILY_V6};
@@ -16,6 +14,7 @@ use lb_common::{Backend, DatapathConfig, DatapathStats, FAMILY_V4, FAMILY_V6};
 use crate::maps::XLB_NEXTHOP;
 
 use crate::checksum;
+use crate::clock::Clock;
 use crate::headers::*;
 use crate::icmp;
 use crate::parse::Packet;
@@ -37,18 +36,27 @@ struct NextHop {
     mtu: u32,
 }
 
-/// Encapsulates the packet toward `backend` and picks the verdict; answers with ICMP when
-/// the result would not fit the egress MTU.
+/// The backend a packet goes to.
+pub struct Target<'a> {
+    pub backend_id: u32,
+    pub backend: &'a Backend,
+    /// Flow hash for the outer IPv6 flow label (ECMP and the backend's RSS).
+    pub flow_entropy: u32,
+}
+
+/// Encapsulates the packet toward the target backend and picks the verdict; answers with
+/// ICMP when the result would not fit the egress MTU.
 #[inline(always)]
 pub fn forward(
     ctx: &XdpContext,
     p: &Packet,
-    backend_id: u32,
-    backend: &Backend,
+    target: &Target,
     cfg: &DatapathConfig,
     stats: &mut DatapathStats,
-    flow_entropy: u32,
+    clock: &mut Clock,
 ) -> Result<Outcome, Outcome> {
+    let backend = target.backend;
+    let flow_entropy = target.flow_entropy;
     let outer_is_v6 = backend.family == FAMILY_V6;
     if !outer_is_v6 && p.family == FAMILY_V6 {
         // IPv6-in-IPv4 is not offered; the agent refuses such a configuration.
@@ -58,7 +66,7 @@ pub fn forward(
     let outer_total = p.ip_len + outer_len;
     let ingress = ctx.ingress_ifindex() as u32;
 
-    let hop = match next_hop(ctx, p, backend_id, backend, outer_total, ingress, cfg) {
+    let hop = match next_hop(ctx, p, target, outer_total, ingress, cfg, clock) {
         Ok(hop) if hop.mtu != 0 && outer_total > hop.mtu as usize => {
             return icmp::reply_too_big(ctx, p, hop.mtu.saturating_sub(outer_len as u32));
         }
@@ -177,13 +185,14 @@ enum FibMiss {
 fn next_hop(
     ctx: &XdpContext,
     p: &Packet,
-    backend_id: u32,
-    backend: &Backend,
+    target: &Target,
     outer_total: usize,
     ingress: u32,
     cfg: &DatapathConfig,
+    clock: &mut Clock,
 ) -> Result<NextHop, FibMiss> {
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let (backend_id, backend) = (target.backend_id, target.backend);
+    let now = clock.now();
     let cached = XLB_NEXTHOP.get_ptr_mut(backend_id);
     if let Some(entry) = cached {
         let e = unsafe { &*entry };

@@ -14,6 +14,7 @@
 
 mod balancer;
 mod checksum;
+mod clock;
 mod conntrack;
 mod decap;
 mod encap;

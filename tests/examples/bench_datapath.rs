@@ -19,8 +19,10 @@ struct Args {
     runs: u32,
     rounds: u32,
     json: bool,
-    /// Measure only this class (and the floor), e.g. while profiling it.
+    /// Measure only these classes (comma-separated; the floor always), e.g. while profiling.
     only: Option<String>,
+    /// Connection-table size.
+    conntrack_entries: u32,
 }
 
 fn parse_args() -> Args {
@@ -29,6 +31,7 @@ fn parse_args() -> Args {
         rounds: 5,
         json: false,
         only: None,
+        conntrack_entries: 1 << 20,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -37,6 +40,12 @@ fn parse_args() -> Args {
             "--rounds" => args.rounds = it.next().and_then(|v| v.parse().ok()).expect("--rounds N"),
             "--json" => args.json = true,
             "--only" => args.only = it.next(),
+            "--conntrack-entries" => {
+                args.conntrack_entries = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--conntrack-entries N")
+            }
             other => panic!("unknown argument {other}"),
         }
     }
@@ -65,7 +74,7 @@ fn main() {
     let mut load = FixtureEnv::small();
     // Room for every distinct new flow of a round, so the new-flow class measures inserts
     // into a table that is not thrashing (the LRU still recycles between rounds).
-    load.conntrack_entries = 1 << 20;
+    load.conntrack_entries = args.conntrack_entries;
     FixtureEnv::run(load, move |env| {
         let client4 = v4("192.0.2.100");
         let client6 = v6("2001:db8:c::100");
@@ -131,7 +140,19 @@ fn main() {
                 ..class(
                     "tcp4_new_guarded",
                     program_names::BALANCER,
-                    vec![syn],
+                    vec![syn.clone()],
+                    XDP_TX,
+                )
+            },
+            // Katran's way of timing a new flow: the same SYN every run, so each insert
+            // replaces the flow's own entry (a hot bucket and a just-freed node) instead of
+            // evicting a cold one. Shown for comparison only.
+            Class {
+                table_only: true,
+                ..class(
+                    "tcp4_new_same_flow",
+                    program_names::BALANCER,
+                    vec![syn.clone()],
                     XDP_TX,
                 )
             },
@@ -148,7 +169,13 @@ fn main() {
 
         let classes: Vec<Class> = classes
             .into_iter()
-            .filter(|c| c.name == "floor" || args.only.as_deref().is_none_or(|o| o == c.name))
+            .filter(|c| {
+                c.name == "floor"
+                    || args
+                        .only
+                        .as_deref()
+                        .is_none_or(|o| o.split(',').any(|o| o == c.name))
+            })
             .collect();
         let mut results: Vec<Vec<f64>> = vec![Vec::new(); classes.len()];
         let mut next_flow = 0u64;
