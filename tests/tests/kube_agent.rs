@@ -218,6 +218,139 @@ fn kube_agent_programs_services_into_the_maps() {
     let _ = agent.terminate();
 }
 
+/// IPv6 through Kubernetes into the maps: a Service asking for an IPv6 VIP (the API server
+/// here is single-stack IPv4, so through the `xlb.dev/load-balancer-ips` annotation), a UDP
+/// port whose EndpointSlice port carries a different number under the same name,
+/// `sessionAffinity: ClientIP`, and an IPv6 EndpointSlice beside an IPv4 one that must be
+/// left out.
+#[test]
+fn kube_agent_programs_ipv6_udp_with_affinity() {
+    require_root();
+    let ns = NetNs::new("xk6");
+    ns.ip(&[
+        "link", "add", "xk6a", "type", "veth", "peer", "name", "xk6b",
+    ]);
+    ns.ip(&["addr", "add", "192.0.2.1/24", "dev", "xk6a"]);
+    ns.ip(&["link", "set", "xk6a", "up"]);
+    ns.ip(&["link", "set", "xk6b", "up"]);
+    let server = KubeServer::start(KubeOptions {
+        netns: Some(ns.name.clone()),
+        ..KubeOptions::default()
+    });
+    let pin_dir = PinDir::new("xk6");
+    let scratch = Scratch::new("xk6");
+    let config = scratch.path.join("xlb.toml");
+    let node = agent_config("xk6a", &pin_dir, "").replace(
+        "tunnel_source_v4 = \"192.0.2.1\"",
+        "tunnel_source_v4 = \"192.0.2.1\"\ntunnel_source_v6 = \"2001:db8:a::1\"",
+    );
+    write_atomically(&config, &node);
+    let state_dir = scratch.path.join("state");
+    let _cleanup = Unload(pin_dir.path.clone());
+    let mut agent = XlbProcess::spawn(
+        &ns,
+        &[
+            "agent",
+            "--config",
+            config.to_str().unwrap(),
+            "--state-dir",
+            state_dir.to_str().unwrap(),
+            "--kubernetes",
+            "--kubeconfig",
+            server.kubeconfig.to_str().unwrap(),
+            "--kube-class",
+            CLASS,
+            "--kube-identity",
+            "node-xk6",
+        ],
+        scratch.path.join("agent.log"),
+    );
+    agent.wait_log("agent ready", Duration::from_secs(20));
+
+    apply(
+        &server,
+        &scratch,
+        "service",
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"namespace": "default", "name": "dns",
+                         "annotations": {"xlb.dev/load-balancer-class": CLASS,
+                                         "xlb.dev/load-balancer-ips": "2001:db8:f::53"}},
+            "spec": {"type": "LoadBalancer", "sessionAffinity": "ClientIP",
+                     "ports": [{"name": "dns", "port": 53, "targetPort": "dns", "protocol": "UDP"}]},
+        }),
+    );
+    let slice = |name: &str, family: &str, addresses: &[&str]| {
+        json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"namespace": "default", "name": name,
+                         "labels": {"kubernetes.io/service-name": "dns"}},
+            "addressType": family,
+            "ports": [{"name": "dns", "port": 5353, "protocol": "UDP"}],
+            "endpoints": addresses.iter()
+                .map(|a| json!({"addresses": [a], "conditions": {"ready": true}}))
+                .collect::<Vec<_>>(),
+        })
+    };
+    apply(
+        &server,
+        &scratch,
+        "slice6",
+        slice("dns-v6", "IPv6", &["2001:db8:b:1::2", "2001:db8:b:2::2"]),
+    );
+    apply(
+        &server,
+        &scratch,
+        "slice4",
+        slice("dns-v4", "IPv4", &["198.51.100.53"]),
+    );
+    let got = wait_for("the IPv6 UDP VIP with 2 backends", WAIT, || {
+        backends(&pin_dir, "default/dns:dns").filter(|b| b.len() == 2)
+    });
+    assert_eq!(
+        got,
+        vec![
+            ("2001:db8:b:1::2".to_owned(), "active".to_owned()),
+            ("2001:db8:b:2::2".to_owned(), "active".to_owned()),
+        ],
+        "only the IPv6 slice's endpoints"
+    );
+    let vips = xlb_json(&["vips"], &pin_dir.path);
+    let dns = vips
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "default/dns:dns")
+        .expect("the VIP")
+        .clone();
+    assert_eq!(dns["address"], "2001:db8:f::53", "{dns}");
+    assert_eq!(dns["protocol"], "udp", "{dns}");
+    assert_eq!(dns["port"], 53, "{dns}");
+    assert_eq!(dns["source_affinity"], true, "{dns}");
+
+    // One IPv6 endpoint becomes not ready: it leaves the VIP.
+    apply(
+        &server,
+        &scratch,
+        "slice6",
+        json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"namespace": "default", "name": "dns-v6",
+                         "labels": {"kubernetes.io/service-name": "dns"}},
+            "addressType": "IPv6",
+            "ports": [{"name": "dns", "port": 5353, "protocol": "UDP"}],
+            "endpoints": [
+                {"addresses": ["2001:db8:b:1::2"], "conditions": {"ready": true}},
+                {"addresses": ["2001:db8:b:2::2"], "conditions": {"ready": false}},
+            ],
+        }),
+    );
+    wait_for("one IPv6 backend left", WAIT, || {
+        backends(&pin_dir, "default/dns:dns").filter(|b| b.len() == 1)
+    });
+    let _ = agent.terminate();
+}
+
 /// Unloads the datapath at the end, also when the test fails.
 struct Unload(std::path::PathBuf);
 
