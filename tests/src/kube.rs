@@ -696,3 +696,129 @@ pub mod source {
         }
     }
 }
+
+/// `xlb proxy --kubernetes` as a real process, for the `kube_proxy` tests.
+pub mod proxy {
+    use std::net::SocketAddr;
+    use std::path::PathBuf;
+    use std::process::{Child, Command};
+    use std::time::{Duration, Instant};
+
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::api::{Api, PostParams};
+
+    use super::{KubeServer, kill, spawn};
+    use crate::agent_support::xlb_binary;
+    use crate::netns::unique_name;
+
+    /// A running `xlb proxy --kubernetes`; killed and its directory removed on drop.
+    pub struct ProxyProcess {
+        child: Child,
+        dir: PathBuf,
+        /// Its stderr (logs).
+        pub log: PathBuf,
+        /// The plain-HTTP listener.
+        pub http: SocketAddr,
+        /// The TLS listener.
+        pub https: SocketAddr,
+    }
+
+    impl ProxyProcess {
+        /// Starts `xlb proxy --kubernetes ARGS` against `server` with loopback listeners on
+        /// ephemeral ports and waits (bounded) until it serves its first translation.
+        pub fn start(server: &KubeServer, args: &[&str]) -> Self {
+            let dir = std::env::temp_dir().join(unique_name("xlb-kproxy-"));
+            std::fs::create_dir_all(&dir).expect("create proxy scratch dir");
+            let config = dir.join("proxy.toml");
+            std::fs::write(
+                &config,
+                "access_log = true\n[listen]\nhttp = \"127.0.0.1:0\"\nhttps = \"127.0.0.1:0\"\n\
+                 metrics = \"127.0.0.1:0\"\nworkers = 2\n",
+            )
+            .expect("write proxy config");
+            let log = dir.join("xlb-proxy.log");
+            let mut cmd = Command::new(xlb_binary());
+            cmd.arg("proxy")
+                .arg("--kubernetes")
+                .arg("--config")
+                .arg(&config)
+                .arg("--kubeconfig")
+                .arg(&server.kubeconfig)
+                .args(args)
+                .env("XLB_LOG", "info")
+                .env("NO_COLOR", "1");
+            let child = spawn(&mut cmd, &log);
+            let mut p = ProxyProcess {
+                child,
+                dir,
+                log,
+                http: "0.0.0.0:0".parse().expect("addr"),
+                https: "0.0.0.0:0".parse().expect("addr"),
+            };
+            let line = p.wait_log("xlb proxy running", Duration::from_secs(30));
+            p.http = listener(&line, "http=Some(");
+            p.https = listener(&line, "https=Some(");
+            p
+        }
+
+        /// The log so far.
+        pub fn log_text(&self) -> String {
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        }
+
+        /// Waits until a log line contains `needle`; returns that line.
+        pub fn wait_log(&mut self, needle: &str, timeout: Duration) -> String {
+            let deadline = Instant::now() + timeout;
+            loop {
+                let text = self.log_text();
+                if let Some(line) = text.lines().find(|l| l.contains(needle)) {
+                    return line.to_owned();
+                }
+                if let Ok(Some(status)) = self.child.try_wait() {
+                    panic!("xlb proxy exited ({status}) before logging {needle:?}:\n{text}");
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "timed out waiting for {needle:?} in the xlb proxy log:\n{text}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    fn listener(line: &str, key: &str) -> SocketAddr {
+        line.split(key)
+            .nth(1)
+            .and_then(|rest| rest.split(')').next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no {key}ADDR) in {line:?}"))
+    }
+
+    impl Drop for ProxyProcess {
+        fn drop(&mut self) {
+            kill(&mut self.child);
+            if std::thread::panicking() {
+                // The tail only: the access log makes the whole too long to read.
+                let text = self.log_text();
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = lines[lines.len().saturating_sub(60)..].join("\n");
+                eprintln!("xlb proxy log (tail):\n{tail}");
+            }
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// Creates the namespace if it does not exist.
+    pub async fn namespace(client: &kube::Client, name: &str) {
+        let api: Api<Namespace> = Api::all(client.clone());
+        if api.get_opt(name).await.expect("get namespace").is_none() {
+            let ns: Namespace = serde_json::from_value(serde_json::json!({
+                "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name},
+            }))
+            .expect("namespace json");
+            api.create(&PostParams::default(), &ns)
+                .await
+                .unwrap_or_else(|e| panic!("create namespace {name}: {e}"));
+        }
+    }
+}

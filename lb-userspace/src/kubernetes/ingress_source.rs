@@ -417,6 +417,13 @@ fn log_update(u: &IngressUpdate) {
         ingresses = u.translation.served.len(),
         rejected = u.translation.rejected.len(),
         services = u.translation.config.services.len(),
+        endpoints = u
+            .translation
+            .config
+            .services
+            .iter()
+            .map(|s| s.endpoints.len())
+            .sum::<usize>(),
         secrets = u.translation.config.secrets.len(),
         relists = u.relists,
         "kubernetes state translated"

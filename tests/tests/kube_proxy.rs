@@ -1,0 +1,641 @@
+//! `xlb proxy --kubernetes` (the real binary) against a real kube-apiserver
+//! (tests/src/kube.rs), with real HTTP upstreams on loopback and real TLS: an Ingress routes
+//! HTTP and HTTPS (SNI); changing the Ingress, rotating its Secret and scaling its
+//! EndpointSlices while a client drives requests loses none; an invalid Ingress among good
+//! ones is rejected with an Event naming it while the others keep serving; served Ingresses
+//! get the proxy's address in their status.
+//!
+//! Every test has its own namespace, IngressClass and controller name, so tests sharing one
+//! API server never see each other's objects.
+
+#[path = "proxy_support.rs"]
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::StatusCode;
+use hyper_util::rt::TokioIo;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
+use kube::api::{Api, ListParams};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use rustls::version::{TLS12, TLS13};
+use serde_json::{Value, json};
+use support::{Pki, upstream};
+use tokio::net::TcpStream;
+use xlb_tests::kube::proxy::{ProxyProcess, namespace};
+use xlb_tests::kube::source::{delete, put};
+use xlb_tests::kube::{KubeServer, runtime};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn obj<K: k8s_openapi::serde::de::DeserializeOwned>(v: Value) -> K {
+    serde_json::from_value(v).expect("object json")
+}
+
+fn ingress_class(name: &str, controller: &str) -> IngressClass {
+    obj(json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "IngressClass",
+        "metadata": {"name": name}, "spec": {"controller": controller},
+    }))
+}
+
+/// Service `web`: port 80 named `http`, targetPort `http` (resolved through the slices).
+fn web_service(ns: &str) -> Service {
+    obj(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"namespace": ns, "name": "web"},
+        "spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": "http"}]},
+    }))
+}
+
+/// A slice of `web` whose `http` port is `upstream`'s port, with one ready endpoint.
+fn web_slice(ns: &str, name: &str, upstream: SocketAddr) -> EndpointSlice {
+    obj(json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"namespace": ns, "name": name,
+                     "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": upstream.port(), "protocol": "TCP"}],
+        "endpoints": [{"addresses": [upstream.ip().to_string()], "conditions": {"ready": true}}],
+    }))
+}
+
+fn tls_secret(ns: &str, name: &str, (crt, key): &(String, String)) -> Secret {
+    use k8s_openapi::ByteString;
+    Secret {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            namespace: Some(ns.into()),
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(
+            [
+                ("tls.crt".to_owned(), ByteString(crt.as_bytes().to_vec())),
+                ("tls.key".to_owned(), ByteString(key.as_bytes().to_vec())),
+            ]
+            .into(),
+        ),
+        ..Default::default()
+    }
+}
+
+/// A rule for `host` with one Prefix `/` path to `web` (port given as `{"name": ..}` or
+/// `{"number": ..}`).
+fn rule(host: &str, port: Value) -> Value {
+    json!({"host": host, "http": {"paths": [{"path": "/", "pathType": "Prefix",
+        "backend": {"service": {"name": "web", "port": port}}}]}})
+}
+
+fn ingress(ns: &str, name: &str, class: &str, spec: Value, annotations: Value) -> Ingress {
+    let mut spec = spec;
+    spec["ingressClassName"] = json!(class);
+    obj(json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+        "metadata": {"namespace": ns, "name": name, "annotations": annotations},
+        "spec": spec,
+    }))
+}
+
+/// One GET over a fresh plain connection; errors are returned, not panicked on.
+async fn try_get(addr: SocketAddr, host: &str) -> Result<(StatusCode, String), String> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    request(tcp, host).await
+}
+
+/// One GET over a fresh TLS connection with SNI `host`; also the server's leaf certificate.
+async fn try_get_tls(
+    connector: &tokio_rustls::TlsConnector,
+    addr: SocketAddr,
+    host: &str,
+) -> Result<(StatusCode, String, Vec<u8>), String> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned()).expect("server name");
+    let tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS handshake: {e}"))?;
+    let cert = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.to_vec())
+        .ok_or("no server certificate")?;
+    let (status, body) = request(tls, host).await?;
+    Ok((status, body, cert))
+}
+
+async fn request<IO>(io: IO, host: &str) -> Result<(StatusCode, String), String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let work = async {
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| format!("h1 handshake: {e}"))?;
+        tokio::spawn(conn);
+        let req = hyper::Request::builder()
+            .uri("/")
+            .header("host", host)
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let resp = send
+            .send_request(req)
+            .await
+            .map_err(|e| format!("request: {e}"))?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("body: {e}"))?
+            .to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    tokio::time::timeout(Duration::from_secs(5), work)
+        .await
+        .map_err(|_| "no response within 5 s".to_owned())?
+}
+
+/// A client trusting `pki`'s CA that never resumes a session: a resumed handshake carries
+/// no certificate, and the test must see which certificate each new handshake gets.
+fn fresh_handshakes(pki: &Pki) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca_der.clone()).expect("trust CA");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&TLS13, &TLS12])
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.resumption = rustls::client::Resumption::disabled();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+}
+
+fn backend(body: &str) -> Option<&str> {
+    body.lines().find_map(|l| l.strip_prefix("backend="))
+}
+
+fn der(pem: &str) -> Vec<u8> {
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .expect("certificate PEM")
+        .to_vec()
+}
+
+/// Polls `check` every 50 ms (async) until it returns `Some` or `timeout` passes.
+async fn eventually<T, F: Future<Output = Option<T>>>(
+    what: &str,
+    timeout: Duration,
+    check: impl FnMut() -> F,
+) -> T {
+    try_eventually(timeout, check)
+        .await
+        .unwrap_or_else(|| panic!("timed out after {timeout:?} waiting for {what}"))
+}
+
+/// [`eventually`] returning `None` on timeout, for callers that add context.
+async fn try_eventually<T, F: Future<Output = Option<T>>>(
+    timeout: Duration,
+    mut check: impl FnMut() -> F,
+) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The `status.loadBalancer.ingress` entries of an Ingress as `ip`/`hostname` strings.
+async fn status_of(api: &Api<Ingress>, name: &str) -> Vec<String> {
+    api.get(name)
+        .await
+        .expect("get ingress")
+        .status
+        .and_then(|s| s.load_balancer)
+        .and_then(|lb| lb.ingress)
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.ip.or(i.hostname))
+        .collect()
+}
+
+/// [`eventually`] for conditions on what the driver saw; the panic shows it.
+async fn driven<F: Future<Output = Option<()>>>(
+    seen: &Mutex<Seen>,
+    what: &str,
+    check: impl FnMut() -> F,
+) {
+    if try_eventually(WAIT, check).await.is_none() {
+        let s = seen.lock().expect("seen");
+        let tail = &s.backends[s.backends.len().saturating_sub(10)..];
+        panic!(
+            "timed out after {WAIT:?} waiting for {what}; the client saw {} ok, failures {:?}, \
+             last backends {tail:?}",
+            s.ok, s.failures
+        );
+    }
+}
+
+/// What the continuous client saw.
+#[derive(Default)]
+struct Seen {
+    ok: usize,
+    failures: Vec<String>,
+    /// HTTP backends in order.
+    backends: Vec<String>,
+    /// The leaf certificate of the latest HTTPS response.
+    cert: Vec<u8>,
+}
+
+/// Drives HTTP (app host) and HTTPS (secure host, a new handshake each time) requests until
+/// `stop`; every response must be a 200 from an upstream.
+fn drive(
+    http: SocketAddr,
+    https: SocketAddr,
+    connector: tokio_rustls::TlsConnector,
+    stop: Arc<AtomicBool>,
+) -> (Arc<Mutex<Seen>>, tokio::task::JoinHandle<()>) {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let s = seen.clone();
+    let task = tokio::spawn(async move {
+        // Bounded: the test stops it, and it can never outlive a minute.
+        let end = Instant::now() + Duration::from_secs(60);
+        while !stop.load(Ordering::SeqCst) && Instant::now() < end {
+            let plain = try_get(http, "app.example.test").await;
+            let secure = try_get_tls(&connector, https, "secure.example.test").await;
+            record(&mut s.lock().expect("seen lock"), plain, secure);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    (seen, task)
+}
+
+type Plain = Result<(StatusCode, String), String>;
+type Secure = Result<(StatusCode, String, Vec<u8>), String>;
+
+fn record(seen: &mut Seen, plain: Plain, secure: Secure) {
+    match plain {
+        Ok((StatusCode::OK, body)) if backend(&body).is_some() => {
+            seen.ok += 1;
+            let b = backend(&body).unwrap_or_default().to_owned();
+            seen.backends.push(b);
+        }
+        other => seen.failures.push(format!("http: {other:?}")),
+    }
+    match secure {
+        Ok((StatusCode::OK, body, cert)) if backend(&body).is_some() => {
+            seen.ok += 1;
+            seen.cert = cert;
+        }
+        other => seen
+            .failures
+            .push(format!("https: {:?}", other.map(|(s, b, _)| (s, b)))),
+    }
+}
+
+#[test]
+fn kube_proxy_routes_and_swaps_ingress_secret_and_endpoints_without_failed_requests() {
+    let server = KubeServer::shared();
+    // Built (or found up to date) before the clock starts: cargo may wait on other builds.
+    xlb_tests::agent_support::xlb_binary();
+    let started = Instant::now();
+    let phase = |what: &str| {
+        eprintln!(
+            "kube_proxy: {:>6.2} s {what}",
+            started.elapsed().as_secs_f64()
+        );
+    };
+    runtime().block_on(async {
+        let client = server.client().await;
+        let ns = "kproxy-live";
+        let (class, controller) = ("xlb-live", "test.xlb.dev/live");
+        namespace(&client, ns).await;
+        let classes: Api<IngressClass> = Api::all(client.clone());
+        let services: Api<Service> = Api::namespaced(client.clone(), ns);
+        let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+        let ingresses: Api<Ingress> = Api::namespaced(client.clone(), ns);
+        // References, so the polling closures below can copy them into their futures.
+        let ingresses = &ingresses;
+
+        let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+        let pki = Pki::new();
+        let first_cert = pki.leaf(&["secure.example.test"]);
+        put(&classes, &ingress_class(class, controller)).await;
+        put(&services, &web_service(ns)).await;
+        put(&slices, &web_slice(ns, "web-1", v1.addr)).await;
+        put(&secrets, &tls_secret(ns, "web-tls", &first_cert)).await;
+        let spec = |extra_rules: Vec<Value>| {
+            let mut rules = vec![
+                rule("app.example.test", json!({"name": "http"})),
+                rule("secure.example.test", json!({"number": 80})),
+            ];
+            rules.extend(extra_rules);
+            json!({"tls": [{"hosts": ["secure.example.test"], "secretName": "web-tls"}],
+                   "rules": rules})
+        };
+        put(&ingresses, &ingress(ns, "web", class, spec(vec![]), json!({}))).await;
+
+        phase("objects created");
+        let proxy = tokio::task::block_in_place(|| {
+            ProxyProcess::start(
+                server,
+                &[
+                    "--kube-controller", controller,
+                    "--kube-namespace", ns,
+                    "--kube-publish-address", "192.0.2.80",
+                    "--kube-identity", "test-live",
+                ],
+            )
+        });
+
+        phase("proxy serving");
+        // HTTP by Host, HTTPS by SNI with the Secret's certificate; port by name and number.
+        let (status, body) = try_get(proxy.http, "app.example.test").await.expect("http");
+        assert_eq!((status, backend(&body)), (StatusCode::OK, Some("v1")), "{body}");
+        let connector = fresh_handshakes(&pki);
+        let (status, body, cert) = try_get_tls(&connector, proxy.https, "secure.example.test")
+            .await
+            .expect("https");
+        assert_eq!((status, backend(&body)), (StatusCode::OK, Some("v1")), "{body}");
+        assert_eq!(cert, der(&first_cert.0), "the Secret's certificate is served");
+        // Unknown hosts are not routed.
+        let (status, _) = try_get(proxy.http, "new.example.test").await.expect("http");
+        assert_eq!(status, StatusCode::NOT_FOUND);
+
+        // Status gets the publish address.
+        eventually("Ingress status with the proxy's address", WAIT, || async move {
+            (status_of(&ingresses, "web").await == ["192.0.2.80"]).then_some(())
+        })
+        .await;
+
+        phase("status written");
+        let stop = Arc::new(AtomicBool::new(false));
+        let (seen, driver) = drive(proxy.http, proxy.https, connector.clone(), stop.clone());
+        let (seen, http) = (&seen, proxy.http);
+
+        // 1. A new host on the Ingress.
+        put(
+            &ingresses,
+            &ingress(ns, "web", class, spec(vec![rule("new.example.test", json!({"name": "http"}))]), json!({})),
+        )
+        .await;
+        eventually("the new host to be routed", WAIT, || async move {
+            match try_get(http, "new.example.test").await {
+                Ok((StatusCode::OK, body)) => (backend(&body) == Some("v1")).then_some(()),
+                _ => None,
+            }
+        })
+        .await;
+
+        phase("new host routed");
+        // 2. Secret rotation: new handshakes get the new certificate.
+        let second_cert = pki.leaf(&["secure.example.test"]);
+        put(&secrets, &tls_secret(ns, "web-tls", &second_cert)).await;
+        let want = &der(&second_cert.0);
+        driven(seen, "the rotated certificate to be served", || async move {
+            (seen.lock().expect("seen").cert == *want).then_some(())
+        })
+        .await;
+
+        phase("certificate rotated");
+        // 3. Scale out to v2, then in (v1's slice deleted).
+        put(&slices, &web_slice(ns, "web-2", v2.addr)).await;
+        driven(seen, "v2 to receive requests", || async move {
+            seen.lock().expect("seen").backends.iter().any(|b| b == "v2").then_some(())
+        })
+        .await;
+        phase("v2 serving");
+        delete(&slices, "web-1").await;
+        let mark = seen.lock().expect("seen").backends.len();
+        driven(seen, "only v2 to receive requests", || async move {
+            let s = seen.lock().expect("seen");
+            let tail = &s.backends[mark..];
+            // 20 in a row after the deletion: round robin over v1+v2 would alternate.
+            (tail.len() >= 20 && tail[tail.len() - 20..].iter().all(|b| b == "v2")).then_some(())
+        })
+        .await;
+
+        phase("scaled in");
+        stop.store(true, Ordering::SeqCst);
+        driver.await.expect("driver task");
+        let seen = seen.lock().expect("seen");
+        assert!(seen.failures.is_empty(), "failed requests during the changes: {:?}", seen.failures);
+        assert!(seen.ok >= 50, "only {} requests were driven", seen.ok);
+        eprintln!(
+            "kube_proxy: {} requests through an Ingress change, a Secret rotation and a scale out/in, 0 failed",
+            seen.ok
+        );
+        drop(proxy);
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn kube_proxy_rejects_an_invalid_ingress_with_an_event_and_serves_the_others() {
+    let server = KubeServer::shared();
+    runtime().block_on(async {
+        let client = server.client().await;
+        let ns = "kproxy-bad";
+        let (class, controller) = ("xlb-bad", "test.xlb.dev/bad");
+        namespace(&client, ns).await;
+        let classes: Api<IngressClass> = Api::all(client.clone());
+        let services: Api<Service> = Api::namespaced(client.clone(), ns);
+        let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+        let ingresses: Api<Ingress> = Api::namespaced(client.clone(), ns);
+        let events: Api<Event> = Api::namespaced(client.clone(), ns);
+        let ingresses = &ingresses;
+
+        let v1 = upstream("v1").await;
+        put(&classes, &ingress_class(class, controller)).await;
+        put(&services, &web_service(ns)).await;
+        put(&slices, &web_slice(ns, "web-1", v1.addr)).await;
+        let plain = |host: &str| json!({"rules": [rule(host, json!({"name": "http"}))]});
+        put(
+            &ingresses,
+            &ingress(ns, "good", class, plain("good.example.test"), json!({})),
+        )
+        .await;
+        let mut no_secret = plain("nosecret.example.test");
+        no_secret["tls"] =
+            json!([{"hosts": ["nosecret.example.test"], "secretName": "missing-tls"}]);
+        put(
+            &ingresses,
+            &ingress(ns, "no-secret", class, no_secret, json!({})),
+        )
+        .await;
+        put(
+            &ingresses,
+            &ingress(
+                ns,
+                "bad-annotation",
+                class,
+                plain("badann.example.test"),
+                json!({"xlb.dev/max-body-bytes": "lots"}),
+            ),
+        )
+        .await;
+        // Another controller's Ingress: neither served nor reported.
+        put(
+            &ingresses,
+            &ingress(
+                ns,
+                "foreign",
+                "someone-else",
+                plain("foreign.example.test"),
+                json!({}),
+            ),
+        )
+        .await;
+
+        let proxy = tokio::task::block_in_place(|| {
+            ProxyProcess::start(
+                server,
+                &[
+                    "--kube-controller",
+                    controller,
+                    "--kube-namespace",
+                    ns,
+                    "--kube-publish-address",
+                    "proxy.example.test",
+                    "--kube-identity",
+                    "test-bad",
+                ],
+            )
+        });
+
+        let (status, body) = try_get(proxy.http, "good.example.test")
+            .await
+            .expect("http");
+        assert_eq!(
+            (status, backend(&body)),
+            (StatusCode::OK, Some("v1")),
+            "{body}"
+        );
+        for host in [
+            "nosecret.example.test",
+            "badann.example.test",
+            "foreign.example.test",
+        ] {
+            let (status, _) = try_get(proxy.http, host).await.expect("http");
+            assert_eq!(status, StatusCode::NOT_FOUND, "{host} must not be routed");
+        }
+
+        // One Warning Event per rejected Ingress, naming it, with the reason.
+        let event_for = |name: &'static str| {
+            let events = events.clone();
+            async move {
+                events
+                    .list(&ListParams::default())
+                    .await
+                    .expect("list events")
+                    .items
+                    .into_iter()
+                    .find(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+            }
+        };
+        let e = eventually("an Event for no-secret", WAIT, || event_for("no-secret")).await;
+        assert_eq!(e.type_.as_deref(), Some("Warning"));
+        assert_eq!(e.reason.as_deref(), Some("Rejected"));
+        let regarding = e.regarding.expect("regarding");
+        assert_eq!(regarding.kind.as_deref(), Some("Ingress"));
+        assert_eq!(regarding.namespace.as_deref(), Some(ns));
+        let note = e.note.unwrap_or_default();
+        assert!(
+            note.contains("secret kproxy-bad/missing-tls not found"),
+            "{note}"
+        );
+        let e = eventually("an Event for bad-annotation", WAIT, || {
+            event_for("bad-annotation")
+        })
+        .await;
+        let note = e.note.unwrap_or_default();
+        assert!(note.contains("xlb.dev/max-body-bytes"), "{note}");
+        assert!(
+            event_for("good").await.is_none(),
+            "no Event for the good Ingress"
+        );
+        assert!(
+            event_for("foreign").await.is_none(),
+            "no Event for another controller's Ingress"
+        );
+        let log = proxy.log_text();
+        assert!(
+            log.contains("kproxy-bad/no-secret") && log.contains("rejected an Ingress"),
+            "{log}"
+        );
+
+        // Status: the served Ingress gets the hostname; rejected and foreign ones nothing.
+        eventually("good's status", WAIT, || async move {
+            (status_of(&ingresses, "good").await == ["proxy.example.test"]).then_some(())
+        })
+        .await;
+        assert!(status_of(&ingresses, "no-secret").await.is_empty());
+        assert!(status_of(&ingresses, "foreign").await.is_empty());
+
+        // The missing Secret appears: the Ingress is served, live.
+        let http = proxy.http;
+        let pki = Pki::new();
+        put(
+            &secrets,
+            &tls_secret(ns, "missing-tls", &pki.leaf(&["nosecret.example.test"])),
+        )
+        .await;
+        eventually(
+            "no-secret to be served once its Secret exists",
+            WAIT,
+            || async move {
+                matches!(
+                    try_get(http, "nosecret.example.test").await,
+                    Ok((StatusCode::OK, _))
+                )
+                .then_some(())
+            },
+        )
+        .await;
+        let connector = fresh_handshakes(&pki);
+        let (status, _, _) = try_get_tls(&connector, proxy.https, "nosecret.example.test")
+            .await
+            .expect("https with the new Secret");
+        assert_eq!(status, StatusCode::OK);
+        eventually("no-secret's status", WAIT, || async move {
+            (status_of(&ingresses, "no-secret").await == ["proxy.example.test"]).then_some(())
+        })
+        .await;
+        // The other bad one is still refused and the good one still served.
+        let (status, _) = try_get(proxy.http, "badann.example.test")
+            .await
+            .expect("http");
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let (status, _) = try_get(proxy.http, "good.example.test")
+            .await
+            .expect("http");
+        assert_eq!(status, StatusCode::OK);
+        drop(proxy);
+    });
+}
