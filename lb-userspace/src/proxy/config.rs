@@ -1,6 +1,7 @@
 //! The proxy's configuration model and its validation.
 //!
-//! The model maps one to one onto the Kubernetes objects the proxy will later be fed from:
+//! The model maps one to one onto the Kubernetes objects `xlb proxy --kubernetes` feeds it
+//! from (`crate::kubernetes::ingress`):
 //! [`IngressClass`] ↔ `networking.k8s.io/v1` IngressClass, [`Ingress`] ↔ Ingress (with
 //! `spec.rules[].http.paths` flattened to `rules[].paths`), [`TlsSecret`] ↔ a
 //! `kubernetes.io/tls` Secret (`tls.crt`/`tls.key` as files or inline PEM) and [`Service`] ↔ one
