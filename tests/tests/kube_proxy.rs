@@ -354,7 +354,7 @@ fn kube_proxy_routes_and_swaps_ingress_secret_and_endpoints_without_failed_reque
             json!({"tls": [{"hosts": ["secure.example.test"], "secretName": "web-tls"}],
                    "rules": rules})
         };
-        put(&ingresses, &ingress(ns, "web", class, spec(vec![]), json!({}))).await;
+        put(ingresses, &ingress(ns, "web", class, spec(vec![]), json!({}))).await;
 
         phase("objects created");
         let proxy = tokio::task::block_in_place(|| {
@@ -385,7 +385,7 @@ fn kube_proxy_routes_and_swaps_ingress_secret_and_endpoints_without_failed_reque
 
         // Status gets the publish address.
         eventually("Ingress status with the proxy's address", WAIT, || async move {
-            (status_of(&ingresses, "web").await == ["192.0.2.80"]).then_some(())
+            (status_of(ingresses, "web").await == ["192.0.2.80"]).then_some(())
         })
         .await;
 
@@ -396,7 +396,7 @@ fn kube_proxy_routes_and_swaps_ingress_secret_and_endpoints_without_failed_reque
 
         // 1. A new host on the Ingress.
         put(
-            &ingresses,
+            ingresses,
             &ingress(ns, "web", class, spec(vec![rule("new.example.test", json!({"name": "http"}))]), json!({})),
         )
         .await;
@@ -477,7 +477,7 @@ fn kube_proxy_rejects_an_invalid_ingress_with_an_event_and_serves_the_others() {
         put(&slices, &web_slice(ns, "web-1", v1.addr)).await;
         let plain = |host: &str| json!({"rules": [rule(host, json!({"name": "http"}))]});
         put(
-            &ingresses,
+            ingresses,
             &ingress(ns, "good", class, plain("good.example.test"), json!({})),
         )
         .await;
@@ -485,12 +485,12 @@ fn kube_proxy_rejects_an_invalid_ingress_with_an_event_and_serves_the_others() {
         no_secret["tls"] =
             json!([{"hosts": ["nosecret.example.test"], "secretName": "missing-tls"}]);
         put(
-            &ingresses,
+            ingresses,
             &ingress(ns, "no-secret", class, no_secret, json!({})),
         )
         .await;
         put(
-            &ingresses,
+            ingresses,
             &ingress(
                 ns,
                 "bad-annotation",
@@ -502,7 +502,7 @@ fn kube_proxy_rejects_an_invalid_ingress_with_an_event_and_serves_the_others() {
         .await;
         // Another controller's Ingress: neither served nor reported.
         put(
-            &ingresses,
+            ingresses,
             &ingress(
                 ns,
                 "foreign",
@@ -592,11 +592,11 @@ fn kube_proxy_rejects_an_invalid_ingress_with_an_event_and_serves_the_others() {
 
         // Status: the served Ingress gets the hostname; rejected and foreign ones nothing.
         eventually("good's status", WAIT, || async move {
-            (status_of(&ingresses, "good").await == ["proxy.example.test"]).then_some(())
+            (status_of(ingresses, "good").await == ["proxy.example.test"]).then_some(())
         })
         .await;
-        assert!(status_of(&ingresses, "no-secret").await.is_empty());
-        assert!(status_of(&ingresses, "foreign").await.is_empty());
+        assert!(status_of(ingresses, "no-secret").await.is_empty());
+        assert!(status_of(ingresses, "foreign").await.is_empty());
 
         // The missing Secret appears: the Ingress is served, live.
         let http = proxy.http;
@@ -624,7 +624,7 @@ fn kube_proxy_rejects_an_invalid_ingress_with_an_event_and_serves_the_others() {
             .expect("https with the new Secret");
         assert_eq!(status, StatusCode::OK);
         eventually("no-secret's status", WAIT, || async move {
-            (status_of(&ingresses, "no-secret").await == ["proxy.example.test"]).then_some(())
+            (status_of(ingresses, "no-secret").await == ["proxy.example.test"]).then_some(())
         })
         .await;
         // The other bad one is still refused and the good one still served.
