@@ -181,6 +181,8 @@ impl Datapath {
             .map_max_entries(map_names::VIP_STATS, opts.max_vips)
             .map_max_entries(map_names::BACKENDS, opts.max_backends)
             .map_max_entries(map_names::BACKEND_STATS, opts.max_backends)
+            // Indexed by backend id like the two above (its 4096 in the object is a default).
+            .map_max_entries(map_names::NEXTHOP, opts.max_backends)
             .map_max_entries(map_names::MAGLEV, maglev_entries)
             .map_max_entries(map_names::CONNTRACK, opts.conntrack_entries)
             .load(EBPF_OBJECT)?;
