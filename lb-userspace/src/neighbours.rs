@@ -4,25 +4,13 @@
 //! a backend (or the router in front of it) that nothing else talks to has no neighbour
 //! entry, and its packets would take the gateway-MAC fallback or be dropped
 //! (`drop_fib_failure`). For every backend the agent has not handled yet, it asks the kernel
-//! for the route (`ip route get`) and creates a *managed* neighbour entry for the next hop
-//! (`ip neigh replace … managed`, Linux 5.16+), which the kernel resolves and keeps fresh on
-//! its own.
+//! for the route (`ip route get`; all new backends in one `ip -batch`) and creates a
+//! *managed* neighbour entry for each distinct next hop (`ip neigh replace … managed`, Linux
+//! 5.16+), which the kernel resolves and keeps fresh on its own.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::process::Command;
-
-/// The next hop and egress device the kernel would use for `addr`.
-fn route_to(addr: IpAddr) -> Option<(IpAddr, String)> {
-    let out = Command::new("ip")
-        .args(["route", "get", &addr.to_string()])
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    parse_route_get(&String::from_utf8_lossy(&out.stdout), addr)
-}
 
 /// Parses `ip route get` output: `ADDR [via GW] dev DEV …`; local routes have no next hop.
 fn parse_route_get(text: &str, addr: IpAddr) -> Option<(IpAddr, String)> {
@@ -47,41 +35,88 @@ fn parse_route_get(text: &str, addr: IpAddr) -> Option<(IpAddr, String)> {
     Some((next_hop, dev))
 }
 
+/// Runs `ip -force -batch -` with `commands` on stdin; its stdout (failed commands only
+/// leave a line on stderr, the others still run).
+fn ip_batch(commands: &str) -> std::io::Result<std::process::Output> {
+    use std::io::Write as _;
+    let mut child = Command::new("ip")
+        .args(["-force", "-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    // Written from a thread: a large batch fills the stdout pipe while stdin is written.
+    let input = commands.to_owned();
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let out = child.wait_with_output()?;
+    let _ = writer.join();
+    Ok(out)
+}
+
 /// Creates managed neighbour entries for the next hops of `backends` not seen before;
 /// remembers them in `done`. Failures are logged, never fatal: the datapath still has the
 /// gateway fallback, and the stack resolves neighbours for its own traffic.
+///
+/// Two `ip` processes however many backends are new (one batch of route lookups, one of
+/// neighbour entries per distinct next hop): a first sync of 100,000 backends behind one
+/// router costs one neighbour entry, not 200,000 processes.
 pub fn keep_resolved(backends: impl IntoIterator<Item = IpAddr>, done: &mut BTreeSet<IpAddr>) {
-    for addr in backends {
-        if !done.insert(addr) {
-            continue;
+    let new: Vec<IpAddr> = backends.into_iter().filter(|a| done.insert(*a)).collect();
+    if new.is_empty() {
+        return;
+    }
+    let lookups: String = new.iter().map(|a| format!("route get {a}\n")).collect();
+    let out = match ip_batch(&lookups) {
+        Ok(out) => out,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot run `ip`");
+            return;
         }
-        let Some((next_hop, dev)) = route_to(addr) else {
-            tracing::warn!(backend = %addr, "no route to the backend: its packets will use the gateway fallback or be dropped");
+    };
+    // Each answer starts with an unindented line naming the address (after `local` etc.).
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut answered: BTreeSet<IpAddr> = BTreeSet::new();
+    let mut next_hops: BTreeSet<(IpAddr, String)> = BTreeSet::new();
+    for line in text.lines().filter(|l| !l.starts_with(char::is_whitespace)) {
+        let Some(addr) = line
+            .split_whitespace()
+            .take(2)
+            .find_map(|w| w.parse::<IpAddr>().ok())
+        else {
             continue;
         };
-        let result = Command::new("ip")
-            .args([
-                "neigh",
-                "replace",
-                &next_hop.to_string(),
-                "dev",
-                &dev,
-                "managed",
-            ])
-            .output();
-        match result {
-            Ok(out) if out.status.success() => {
-                tracing::debug!(backend = %addr, %next_hop, dev, "managed neighbour entry");
-            }
-            Ok(out) => tracing::warn!(
-                backend = %addr,
-                %next_hop,
-                dev,
-                error = %String::from_utf8_lossy(&out.stderr).trim(),
-                "cannot create a managed neighbour entry (needs Linux 5.16+)"
-            ),
-            Err(e) => tracing::warn!(backend = %addr, error = %e, "cannot run `ip`"),
+        answered.insert(addr);
+        if let Some(hop) = parse_route_get(line, addr) {
+            next_hops.insert(hop);
         }
+    }
+    let unrouted: Vec<&IpAddr> = new.iter().filter(|a| !answered.contains(a)).collect();
+    if let Some(first) = unrouted.first() {
+        tracing::warn!(backend = %first, backends = unrouted.len(),
+            "no route to the backend(s): their packets will use the gateway fallback or be dropped");
+    }
+    if next_hops.is_empty() {
+        return;
+    }
+    let entries: String = next_hops
+        .iter()
+        .map(|(hop, dev)| format!("neigh replace {hop} dev {dev} managed\n"))
+        .collect();
+    match ip_batch(&entries) {
+        Ok(out) if out.status.success() => {
+            tracing::debug!(
+                next_hops = next_hops.len(),
+                backends = new.len(),
+                "managed neighbour entries"
+            );
+        }
+        Ok(out) => tracing::warn!(
+            next_hops = next_hops.len(),
+            error = %String::from_utf8_lossy(&out.stderr).trim(),
+            "cannot create a managed neighbour entry (needs Linux 5.16+)"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot run `ip`"),
     }
 }
 
