@@ -27,7 +27,10 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::datapath::Maps;
+use aya::maps::{HashMap as AyaHashMap, Map, MapData, MapError, PerCpuArray};
+use lb_common::{BackendStats, DatapathStats, FlowKey, FlowState, VipStats, map_names};
+
+use crate::datapath::DatapathError;
 use crate::state::PersistedVip;
 
 /// Agent-side metrics, updated by the agent loop.
@@ -52,9 +55,76 @@ impl Default for AgentMetrics {
     }
 }
 
+/// The counter maps a scrape reads, opened from their pins. Not [`Maps`]: that maps the
+/// whole Maglev array into memory (2 × max_vips × M slots — 160 MB for 10,000 VIPs at
+/// M = 1009), which a second copy in the same process would add to its resident set again.
+pub struct CounterMaps {
+    stats: PerCpuArray<MapData, DatapathStats>,
+    vip_stats: PerCpuArray<MapData, VipStats>,
+    backend_stats: PerCpuArray<MapData, BackendStats>,
+    conntrack: AyaHashMap<MapData, FlowKey, FlowState>,
+}
+
+impl CounterMaps {
+    /// Opens the counter maps pinned under `dir`.
+    pub fn open_pinned(dir: &std::path::Path) -> Result<Self, DatapathError> {
+        fn open<T: TryFrom<Map, Error = MapError>>(
+            dir: &std::path::Path,
+            name: &'static str,
+        ) -> Result<T, DatapathError> {
+            let err = |source| DatapathError::Map { name, source };
+            let data = MapData::from_pin(dir.join(name)).map_err(err)?;
+            let map = Map::from_map_data(data).map_err(err)?;
+            T::try_from(map).map_err(err)
+        }
+        Ok(CounterMaps {
+            stats: open(dir, map_names::STATS)?,
+            vip_stats: open(dir, map_names::VIP_STATS)?,
+            backend_stats: open(dir, map_names::BACKEND_STATS)?,
+            conntrack: open(dir, map_names::CONNTRACK)?,
+        })
+    }
+
+    fn stats(&self) -> Result<DatapathStats, MapError> {
+        const N: usize = lb_common::DATAPATH_COUNTERS;
+        let per_cpu = self.stats.get(&0, 0)?;
+        let mut sum = [0u64; N];
+        for cpu in per_cpu.iter() {
+            let values: &[u64; N] = bytemuck::cast_ref(cpu);
+            for (total, v) in sum.iter_mut().zip(values) {
+                *total += v;
+            }
+        }
+        Ok(bytemuck::cast::<[u64; N], DatapathStats>(sum))
+    }
+
+    fn vip_stats(&self, vip_id: u32) -> Result<VipStats, MapError> {
+        let per_cpu = self.vip_stats.get(&vip_id, 0)?;
+        Ok(per_cpu.iter().fold(VipStats::default(), |a, s| VipStats {
+            packets: a.packets + s.packets,
+            bytes: a.bytes + s.bytes,
+            new_conns: a.new_conns + s.new_conns,
+        }))
+    }
+
+    fn backend_stats(&self, backend_id: u32) -> Result<BackendStats, MapError> {
+        let per_cpu = self.backend_stats.get(&backend_id, 0)?;
+        Ok(per_cpu
+            .iter()
+            .fold(BackendStats::default(), |a, s| BackendStats {
+                packets: a.packets + s.packets,
+                bytes: a.bytes + s.bytes,
+            }))
+    }
+
+    fn conntrack_count(&self) -> u64 {
+        self.conntrack.keys().filter(|k| k.is_ok()).count() as u64
+    }
+}
+
 /// Reads the datapath maps on every scrape.
 pub struct DatapathCollector {
-    maps: Mutex<Maps>,
+    maps: Mutex<CounterMaps>,
     vips: Arc<RwLock<Vec<PersistedVip>>>,
 }
 
@@ -65,8 +135,9 @@ impl std::fmt::Debug for DatapathCollector {
 }
 
 impl DatapathCollector {
-    /// `maps`: handles on the pinned maps; `vips`: names and ids, replaced after each apply.
-    pub fn new(maps: Maps, vips: Arc<RwLock<Vec<PersistedVip>>>) -> Self {
+    /// `maps`: handles on the pinned counters; `vips`: names and ids, replaced after each
+    /// apply.
+    pub fn new(maps: CounterMaps, vips: Arc<RwLock<Vec<PersistedVip>>>) -> Self {
         DatapathCollector {
             maps: Mutex::new(maps),
             vips,
