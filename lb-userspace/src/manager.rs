@@ -12,9 +12,15 @@
 //! RCU grace period ([`GracePeriod::wait`]: an update of a private
 //! `BPF_MAP_TYPE_ARRAY_OF_MAPS`, after which the kernel has run `synchronize_rcu()`).
 //! XDP programs run inside RCU read-side sections, so when it returns no packet that saw
-//! the old `VipInfo` is still running. The wait happens at the start of every apply that
-//! writes rings — once per apply, typically a few milliseconds — which also covers rings
-//! retired by a previous agent process just before it exited.
+//! the old `VipInfo` is still running.
+//!
+//! The grace period that makes a retired ring writable again is started in the background
+//! right after the apply that retired it (a flip or a VIP removal); the next apply that
+//! writes rings joins it first, and it is usually long over by then — a synchronous
+//! `synchronize_rcu()` costs 10–30 ms on a busy machine, which every single-endpoint change
+//! would otherwise pay. The first apply of a process waits a full grace period itself,
+//! which covers rings retired by a previous agent process just before it exited; so does
+//! any apply after a failed one or a failed background wait.
 //!
 //! # Backends
 //!
@@ -69,10 +75,21 @@ pub struct ApplyReport {
     pub warnings: Vec<MaglevWarning>,
 }
 
+/// Whether rings retired earlier may still be read by packets.
+enum Grace {
+    /// Unknown (a new process, a failed apply): wait a full grace period before writing.
+    Needed,
+    /// A grace period started after the last retirement; join it before writing.
+    Running(std::thread::JoinHandle<Result<(), DatapathError>>),
+    /// No ring was retired since the last completed grace period.
+    Clean,
+}
+
 /// The map writer and its mirror of the maps.
 pub struct Manager {
     applied: AppliedState,
-    grace: GracePeriod,
+    grace: std::sync::Arc<GracePeriod>,
+    grace_state: Grace,
     /// Backends whose next hop already has a managed neighbour entry (see `neighbours`).
     resolved_backends: std::collections::BTreeSet<std::net::IpAddr>,
 }
@@ -82,7 +99,8 @@ impl Manager {
     pub fn new(applied: AppliedState) -> Result<Self, ManagerError> {
         Ok(Manager {
             applied,
-            grace: GracePeriod::new().map_err(ManagerError::GracePeriod)?,
+            grace: std::sync::Arc::new(GracePeriod::new().map_err(ManagerError::GracePeriod)?),
+            grace_state: Grace::Needed,
             resolved_backends: Default::default(),
         })
     }
@@ -114,10 +132,20 @@ impl Manager {
             .iter()
             .any(|op| matches!(op, MapOp::WriteRing { .. }))
         {
-            self.grace.wait().map_err(ManagerError::GracePeriod)?;
+            self.wait_grace()?;
         }
+        // A ring is retired by a flip (a `SetVip` to the other ring) or a VIP's removal.
+        let retires = plan.ops.iter().any(|op| match op {
+            MapOp::SetVip { key, info } => self
+                .applied
+                .vip(key)
+                .is_some_and(|old| old.ring != info.ring),
+            MapOp::RemoveVip { .. } => true,
+            _ => false,
+        });
         for (done, op) in plan.ops.iter().enumerate() {
             if let Err(source) = write_op(maps, op, &mut report) {
+                self.grace_state = Grace::Needed;
                 self.applied = plan.applied_after(&self.applied, done);
                 return Err(ManagerError::Write {
                     completed: done,
@@ -128,6 +156,16 @@ impl Manager {
             report.ops += 1;
         }
         self.applied = plan.applied;
+        if retires {
+            let grace = self.grace.clone();
+            self.grace_state = match std::thread::Builder::new()
+                .name("xlb-grace".into())
+                .spawn(move || grace.wait())
+            {
+                Ok(handle) => Grace::Running(handle),
+                Err(_) => Grace::Needed,
+            };
+        }
         // XDP's FIB lookup reads the neighbour table but never fills it: keep the next hop
         // of every new backend resolved by the kernel.
         crate::neighbours::keep_resolved(
@@ -138,6 +176,22 @@ impl Manager {
             &mut self.resolved_backends,
         );
         Ok(report)
+    }
+}
+
+impl Manager {
+    /// Makes sure every ring retired so far is out of the readers' hands.
+    fn wait_grace(&mut self) -> Result<(), ManagerError> {
+        let joined = match std::mem::replace(&mut self.grace_state, Grace::Needed) {
+            Grace::Clean => true,
+            Grace::Running(handle) => matches!(handle.join(), Ok(Ok(()))),
+            Grace::Needed => false,
+        };
+        if !joined {
+            self.grace.wait().map_err(ManagerError::GracePeriod)?;
+        }
+        self.grace_state = Grace::Clean;
+        Ok(())
     }
 }
 
