@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use lb_common::program_names;
 
 use crate::config::{Config, ConfigError, NodeSettings, ResolvedConfig};
-use crate::datapath::{self, AttachMode, Attached, Datapath, DatapathError, LoadOptions, Maps};
+use crate::datapath::{self, AttachMode, Attached, Datapath, DatapathError, LoadOptions};
 use crate::manager::{Manager, ManagerError};
 use crate::metrics::{self, AgentMetrics, DatapathCollector};
 use crate::state::{self, PersistedState, PersistedVip};
@@ -178,6 +178,63 @@ struct Running {
     kube: Option<crate::model::DesiredState>,
     /// API event → maps updated, for `--kubernetes`.
     kube_latency: prometheus_client::metrics::histogram::Histogram,
+    /// Wall-clock time (Unix seconds) at which the initial list completed.
+    kube_listed_at: FloatGauge,
+    /// Initial list complete → the first state written to the maps, seconds.
+    kube_initial_sync: FloatGauge,
+    /// `--kubernetes`: the state file is written off the apply path.
+    persister: Option<Persister>,
+}
+
+type FloatGauge = prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>;
+
+/// Writes state files on a thread of its own, newest first: with `--kubernetes` a file of
+/// 10,000 VIPs takes tens of milliseconds to serialise and write, which the next change
+/// would otherwise wait for. A state superseded before its turn is never written.
+struct Persister {
+    slot: Arc<(std::sync::Mutex<Option<PersistedState>>, std::sync::Condvar)>,
+}
+
+impl Persister {
+    fn start(pin_dir: PathBuf, state_dir: PathBuf) -> Self {
+        let slot: Arc<(std::sync::Mutex<Option<PersistedState>>, std::sync::Condvar)> =
+            Arc::default();
+        let shared = slot.clone();
+        let spawned = std::thread::Builder::new()
+            .name("xlb-state".into())
+            .spawn(move || {
+                let (lock, ready) = &*shared;
+                loop {
+                    let next = {
+                        let Ok(mut pending) = lock.lock() else { return };
+                        loop {
+                            if let Some(state) = pending.take() {
+                                break state;
+                            }
+                            pending = match ready.wait(pending) {
+                                Ok(p) => p,
+                                Err(_) => return,
+                            };
+                        }
+                    };
+                    if let Err(e) = state::write(&pin_dir, &state_dir, &next) {
+                        tracing::warn!("{e}");
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the state writer thread");
+        }
+        Persister { slot }
+    }
+
+    fn submit(&self, state: PersistedState) {
+        let (lock, ready) = &*self.slot;
+        if let Ok(mut pending) = lock.lock() {
+            *pending = Some(state);
+            ready.notify_one();
+        }
+    }
 }
 
 impl Running {
@@ -190,7 +247,11 @@ impl Running {
         if let Ok(mut vips) = self.vips_for_metrics.write() {
             vips.clone_from(&persisted.vips);
         }
-        state::write(&self.node.pin_dir, &self.opts.state_dir, &persisted)?;
+        match &self.persister {
+            // All writes of a `--kubernetes` agent go through the one thread, in order.
+            Some(persister) => persister.submit(persisted),
+            None => state::write(&self.node.pin_dir, &self.opts.state_dir, &persisted)?,
+        }
         Ok(())
     }
 
@@ -288,6 +349,14 @@ impl Running {
     /// apply fails.
     fn apply_kubernetes(&mut self, update: crate::kubernetes::source::Update) {
         let desired = update.translation.desired;
+        if let Some(listed) = update.listed {
+            let at = std::time::SystemTime::now()
+                .checked_sub(listed.elapsed())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+            if let Some(at) = at {
+                self.kube_listed_at.set(at.as_secs_f64());
+            }
+        }
         match self.manager.apply(&mut self.datapath.maps, &desired) {
             Ok(report) => {
                 let elapsed = update.since.elapsed();
@@ -302,6 +371,15 @@ impl Running {
                     ms = elapsed.as_secs_f64() * 1e3,
                     "kubernetes state applied"
                 );
+                if let Some(listed) = update.listed {
+                    let sync = listed.elapsed();
+                    self.kube_initial_sync.set(sync.as_secs_f64());
+                    tracing::info!(
+                        vips = desired.vips.len(),
+                        ms = sync.as_secs_f64() * 1e3,
+                        "initial Kubernetes state in the maps (from the end of the initial list)"
+                    );
+                }
             }
             Err(e) => {
                 self.metrics.apply_failures.inc();
@@ -467,16 +545,35 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         kube_latency: prometheus_client::metrics::histogram::Histogram::new(
             prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),
         ),
+        kube_listed_at: FloatGauge::default(),
+        kube_initial_sync: FloatGauge::default(),
+        persister: opts
+            .kubernetes
+            .is_some()
+            .then(|| Persister::start(node.pin_dir.clone(), opts.state_dir.clone())),
     };
     running.persist(&resolved.desired)?;
 
-    let collector = DatapathCollector::new(Maps::open_pinned(&node.pin_dir)?, vips_for_metrics);
+    let collector = DatapathCollector::new(
+        metrics::CounterMaps::open_pinned(&node.pin_dir)?,
+        vips_for_metrics,
+    );
     let mut registry = metrics::registry(&metrics, collector);
     if opts.kubernetes.is_some() {
         registry.register(
             "xlb_kubernetes_event_to_maps_seconds",
             "From the first API event of a batch to the maps being updated",
             running.kube_latency.clone(),
+        );
+        registry.register(
+            "xlb_kubernetes_initial_list_completed_timestamp_seconds",
+            "When the initial list of Services and EndpointSlices completed (Unix time)",
+            running.kube_listed_at.clone(),
+        );
+        registry.register(
+            "xlb_kubernetes_initial_sync_seconds",
+            "From the initial list completing to its state being written to the maps",
+            running.kube_initial_sync.clone(),
         );
     }
     let registry = Arc::new(registry);

@@ -2,12 +2,17 @@
 //! EndpointSlices (one shared cache), batched translation, Events for skipped objects, and
 //! — on the Lease holder only — Service status writes for the VIPs it decided.
 //!
-//! * **Batching.** The first watch event of a burst starts a 50 ms window; then the caches
-//!   are translated once and, if the desired state changed, sent to the agent with the time
-//!   of that first event (the agent observes event → maps updated).
+//! * **Batching.** The first watch event of a burst opens a batch; it closes once no event
+//!   came for 5 ms (a lone change is not held back) or 50 ms after it opened (a steady
+//!   stream still gets applied), whichever is first. Then the caches are translated once
+//!   and, if the desired state changed, sent to the agent with the time of that first event
+//!   (the agent observes event → maps updated).
 //! * **Nothing partial.** No state is sent before both caches finished their initial list,
 //!   and a relist (after 410 Gone or a reconnect) swaps a cache only when complete — an
-//!   unreachable API server therefore leaves the last applied state serving.
+//!   unreachable API server therefore leaves the last applied state serving. The batch in
+//!   which the initial lists complete closes at that moment, and its update carries when.
+//! * **Status writes** run in a task of their own, a few requests at a time, on the latest
+//!   translation: thousands of them (a first sync of a large cluster) never delay the maps.
 //! * **Errors.** Watch errors are logged and the watchers resume with backoff; a 410 Gone
 //!   relists.
 //! * **Leader election.** A `coordination.k8s.io` Lease; the holder renews it every
@@ -32,13 +37,18 @@ use tokio::sync::mpsc;
 
 use super::translate::{Skipped, TranslateOptions, Translation, translate};
 
+/// `kubectl apply`'s copy of the whole object, dropped from the caches.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
 /// How the Kubernetes source runs.
 #[derive(Clone, Debug)]
 pub struct SourceOptions {
     /// Class, class-less claim, pools.
     pub translate: TranslateOptions,
-    /// Window that collects a burst of watch events into one apply.
+    /// Longest a batch stays open after its first watch event.
     pub batch: Duration,
+    /// A batch closes early once no watch event came for this long.
+    pub quiet: Duration,
     /// Namespace and name of the Lease that elects the status writer.
     pub lease_namespace: String,
     /// Name of the Lease.
@@ -52,11 +62,12 @@ pub struct SourceOptions {
 }
 
 impl SourceOptions {
-    /// Defaults: 50 ms batches, Lease `xlb-status-writer` in `kube-system`, 15 s leases.
+    /// Defaults: batches of at most 50 ms closed after 5 ms without events, Lease `xlb-status-writer` in `kube-system`, 15 s leases.
     pub fn new(translate: TranslateOptions, identity: String) -> Self {
         SourceOptions {
             translate,
             batch: Duration::from_millis(50),
+            quiet: Duration::from_millis(5),
             lease_namespace: "kube-system".into(),
             lease_name: "xlb-status-writer".into(),
             identity,
@@ -75,6 +86,8 @@ pub struct Update {
     pub since: Instant,
     /// Watches that expired (410 Gone) and were relisted so far.
     pub relists: u64,
+    /// On the first update only: when both caches had finished their initial list.
+    pub listed: Option<Instant>,
 }
 
 /// Why the source could not start.
@@ -114,16 +127,37 @@ async fn run(client: kube::Client, opts: SourceOptions, tx: mpsc::Sender<Update>
     let (services, svc_writer) = reflector::store::<Service>();
     let (slices, slice_writer) = reflector::store::<EndpointSlice>();
     let config = watcher::Config::default();
+    // The caches keep only what translation and status writes read: managedFields, the
+    // last-applied annotation and per-endpoint metadata are most of an object's memory
+    // (tens of MB across 10,000 Services and their slices).
     let svc_stream = reflector::reflector(
         svc_writer,
-        watcher(Api::<Service>::all(client.clone()), config.clone()),
+        watcher(Api::<Service>::all(client.clone()), config.clone()).modify(|svc| {
+            svc.metadata.managed_fields = None;
+            if let Some(annotations) = svc.metadata.annotations.as_mut() {
+                annotations.remove(LAST_APPLIED);
+            }
+        }),
     )
     .default_backoff()
     .map(|r| r.map(|_| ()).map_err(|e| ("Service", e)))
     .boxed();
     let slice_stream = reflector::reflector(
         slice_writer,
-        watcher(Api::<EndpointSlice>::all(client.clone()), config),
+        watcher(Api::<EndpointSlice>::all(client.clone()), config).modify(|slice| {
+            slice.metadata.managed_fields = None;
+            if let Some(annotations) = slice.metadata.annotations.as_mut() {
+                annotations.remove(LAST_APPLIED);
+            }
+            for endpoint in slice.endpoints.iter_mut().flatten() {
+                endpoint.target_ref = None;
+                endpoint.hints = None;
+                endpoint.deprecated_topology = None;
+                endpoint.hostname = None;
+                endpoint.node_name = None;
+                endpoint.zone = None;
+            }
+        }),
     )
     .default_backoff()
     .map(|r| r.map(|_| ()).map_err(|e| ("EndpointSlice", e)))
@@ -132,6 +166,14 @@ async fn run(client: kube::Client, opts: SourceOptions, tx: mpsc::Sender<Update>
 
     let leader = Leader::new(client.clone(), &opts);
     let leader_task = tokio::spawn(leader.clone().run());
+    let (status_tx, status_rx) = tokio::sync::watch::channel(None);
+    let status_task = tokio::spawn(write_status_loop(
+        client.clone(),
+        services.clone(),
+        leader.clone(),
+        opts.identity.clone(),
+        status_rx,
+    ));
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -141,32 +183,37 @@ async fn run(client: kube::Client, opts: SourceOptions, tx: mpsc::Sender<Update>
     );
     let mut reported: BTreeSet<String> = BTreeSet::new();
     let mut last: Option<Translation> = None;
-    let mut pending: Option<Instant> = None;
+    // (first event, latest event) of the open batch.
+    let mut pending: Option<(Instant, Instant)> = None;
     let mut relists = 0;
+    // When both caches finished their first list; handed to the agent with the first update.
+    let mut listed: Option<Instant> = None;
+    let mut listed_sent = false;
     loop {
         let next = match pending {
-            // Inside a batch window: take more events until it closes.
-            Some(first) => {
-                let left = (first + opts.batch).saturating_duration_since(Instant::now());
+            // Inside a batch: take more events until it closes.
+            Some((first, latest)) => {
+                let close = (first + opts.batch).min(latest + opts.quiet);
+                let left = close.saturating_duration_since(Instant::now());
                 tokio::time::timeout(left, events.next()).await.ok()
             }
-            None => match tokio::time::timeout(Duration::from_secs(5), events.next()).await {
-                Ok(event) => Some(event),
-                // Quiet period: a new Lease holder may still owe status writes.
-                Err(_) => {
-                    if let Some(t) = &last
-                        && leader.is_leader()
-                    {
-                        write_status(&client, &services, t, &opts.identity).await;
-                    }
-                    continue;
-                }
-            },
+            None => Some(events.next().await),
         };
         match next {
             Some(Some(Ok(()))) => {
-                pending.get_or_insert_with(Instant::now);
-                continue;
+                let now = Instant::now();
+                pending = Some(pending.map_or((now, now), |(first, _)| (first, now)));
+                if listed.is_none() && ready(&services) && ready(&slices) {
+                    listed = Some(now);
+                    tracing::info!(
+                        services = services.state().len(),
+                        endpoint_slices = slices.state().len(),
+                        "initial list complete"
+                    );
+                    // Close the batch now: the first state is due.
+                } else {
+                    continue;
+                }
             }
             Some(Some(Err((kind, e)))) => {
                 let gone = match &e {
@@ -184,10 +231,10 @@ async fn run(client: kube::Client, opts: SourceOptions, tx: mpsc::Sender<Update>
             }
             // Both streams ended: only at shutdown.
             Some(None) => break,
-            // The batch window closed.
+            // The batch closed.
             None => {}
         }
-        let Some(since) = pending.take() else {
+        let Some((since, _)) = pending.take() else {
             continue;
         };
         if !ready(&services) || !ready(&slices) {
@@ -200,6 +247,7 @@ async fn run(client: kube::Client, opts: SourceOptions, tx: mpsc::Sender<Update>
             slice_state.iter().map(AsRef::as_ref),
             &opts.translate,
         );
+        drop((svc_state, slice_state));
         for skipped in &translation.skipped {
             if reported.insert(skipped.to_string()) {
                 tracing::warn!(kind = skipped.kind, object = %format!("{}/{}", skipped.namespace, skipped.name),
@@ -208,27 +256,33 @@ async fn run(client: kube::Client, opts: SourceOptions, tx: mpsc::Sender<Update>
             }
         }
         // Once an object is fixed its reason may come back later and deserves a new report.
-        reported.retain(|r| translation.skipped.iter().any(|s| s.to_string() == *r));
-        if leader.is_leader() {
-            write_status(&client, &services, &translation, &opts.identity).await;
+        if !reported.is_empty() {
+            let current: BTreeSet<String> = translation
+                .skipped
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            reported.retain(|r| current.contains(r));
         }
         if last.as_ref() == Some(&translation) {
             continue;
         }
-        last = Some(translation.clone());
-        if tx
-            .send(Update {
-                translation,
-                since,
-                relists,
-            })
-            .await
-            .is_err()
-        {
+        // The status writer wants the addresses only; the agent takes the translation.
+        status_tx.send_replace(Some(std::sync::Arc::new(translation.addresses.clone())));
+        let update = Update {
+            translation: translation.clone(),
+            since,
+            relists,
+            listed: if listed_sent { None } else { listed },
+        };
+        last = Some(translation);
+        listed_sent = true;
+        if tx.send(update).await.is_err() {
             break;
         }
     }
     leader_task.abort();
+    status_task.abort();
 }
 
 /// True once the store finished its first list (without waiting).
@@ -270,11 +324,43 @@ fn truncate(text: &str, max: usize) -> String {
     }
 }
 
+/// Each served Service's VIP addresses, as decided by the latest translation.
+type Addresses =
+    std::sync::Arc<std::collections::BTreeMap<(String, String), Vec<std::net::IpAddr>>>;
+
+/// Status requests in flight at once: enough to write thousands in seconds, few enough not
+/// to crowd the API server.
+const STATUS_CONCURRENCY: usize = 8;
+
+/// On the Lease holder: writes the status of the latest translation whenever it changes,
+/// and every 5 s (a new holder may owe writes, a failed write is retried).
+async fn write_status_loop(
+    client: kube::Client,
+    services: Store<Service>,
+    leader: Leader,
+    identity: String,
+    mut latest: tokio::sync::watch::Receiver<Option<Addresses>>,
+) {
+    loop {
+        let changed = tokio::time::timeout(Duration::from_secs(5), latest.changed()).await;
+        if matches!(changed, Ok(Err(_))) {
+            // The source ended.
+            return;
+        }
+        let addresses = latest.borrow_and_update().clone();
+        if let Some(addresses) = addresses
+            && leader.is_leader()
+        {
+            write_status(&client, &services, &addresses, &identity).await;
+        }
+    }
+}
+
 /// Writes `status.loadBalancer.ingress` where it differs from the decided VIPs.
 async fn write_status(
     client: &kube::Client,
     services: &Store<Service>,
-    translation: &Translation,
+    addresses: &Addresses,
     identity: &str,
 ) {
     // The field manager names the agent, so managedFields show who wrote the status.
@@ -282,33 +368,57 @@ async fn write_status(
         field_manager: Some(format!("xlb/{identity}")),
         ..PatchParams::default()
     };
-    for ((namespace, name), addresses) in &translation.addresses {
-        let current: Vec<String> = services
-            .get(&reflector::ObjectRef::new(name).within(namespace))
-            .and_then(|s| s.status.clone())
-            .and_then(|s| s.load_balancer)
-            .and_then(|lb| lb.ingress)
-            .map(|i| i.into_iter().filter_map(|i| i.ip).collect())
-            .unwrap_or_default();
-        let wanted: Vec<String> = addresses.iter().map(ToString::to_string).collect();
-        if current == wanted {
-            continue;
-        }
-        let ingress: Vec<_> = wanted
-            .iter()
-            .map(|ip| serde_json::json!({"ip": ip}))
-            .collect();
-        let patch = serde_json::json!({"status": {"loadBalancer": {"ingress": ingress}}});
-        let api = Api::<Service>::namespaced(client.clone(), namespace);
-        match api.patch_status(name, &params, &Patch::Merge(&patch)).await {
-            Ok(_) => {
-                tracing::info!(service = %format!("{namespace}/{name}"), vips = ?wanted, "status written")
-            }
-            Err(e) => {
-                tracing::warn!(service = %format!("{namespace}/{name}"), error = %e, "status write failed; retried on the next change")
-            }
-        }
+    let due: Vec<(String, String, Vec<String>)> = addresses
+        .iter()
+        .filter_map(|((namespace, name), addresses)| {
+            let current: Vec<String> = services
+                .get(&reflector::ObjectRef::new(name).within(namespace))
+                .and_then(|s| s.status.clone())
+                .and_then(|s| s.load_balancer)
+                .and_then(|lb| lb.ingress)
+                .map(|i| i.into_iter().filter_map(|i| i.ip).collect())
+                .unwrap_or_default();
+            let wanted: Vec<String> = addresses.iter().map(ToString::to_string).collect();
+            (current != wanted).then(|| (namespace.clone(), name.clone(), wanted))
+        })
+        .collect();
+    if due.is_empty() {
+        return;
     }
+    let started = Instant::now();
+    // Owned futures (no borrows across the stream): the task must be 'static.
+    let writes = due.into_iter().map(|(namespace, name, wanted)| {
+        let params = params.clone();
+        let api = Api::<Service>::namespaced(client.clone(), &namespace);
+        async move {
+            let ingress: Vec<_> = wanted
+                .iter()
+                .map(|ip| serde_json::json!({"ip": ip}))
+                .collect();
+            let patch = serde_json::json!({"status": {"loadBalancer": {"ingress": ingress}}});
+            match api.patch_status(&name, &params, &Patch::Merge(&patch)).await {
+                Ok(_) => {
+                    tracing::debug!(service = %format!("{namespace}/{name}"), vips = ?wanted, "status written");
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!(service = %format!("{namespace}/{name}"), error = %e, "status write failed; retried within 5 s");
+                    false
+                }
+            }
+        }
+    });
+    let results: Vec<bool> = futures_util::stream::iter(writes)
+        .buffer_unordered(STATUS_CONCURRENCY)
+        .collect()
+        .await;
+    let written = results.iter().filter(|ok| **ok).count();
+    tracing::info!(
+        services = written,
+        failed = results.len() - written,
+        ms = started.elapsed().as_secs_f64() * 1e3,
+        "status written"
+    );
 }
 
 /// Lease-based leader election for the status writer.
