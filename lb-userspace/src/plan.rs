@@ -423,7 +423,9 @@ pub fn plan(desired: &DesiredState, applied: &AppliedState) -> Result<Plan, Plan
 
     // Backend ids: kept for every address still listed somewhere, new ones allocated.
     let wanted_backends = desired.backend_addresses();
-    let mut backend_ids: BTreeMap<IpAddr, u32> = BTreeMap::new();
+    // Hashed: looked up once per backend of every VIP on every plan.
+    let mut backend_ids: std::collections::HashMap<IpAddr, u32> =
+        std::collections::HashMap::with_capacity(wanted_backends.len());
     let new_backends: Vec<IpAddr> = wanted_backends
         .iter()
         .filter(|a| !applied.backend_ids.contains_key(a))

@@ -18,7 +18,7 @@
 //! * **Bad objects** are skipped with a [`Skipped`] naming the object and the reason; the
 //!   rest translates normally.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
 
@@ -318,11 +318,14 @@ pub fn translate<'a>(
     // Oldest first (then by name), so that every agent resolves conflicts and allocations
     // the same way and a new Service never displaces an older one.
     let mut ours: Vec<&Service> = services.into_iter().filter(|s| is_ours(s, opts)).collect();
+    // Borrowed keys: this runs on every batch over every Service (no allocation per
+    // comparison).
     ours.sort_by(|a, b| {
-        let key = |s: &Service| {
+        let key = |s: &'a Service| {
             (
                 s.metadata.creation_timestamp.as_ref().map(|t| t.0),
-                ns_name(&s.metadata),
+                s.metadata.namespace.as_deref().unwrap_or("default"),
+                s.metadata.name.as_deref().unwrap_or_default(),
             )
         };
         key(a).cmp(&key(b))
@@ -374,7 +377,8 @@ pub fn translate<'a>(
     }
 
     // Slices by (namespace, service name).
-    let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+    // Hashed and borrowed: this and the lookups below run on every batch over every object.
+    let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
     for slice in slices {
         let Some(service) = slice
             .metadata
@@ -384,24 +388,27 @@ pub fn translate<'a>(
         else {
             continue;
         };
-        let ns = ns_name(&slice.metadata).0;
+        let ns = slice.metadata.namespace.as_deref().unwrap_or("default");
         by_service
-            .entry((ns, service.clone()))
+            .entry((ns, service.as_str()))
             .or_default()
             .push(slice);
     }
-    let vip_addresses: BTreeSet<IpAddr> = ready.iter().flat_map(|c| c.addresses.clone()).collect();
+    let vip_addresses: HashSet<IpAddr> = ready
+        .iter()
+        .flat_map(|c| c.addresses.iter().copied())
+        .collect();
     let mut bad_slices: BTreeMap<(String, String), String> = BTreeMap::new();
     let mut taken: BTreeMap<ServiceKey, String> = BTreeMap::new();
 
     for c in ready {
         let spec = c.service.spec.as_ref();
-        let ports = spec.and_then(|s| s.ports.clone()).unwrap_or_default();
+        let ports: &[_] = spec.and_then(|s| s.ports.as_deref()).unwrap_or_default();
         let affinity = spec.and_then(|s| s.session_affinity.as_deref()) == Some("ClientIP");
         let label = format!("{}/{}", c.namespace, c.name);
         let mut vips = Vec::new();
         let mut problem = None;
-        'ports: for port in &ports {
+        'ports: for port in ports {
             let Some(proto) = protocol(port.protocol.as_deref()) else {
                 problem = Some(format!(
                     "port {} protocol {} is not supported (TCP and UDP are)",
@@ -434,7 +441,7 @@ pub fn translate<'a>(
                     format!("{label}:{port_label}")
                 };
                 let backends = backends(
-                    by_service.get(&(c.namespace.clone(), c.name.clone())),
+                    by_service.get(&(c.namespace.as_str(), c.name.as_str())),
                     port.name.as_deref().unwrap_or(""),
                     proto,
                     address.is_ipv6(),
@@ -495,7 +502,7 @@ fn backends(
     port_name: &str,
     proto: Protocol,
     v6: bool,
-    vip_addresses: &BTreeSet<IpAddr>,
+    vip_addresses: &HashSet<IpAddr>,
     bad: &mut BTreeMap<(String, String), String>,
 ) -> Vec<BackendSpec> {
     let mut found: BTreeMap<IpAddr, BackendState> = BTreeMap::new();
