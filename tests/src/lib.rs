@@ -4,6 +4,7 @@
 //! Traffic rule: tests only address hosts inside namespaces they created, using the
 //! documentation ranges (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24, 2001:db8::/32).
 
+pub mod bench_kube;
 pub mod bench_support;
 pub mod fixture;
 pub mod kube;

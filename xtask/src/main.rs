@@ -1,5 +1,6 @@
 //! `cargo xtask …`: everything a developer or CI runs, each command doing the set-up it needs.
 
+mod bench_kubernetes;
 mod bench_l7;
 mod bench_maglev;
 mod ebpf;
@@ -77,6 +78,21 @@ enum Bench {
     Maglev {
         #[arg(long)]
         json: bool,
+    },
+    /// `xlb agent --kubernetes` against the real kube-apiserver: Services × endpoints created,
+    /// initial sync, change → maps latency p50/p99, the agent's peak RSS.
+    Kubernetes {
+        #[arg(long)]
+        json: bool,
+        /// LoadBalancer Services (one VIP each).
+        #[arg(long, default_value_t = 10_000)]
+        services: u32,
+        /// Endpoints per Service (one EndpointSlice each).
+        #[arg(long, default_value_t = 10)]
+        endpoints: u32,
+        /// Single-endpoint changes timed one at a time.
+        #[arg(long, default_value_t = 1_000)]
+        changes: u32,
     },
     /// L7 proxy against nginx and HAProxy with wrk.
     L7 {
@@ -188,6 +204,17 @@ fn main() -> Result<()> {
                     util::run_checked(&mut cmd)
                 }
                 Bench::Maglev { json } => bench_maglev::run(json),
+                Bench::Kubernetes {
+                    json,
+                    services,
+                    endpoints,
+                    changes,
+                } => bench_kubernetes::run(&bench_kubernetes::Options {
+                    json,
+                    services,
+                    endpoints,
+                    changes,
+                }),
                 Bench::L7 {
                     json,
                     seconds,
