@@ -15,7 +15,11 @@
 //!   `kubernetes.io/service-name` in the Ingress's namespace, the slice port with the same
 //!   name as the Service port (that is how the targetPort is resolved, named or not), ready
 //!   endpoints only (`ready` unset counts as ready, as the API documents). A Service with no
-//!   ready endpoint answers 503. Resource backends and ExternalName Services are refused.
+//!   ready endpoint answers 503. A Service or Service port that does not exist (not yet
+//!   created, or deleted) also answers 503 on its paths only, and the Ingress is reported in
+//!   [`IngressTranslation::degraded`]: the Ingress's other paths keep serving, as with
+//!   ingress-nginx, instead of one missing Service taking all of them down. Resource
+//!   backends and ExternalName Services are refused.
 //! * **Certificates.** Only Secrets named by a served Ingress's `spec.tls` (and the file's
 //!   `tls.default_secret`, read as `namespace/name` of a Secret) are put into the config;
 //!   each must be of type `kubernetes.io/tls` and its `tls.crt`/`tls.key` must load.
@@ -97,6 +101,9 @@ pub struct IngressTranslation {
     pub served: Vec<(String, String)>,
     /// Ingresses of ours left out, sorted.
     pub rejected: Vec<Rejected>,
+    /// Served Ingresses with paths answering 503 because their Service or Service port does
+    /// not exist, sorted (one entry per problem).
+    pub degraded: Vec<Rejected>,
     /// Problems that are not an Ingress's (the default certificate), for the log.
     pub warnings: Vec<String>,
 }
@@ -251,9 +258,51 @@ pub fn translate<'a>(
         .map(|i| (i.namespace.clone(), i.name.clone()))
         .collect();
     out.served.sort();
+    for c in &candidates {
+        let (ns, name) = (&c.ingress.namespace, &c.ingress.name);
+        if out.served.iter().any(|(n, m)| n == ns && m == name) {
+            out.degraded.extend(c.missing.iter().map(|reason| Rejected {
+                namespace: ns.clone(),
+                name: name.clone(),
+                reason: reason.clone(),
+            }));
+        }
+    }
+    out.degraded.sort();
     out.rejected.sort();
     out.config = config;
     out
+}
+
+/// A backend without endpoints for a Service or port that does not exist: the number asked
+/// for, or for a port asked by name the highest number the Service does not use (so it
+/// cannot alias one of its real ports).
+fn unresolved(
+    namespace: &str,
+    service: &str,
+    number: Option<u16>,
+    taken: &[i32],
+    services: &mut BTreeMap<(String, u16), pc::Service>,
+) -> pc::Backend {
+    let port = number.unwrap_or_else(|| {
+        (1..=u16::MAX)
+            .rev()
+            .find(|p| !taken.contains(&i32::from(*p)))
+            .unwrap_or(u16::MAX)
+    });
+    services
+        .entry((service.to_owned(), port))
+        .or_insert_with(|| pc::Service {
+            name: service.to_owned(),
+            namespace: namespace.to_owned(),
+            port,
+            endpoints: Vec::new(),
+            ..pc::Service::default()
+        });
+    pc::Backend {
+        service: service.to_owned(),
+        port,
+    }
 }
 
 /// Our Ingresses, oldest first.
@@ -318,6 +367,8 @@ struct Candidate {
     ingress: pc::Ingress,
     services: Vec<pc::Service>,
     secrets: Vec<pc::TlsSecret>,
+    /// Backends that answer 503 because their Service or port is missing.
+    missing: Vec<String>,
 }
 
 impl Candidate {
@@ -377,6 +428,7 @@ impl Index<'_> {
         let default_spec = IngressSpec::default();
         let spec = ing.spec.as_ref().unwrap_or(&default_spec);
         let mut services = BTreeMap::new();
+        let mut missing = Vec::new();
         let mut c = pc::Ingress {
             name,
             namespace: namespace.clone(),
@@ -386,8 +438,10 @@ impl Index<'_> {
         };
         if let Some(b) = &spec.default_backend {
             c.default_backend = Some(
-                self.backend(&namespace, b, &mut services)
-                    .map_err(|e| format!("defaultBackend: {e}"))?,
+                self.backend(&namespace, b, &mut services, &mut |m| {
+                    missing.push(format!("defaultBackend: {m}"))
+                })
+                .map_err(|e| format!("defaultBackend: {e}"))?,
             );
         }
         let mut secrets = Vec::new();
@@ -410,7 +464,9 @@ impl Index<'_> {
                     other => return Err(format!("{}: unknown pathType {other:?}", at())),
                 };
                 let backend = self
-                    .backend(&namespace, &p.backend, &mut services)
+                    .backend(&namespace, &p.backend, &mut services, &mut |m| {
+                        missing.push(format!("{}.backend: {m}", at()))
+                    })
                     .map_err(|e| format!("{}.backend: {e}", at()))?;
                 paths.push(pc::HttpPath {
                     // Only ImplementationSpecific may leave the path out: it then means all.
@@ -428,6 +484,7 @@ impl Index<'_> {
             ingress: c,
             services: services.into_values().collect(),
             secrets,
+            missing,
         })
     }
 
@@ -462,21 +519,35 @@ impl Index<'_> {
         result
     }
 
+    /// The config backend of an Ingress backend. A missing Service or Service port is not
+    /// an error: the backend then has no endpoints (503) and `missing` hears why.
     fn backend(
         &self,
         namespace: &str,
         backend: &IngressBackend,
         services: &mut BTreeMap<(String, u16), pc::Service>,
+        missing: &mut dyn FnMut(String),
     ) -> Result<pc::Backend, String> {
         if backend.resource.is_some() {
             return Err("resource backends are not supported".into());
         }
         let sb = backend.service.as_ref().ok_or("no service")?;
         let id = format!("{namespace}/{}", sb.name);
-        let svc = self
-            .services
-            .get(&(namespace.to_owned(), sb.name.clone()))
-            .ok_or_else(|| format!("service {id} not found"))?;
+        let wanted = sb.port.as_ref().ok_or("no service port")?;
+        let asked_number = match (&wanted.number, &wanted.name) {
+            (Some(n), _) => Some(
+                u16::try_from(*n)
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| format!("service port {n} out of range"))?,
+            ),
+            (None, Some(_)) => None,
+            (None, None) => return Err("service port has neither number nor name".into()),
+        };
+        let Some(svc) = self.services.get(&(namespace.to_owned(), sb.name.clone())) else {
+            missing(format!("service {id} not found; its paths answer 503"));
+            return Ok(unresolved(namespace, &sb.name, asked_number, &[], services));
+        };
         let spec = svc
             .spec
             .as_ref()
@@ -486,8 +557,7 @@ impl Index<'_> {
                 "service {id}: ExternalName services are not supported"
             ));
         }
-        let wanted = sb.port.as_ref().ok_or("no service port")?;
-        let port = spec
+        let found = spec
             .ports
             .iter()
             .flatten()
@@ -496,12 +566,24 @@ impl Index<'_> {
                 (Some(n), _) => p.port == *n,
                 (None, Some(name)) => p.name.as_deref() == Some(name.as_str()),
                 (None, None) => false,
-            })
-            .ok_or_else(|| match (&wanted.number, &wanted.name) {
-                (Some(n), _) => format!("service {id} has no TCP port {n}"),
-                (None, Some(name)) => format!("service {id} has no TCP port named {name:?}"),
-                (None, None) => "service port has neither number nor name".into(),
-            })?;
+            });
+        let Some(port) = found else {
+            missing(match (&wanted.number, &wanted.name) {
+                (Some(n), _) => format!("service {id} has no TCP port {n}; its paths answer 503"),
+                (_, name) => format!(
+                    "service {id} has no TCP port named {:?}; its paths answer 503",
+                    name.as_deref().unwrap_or("")
+                ),
+            });
+            let taken: Vec<i32> = spec.ports.iter().flatten().map(|p| p.port).collect();
+            return Ok(unresolved(
+                namespace,
+                &sb.name,
+                asked_number,
+                &taken,
+                services,
+            ));
+        };
         let number = u16::try_from(port.port)
             .ok()
             .filter(|p| *p != 0)

@@ -245,11 +245,24 @@ async fn run(client: kube::Client, opts: IngressSourceOptions, tx: mpsc::Sender<
             if reported.insert(rejected.to_string()) {
                 tracing::warn!(ingress = %format!("{}/{}", rejected.namespace, rejected.name),
                     reason = %rejected.reason, "rejected an Ingress; everything else is served");
-                publish(&recorder, rejected).await;
+                publish(&recorder, rejected, "Rejected").await;
+            }
+        }
+        for degraded in &translation.degraded {
+            if reported.insert(degraded.to_string()) {
+                tracing::warn!(ingress = %format!("{}/{}", degraded.namespace, degraded.name),
+                    reason = %degraded.reason, "an Ingress backend is missing; its paths answer 503");
+                publish(&recorder, degraded, "BackendMissing").await;
             }
         }
         // Once fixed, the same fault later deserves a new report.
-        reported.retain(|r| translation.rejected.iter().any(|x| x.to_string() == *r));
+        reported.retain(|r| {
+            translation
+                .rejected
+                .iter()
+                .chain(&translation.degraded)
+                .any(|x| x.to_string() == *r)
+        });
         for w in &translation.warnings {
             if warned.insert(w.clone()) {
                 tracing::warn!("{w}");
@@ -282,7 +295,8 @@ where
     futures_util::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|r| r.is_ok())
 }
 
-async fn publish(recorder: &Recorder, rejected: &Rejected) {
+/// A Warning Event on the Ingress (`reason`: `Rejected` or `BackendMissing`).
+async fn publish(recorder: &Recorder, rejected: &Rejected, reason: &str) {
     let reference = ObjectReference {
         api_version: Some("networking.k8s.io/v1".into()),
         kind: Some("Ingress".into()),
@@ -294,13 +308,13 @@ async fn publish(recorder: &Recorder, rejected: &Rejected) {
     let note: String = rejected.reason.chars().take(1000).collect();
     let event = Event {
         type_: EventType::Warning,
-        reason: "Rejected".into(),
+        reason: reason.into(),
         note: Some(note),
         action: "Translate".into(),
         secondary: None,
     };
     if let Err(e) = recorder.publish(&event, &reference).await {
-        tracing::warn!(error = %e, "cannot publish the Event for a rejected Ingress");
+        tracing::warn!(error = %e, "cannot publish the Event for an Ingress");
     }
 }
 

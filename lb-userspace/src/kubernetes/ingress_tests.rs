@@ -387,16 +387,6 @@ fn each_bad_ingress_is_rejected_alone_with_a_reason() {
         ),
         ingress("bad-path", t0, path("/a?b")),
         ingress(
-            "no-service",
-            t0,
-            backend(json!({"service": {"name": "gone", "port": {"number": 80}}})),
-        ),
-        ingress(
-            "no-port",
-            t0,
-            backend(json!({"service": {"name": "web", "port": {"name": "grpc"}}})),
-        ),
-        ingress(
             "resource",
             t0,
             backend(json!({"resource": {"kind": "Bucket", "name": "b"}})),
@@ -417,7 +407,7 @@ fn each_bad_ingress_is_rejected_alone_with_a_reason() {
             .unwrap_or_else(|| panic!("{name} not rejected: {reasons:?}"))
             .1
     };
-    assert_eq!(reasons.len(), 9, "{reasons:?}");
+    assert_eq!(reasons.len(), 7, "{reasons:?}");
     assert!(reason("missing-secret").contains("secret default/nope not found"));
     assert!(
         reason("bad-cert").contains("default/garbage"),
@@ -435,8 +425,6 @@ fn each_bad_ingress_is_rejected_alone_with_a_reason() {
         "{}",
         reason("bad-path")
     );
-    assert!(reason("no-service").contains("service default/gone not found"));
-    assert!(reason("no-port").contains("no TCP port named \"grpc\""));
     assert!(reason("resource").contains("resource backends"));
     assert!(reason("annotation").contains("xlb.dev/max-body-bytes"));
     // The Display form names the object.
@@ -447,6 +435,68 @@ fn each_bad_ingress_is_rejected_alone_with_a_reason() {
         .unwrap()
         .to_string();
     assert!(line.starts_with("Ingress default/bad-cert: "), "{line}");
+}
+
+#[test]
+fn a_missing_service_or_port_answers_503_on_its_paths_only() {
+    let mut w = World::new();
+    let path =
+        |p: &str, backend: Value| json!({"path": p, "pathType": "Prefix", "backend": backend});
+    w.ingresses = vec![ingress(
+        "mixed",
+        "2024-01-01T00:00:00Z",
+        json!({"spec": {"rules": [{"host": "x.example.com", "http": {"paths": [
+            path("/ok", json!({"service": {"name": "web", "port": {"number": 80}}})),
+            path("/gone", json!({"service": {"name": "gone", "port": {"number": 8080}}})),
+            path("/gone-named", json!({"service": {"name": "gone", "port": {"name": "http"}}})),
+            path("/no-port", json!({"service": {"name": "web", "port": {"name": "grpc"}}})),
+        ]}}]}}),
+    )];
+    let t = w.run();
+    assert_eq!(served(&t), ["mixed"], "{:?}", t.rejected);
+    assert!(t.rejected.is_empty(), "{:?}", t.rejected);
+    let reasons: Vec<&str> = t.degraded.iter().map(|d| d.reason.as_str()).collect();
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("paths[1].backend: service default/gone not found")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r
+                .contains("paths[3].backend: service default/web has no TCP port named \"grpc\"")),
+        "{reasons:?}"
+    );
+    let ing = &t.config.ingresses[0];
+    let backend_of = |p: &str| {
+        ing.rules[0]
+            .paths
+            .iter()
+            .find(|x| x.path == p)
+            .map(|x| (x.backend.service.clone(), x.backend.port))
+            .unwrap()
+    };
+    let endpoints_of = |(name, port): (String, u16)| {
+        t.config
+            .services
+            .iter()
+            .find(|s| s.name == name && s.port == port)
+            .map(|s| s.endpoints.clone())
+            .unwrap_or_else(|| panic!("no service {name}:{port}"))
+    };
+    // The healthy path keeps its endpoints; the others have none (503).
+    assert!(!endpoints_of(backend_of("/ok")).is_empty());
+    assert_eq!(backend_of("/gone"), ("gone".into(), 8080));
+    assert!(endpoints_of(backend_of("/gone")).is_empty());
+    assert!(endpoints_of(backend_of("/gone-named")).is_empty());
+    // A port asked by a name the Service lacks does not alias one of its real ports.
+    let (name, port) = backend_of("/no-port");
+    assert_eq!(name, "web");
+    assert_ne!(port, 80);
+    assert!(endpoints_of((name, port)).is_empty());
 }
 
 #[test]
