@@ -13,6 +13,10 @@
 //!   the backends stay resolved through a long run.
 //! * `bench_redirect` — the ceiling on the LB node: rewrite both MACs from a one-entry
 //!   config map and `bpf_redirect` to the configured ifindex. No parsing, no lookups.
+//! * `bench_fanout` — the ceiling as a balancer has to reach it: the same MAC rewrite and
+//!   `bpf_redirect`, to one of [`FANOUT`] backends chosen by UDP source port (the flows are
+//!   source ports), so it pays the per-device transmit flushes of delivering to several
+//!   backends that any load balancer pays. Reads the UDP header, nothing else.
 //! * `bench_pass` — `return XDP_PASS` on the LB node for the kernel-forwarding case (native
 //!   XDP_TX into a veth is delivered only when the peer runs an XDP program).
 //!
@@ -70,6 +74,13 @@ static BENCH_SINK_COUNT: PerCpuArray<u64, 1> = PerCpuArray::new();
 
 #[btf_map]
 static BENCH_REDIRECT_CONFIG: Array<RedirectConfig, 1> = Array::new();
+
+/// Backends of `bench_fanout`.
+pub const FANOUT: u32 = 3;
+
+/// `bench_fanout` targets by index.
+#[btf_map]
+static BENCH_FANOUT_CONFIG: Array<RedirectConfig, { FANOUT as usize }> = Array::new();
 
 #[inline(always)]
 fn bump(map: &PerCpuArray<u64, 1>) -> u64 {
@@ -180,3 +191,24 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[xdp]
+pub fn bench_fanout(ctx: XdpContext) -> u32 {
+    let data = ctx.data();
+    if data + HDR_END > ctx.data_end() {
+        return xdp_action::XDP_DROP;
+    }
+    // SAFETY: the source port is inside the checked headers.
+    let sport = u16::from_be(unsafe { *((data + UDP_SPORT_OFF) as *const u16) });
+    let Some(cfg) = BENCH_FANOUT_CONFIG.get(u32::from(sport) % FANOUT) else {
+        return xdp_action::XDP_DROP;
+    };
+    let p = data as *mut [u8; 6];
+    // SAFETY: the 12 MAC bytes are inside the checked Ethernet header.
+    unsafe {
+        *p = cfg.dst_mac;
+        *p.add(1) = cfg.src_mac;
+    }
+    // SAFETY: plain helper call.
+    unsafe { bpf_redirect(cfg.ifindex, 0) as u32 }
+}
