@@ -3,7 +3,8 @@
 //! HTTP and HTTPS (SNI); changing the Ingress, rotating its Secret and scaling its
 //! EndpointSlices while a client drives requests loses none; an invalid Ingress among good
 //! ones is rejected with an Event naming it while the others keep serving; served Ingresses
-//! get the proxy's address in their status.
+//! get the proxy's address in their status; a path whose Service is missing answers 503 while
+//! the rest of its Ingress serves; an API-server outage leaves the last rules serving.
 //!
 //! Every test has its own namespace, IngressClass and controller name, so tests sharing one
 //! API server never see each other's objects.
@@ -33,7 +34,7 @@ use support::{Pki, upstream};
 use tokio::net::TcpStream;
 use xlb_tests::kube::proxy::{ProxyProcess, namespace};
 use xlb_tests::kube::source::{delete, put};
-use xlb_tests::kube::{KubeServer, runtime};
+use xlb_tests::kube::{KubeOptions, KubeServer, runtime};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -106,6 +107,16 @@ fn ingress(ns: &str, name: &str, class: &str, spec: Value, annotations: Value) -
     }))
 }
 
+/// One GET of `path` over a fresh plain connection; errors are returned, not panicked on.
+async fn try_get_path(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+) -> Result<(StatusCode, String), String> {
+    let io = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    request_path(io, host, path).await
+}
+
 /// One GET over a fresh plain connection; errors are returned, not panicked on.
 async fn try_get(addr: SocketAddr, host: &str) -> Result<(StatusCode, String), String> {
     let tcp = TcpStream::connect(addr)
@@ -143,13 +154,20 @@ async fn request<IO>(io: IO, host: &str) -> Result<(StatusCode, String), String>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    request_path(io, host, "/").await
+}
+
+async fn request_path<IO>(io: IO, host: &str, path: &str) -> Result<(StatusCode, String), String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let work = async {
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
             .map_err(|e| format!("h1 handshake: {e}"))?;
         tokio::spawn(conn);
         let req = hyper::Request::builder()
-            .uri("/")
+            .uri(path)
             .header("host", host)
             .body(Full::new(Bytes::new()))
             .expect("request");
@@ -501,6 +519,24 @@ fn kube_proxy_rejects_an_invalid_ingress_with_an_event_and_serves_the_others() {
             ),
         )
         .await;
+        // One path names a Service that does not exist: that path answers 503, the other
+        // path of the same Ingress serves.
+        put(
+            ingresses,
+            &ingress(
+                ns,
+                "partial",
+                class,
+                json!({"rules": [{"host": "partial.example.test", "http": {"paths": [
+                    {"path": "/ok", "pathType": "Prefix",
+                     "backend": {"service": {"name": "web", "port": {"name": "http"}}}},
+                    {"path": "/gone", "pathType": "Prefix",
+                     "backend": {"service": {"name": "gone", "port": {"number": 80}}}},
+                ]}}]}),
+                json!({}),
+            ),
+        )
+        .await;
         // Another controller's Ingress: neither served nor reported.
         put(
             ingresses,
@@ -581,6 +617,23 @@ fn kube_proxy_rejects_an_invalid_ingress_with_an_event_and_serves_the_others() {
             event_for("good").await.is_none(),
             "no Event for the good Ingress"
         );
+        let e = eventually("an Event for partial", WAIT, || event_for("partial")).await;
+        assert_eq!(e.type_.as_deref(), Some("Warning"));
+        assert_eq!(e.reason.as_deref(), Some("BackendMissing"));
+        let note = e.note.unwrap_or_default();
+        assert!(note.contains("service kproxy-bad/gone not found"), "{note}");
+        let (status, body) = try_get_path(proxy.http, "partial.example.test", "/ok")
+            .await
+            .expect("http");
+        assert_eq!(
+            (status, backend(&body)),
+            (StatusCode::OK, Some("v1")),
+            "{body}"
+        );
+        let (status, _) = try_get_path(proxy.http, "partial.example.test", "/gone")
+            .await
+            .expect("http");
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(
             event_for("foreign").await.is_none(),
             "no Event for another controller's Ingress"
@@ -637,6 +690,83 @@ fn kube_proxy_rejects_an_invalid_ingress_with_an_event_and_serves_the_others() {
             .await
             .expect("http");
         assert_eq!(status, StatusCode::OK);
+        drop(proxy);
+    });
+}
+
+/// The API server goes away: the proxy keeps serving its last rules; once it is back, changes
+/// flow again. Its own API server (the shared one must stay up for the other tests).
+#[test]
+fn kube_proxy_keeps_serving_while_the_api_server_is_down() {
+    let server = KubeServer::start(KubeOptions::default());
+    let server = &server;
+    runtime().block_on(async {
+        let client = server.client().await;
+        let ns = "kproxy-outage";
+        let (class, controller) = ("xlb-outage", "test.xlb.dev/outage");
+        namespace(&client, ns).await;
+        let classes: Api<IngressClass> = Api::all(client.clone());
+        let services: Api<Service> = Api::namespaced(client.clone(), ns);
+        let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
+        let ingresses: Api<Ingress> = Api::namespaced(client.clone(), ns);
+        let v1 = upstream("v1").await;
+        put(&classes, &ingress_class(class, controller)).await;
+        put(&services, &web_service(ns)).await;
+        put(&slices, &web_slice(ns, "web-1", v1.addr)).await;
+        let plain = |host: &str| json!({"rules": [rule(host, json!({"name": "http"}))]});
+        put(
+            &ingresses,
+            &ingress(ns, "app", class, plain("app.example.test"), json!({})),
+        )
+        .await;
+        let proxy = tokio::task::block_in_place(|| {
+            ProxyProcess::start(
+                server,
+                &[
+                    "--kube-controller",
+                    controller,
+                    "--kube-identity",
+                    "test-outage",
+                ],
+            )
+        });
+        let http = proxy.http;
+        let served = |host: &'static str| async move {
+            matches!(try_get(http, host).await, Ok((StatusCode::OK, _))).then_some(())
+        };
+        eventually("app served", WAIT, || served("app.example.test")).await;
+
+        tokio::task::block_in_place(|| server.stop_apiserver());
+        // Longer than a batch, a watch retry and its backoff: nothing may be torn down.
+        let until = Instant::now() + Duration::from_secs(4);
+        let mut requests = 0;
+        while Instant::now() < until {
+            let (status, body) = try_get(http, "app.example.test")
+                .await
+                .expect("served during the outage");
+            assert_eq!(
+                (status, backend(&body)),
+                (StatusCode::OK, Some("v1")),
+                "{body}"
+            );
+            requests += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(requests > 10, "only {requests} requests during the outage");
+
+        tokio::task::block_in_place(|| server.start_apiserver());
+        let client = server.client().await;
+        let ingresses: Api<Ingress> = Api::namespaced(client, ns);
+        put(
+            &ingresses,
+            &ingress(ns, "later", class, plain("later.example.test"), json!({})),
+        )
+        .await;
+        eventually("a change after the API server came back", WAIT, || {
+            served("later.example.test")
+        })
+        .await;
+        eventually("app still served", WAIT, || served("app.example.test")).await;
         drop(proxy);
     });
 }
