@@ -60,44 +60,8 @@ fn backends(pin_dir: &PinDir, name: &str) -> Option<Vec<(String, String)>> {
 
 #[test]
 fn kube_agent_programs_services_into_the_maps() {
-    require_root();
-    let ns = NetNs::new("xk");
-    ns.ip(&["link", "add", "xka", "type", "veth", "peer", "name", "xkb"]);
-    ns.ip(&["addr", "add", "192.0.2.1/24", "dev", "xka"]);
-    ns.ip(&["link", "set", "xka", "up"]);
-    ns.ip(&["link", "set", "xkb", "up"]);
-    let server = KubeServer::start(KubeOptions {
-        netns: Some(ns.name.clone()),
-        ..KubeOptions::default()
-    });
-    let pin_dir = PinDir::new("xk");
-    let scratch = Scratch::new("xk");
-    let config = scratch.path.join("xlb.toml");
-    write_atomically(&config, &agent_config("xka", &pin_dir, ""));
-    let state_dir = scratch.path.join("state");
-    // Declared before the agent: dropped after it is killed.
-    let _cleanup = Unload(pin_dir.path.clone());
-    let mut agent = XlbProcess::spawn(
-        &ns,
-        &[
-            "agent",
-            "--config",
-            config.to_str().unwrap(),
-            "--state-dir",
-            state_dir.to_str().unwrap(),
-            "--kubernetes",
-            "--kubeconfig",
-            server.kubeconfig.to_str().unwrap(),
-            "--kube-class",
-            CLASS,
-            "--kube-pool",
-            "203.0.113.0/28",
-            "--kube-identity",
-            "node-xk",
-        ],
-        scratch.path.join("agent.log"),
-    );
-    agent.wait_log("agent ready", Duration::from_secs(20));
+    let mut node = Node::start("xk", "", &["--kube-pool", "203.0.113.0/28"]);
+    let (server, scratch, pin_dir) = (&node.server, &node.scratch, &node.pin_dir);
 
     apply(
         &server,
@@ -166,7 +130,7 @@ fn kube_agent_programs_services_into_the_maps() {
     );
 
     // API event → maps updated is measured.
-    let text = scrape_metrics(&ns, 9430).expect("metrics served");
+    let text = scrape_metrics(&node.ns, 9430).expect("metrics served");
     let observed = metric_value(&text, "xlb_kubernetes_event_to_maps_seconds_count");
     assert!(
         observed.is_some_and(|n| n >= 3.0),
@@ -214,8 +178,8 @@ fn kube_agent_programs_services_into_the_maps() {
             .is_none()
             .then_some(())
     });
-    assert!(agent.log_text().contains("kubernetes state applied"));
-    let _ = agent.terminate();
+    assert!(node.agent.log_text().contains("kubernetes state applied"));
+    let _ = node.agent.terminate();
 }
 
 /// IPv6 through Kubernetes into the maps: a Service asking for an IPv6 VIP (the API server
@@ -225,47 +189,8 @@ fn kube_agent_programs_services_into_the_maps() {
 /// left out.
 #[test]
 fn kube_agent_programs_ipv6_udp_with_affinity() {
-    require_root();
-    let ns = NetNs::new("xk6");
-    ns.ip(&[
-        "link", "add", "xk6a", "type", "veth", "peer", "name", "xk6b",
-    ]);
-    ns.ip(&["addr", "add", "192.0.2.1/24", "dev", "xk6a"]);
-    ns.ip(&["link", "set", "xk6a", "up"]);
-    ns.ip(&["link", "set", "xk6b", "up"]);
-    let server = KubeServer::start(KubeOptions {
-        netns: Some(ns.name.clone()),
-        ..KubeOptions::default()
-    });
-    let pin_dir = PinDir::new("xk6");
-    let scratch = Scratch::new("xk6");
-    let config = scratch.path.join("xlb.toml");
-    let node = agent_config("xk6a", &pin_dir, "").replace(
-        "tunnel_source_v4 = \"192.0.2.1\"",
-        "tunnel_source_v4 = \"192.0.2.1\"\ntunnel_source_v6 = \"2001:db8:a::1\"",
-    );
-    write_atomically(&config, &node);
-    let state_dir = scratch.path.join("state");
-    let _cleanup = Unload(pin_dir.path.clone());
-    let mut agent = XlbProcess::spawn(
-        &ns,
-        &[
-            "agent",
-            "--config",
-            config.to_str().unwrap(),
-            "--state-dir",
-            state_dir.to_str().unwrap(),
-            "--kubernetes",
-            "--kubeconfig",
-            server.kubeconfig.to_str().unwrap(),
-            "--kube-class",
-            CLASS,
-            "--kube-identity",
-            "node-xk6",
-        ],
-        scratch.path.join("agent.log"),
-    );
-    agent.wait_log("agent ready", Duration::from_secs(20));
+    let mut node = Node::start("xk6", "tunnel_source_v6 = \"2001:db8:a::1\"", &[]);
+    let (server, scratch, pin_dir) = (&node.server, &node.scratch, &node.pin_dir);
 
     apply(
         &server,
@@ -348,7 +273,76 @@ fn kube_agent_programs_ipv6_udp_with_affinity() {
     wait_for("one IPv6 backend left", WAIT, || {
         backends(&pin_dir, "default/dns:dns").filter(|b| b.len() == 1)
     });
-    let _ = agent.terminate();
+    let _ = node.agent.terminate();
+}
+
+/// One LB node for a test: a namespace with a veth pair, etcd and kube-apiserver on its
+/// loopback, and `xlb agent --kubernetes` attached to the veth. Fields drop in order: the
+/// agent is killed before the datapath is unloaded and the rest torn down.
+struct Node {
+    agent: XlbProcess,
+    _unload: Unload,
+    scratch: Scratch,
+    pin_dir: PinDir,
+    server: KubeServer,
+    ns: NetNs,
+}
+
+impl Node {
+    /// `tag` names the namespace, interfaces and directories; `node_extra` is added to the
+    /// config's `[node]`, `args` to the agent's command line.
+    fn start(tag: &str, node_extra: &str, args: &[&str]) -> Node {
+        require_root();
+        let ns = NetNs::new(tag);
+        let (lb_if, peer_if) = (format!("{tag}a"), format!("{tag}b"));
+        ns.ip(&[
+            "link", "add", &lb_if, "type", "veth", "peer", "name", &peer_if,
+        ]);
+        ns.ip(&["addr", "add", "192.0.2.1/24", "dev", &lb_if]);
+        ns.ip(&["link", "set", &lb_if, "up"]);
+        ns.ip(&["link", "set", &peer_if, "up"]);
+        let server = KubeServer::start(KubeOptions {
+            netns: Some(ns.name.clone()),
+            ..KubeOptions::default()
+        });
+        let pin_dir = PinDir::new(tag);
+        let scratch = Scratch::new(tag);
+        let config = scratch.path.join("xlb.toml");
+        let text = agent_config(&lb_if, &pin_dir, "").replacen(
+            "[node]\n",
+            &format!("[node]\n{node_extra}\n"),
+            1,
+        );
+        write_atomically(&config, &text);
+        let state_dir = scratch.path.join("state");
+        let unload = Unload(pin_dir.path.clone());
+        let identity = format!("node-{tag}");
+        let mut argv = vec![
+            "agent",
+            "--config",
+            config.to_str().unwrap(),
+            "--state-dir",
+            state_dir.to_str().unwrap(),
+            "--kubernetes",
+            "--kubeconfig",
+            server.kubeconfig.to_str().unwrap(),
+            "--kube-class",
+            CLASS,
+            "--kube-identity",
+            &identity,
+        ];
+        argv.extend_from_slice(args);
+        let mut agent = XlbProcess::spawn(&ns, &argv, scratch.path.join("agent.log"));
+        agent.wait_log("agent ready", Duration::from_secs(20));
+        Node {
+            agent,
+            _unload: unload,
+            scratch,
+            pin_dir,
+            server,
+            ns,
+        }
+    }
 }
 
 /// Unloads the datapath at the end, also when the test fails.
