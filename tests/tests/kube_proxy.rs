@@ -107,6 +107,45 @@ fn ingress(ns: &str, name: &str, class: &str, spec: Value, annotations: Value) -
     }))
 }
 
+/// A test's own namespace, IngressClass (of a controller of its own) and Service `web`
+/// backed by one upstream, with the APIs the test uses.
+struct Scene {
+    ns: &'static str,
+    class: &'static str,
+    controller: &'static str,
+    slices: Api<EndpointSlice>,
+    secrets: Api<Secret>,
+    ingresses: Api<Ingress>,
+    /// The upstream behind `web`'s first EndpointSlice (`web-1`).
+    v1: support::Upstream,
+}
+
+impl Scene {
+    async fn new(
+        client: &kube::Client,
+        ns: &'static str,
+        class: &'static str,
+        controller: &'static str,
+    ) -> Scene {
+        namespace(client, ns).await;
+        let classes: Api<IngressClass> = Api::all(client.clone());
+        let services: Api<Service> = Api::namespaced(client.clone(), ns);
+        let scene = Scene {
+            ns,
+            class,
+            controller,
+            slices: Api::namespaced(client.clone(), ns),
+            secrets: Api::namespaced(client.clone(), ns),
+            ingresses: Api::namespaced(client.clone(), ns),
+            v1: upstream("v1").await,
+        };
+        put(&classes, &ingress_class(class, controller)).await;
+        put(&services, &web_service(ns)).await;
+        put(&scene.slices, &web_slice(ns, "web-1", scene.v1.addr)).await;
+        scene
+    }
+}
+
 /// One GET of `path` over a fresh plain connection; errors are returned, not panicked on.
 async fn try_get_path(
     addr: SocketAddr,
@@ -346,24 +385,16 @@ fn kube_proxy_routes_and_swaps_ingress_secret_and_endpoints_without_failed_reque
     };
     runtime().block_on(async {
         let client = server.client().await;
-        let ns = "kproxy-live";
-        let (class, controller) = ("xlb-live", "test.xlb.dev/live");
-        namespace(&client, ns).await;
-        let classes: Api<IngressClass> = Api::all(client.clone());
-        let services: Api<Service> = Api::namespaced(client.clone(), ns);
-        let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
-        let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-        let ingresses: Api<Ingress> = Api::namespaced(client.clone(), ns);
+        let scene = Scene::new(&client, "kproxy-live", "xlb-live", "test.xlb.dev/live").await;
+        let (ns, class, controller) = (scene.ns, scene.class, scene.controller);
+        let (slices, secrets) = (&scene.slices, &scene.secrets);
         // References, so the polling closures below can copy them into their futures.
-        let ingresses = &ingresses;
+        let ingresses = &scene.ingresses;
 
-        let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+        let v2 = upstream("v2").await;
         let pki = Pki::new();
         let first_cert = pki.leaf(&["secure.example.test"]);
-        put(&classes, &ingress_class(class, controller)).await;
-        put(&services, &web_service(ns)).await;
-        put(&slices, &web_slice(ns, "web-1", v1.addr)).await;
-        put(&secrets, &tls_secret(ns, "web-tls", &first_cert)).await;
+        put(secrets, &tls_secret(ns, "web-tls", &first_cert)).await;
         let spec = |extra_rules: Vec<Value>| {
             let mut rules = vec![
                 rule("app.example.test", json!({"name": "http"})),
@@ -479,21 +510,11 @@ fn kube_proxy_rejects_an_invalid_ingress_with_an_event_and_serves_the_others() {
     let server = KubeServer::shared();
     runtime().block_on(async {
         let client = server.client().await;
-        let ns = "kproxy-bad";
-        let (class, controller) = ("xlb-bad", "test.xlb.dev/bad");
-        namespace(&client, ns).await;
-        let classes: Api<IngressClass> = Api::all(client.clone());
-        let services: Api<Service> = Api::namespaced(client.clone(), ns);
-        let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
-        let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-        let ingresses: Api<Ingress> = Api::namespaced(client.clone(), ns);
+        let scene = Scene::new(&client, "kproxy-bad", "xlb-bad", "test.xlb.dev/bad").await;
+        let (ns, class, controller) = (scene.ns, scene.class, scene.controller);
+        let secrets = &scene.secrets;
         let events: Api<Event> = Api::namespaced(client.clone(), ns);
-        let ingresses = &ingresses;
-
-        let v1 = upstream("v1").await;
-        put(&classes, &ingress_class(class, controller)).await;
-        put(&services, &web_service(ns)).await;
-        put(&slices, &web_slice(ns, "web-1", v1.addr)).await;
+        let ingresses = &scene.ingresses;
         let plain = |host: &str| json!({"rules": [rule(host, json!({"name": "http"}))]});
         put(
             ingresses,
@@ -702,17 +723,15 @@ fn kube_proxy_keeps_serving_while_the_api_server_is_down() {
     let server = &server;
     runtime().block_on(async {
         let client = server.client().await;
-        let ns = "kproxy-outage";
-        let (class, controller) = ("xlb-outage", "test.xlb.dev/outage");
-        namespace(&client, ns).await;
-        let classes: Api<IngressClass> = Api::all(client.clone());
-        let services: Api<Service> = Api::namespaced(client.clone(), ns);
-        let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
-        let ingresses: Api<Ingress> = Api::namespaced(client.clone(), ns);
-        let v1 = upstream("v1").await;
-        put(&classes, &ingress_class(class, controller)).await;
-        put(&services, &web_service(ns)).await;
-        put(&slices, &web_slice(ns, "web-1", v1.addr)).await;
+        let scene = Scene::new(
+            &client,
+            "kproxy-outage",
+            "xlb-outage",
+            "test.xlb.dev/outage",
+        )
+        .await;
+        let (ns, class, controller) = (scene.ns, scene.class, scene.controller);
+        let ingresses = &scene.ingresses;
         let plain = |host: &str| json!({"rules": [rule(host, json!({"name": "http"}))]});
         put(
             &ingresses,
