@@ -175,7 +175,7 @@ struct Running {
     metrics: AgentMetrics,
     vips_for_metrics: Arc<RwLock<Vec<PersistedVip>>>,
     /// The last state from Kubernetes (`--kubernetes`); `None` until the first sync.
-    kube: Option<crate::model::DesiredState>,
+    kube: Option<Arc<crate::kubernetes::translate::Translation>>,
     /// API event → maps updated, for `--kubernetes`.
     kube_latency: prometheus_client::metrics::histogram::Histogram,
     /// Wall-clock time (Unix seconds) at which the initial list completed.
@@ -297,7 +297,7 @@ impl Running {
             // The file supplies node settings only; VIPs stay Kubernetes' (or, before the
             // first sync, what the maps hold).
             match &self.kube {
-                Some(kube) => resolved.desired = kube.clone(),
+                Some(kube) => resolved.desired = kube.desired.clone(),
                 None => return,
             }
         }
@@ -348,7 +348,8 @@ impl Running {
     /// Applies a state from the Kubernetes source; the previous state keeps serving if the
     /// apply fails.
     fn apply_kubernetes(&mut self, update: crate::kubernetes::source::Update) {
-        let desired = update.translation.desired;
+        let translation = update.translation;
+        let desired = &translation.desired;
         if let Some(listed) = update.listed {
             let at = std::time::SystemTime::now()
                 .checked_sub(listed.elapsed())
@@ -357,7 +358,7 @@ impl Running {
                 self.kube_listed_at.set(at.as_secs_f64());
             }
         }
-        match self.manager.apply(&mut self.datapath.maps, &desired) {
+        match self.manager.apply(&mut self.datapath.maps, desired) {
             Ok(report) => {
                 let elapsed = update.since.elapsed();
                 self.metrics.applies.inc();
@@ -386,10 +387,10 @@ impl Running {
                 tracing::error!("kubernetes state not applied, previous state keeps serving: {e}");
             }
         }
-        if let Err(e) = self.persist(&desired) {
+        if let Err(e) = self.persist(desired) {
             tracing::warn!("{e}");
         }
-        self.kube = Some(desired);
+        self.kube = Some(translation);
     }
 }
 

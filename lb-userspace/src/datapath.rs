@@ -857,51 +857,107 @@ fn sum_stats(a: &DatapathStats, b: &DatapathStats) -> DatapathStats {
 
 /// The Maglev rings, written through a shared memory mapping of the (BPF_F_MMAPABLE)
 /// array: a 65,537-entry table is a memory copy, not 65,537 syscalls.
+///
+/// Only a window of the array is mapped at a time ([`MAGLEV_WINDOW`] bytes, moved to
+/// wherever the next ring is): the kernel maps a BPF array's pages into the process when
+/// it is mapped and counts them all in its resident set, so mapping the whole array of
+/// 10,000 VIPs would add ~160 MB to the agent's RSS for memory that lives in the kernel
+/// anyway. Rings are written in VIP-id order on a first sync, so a window serves hundreds
+/// of rings before it moves.
 pub struct MaglevRings {
     map: Array<MapData, u32>,
-    base: *mut u8,
+    window: std::sync::Mutex<Window>,
+    /// Bytes of the array that can be mapped (whole pages).
     len: usize,
     table_size: u32,
     rings: u32,
 }
 
-// SAFETY: the mapping is owned by this struct and only written through `&mut self`.
+/// The currently mapped part of the Maglev array.
+struct Window {
+    base: *mut u8,
+    /// Byte offset of `base` in the array (page-aligned).
+    offset: usize,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this struct; every access to it holds the window's lock.
 unsafe impl Send for MaglevRings {}
 unsafe impl Sync for MaglevRings {}
 
 /// Array maps lay elements out at a stride of the value size rounded up to 8.
 const MAGLEV_STRIDE: usize = 8;
 
+/// Bytes of the Maglev array mapped at once (the most it adds to the agent's RSS).
+pub const MAGLEV_WINDOW: usize = 2 << 20;
+
 impl MaglevRings {
     fn new(map: Array<MapData, u32>, table_size: u32) -> Result<Self> {
         let entries = map.len();
         let len = (entries as usize * MAGLEV_STRIDE).next_multiple_of(page_size());
-        let fd = map.map().fd().as_fd().as_raw_fd();
-        // SAFETY: mapping a BPF array map fd; the kernel checks size and flags.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(DatapathError::Mmap {
-                name: map_names::MAGLEV,
-                source: std::io::Error::last_os_error(),
-            });
-        }
         let rings = entries.checked_div(table_size).unwrap_or(0);
-        Ok(Self {
+        let rings = Self {
             map,
-            base: base.cast(),
+            window: std::sync::Mutex::new(Window {
+                base: std::ptr::null_mut(),
+                offset: 0,
+                len: 0,
+            }),
             len,
             table_size,
             rings,
-        })
+        };
+        // Map the first window now: a map that cannot be mapped fails the load, not the
+        // first apply.
+        {
+            let mut window = rings.lock();
+            rings.ensure_mapped(&mut window, 0, MAGLEV_STRIDE.min(len))?;
+        }
+        Ok(rings)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Window> {
+        // The window holds no invariant a panic could break half-way: a poisoned lock is
+        // still a valid mapping.
+        self.window.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes `[start, end)` (bytes of the array) part of the mapped window, moving it if
+    /// needed; returns the address of byte `start`.
+    fn ensure_mapped(&self, window: &mut Window, start: usize, end: usize) -> Result<*mut u8> {
+        if window.base.is_null() || start < window.offset || end > window.offset + window.len {
+            let page = page_size();
+            let offset = start - start % page;
+            let want = end.next_multiple_of(page) - offset;
+            let len = want.max(MAGLEV_WINDOW).min(self.len - offset);
+            let fd = self.map.map().fd().as_fd().as_raw_fd();
+            // SAFETY: mapping part of a BPF array map fd; the kernel checks offset, size
+            // and flags.
+            let base = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    fd,
+                    offset as libc::off_t,
+                )
+            };
+            if base == libc::MAP_FAILED {
+                return Err(DatapathError::Mmap {
+                    name: map_names::MAGLEV,
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            window.unmap();
+            *window = Window {
+                base: base.cast(),
+                offset,
+                len,
+            };
+        }
+        // SAFETY: start lies inside the window just checked or mapped.
+        Ok(unsafe { window.base.add(start - window.offset) })
     }
 
     /// Table size M.
@@ -925,6 +981,12 @@ impl MaglevRings {
         Ok(())
     }
 
+    /// Byte range of a ring in the array.
+    fn ring_bytes(&self, ring: u32) -> (usize, usize) {
+        let start = ring as usize * self.table_size as usize * MAGLEV_STRIDE;
+        (start, start + self.table_size as usize * MAGLEV_STRIDE)
+    }
+
     /// Writes a whole ring. The ring must not be live (see `VipInfo::ring`).
     pub fn write_ring(&mut self, ring: u32, table: &[u32]) -> Result<()> {
         self.check_ring(ring)?;
@@ -934,11 +996,13 @@ impl MaglevRings {
                 want: self.table_size,
             });
         }
-        let start = ring as usize * self.table_size as usize;
+        let (start, end) = self.ring_bytes(ring);
+        let mut window = self.lock();
+        let base = self.ensure_mapped(&mut window, start, end)?;
         for (i, id) in table.iter().enumerate() {
-            // SAFETY: start + i < rings * M <= map entries, inside the mapping.
+            // SAFETY: i < M: the slot lies in [start, end), which is mapped.
             unsafe {
-                let slot = self.base.add((start + i) * MAGLEV_STRIDE).cast::<u32>();
+                let slot = base.add(i * MAGLEV_STRIDE).cast::<u32>();
                 std::ptr::write_volatile(slot, *id);
             }
         }
@@ -949,11 +1013,12 @@ impl MaglevRings {
     /// Reads a whole ring.
     pub fn read_ring(&self, ring: u32) -> Result<Vec<u32>> {
         self.check_ring(ring)?;
-        let start = ring as usize * self.table_size as usize;
+        let (start, end) = self.ring_bytes(ring);
+        let mut window = self.lock();
+        let base = self.ensure_mapped(&mut window, start, end)?;
         Ok((0..self.table_size as usize)
-            .map(|i| unsafe {
-                std::ptr::read_volatile(self.base.add((start + i) * MAGLEV_STRIDE).cast::<u32>())
-            })
+            // SAFETY: i < M: the slot lies in [start, end), which is mapped.
+            .map(|i| unsafe { std::ptr::read_volatile(base.add(i * MAGLEV_STRIDE).cast::<u32>()) })
             .collect())
     }
 
@@ -963,14 +1028,30 @@ impl MaglevRings {
         let index = ring * self.table_size + slot % self.table_size.max(1);
         self.map.get(&index, 0).map_err(map_err(map_names::MAGLEV))
     }
+
+    /// Bytes of the array mapped into this process right now (at most [`MAGLEV_WINDOW`],
+    /// or one ring if a ring is larger).
+    pub fn mapped_bytes(&self) -> usize {
+        self.lock().len
+    }
+}
+
+impl Window {
+    fn unmap(&mut self) {
+        if !self.base.is_null() {
+            // SAFETY: unmapping exactly what `ensure_mapped` mapped.
+            unsafe {
+                libc::munmap(self.base.cast(), self.len);
+            }
+            self.base = std::ptr::null_mut();
+            self.len = 0;
+        }
+    }
 }
 
 impl Drop for MaglevRings {
     fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `new` mapped.
-        unsafe {
-            libc::munmap(self.base.cast(), self.len);
-        }
+        self.lock().unmap();
     }
 }
 

@@ -90,6 +90,8 @@ pub struct Manager {
     applied: AppliedState,
     grace: std::sync::Arc<GracePeriod>,
     grace_state: Grace,
+    /// The desired state last applied completely, for incremental plans.
+    baseline: Option<plan::Baseline>,
     /// Backends whose next hop already has a managed neighbour entry (see `neighbours`).
     resolved_backends: std::collections::BTreeSet<std::net::IpAddr>,
 }
@@ -101,6 +103,7 @@ impl Manager {
             applied,
             grace: std::sync::Arc::new(GracePeriod::new().map_err(ManagerError::GracePeriod)?),
             grace_state: Grace::Needed,
+            baseline: None,
             resolved_backends: Default::default(),
         })
     }
@@ -117,17 +120,22 @@ impl Manager {
     }
 
     /// Plans `desired` against the maps and writes the difference.
+    ///
+    /// After a complete apply the manager keeps the state's [`plan::Baseline`]: the next
+    /// plan looks only at the VIPs whose spec changed (one endpoint's change costs one
+    /// table, not a pass over every VIP). After a failed write, or at start, it plans
+    /// from scratch against what the maps hold.
     pub fn apply(
         &mut self,
         maps: &mut Maps,
         desired: &DesiredState,
     ) -> Result<ApplyReport, ManagerError> {
-        let plan = plan::plan(desired, &self.applied)?;
+        let changes = plan::plan_changes(desired, &self.applied, self.baseline.as_ref())?;
         let mut report = ApplyReport {
-            warnings: plan.warnings.clone(),
+            warnings: changes.warnings.clone(),
             ..ApplyReport::default()
         };
-        if plan
+        if changes
             .ops
             .iter()
             .any(|op| matches!(op, MapOp::WriteRing { .. }))
@@ -135,7 +143,7 @@ impl Manager {
             self.wait_grace()?;
         }
         // A ring is retired by a flip (a `SetVip` to the other ring) or a VIP's removal.
-        let retires = plan.ops.iter().any(|op| match op {
+        let retires = changes.ops.iter().any(|op| match op {
             MapOp::SetVip { key, info } => self
                 .applied
                 .vip(key)
@@ -143,19 +151,43 @@ impl Manager {
             MapOp::RemoveVip { .. } => true,
             _ => false,
         });
-        for (done, op) in plan.ops.iter().enumerate() {
+        let previous = self.baseline.take();
+        let incremental = previous.is_some();
+        let total = changes.ops.len();
+        let mut failed = None;
+        for (done, op) in changes.ops.iter().enumerate() {
             if let Err(source) = write_op(maps, op, &mut report) {
-                self.grace_state = Grace::Needed;
-                self.applied = plan.applied_after(&self.applied, done);
-                return Err(ManagerError::Write {
-                    completed: done,
-                    total: plan.ops.len(),
-                    source,
-                });
+                failed = Some((done, source));
+                break;
             }
+            // Recorded in place as written: no copy of the whole mirror per apply.
+            self.applied.record(op);
             report.ops += 1;
         }
-        self.applied = plan.applied;
+        if let Some((completed, source)) = failed {
+            self.grace_state = Grace::Needed;
+            // The mirror holds exactly the ops written; the next plan starts from scratch.
+            changes.finish(&mut self.applied, completed, None);
+            return Err(ManagerError::Write {
+                completed,
+                total,
+                source,
+            });
+        }
+        // Addresses that got a backend id now; after a full plan, every listed address.
+        let new_addresses: Vec<std::net::IpAddr> = if incremental {
+            changes
+                .ops
+                .iter()
+                .filter_map(|op| match op {
+                    MapOp::SetBackend { backend, .. } => plan::backend_address(backend),
+                    _ => None,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        self.baseline = changes.finish(&mut self.applied, total, previous);
         if retires {
             let grace = self.grace.clone();
             self.grace_state = match std::thread::Builder::new()
@@ -167,14 +199,19 @@ impl Manager {
             };
         }
         // XDP's FIB lookup reads the neighbour table but never fills it: keep the next hop
-        // of every new backend resolved by the kernel.
-        crate::neighbours::keep_resolved(
-            desired
-                .vips
-                .iter()
-                .flat_map(|v| v.backends.iter().map(|b| b.address)),
-            &mut self.resolved_backends,
-        );
+        // of every new backend resolved by the kernel. After an incremental plan every
+        // other listed address was listed (and resolved) before.
+        if incremental {
+            crate::neighbours::keep_resolved(new_addresses, &mut self.resolved_backends);
+        } else {
+            crate::neighbours::keep_resolved(
+                desired
+                    .vips
+                    .iter()
+                    .flat_map(|v| v.backends.iter().map(|b| b.address)),
+                &mut self.resolved_backends,
+            );
+        }
         Ok(report)
     }
 }

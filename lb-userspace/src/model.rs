@@ -4,7 +4,7 @@
 //! Services/EndpointSlices later. Sources translate into [`DesiredState`], call
 //! [`DesiredState::validate`], and hand it to [`crate::plan`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -233,9 +233,12 @@ impl DesiredState {
     ///   (packets would loop through the balancer).
     /// * Weights are at most [`MAX_WEIGHT`].
     pub fn validate(&self) -> Result<(), ModelError> {
-        let vip_addresses: BTreeSet<IpAddr> = self.vips.iter().map(|v| v.key.address).collect();
-        let mut keys: BTreeMap<ServiceKey, usize> = BTreeMap::new();
-        let mut names: BTreeMap<&str, usize> = BTreeMap::new();
+        // Hashed, and one `seen` map reused: this runs on every plan over every VIP
+        // (10,000 VIPs and 100,000 backends with Kubernetes).
+        let vip_addresses: HashSet<IpAddr> = self.vips.iter().map(|v| v.key.address).collect();
+        let mut keys: HashMap<ServiceKey, usize> = HashMap::with_capacity(self.vips.len());
+        let mut names: HashMap<&str, usize> = HashMap::with_capacity(self.vips.len());
+        let mut seen: HashMap<IpAddr, usize> = HashMap::new();
         for (i, vip) in self.vips.iter().enumerate() {
             let at = |field: &str| format!("vips[{i}].{field}");
             if let Some(reason) = unusable_address_reason(vip.key.address) {
@@ -258,7 +261,7 @@ impl DesiredState {
                     format!("\"{}\" is already the name of vips[{first}]", vip.name),
                 ));
             }
-            let mut seen: BTreeMap<IpAddr, usize> = BTreeMap::new();
+            seen.clear();
             for (j, backend) in vip.backends.iter().enumerate() {
                 let at = |field: &str| format!("vips[{i}].backends[{j}].{field}");
                 let address = backend.address;

@@ -190,6 +190,35 @@ fn addr_key((family, addr_be): AddrOrd) -> VipAddrKey {
     }
 }
 
+/// A 128-bit fingerprint of a Maglev table (two keyed SipHashes and the length): equal
+/// tables have equal digests, and different ones practically never do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TableDigest {
+    hashes: [u64; 2],
+    len: usize,
+}
+
+impl TableDigest {
+    /// The digest of a table.
+    pub fn of(table: &[u32]) -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        let bytes: &[u8] = bytemuck::cast_slice(table);
+        let hash = |seed: u64| {
+            let mut hasher = std::hash::BuildHasherDefault::<
+                std::collections::hash_map::DefaultHasher,
+            >::default()
+            .build_hasher();
+            hasher.write_u64(seed);
+            hasher.write(bytes);
+            hasher.finish()
+        };
+        TableDigest {
+            hashes: [hash(0x243f_6a88_85a3_08d3), hash(0x1319_8a2e_0370_7344)],
+            len: table.len(),
+        }
+    }
+}
+
 /// The inputs a ring's table was built from: (backend id, effective weight), by id.
 type RingInputs = Arc<[(u32, u32)]>;
 
@@ -205,7 +234,9 @@ pub struct AppliedState {
     free_vip_ids: VecDeque<u32>,
     next_vip_id: u32,
     vip_addrs: BTreeMap<AddrOrd, u32>,
-    rings: BTreeMap<u32, Arc<[u32]>>,
+    /// What each ring holds, as a fingerprint: the tables themselves are in the map, and a
+    /// copy here would be 4·M bytes per ring (40 MB for 10,000 VIPs with M = 1009).
+    rings: BTreeMap<u32, TableDigest>,
     /// Cache: what each ring's table was built from, to skip rebuilding unchanged VIPs.
     ring_inputs: BTreeMap<u32, RingInputs>,
 }
@@ -258,9 +289,10 @@ impl AppliedState {
         self.vip_addrs.get(&addr_ord(key)).copied()
     }
 
-    /// The table last written to a ring (rings of removed VIPs are forgotten).
-    pub fn ring(&self, ring: u32) -> Option<&Arc<[u32]>> {
-        self.rings.get(&ring)
+    /// The fingerprint of the table last written to a ring (rings of removed VIPs are
+    /// forgotten); compare with [`TableDigest::of`].
+    pub fn ring(&self, ring: u32) -> Option<TableDigest> {
+        self.rings.get(&ring).copied()
     }
 
     /// Updates the mirror for one op that was written successfully.
@@ -287,7 +319,7 @@ impl AppliedState {
                 }
             }
             MapOp::WriteRing { ring, table } => {
-                self.rings.insert(*ring, table.clone());
+                self.rings.insert(*ring, TableDigest::of(table));
                 self.ring_inputs.remove(ring);
             }
             MapOp::SetVip { key, info } => {
@@ -315,7 +347,7 @@ impl AppliedState {
     }
 }
 
-fn backend_address(backend: &Backend) -> Option<IpAddr> {
+pub(crate) fn backend_address(backend: &Backend) -> Option<IpAddr> {
     let bytes: Vec<u8> = backend
         .addr_be
         .iter()
@@ -365,25 +397,122 @@ impl Plan {
         for op in &self.ops[..completed] {
             state.record(op);
         }
-        // A cached input list is true of a ring only if the ring holds that table: either
-        // this plan did not rewrite it, or the rewrite got through.
-        let rewritten = |ops: &[MapOp], ring: u32| {
-            ops.iter()
-                .any(|op| matches!(op, MapOp::WriteRing { ring: r, .. } if *r == ring))
-        };
-        for (ring, inputs) in &self.ring_inputs {
-            if (!rewritten(&self.ops, *ring) || rewritten(&self.ops[..completed], *ring))
-                && state.rings.contains_key(ring)
-            {
-                state.ring_inputs.insert(*ring, inputs.clone());
-            }
-        }
+        record_ring_inputs(&mut state, &self.ops, &self.ring_inputs, completed);
         state
     }
 
     /// True if there is nothing to write.
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
+    }
+}
+
+/// Adds the cache entries of a plan whose first `completed` ops were recorded in `state`.
+fn record_ring_inputs(
+    state: &mut AppliedState,
+    ops: &[MapOp],
+    ring_inputs: &[(u32, RingInputs)],
+    completed: usize,
+) {
+    if completed >= ops.len() {
+        for (ring, inputs) in ring_inputs {
+            state.ring_inputs.insert(*ring, inputs.clone());
+        }
+        return;
+    }
+    // A cached input list is true of a ring only if the ring holds that table: either
+    // this plan did not rewrite it, or the rewrite got through.
+    let rewritten = |ops: &[MapOp]| -> std::collections::HashSet<u32> {
+        ops.iter()
+            .filter_map(|op| match op {
+                MapOp::WriteRing { ring, .. } => Some(*ring),
+                _ => None,
+            })
+            .collect()
+    };
+    let planned = rewritten(ops);
+    let written = rewritten(&ops[..completed]);
+    for (ring, inputs) in ring_inputs {
+        if (!planned.contains(ring) || written.contains(ring)) && state.rings.contains_key(ring) {
+            state.ring_inputs.insert(*ring, inputs.clone());
+        }
+    }
+}
+
+/// The desired state that an [`AppliedState`] was last brought to completely, indexed so
+/// that the next plan ([`plan_changes`]) looks only at the VIPs whose spec changed: with
+/// 10,000 VIPs, one endpoint's change then costs one table instead of 10,000 comparisons
+/// of inputs, id lookups and a copy of the whole applied state.
+///
+/// Only valid for the applied state it was made with, after every op of that plan was
+/// written (then every VIP's active ring holds its cached inputs, and the backend ids are
+/// exactly the addresses listed here).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Baseline {
+    vips: std::collections::HashMap<VipKeyOrd, model::VipSpec>,
+    /// VIPs listing each backend address.
+    backend_refs: std::collections::HashMap<IpAddr, u32>,
+    /// VIPs on each address.
+    addr_counts: std::collections::HashMap<AddrOrd, u32>,
+}
+
+/// A plan as the manager uses it: the ops, applied to the manager's state in place.
+#[derive(Debug)]
+pub struct Changes {
+    /// Map updates, in the order they must be applied.
+    pub ops: Vec<MapOp>,
+    /// Warnings to log.
+    pub warnings: Vec<MaglevWarning>,
+    ring_inputs: Vec<(u32, RingInputs)>,
+    /// Planned from scratch (the baseline is rebuilt) or from a baseline (it is patched).
+    full: bool,
+    /// VIP specs that changed (`None`: removed).
+    vips: Vec<(VipKeyOrd, Option<model::VipSpec>)>,
+    /// New reference counts of the backend addresses touched (0: none left).
+    backend_refs: Vec<(IpAddr, u32)>,
+    /// New VIP counts of the addresses touched (0: none left).
+    addr_counts: Vec<(AddrOrd, u32)>,
+}
+
+impl Changes {
+    /// Completes `applied` after the first `completed` ops were written and each recorded
+    /// with [`AppliedState::record`]; with every op written, returns the baseline for the
+    /// next plan (`previous` is the one this plan was made from).
+    pub fn finish(
+        self,
+        applied: &mut AppliedState,
+        completed: usize,
+        previous: Option<Baseline>,
+    ) -> Option<Baseline> {
+        record_ring_inputs(applied, &self.ops, &self.ring_inputs, completed);
+        if completed < self.ops.len() {
+            return None;
+        }
+        let mut baseline = match previous {
+            Some(previous) if !self.full => previous,
+            _ => Baseline::default(),
+        };
+        for (ord, spec) in self.vips {
+            match spec {
+                Some(spec) => baseline.vips.insert(ord, spec),
+                None => baseline.vips.remove(&ord),
+            };
+        }
+        for (address, count) in self.backend_refs {
+            if count == 0 {
+                baseline.backend_refs.remove(&address);
+            } else {
+                baseline.backend_refs.insert(address, count);
+            }
+        }
+        for (addr, count) in self.addr_counts {
+            if count == 0 {
+                baseline.addr_counts.remove(&addr);
+            } else {
+                baseline.addr_counts.insert(addr, count);
+            }
+        }
+        Some(baseline)
     }
 }
 
@@ -412,6 +541,47 @@ impl Ids {
 
 /// Computes the ops that turn `applied` into `desired`. Pure: on error nothing is planned.
 pub fn plan(desired: &DesiredState, applied: &AppliedState) -> Result<Plan, PlanError> {
+    let changes = plan_changes(desired, applied, None)?;
+    let mut next = applied.clone();
+    for op in &changes.ops {
+        next.record(op);
+    }
+    record_ring_inputs(
+        &mut next,
+        &changes.ops,
+        &changes.ring_inputs,
+        changes.ops.len(),
+    );
+    Ok(Plan {
+        ops: changes.ops,
+        applied: next,
+        warnings: changes.warnings,
+        ring_inputs: changes.ring_inputs,
+    })
+}
+
+/// What one plan looks at.
+struct Scope<'a> {
+    /// VIPs to plan, by key: every desired VIP, or those whose spec changed.
+    vips: BTreeMap<VipKeyOrd, (VipKey, &'a model::VipSpec)>,
+    /// Applied VIPs no longer desired, by key.
+    removed: Vec<(VipKey, u32)>,
+    /// Wanted backend addresses without an id, in order.
+    new_backends: Vec<IpAddr>,
+    /// Ids of backends no VIP lists any more.
+    gone_backends: BTreeSet<u32>,
+    /// VIP addresses whose count may change → wanted count (0: none).
+    addrs: BTreeMap<AddrOrd, u32>,
+}
+
+/// [`plan`] without the copy of the applied state: the same ops, warnings and resulting
+/// state. With the `baseline` of `applied` only the VIPs whose spec differs from it are
+/// looked at (the others would plan no op).
+pub fn plan_changes(
+    desired: &DesiredState,
+    applied: &AppliedState,
+    baseline: Option<&Baseline>,
+) -> Result<Changes, PlanError> {
     desired.validate()?;
     let limits = applied.limits;
     if desired.vips.len() > limits.max_vips as usize {
@@ -420,48 +590,198 @@ pub fn plan(desired: &DesiredState, applied: &AppliedState) -> Result<Plan, Plan
             max: limits.max_vips,
         });
     }
+    let mut baseline_vips = Vec::new();
+    let mut backend_refs = Vec::new();
+    let mut addr_counts = Vec::new();
+    let scope = match baseline {
+        None => {
+            let wanted_backends = desired.backend_addresses();
+            let desired_vips: BTreeMap<VipKeyOrd, (VipKey, &model::VipSpec)> = desired
+                .vips
+                .iter()
+                .map(|v| {
+                    let key = v.key.to_map_key();
+                    (vip_ord(&key), (key, v))
+                })
+                .collect();
+            let mut refs: std::collections::HashMap<IpAddr, u32> =
+                std::collections::HashMap::with_capacity(wanted_backends.len());
+            let mut addrs: BTreeMap<AddrOrd, u32> = BTreeMap::new();
+            for (ord, (key, vip)) in &desired_vips {
+                for b in &vip.backends {
+                    *refs.entry(b.address).or_default() += 1;
+                }
+                *addrs.entry((key.family, key.addr_be)).or_default() += 1;
+                baseline_vips.push((*ord, Some((*vip).clone())));
+            }
+            backend_refs.extend(refs);
+            addr_counts.extend(addrs.iter().map(|(a, c)| (*a, *c)));
+            for addr in applied.vip_addrs.keys() {
+                addrs.entry(*addr).or_insert(0);
+            }
+            Scope {
+                removed: applied
+                    .vips
+                    .iter()
+                    .filter(|(ord, _)| !desired_vips.contains_key(*ord))
+                    .map(|(_, (key, info))| (*key, info.vip_id))
+                    .collect(),
+                vips: desired_vips,
+                new_backends: wanted_backends
+                    .iter()
+                    .filter(|a| !applied.backend_ids.contains_key(a))
+                    .copied()
+                    .collect(),
+                gone_backends: applied
+                    .backend_ids
+                    .iter()
+                    .filter(|(address, _)| !wanted_backends.contains(address))
+                    .map(|(_, &id)| id)
+                    .collect(),
+                addrs,
+            }
+        }
+        Some(base) => {
+            let mut vips = BTreeMap::new();
+            let mut kept = 0usize;
+            let mut refs: std::collections::HashMap<IpAddr, i64> = Default::default();
+            let mut addrs: BTreeMap<AddrOrd, i64> = BTreeMap::new();
+            let mut count = |spec: &model::VipSpec, key: &VipKey, delta: i64| {
+                for b in &spec.backends {
+                    *refs.entry(b.address).or_default() += delta;
+                }
+                *addrs.entry((key.family, key.addr_be)).or_default() += delta;
+            };
+            for vip in &desired.vips {
+                let key = vip.key.to_map_key();
+                let ord = vip_ord(&key);
+                match base.vips.get(&ord) {
+                    Some(old) if old == vip => {
+                        kept += 1;
+                        continue;
+                    }
+                    Some(old) => {
+                        kept += 1;
+                        count(old, &key, -1);
+                    }
+                    None => {}
+                }
+                count(vip, &key, 1);
+                baseline_vips.push((ord, Some(vip.clone())));
+                vips.insert(ord, (key, vip));
+            }
+            let mut removed = Vec::new();
+            // Keys are unique (validated): every baseline VIP not kept is gone.
+            if kept < base.vips.len() {
+                let wanted: std::collections::HashSet<VipKeyOrd> = desired
+                    .vips
+                    .iter()
+                    .map(|v| vip_ord(&v.key.to_map_key()))
+                    .collect();
+                let mut gone: Vec<(&VipKeyOrd, &model::VipSpec)> = base
+                    .vips
+                    .iter()
+                    .filter(|(ord, _)| !wanted.contains(*ord))
+                    .collect();
+                gone.sort_unstable_by_key(|(ord, _)| **ord);
+                for (ord, spec) in gone {
+                    let key = spec.key.to_map_key();
+                    count(spec, &key, -1);
+                    baseline_vips.push((*ord, None));
+                    if let Some((key, info)) = applied.vips.get(ord) {
+                        removed.push((*key, info.vip_id));
+                    }
+                }
+            }
+            let mut new_backends = Vec::new();
+            let mut gone_backends = BTreeSet::new();
+            for (address, delta) in refs {
+                if delta == 0 {
+                    continue;
+                }
+                let now = i64::from(base.backend_refs.get(&address).copied().unwrap_or(0)) + delta;
+                let now = u32::try_from(now.max(0)).unwrap_or(u32::MAX);
+                backend_refs.push((address, now));
+                match (now > 0, applied.backend_ids.get(&address)) {
+                    (true, None) => new_backends.push(address),
+                    (false, Some(&id)) => {
+                        gone_backends.insert(id);
+                    }
+                    _ => {}
+                }
+            }
+            new_backends.sort_unstable();
+            let mut wanted_addrs = BTreeMap::new();
+            for (addr, delta) in addrs {
+                if delta == 0 {
+                    continue;
+                }
+                let now = i64::from(base.addr_counts.get(&addr).copied().unwrap_or(0)) + delta;
+                let now = u32::try_from(now.max(0)).unwrap_or(u32::MAX);
+                addr_counts.push((addr, now));
+                wanted_addrs.insert(addr, now);
+            }
+            Scope {
+                vips,
+                removed,
+                new_backends,
+                gone_backends,
+                addrs: wanted_addrs,
+            }
+        }
+    };
+    let (ops, warnings, ring_inputs) = plan_scope(&scope, applied)?;
+    Ok(Changes {
+        ops,
+        warnings,
+        ring_inputs,
+        full: baseline.is_none(),
+        vips: baseline_vips,
+        backend_refs,
+        addr_counts,
+    })
+}
 
-    // Backend ids: kept for every address still listed somewhere, new ones allocated.
-    let wanted_backends = desired.backend_addresses();
-    // Hashed: looked up once per backend of every VIP on every plan.
-    let mut backend_ids: std::collections::HashMap<IpAddr, u32> =
-        std::collections::HashMap::with_capacity(wanted_backends.len());
-    let new_backends: Vec<IpAddr> = wanted_backends
-        .iter()
-        .filter(|a| !applied.backend_ids.contains_key(a))
-        .copied()
-        .collect();
+type Planned = (Vec<MapOp>, Vec<MaglevWarning>, Vec<(u32, RingInputs)>);
+
+fn plan_scope(scope: &Scope<'_>, applied: &AppliedState) -> Result<Planned, PlanError> {
+    let limits = applied.limits;
+    // Backend ids: kept for every address still listed somewhere, new ones allocated in
+    // address order.
     let mut ids = Ids {
         free: applied.free_backend_ids.clone(),
         next: applied.next_backend_id.max(1),
         end: limits.max_backends,
     };
-    if new_backends.len() > ids.available() {
-        return Err(PlanError::TooManyBackends {
-            wanted: applied.backend_ids.len() + new_backends.len(),
-            max: limits.max_backends,
-        });
+    let too_many = PlanError::TooManyBackends {
+        wanted: applied.backend_ids.len() + scope.new_backends.len(),
+        max: limits.max_backends,
+    };
+    if scope.new_backends.len() > ids.available() {
+        return Err(too_many);
     }
+    // Hashed: looked up once per backend of every planned VIP.
+    let mut new_ids: std::collections::HashMap<IpAddr, u32> =
+        std::collections::HashMap::with_capacity(scope.new_backends.len());
     let mut set_backends = Vec::new();
-    for address in &wanted_backends {
-        let id = match applied.backend_ids.get(address) {
-            Some(&id) => id,
-            None => {
-                let id = ids.take().filter(|&id| id != NO_BACKEND).ok_or(
-                    PlanError::TooManyBackends {
-                        wanted: applied.backend_ids.len() + new_backends.len(),
-                        max: limits.max_backends,
-                    },
-                )?;
-                set_backends.push(MapOp::SetBackend {
-                    id,
-                    backend: backend_entry(*address),
-                });
-                id
-            }
-        };
-        backend_ids.insert(*address, id);
+    for address in &scope.new_backends {
+        let id = ids
+            .take()
+            .filter(|&id| id != NO_BACKEND)
+            .ok_or_else(|| too_many.clone())?;
+        set_backends.push(MapOp::SetBackend {
+            id,
+            backend: backend_entry(*address),
+        });
+        new_ids.insert(*address, id);
     }
+    let backend_id = |address: &IpAddr| {
+        applied
+            .backend_ids
+            .get(address)
+            .or_else(|| new_ids.get(address))
+            .copied()
+    };
 
     // VIPs.
     let mut vip_ids = Ids {
@@ -469,15 +789,8 @@ pub fn plan(desired: &DesiredState, applied: &AppliedState) -> Result<Plan, Plan
         next: applied.next_vip_id,
         end: limits.max_vips,
     };
-    let desired_vips: BTreeMap<VipKeyOrd, (VipKey, &model::VipSpec)> = desired
+    let new_vip_count = scope
         .vips
-        .iter()
-        .map(|v| {
-            let key = v.key.to_map_key();
-            (vip_ord(&key), (key, v))
-        })
-        .collect();
-    let new_vip_count = desired_vips
         .keys()
         .filter(|k| !applied.vips.contains_key(*k))
         .count();
@@ -491,12 +804,12 @@ pub fn plan(desired: &DesiredState, applied: &AppliedState) -> Result<Plan, Plan
     let mut set_vips = Vec::new();
     let mut warnings = Vec::new();
     let mut ring_inputs = Vec::new();
-    for (ord, (key, vip)) in &desired_vips {
+    for (ord, (key, vip)) in &scope.vips {
         let mut inputs: Vec<(u32, u32)> = Vec::with_capacity(vip.backends.len());
         let mut weighted = Vec::with_capacity(vip.backends.len());
         for b in &vip.backends {
             // Every desired backend got an id above.
-            let Some(&id) = backend_ids.get(&b.address) else {
+            let Some(id) = backend_id(&b.address) else {
                 continue;
             };
             inputs.push((id, b.effective_weight()));
@@ -529,7 +842,7 @@ pub fn plan(desired: &DesiredState, applied: &AppliedState) -> Result<Plan, Plan
                     false
                 } else {
                     let table = build(&mut warnings)?;
-                    if applied.rings.get(&active) == Some(&table) {
+                    if applied.rings.get(&active) == Some(&TableDigest::of(&table)) {
                         ring_inputs.push((active, inputs.clone()));
                         false
                     } else {
@@ -581,14 +894,20 @@ pub fn plan(desired: &DesiredState, applied: &AppliedState) -> Result<Plan, Plan
     }
 
     // VIP addresses: how many VIPs each carries.
-    let mut wanted_addrs: BTreeMap<AddrOrd, u32> = BTreeMap::new();
-    for (key, _) in desired_vips.values() {
-        *wanted_addrs.entry((key.family, key.addr_be)).or_default() += 1;
-    }
     let mut addrs_up = Vec::new();
     let mut addrs_down = Vec::new();
-    for (addr, &count) in &wanted_addrs {
-        match applied.vip_addrs.get(addr) {
+    let mut addrs_gone = Vec::new();
+    for (addr, &count) in &scope.addrs {
+        let old = applied.vip_addrs.get(addr);
+        if count == 0 {
+            if old.is_some() {
+                addrs_gone.push(MapOp::RemoveVipAddr {
+                    key: addr_key(*addr),
+                });
+            }
+            continue;
+        }
+        match old {
             Some(&old) if old == count => {}
             old => {
                 let op = MapOp::SetVipAddr {
@@ -605,34 +924,22 @@ pub fn plan(desired: &DesiredState, applied: &AppliedState) -> Result<Plan, Plan
             }
         }
     }
-    for addr in applied.vip_addrs.keys() {
-        if !wanted_addrs.contains_key(addr) {
-            addrs_down.push(MapOp::RemoveVipAddr {
-                key: addr_key(*addr),
-            });
-        }
-    }
+    addrs_down.append(&mut addrs_gone);
 
     // Removals.
     let mut remove_vips = Vec::new();
     let mut flushes = Vec::new();
-    for (ord, (key, info)) in &applied.vips {
-        if !desired_vips.contains_key(ord) {
-            remove_vips.push(MapOp::RemoveVip { key: *key });
-            flushes.push(MapOp::FlushFlows {
-                vip: *key,
-                vip_id: info.vip_id,
-            });
-        }
+    for (key, vip_id) in &scope.removed {
+        remove_vips.push(MapOp::RemoveVip { key: *key });
+        flushes.push(MapOp::FlushFlows {
+            vip: *key,
+            vip_id: *vip_id,
+        });
     }
-    let mut remove_backends: Vec<MapOp> = applied
-        .backend_ids
+    let mut remove_backends: Vec<MapOp> = scope
+        .gone_backends
         .iter()
-        .filter(|(address, _)| !wanted_backends.contains(address))
-        .map(|(_, &id)| id)
-        .collect::<BTreeSet<u32>>()
-        .into_iter()
-        .map(|id| MapOp::RemoveBackend { id })
+        .map(|&id| MapOp::RemoveBackend { id })
         .collect();
 
     let mut ops = set_backends;
@@ -643,20 +950,7 @@ pub fn plan(desired: &DesiredState, applied: &AppliedState) -> Result<Plan, Plan
     ops.append(&mut addrs_down);
     ops.append(&mut flushes);
     ops.append(&mut remove_backends);
-
-    let mut next = applied.clone();
-    for op in &ops {
-        next.record(op);
-    }
-    for (ring, inputs) in &ring_inputs {
-        next.ring_inputs.insert(*ring, inputs.clone());
-    }
-    Ok(Plan {
-        ops,
-        applied: next,
-        warnings,
-        ring_inputs,
-    })
+    Ok((ops, warnings, ring_inputs))
 }
 
 #[cfg(test)]
@@ -846,9 +1140,9 @@ mod tests {
         let id = applied.backend_id(ip("198.51.100.12")).unwrap();
         assert!(applied.backends().any(|(i, _)| i == id));
         let info = applied.vip(&web().key.to_map_key()).unwrap();
-        let table = applied.ring(info.ring).unwrap();
+        let table = expected_table(&draining, &applied);
         assert!(!table.contains(&id));
-        assert_eq!(&table[..], &expected_table(&draining, &applied)[..]);
+        assert_eq!(applied.ring(info.ring), Some(TableDigest::of(&table)));
         // Weight 0 is the same as draining: table unchanged, nothing written.
         let mut zero = web();
         zero.backends[1].weight = 0;
@@ -1089,6 +1383,8 @@ mod tests {
             max_vips: 8,
             max_backends: 64,
         });
+        // What the kernel's rings hold (the applied state keeps fingerprints only).
+        let mut tables: BTreeMap<u32, Arc<[u32]>> = BTreeMap::new();
         for round in 0..300 {
             let mut vips = Vec::new();
             for address in vip_pool {
@@ -1141,6 +1437,7 @@ mod tests {
                                 .all(|id| *id == NO_BACKEND || kernel.backends.contains_key(id)),
                             "round {round}: ring points at a missing backend"
                         );
+                        tables.insert(*ring, table.clone());
                     }
                     MapOp::SetVip { info, .. } => {
                         assert!(kernel.rings.contains_key(&info.ring), "unwritten ring");
@@ -1148,7 +1445,7 @@ mod tests {
                     }
                     MapOp::RemoveBackend { id } => {
                         for (_, info) in kernel.vips() {
-                            assert!(!kernel.rings[&info.ring].contains(id), "still in a ring");
+                            assert!(!tables[&info.ring].contains(id), "still in a ring");
                         }
                     }
                     MapOp::SetBackend { id, .. } => assert_ne!(*id, NO_BACKEND),
@@ -1170,13 +1467,148 @@ mod tests {
                 for v in &desired.vips {
                     let info = applied.vip(&v.key.to_map_key()).unwrap();
                     assert_eq!(info.flags, v.flags());
-                    assert_eq!(
-                        &applied.rings[&info.ring][..],
-                        &expected_table(v, &applied)[..]
-                    );
+                    let expected = expected_table(v, &applied);
+                    assert_eq!(&tables[&info.ring][..], &expected[..]);
+                    assert_eq!(applied.rings[&info.ring], TableDigest::of(&expected));
                 }
                 let total: u32 = applied.vip_addrs.values().sum();
                 assert_eq!(total as usize, desired.vips.len());
+            }
+        }
+    }
+
+    /// Random small edits of a state (a backend's state or weight, a VIP added, removed
+    /// or renamed, affinity flipped), some large ones, and writers failing part-way: the
+    /// plan from a baseline must be the full plan, op for op, and leave the same state.
+    #[test]
+    fn plans_from_a_baseline_equal_full_plans() {
+        for seed in 0..4u64 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let limits = Limits {
+                table_size: M,
+                max_vips: 24,
+                max_backends: 96,
+            };
+            let addresses = ["192.0.2.10", "192.0.2.11", "192.0.2.12", "2001:db8::10"];
+            let v4: Vec<String> = (1..=40).map(|i| format!("198.51.100.{i}")).collect();
+            let v6: Vec<String> = (1..=10).map(|i| format!("2001:db8:1::{i}")).collect();
+            let random_backend = |rng: &mut StdRng, v6_vip: bool| {
+                let pick = if v6_vip || rng.random_bool(0.1) {
+                    &v6[rng.random_range(0..v6.len())]
+                } else {
+                    &v4[rng.random_range(0..v4.len())]
+                };
+                BackendSpec {
+                    address: ip(pick),
+                    weight: rng.random_range(0..3),
+                    state: if rng.random_bool(0.2) {
+                        BackendState::Draining
+                    } else {
+                        BackendState::Active
+                    },
+                }
+            };
+            let random_vip = |rng: &mut StdRng| {
+                let address = addresses[rng.random_range(0..addresses.len())];
+                let mut v = vip(address, rng.random_range(0..6) * 10, &[]);
+                v.name = format!("v{}", rng.random_range(0..1000));
+                for _ in 0..rng.random_range(0..6) {
+                    let b = random_backend(rng, address.contains(':'));
+                    if v.backends.iter().all(|o| o.address != b.address) {
+                        v.backends.push(b);
+                    }
+                }
+                v
+            };
+            let mut desired = state(Vec::new());
+            let mut full = AppliedState::new(limits);
+            let mut incremental = AppliedState::new(limits);
+            let mut baseline: Option<Baseline> = None;
+            for round in 0..300 {
+                let mut next = desired.clone();
+                let edits = if rng.random_bool(0.05) {
+                    20
+                } else {
+                    1 + rng.random_range(0..3)
+                };
+                for _ in 0..edits {
+                    let n = next.vips.len();
+                    match rng.random_range(0..6) {
+                        0 | 1 if n > 0 => {
+                            let v = &mut next.vips[rng.random_range(0..n)];
+                            let v6_vip = v.key.address.is_ipv6();
+                            if !v.backends.is_empty() && rng.random_bool(0.5) {
+                                let i = rng.random_range(0..v.backends.len());
+                                if rng.random_bool(0.5) {
+                                    v.backends.remove(i);
+                                } else {
+                                    v.backends[i].state = match v.backends[i].state {
+                                        BackendState::Active => BackendState::Draining,
+                                        BackendState::Draining => BackendState::Active,
+                                    };
+                                }
+                            } else {
+                                let b = random_backend(&mut rng, v6_vip);
+                                if v.backends.iter().all(|o| o.address != b.address) {
+                                    v.backends.push(b);
+                                }
+                            }
+                        }
+                        2 if n > 0 => {
+                            next.vips.remove(rng.random_range(0..n));
+                        }
+                        3 if n > 0 => {
+                            let v = &mut next.vips[rng.random_range(0..n)];
+                            if rng.random_bool(0.5) {
+                                v.source_affinity = !v.source_affinity;
+                            } else {
+                                v.name.push('x');
+                            }
+                        }
+                        _ => next.vips.push(random_vip(&mut rng)),
+                    }
+                }
+                // Keep only valid states (the planner rejects the others before anything).
+                let mut keys = BTreeSet::new();
+                let mut names = BTreeSet::new();
+                next.vips
+                    .retain(|v| keys.insert(v.key) && names.insert(v.name.clone()));
+                let vip_addresses: BTreeSet<IpAddr> =
+                    next.vips.iter().map(|v| v.key.address).collect();
+                for v in &mut next.vips {
+                    v.backends.retain(|b| !vip_addresses.contains(&b.address));
+                }
+                if next.vips.len() > 12 {
+                    next.vips.truncate(12);
+                }
+                next.validate().unwrap();
+                desired = next;
+
+                let plan = match plan(&desired, &full) {
+                    Ok(plan) => plan,
+                    Err(e) => {
+                        // Same verdict from the baseline, and nothing changes.
+                        let err =
+                            plan_changes(&desired, &incremental, baseline.as_ref()).unwrap_err();
+                        assert_eq!(err, e, "seed {seed} round {round}");
+                        continue;
+                    }
+                };
+                let changes = plan_changes(&desired, &incremental, baseline.as_ref()).unwrap();
+                assert_eq!(changes.ops, plan.ops, "seed {seed} round {round}");
+                assert_eq!(changes.warnings, plan.warnings, "seed {seed} round {round}");
+                let completed = if rng.random_bool(0.1) {
+                    rng.random_range(0..=plan.ops.len())
+                } else {
+                    plan.ops.len()
+                };
+                full = plan.applied_after(&full, completed);
+                for op in &changes.ops[..completed] {
+                    incremental.record(op);
+                }
+                baseline = changes.finish(&mut incremental, completed, baseline.take());
+                assert_eq!(incremental, full, "seed {seed} round {round}");
+                assert_eq!(baseline.is_some(), completed == plan.ops.len());
             }
         }
     }

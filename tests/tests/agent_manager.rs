@@ -177,3 +177,51 @@ fn grace_period_barrier_returns() {
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
     }
 }
+
+/// The Maglev array is mapped a window at a time: rings written all over an array of
+/// several windows (in an order that moves the window back and forth) read back intact
+/// through the map syscall, and the process never maps more than one window.
+#[test]
+fn rings_written_through_a_moving_window_read_back_through_the_map() {
+    require_root();
+    let pin_dir = PinDir::new("window");
+    let limits = plan::Limits {
+        table_size: M,
+        max_vips: 2048,
+        max_backends: 32,
+    };
+    let mut datapath = load(&pin_dir, limits);
+    let rings = datapath.maps.maglev.rings();
+    assert_eq!(rings, 4096);
+    let array_bytes = rings as usize * M as usize * 8;
+    assert!(array_bytes > 3 * lb_userspace::datapath::MAGLEV_WINDOW);
+    let table = |ring: u32| -> Vec<u32> { (0..M).map(|i| ring * 7 + i % 13 + 1).collect() };
+    let order: Vec<u32> = [0, rings - 1, rings / 2, 1, rings - 2, 1500, 3000, 2]
+        .into_iter()
+        .chain((0..rings).step_by(97))
+        .collect();
+    for &ring in &order {
+        datapath.maps.maglev.write_ring(ring, &table(ring)).unwrap();
+        assert!(datapath.maps.maglev.mapped_bytes() <= lb_userspace::datapath::MAGLEV_WINDOW);
+    }
+    for &ring in &order {
+        for slot in [0, 1, M / 2, M - 1] {
+            assert_eq!(
+                datapath.maps.maglev.slot(ring, slot).unwrap(),
+                table(ring)[slot as usize],
+                "ring {ring} slot {slot} through the syscall"
+            );
+        }
+        assert_eq!(datapath.maps.maglev.read_ring(ring).unwrap(), table(ring));
+    }
+    // A ring never written is still all zeros (nothing spilled over).
+    assert!(
+        datapath
+            .maps
+            .maglev
+            .read_ring(5)
+            .unwrap()
+            .iter()
+            .all(|id| *id == 0)
+    );
+}

@@ -35,7 +35,10 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::mpsc;
 
-use super::translate::{Skipped, TranslateOptions, Translation, translate};
+use super::translate::{
+    Index, Patch as SlicePatch, Skipped, SliceChange, TranslateOptions, Translation, patch_slices,
+    translate_indexed,
+};
 
 /// `kubectl apply`'s copy of the whole object, dropped from the caches.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
@@ -80,8 +83,9 @@ impl SourceOptions {
 /// One translated state for the agent.
 #[derive(Debug)]
 pub struct Update {
-    /// What to program, what was skipped.
-    pub translation: Translation,
+    /// What to program, what was skipped (shared with the source, which patches a copy
+    /// for the next change).
+    pub translation: std::sync::Arc<Translation>,
     /// When the first API event of this batch arrived.
     pub since: Instant,
     /// Watches that expired (410 Gone) and were relisted so far.
@@ -134,20 +138,44 @@ async fn run(client: kube::Client, opts: SourceOptions, tx: mpsc::Sender<Update>
         svc_writer,
         watcher(Api::<Service>::all(client.clone()), config.clone()).modify(|svc| {
             svc.metadata.managed_fields = None;
+            svc.metadata.labels = None;
+            svc.metadata.owner_references = None;
+            svc.metadata.finalizers = None;
             if let Some(annotations) = svc.metadata.annotations.as_mut() {
                 annotations.remove(LAST_APPLIED);
+            }
+            // Translation reads the type, class, requested address, families, ports and
+            // affinity; the rest of the spec is the cluster's business.
+            if let Some(spec) = svc.spec.as_mut() {
+                spec.selector = None;
+                spec.cluster_ip = None;
+                spec.cluster_ips = None;
+                spec.external_ips = None;
+                spec.load_balancer_source_ranges = None;
+                spec.session_affinity_config = None;
+                for port in spec.ports.iter_mut().flatten() {
+                    port.target_port = None;
+                    port.app_protocol = None;
+                }
+            }
+            if let Some(status) = svc.status.as_mut() {
+                status.conditions = None;
             }
         }),
     )
     .default_backoff()
-    .map(|r| r.map(|_| ()).map_err(|e| ("Service", e)))
+    .map(|r| r.map(|_| Touched::Full).map_err(|e| ("Service", e)))
     .boxed();
     let slice_stream = reflector::reflector(
         slice_writer,
         watcher(Api::<EndpointSlice>::all(client.clone()), config).modify(|slice| {
             slice.metadata.managed_fields = None;
-            if let Some(annotations) = slice.metadata.annotations.as_mut() {
-                annotations.remove(LAST_APPLIED);
+            slice.metadata.owner_references = None;
+            slice.metadata.annotations = None;
+            slice.metadata.generate_name = None;
+            // Only the Service-name label ties a slice to its Service.
+            if let Some(labels) = slice.metadata.labels.as_mut() {
+                labels.retain(|k, _| k == super::translate::SERVICE_NAME_LABEL);
             }
             for endpoint in slice.endpoints.iter_mut().flatten() {
                 endpoint.target_ref = None;
@@ -160,7 +188,7 @@ async fn run(client: kube::Client, opts: SourceOptions, tx: mpsc::Sender<Update>
         }),
     )
     .default_backoff()
-    .map(|r| r.map(|_| ()).map_err(|e| ("EndpointSlice", e)))
+    .map(|r| r.map(slice_touched).map_err(|e| ("EndpointSlice", e)))
     .boxed();
     let mut events = futures_util::stream::select(svc_stream, slice_stream);
 
@@ -182,9 +210,13 @@ async fn run(client: kube::Client, opts: SourceOptions, tx: mpsc::Sender<Update>
         },
     );
     let mut reported: BTreeSet<String> = BTreeSet::new();
-    let mut last: Option<Translation> = None;
+    let mut last: Option<std::sync::Arc<Translation>> = None;
+    // Positions in `last`, for patching it after EndpointSlice changes.
+    let mut index: Option<Index> = None;
     // (first event, latest event) of the open batch.
     let mut pending: Option<(Instant, Instant)> = None;
+    // What the open batch changed: only EndpointSlices (these), or more (`None`).
+    let mut touched: Option<Vec<SliceChange>> = Some(Vec::new());
     let mut relists = 0;
     // When both caches finished their first list; handed to the agent with the first update.
     let mut listed: Option<Instant> = None;
@@ -200,7 +232,12 @@ async fn run(client: kube::Client, opts: SourceOptions, tx: mpsc::Sender<Update>
             None => Some(events.next().await),
         };
         match next {
-            Some(Some(Ok(()))) => {
+            Some(Some(Ok(change))) => {
+                match (change, touched.as_mut()) {
+                    (Touched::Slice(change), Some(changes)) => changes.push(change),
+                    (Touched::Slice(_), None) => {}
+                    (Touched::Full, _) => touched = None,
+                }
                 let now = Instant::now();
                 pending = Some(pending.map_or((now, now), |(first, _)| (first, now)));
                 if listed.is_none() && ready(&services) && ready(&slices) {
@@ -240,14 +277,38 @@ async fn run(client: kube::Client, opts: SourceOptions, tx: mpsc::Sender<Update>
         if !ready(&services) || !ready(&slices) {
             continue;
         }
-        let svc_state = services.state();
-        let slice_state = slices.state();
-        let translation = translate(
-            svc_state.iter().map(AsRef::as_ref),
-            slice_state.iter().map(AsRef::as_ref),
-            &opts.translate,
-        );
-        drop((svc_state, slice_state));
+        let changes = touched.replace(Vec::new());
+        // EndpointSlice changes only: redo just the Services they belong to.
+        let patched = match (changes, &last, index.as_mut()) {
+            (Some(changes), Some(previous), Some(index)) => {
+                let slice_state = slices.state();
+                match patch_slices(
+                    previous,
+                    index,
+                    changes,
+                    slice_state.iter().map(AsRef::as_ref),
+                ) {
+                    SlicePatch::Unchanged => continue,
+                    SlicePatch::Changed(translation) => Some(translation),
+                    SlicePatch::Full => None,
+                }
+            }
+            _ => None,
+        };
+        let (translation, full) = match patched {
+            Some(translation) => (translation, false),
+            None => {
+                let svc_state = services.state();
+                let slice_state = slices.state();
+                let (translation, new_index) = translate_indexed(
+                    svc_state.iter().map(AsRef::as_ref),
+                    slice_state.iter().map(AsRef::as_ref),
+                    &opts.translate,
+                );
+                index = Some(new_index);
+                (translation, true)
+            }
+        };
         for skipped in &translation.skipped {
             if reported.insert(skipped.to_string()) {
                 tracing::warn!(kind = skipped.kind, object = %format!("{}/{}", skipped.namespace, skipped.name),
@@ -264,11 +325,21 @@ async fn run(client: kube::Client, opts: SourceOptions, tx: mpsc::Sender<Update>
                 .collect();
             reported.retain(|r| current.contains(r));
         }
-        if last.as_ref() == Some(&translation) {
+        // A patch is never the previous state (it says `Unchanged` then); comparing two
+        // full translations of 10,000 Services costs tens of milliseconds.
+        if full && last.as_deref() == Some(&translation) {
             continue;
         }
-        // The status writer wants the addresses only; the agent takes the translation.
-        status_tx.send_replace(Some(std::sync::Arc::new(translation.addresses.clone())));
+        // The status writer wants the addresses only (unchanged by EndpointSlices); the
+        // agent takes the translation.
+        if full
+            && last
+                .as_ref()
+                .is_none_or(|l| l.addresses != translation.addresses)
+        {
+            status_tx.send_replace(Some(std::sync::Arc::new(translation.addresses.clone())));
+        }
+        let translation = std::sync::Arc::new(translation);
         let update = Update {
             translation: translation.clone(),
             since,
@@ -283,6 +354,47 @@ async fn run(client: kube::Client, opts: SourceOptions, tx: mpsc::Sender<Update>
     }
     leader_task.abort();
     status_task.abort();
+}
+
+/// What a watch event changed, for the batch.
+enum Touched {
+    /// An EndpointSlice was created, changed or deleted.
+    Slice(SliceChange),
+    /// A Service changed, or a watch (re)listed: translate everything.
+    Full,
+}
+
+fn slice_touched(event: watcher::Event<EndpointSlice>) -> Touched {
+    let id = |slice: &EndpointSlice| {
+        (
+            slice
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into()),
+            slice.metadata.name.clone().unwrap_or_default(),
+        )
+    };
+    match event {
+        watcher::Event::Apply(slice) => {
+            let (namespace, name) = id(&slice);
+            let service = slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(super::translate::SERVICE_NAME_LABEL))
+                .cloned();
+            Touched::Slice((namespace, name, service))
+        }
+        watcher::Event::Delete(slice) => {
+            let (namespace, name) = id(&slice);
+            Touched::Slice((namespace, name, None))
+        }
+        // A relist replaces the whole cache (objects may have gone without an event).
+        watcher::Event::Init | watcher::Event::InitApply(_) | watcher::Event::InitDone => {
+            Touched::Full
+        }
+    }
 }
 
 /// True once the store finished its first list (without waiting).

@@ -304,7 +304,18 @@ pub fn translate<'a>(
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
     opts: &TranslateOptions,
 ) -> Translation {
+    translate_indexed(services, slices, opts).0
+}
+
+/// [`translate`], plus the [`Index`] that lets [`patch_slices`] redo only the Services
+/// whose EndpointSlices changed.
+pub fn translate_indexed<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    opts: &TranslateOptions,
+) -> (Translation, Index) {
     let mut out = Translation::default();
+    let mut index = Index::default();
     let skip =
         |out: &mut Translation, kind, (namespace, name): (String, String), reason: String| {
             out.skipped.push(Skipped {
@@ -407,7 +418,10 @@ pub fn translate<'a>(
         let affinity = spec.and_then(|s| s.session_affinity.as_deref()) == Some("ClientIP");
         let label = format!("{}/{}", c.namespace, c.name);
         let mut vips = Vec::new();
+        let mut port_names = Vec::new();
         let mut problem = None;
+        // This Service's slices only ever meet its own VIPs: their problems are its own.
+        let mut bad = BTreeMap::new();
         'ports: for port in ports {
             let Some(proto) = protocol(port.protocol.as_deref()) else {
                 problem = Some(format!(
@@ -446,8 +460,9 @@ pub fn translate<'a>(
                     proto,
                     address.is_ipv6(),
                     &vip_addresses,
-                    &mut bad_slices,
+                    &mut bad,
                 );
+                port_names.push(port.name.clone().unwrap_or_default());
                 vips.push(VipSpec {
                     name,
                     key,
@@ -457,33 +472,63 @@ pub fn translate<'a>(
                 });
             }
         }
-        if let Some(reason) = problem {
-            skip(&mut out, "Service", (c.namespace, c.name), reason);
-            continue;
+        let id = (c.namespace, c.name);
+        let served = match problem {
+            Some(reason) => {
+                skip(&mut out, "Service", id.clone(), reason);
+                None
+            }
+            None => {
+                for vip in &vips {
+                    taken.insert(vip.key, label.clone());
+                }
+                let first = out.desired.vips.len();
+                out.desired.vips.extend(vips);
+                out.addresses.insert(id.clone(), c.addresses);
+                Some((first..out.desired.vips.len()).zip(port_names).collect())
+            }
+        };
+        let slices: Vec<String> = by_service
+            .get(&(id.0.as_str(), id.1.as_str()))
+            .into_iter()
+            .flatten()
+            .map(|s| ns_name(&s.metadata).1)
+            .collect();
+        for slice in &slices {
+            index
+                .slice_owner
+                .insert((id.0.clone(), slice.clone()), id.clone());
         }
-        for vip in &vips {
-            taken.insert(vip.key, label.clone());
-        }
-        out.desired.vips.extend(vips);
-        out.addresses.insert((c.namespace, c.name), c.addresses);
+        index.services.insert(
+            id,
+            IndexedService {
+                vips: served,
+                slices,
+                bad: bad.keys().map(|(_, name)| name.clone()).collect(),
+            },
+        );
+        bad_slices.append(&mut bad);
     }
     for (id, reason) in bad_slices {
         skip(&mut out, "EndpointSlice", id, reason);
     }
+    index.vip_addresses = vip_addresses;
+    index.patchable = true;
     // Safety net: whatever the rules above missed must not block every other Service.
     while let Err(e) = out.desired.validate() {
-        let index = e
+        index.patchable = false;
+        let position = e
             .path
             .strip_prefix("vips[")
             .and_then(|r| r.split(']').next())
             .and_then(|i| i.parse::<usize>().ok())
             .filter(|i| *i < out.desired.vips.len());
-        let Some(index) = index else {
+        let Some(position) = position else {
             // Not attributable to one VIP: serve nothing rather than something invalid.
             out.desired.vips.clear();
             break;
         };
-        let vip = out.desired.vips.remove(index);
+        let vip = out.desired.vips.remove(position);
         let (ns, rest) = vip.name.split_once('/').unwrap_or(("", &vip.name));
         let name = rest.split(':').next().unwrap_or(rest);
         skip(
@@ -493,7 +538,179 @@ pub fn translate<'a>(
             format!("{}: {}", vip.label(), e.reason),
         );
     }
-    out
+    (out, index)
+}
+
+/// Where each Service's VIPs and slices are in a [`Translation`] (see [`patch_slices`]).
+#[derive(Clone, Debug, Default)]
+pub struct Index {
+    /// Services that got as far as their backends, by (namespace, name).
+    services: HashMap<(String, String), IndexedService>,
+    /// (namespace, slice) → the Service it was read for.
+    slice_owner: HashMap<(String, String), (String, String)>,
+    /// Endpoints at these addresses are left out.
+    vip_addresses: HashSet<IpAddr>,
+    /// False if the safety net removed VIPs: positions and skips are not the rules' own.
+    patchable: bool,
+}
+
+#[derive(Clone, Debug)]
+struct IndexedService {
+    /// Served: its VIPs' positions in `desired.vips`, with the port names their backends
+    /// are matched by. `None`: skipped after its backends were read (its slices' problems
+    /// depend on where it stopped).
+    vips: Option<Vec<(usize, String)>>,
+    /// Its slices' names (same namespace).
+    slices: Vec<String>,
+    /// Its slices reported as skipped.
+    bad: Vec<String>,
+}
+
+/// An EndpointSlice that was created, changed or deleted: namespace, name, and the
+/// Service it names now (`None` if deleted or unlabelled).
+pub type SliceChange = (String, String, Option<String>);
+
+/// The result of [`patch_slices`].
+#[derive(Debug)]
+pub enum Patch {
+    /// The translation is the previous one (no served Service affected, or the same
+    /// backends and problems as before).
+    Unchanged,
+    /// The new translation (different from the previous one).
+    Changed(Translation),
+    /// Not patchable: translate everything.
+    Full,
+}
+
+/// The translation after EndpointSlice changes only (no Service changed), computed from
+/// the previous translation and its `index` by redoing only the affected Services'
+/// backends: exactly what [`translate_indexed`] returns for the same objects. `slices` are
+/// all EndpointSlices now. The index is updated; after [`Patch::Full`] it is stale.
+pub fn patch_slices<'a>(
+    previous: &Translation,
+    index: &mut Index,
+    changes: impl IntoIterator<Item = SliceChange>,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+) -> Patch {
+    if !index.patchable {
+        return Patch::Full;
+    }
+    let mut affected: HashSet<(String, String)> = HashSet::new();
+    for (namespace, name, service) in changes {
+        if let Some(owner) = index.slice_owner.get(&(namespace.clone(), name)) {
+            affected.insert(owner.clone());
+        }
+        if let Some(service) = service {
+            affected.insert((namespace, service));
+        }
+    }
+    // Slices of Services that are not served, or never got to their backends, count
+    // for nothing.
+    affected.retain(|id| index.services.contains_key(id));
+    if affected.is_empty() {
+        return Patch::Unchanged;
+    }
+    if affected
+        .iter()
+        .any(|id| index.services.get(id).is_some_and(|s| s.vips.is_none()))
+    {
+        return Patch::Full;
+    }
+    // Borrowed keys: this scans every slice of the cluster.
+    let wanted: HashSet<(&str, &str)> = affected
+        .iter()
+        .map(|(ns, name)| (ns.as_str(), name.as_str()))
+        .collect();
+    let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+    for slice in slices {
+        let Some(service) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        else {
+            continue;
+        };
+        let ns = slice.metadata.namespace.as_deref().unwrap_or("default");
+        if let Some(&id) = wanted.get(&(ns, service.as_str())) {
+            by_service.entry(id).or_default().push(slice);
+        }
+    }
+    let mut bad_slices: BTreeMap<(String, String), String> = previous
+        .skipped
+        .iter()
+        .filter(|s| s.kind == "EndpointSlice")
+        .map(|s| ((s.namespace.clone(), s.name.clone()), s.reason.clone()))
+        .collect();
+    let bad_before = bad_slices.clone();
+    // Forget every affected Service's slices first: a slice moving between two of them
+    // must end up owned by its new Service whatever the order.
+    for id in &affected {
+        let Some(service) = index.services.get_mut(id) else {
+            continue;
+        };
+        for slice in service.bad.drain(..) {
+            bad_slices.remove(&(id.0.clone(), slice));
+        }
+        for slice in service.slices.drain(..) {
+            index.slice_owner.remove(&(id.0.clone(), slice));
+        }
+    }
+    let mut updates: Vec<(usize, Vec<BackendSpec>)> = Vec::new();
+    for id in &affected {
+        let Some(service) = index.services.get_mut(id) else {
+            continue;
+        };
+        let slices = by_service.get(&(id.0.as_str(), id.1.as_str()));
+        let mut bad = BTreeMap::new();
+        for (position, port_name) in service.vips.iter().flatten() {
+            let Some(vip) = previous.desired.vips.get(*position) else {
+                return Patch::Full;
+            };
+            let backends = backends(
+                slices,
+                port_name,
+                vip.key.protocol,
+                vip.key.address.is_ipv6(),
+                &index.vip_addresses,
+                &mut bad,
+            );
+            if backends != vip.backends {
+                updates.push((*position, backends));
+            }
+        }
+        service.slices = slices
+            .into_iter()
+            .flatten()
+            .map(|s| ns_name(&s.metadata).1)
+            .collect();
+        for slice in &service.slices {
+            index
+                .slice_owner
+                .insert((id.0.clone(), slice.clone()), id.clone());
+        }
+        service.bad = bad.keys().map(|(_, name)| name.clone()).collect();
+        bad_slices.append(&mut bad);
+    }
+    if updates.is_empty() && bad_slices == bad_before {
+        return Patch::Unchanged;
+    }
+    let mut out = previous.clone();
+    for (position, backends) in updates {
+        out.desired.vips[position].backends = backends;
+    }
+    // Backends passed the same filters as in a full translation (family, usable, not a
+    // VIP, one entry per address), so the state validates as the previous one did.
+    out.skipped.retain(|s| s.kind != "EndpointSlice");
+    for ((namespace, name), reason) in bad_slices {
+        out.skipped.push(Skipped {
+            kind: "EndpointSlice",
+            namespace,
+            name,
+            reason,
+        });
+    }
+    Patch::Changed(out)
 }
 
 /// The backends of one VIP from its Service's slices.

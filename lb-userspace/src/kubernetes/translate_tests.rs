@@ -364,3 +364,122 @@ fn pools_parse() {
     assert!("10.0.0.1-2001:db8::1".parse::<Pool>().is_err());
     assert!("nope".parse::<Pool>().is_err());
 }
+
+/// Random EndpointSlice edits (endpoints, conditions, labels, bad and VIP addresses,
+/// slices created and deleted) over Services that are served, conflicting, dual-stack,
+/// allocated or skipped: patching the previous translation gives exactly the full
+/// translation of the same objects, step after step.
+#[test]
+fn patching_slice_changes_equals_translating_everything() {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    let services: Vec<Service> = (0..8)
+        .map(|i| {
+            let created = format!("2024-01-01T00:00:0{i}Z");
+            let extra = match i {
+                // Requested addresses, one port or two.
+                0 | 1 => json!({"spec": {"loadBalancerIP": format!("198.51.100.{}", i + 1)}}),
+                2 => json!({"metadata": {"annotations": {IPS_ANNOTATION: "198.51.100.3,2001:db8:5::3"}},
+                            "spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP"},
+                                               {"name": "dns", "port": 53, "protocol": "UDP"}]}}),
+                // Allocated from the pools, dual stack.
+                3 => json!({"spec": {"ipFamilies": ["IPv4", "IPv6"]}}),
+                4 => json!({}),
+                // Conflicts with svc0 (newer): skipped after its backends were read.
+                5 => json!({"spec": {"loadBalancerIP": "198.51.100.1"}}),
+                // A protocol xlb does not serve, on its second port.
+                6 => json!({"spec": {"loadBalancerIP": "198.51.100.7",
+                            "ports": [{"name": "http", "port": 80, "protocol": "TCP"},
+                                      {"name": "sctp", "port": 9, "protocol": "SCTP"}]}}),
+                // Not ours.
+                _ => json!({"metadata": {"annotations": {CLASS_ANNOTATION: "other"}}}),
+            };
+            let mut svc = service(&format!("svc{i}"), extra);
+            svc.metadata.creation_timestamp = Some(serde_json::from_value(json!(created)).unwrap());
+            svc
+        })
+        .collect();
+    let addresses = [
+        "10.0.0.1",
+        "10.0.0.2",
+        "10.0.0.3",
+        "10.0.0.4",
+        "fd00::1",
+        "fd00::2",
+        // A VIP, a loopback address, garbage.
+        "198.51.100.2",
+        "127.0.0.1",
+        "not-an-ip",
+    ];
+    let random_slice = |rng: &mut StdRng, name: &str| -> EndpointSlice {
+        let family = if rng.random_bool(0.3) { "IPv6" } else { "IPv4" };
+        let endpoints: Vec<Value> = (0..rng.random_range(0..4))
+            .map(|_| {
+                let mut conditions = serde_json::Map::new();
+                for c in ["ready", "serving", "terminating"] {
+                    if rng.random_bool(0.6) {
+                        conditions.insert(c.into(), json!(rng.random_bool(0.5)));
+                    }
+                }
+                json!({"addresses": [addresses[rng.random_range(0..addresses.len())]],
+                       "conditions": conditions})
+            })
+            .collect();
+        let service = format!("svc{}", rng.random_range(0..9));
+        slice(name, &service, family, json!(endpoints))
+    };
+    let mut patched_steps = 0;
+    for seed in 0..20u64 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut slices: Vec<EndpointSlice> = (0..8)
+            .map(|j| random_slice(&mut rng, &format!("es{j}")))
+            .collect();
+        let (mut previous, mut index) = translate_indexed(&services, &slices, &opts());
+        let mut next_name = slices.len();
+        for step in 0..60 {
+            let mut changes: Vec<SliceChange> = Vec::new();
+            for _ in 0..rng.random_range(1..3) {
+                let label = |s: &EndpointSlice| {
+                    s.metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                        .cloned()
+                };
+                match rng.random_range(0..4) {
+                    0 if !slices.is_empty() => {
+                        let gone = slices.remove(rng.random_range(0..slices.len()));
+                        changes.push(("default".into(), gone.metadata.name.clone().unwrap(), None));
+                    }
+                    1 => {
+                        let name = format!("es{next_name}");
+                        next_name += 1;
+                        let new = random_slice(&mut rng, &name);
+                        changes.push(("default".into(), name, label(&new)));
+                        slices.push(new);
+                    }
+                    _ if !slices.is_empty() => {
+                        let j = rng.random_range(0..slices.len());
+                        let name = slices[j].metadata.name.clone().unwrap();
+                        slices[j] = random_slice(&mut rng, &name);
+                        changes.push(("default".into(), name, label(&slices[j])));
+                    }
+                    _ => {}
+                }
+            }
+            let (full, full_index) = translate_indexed(&services, &slices, &opts());
+            match patch_slices(&previous, &mut index, changes, &slices) {
+                Patch::Changed(patched) => {
+                    patched_steps += 1;
+                    assert_eq!(patched, full, "seed {seed} step {step}");
+                }
+                Patch::Unchanged => assert_eq!(previous, full, "seed {seed} step {step}"),
+                Patch::Full => index = full_index,
+            }
+            previous = full;
+        }
+    }
+    // Most steps touch only served Services: the patch path is what was tested.
+    assert!(patched_steps > 200, "only {patched_steps} steps patched");
+}
