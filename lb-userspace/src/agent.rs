@@ -24,7 +24,7 @@ use crate::config::{Config, ConfigError, NodeSettings, ResolvedConfig};
 use crate::datapath::{self, AttachMode, Attached, Datapath, DatapathError, LoadOptions};
 use crate::manager::{Manager, ManagerError};
 use crate::metrics::{self, AgentMetrics, DatapathCollector};
-use crate::state::{self, PersistedState, PersistedVip};
+use crate::state::{self, PersistedState};
 
 /// What the agent was asked to run.
 #[derive(Clone, Debug)]
@@ -173,7 +173,7 @@ struct Running {
     manager: Manager,
     node: NodeSettings,
     metrics: AgentMetrics,
-    vips_for_metrics: Arc<RwLock<Vec<PersistedVip>>>,
+    vips_for_metrics: crate::metrics::SharedState,
     /// The last state from Kubernetes (`--kubernetes`); `None` until the first sync.
     kube: Option<Arc<crate::kubernetes::translate::Translation>>,
     /// API event → maps updated, for `--kubernetes`.
@@ -192,13 +192,18 @@ type FloatGauge = prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomi
 /// 10,000 VIPs takes tens of milliseconds to serialise and write, which the next change
 /// would otherwise wait for. A state superseded before its turn is never written.
 struct Persister {
-    slot: Arc<(std::sync::Mutex<Option<PersistedState>>, std::sync::Condvar)>,
+    slot: Arc<(
+        std::sync::Mutex<Option<Arc<PersistedState>>>,
+        std::sync::Condvar,
+    )>,
 }
 
 impl Persister {
     fn start(pin_dir: PathBuf, state_dir: PathBuf) -> Self {
-        let slot: Arc<(std::sync::Mutex<Option<PersistedState>>, std::sync::Condvar)> =
-            Arc::default();
+        let slot: Arc<(
+            std::sync::Mutex<Option<Arc<PersistedState>>>,
+            std::sync::Condvar,
+        )> = Arc::default();
         let shared = slot.clone();
         let spawned = std::thread::Builder::new()
             .name("xlb-state".into())
@@ -228,7 +233,7 @@ impl Persister {
         Persister { slot }
     }
 
-    fn submit(&self, state: PersistedState) {
+    fn submit(&self, state: Arc<PersistedState>) {
         let (lock, ready) = &*self.slot;
         if let Ok(mut pending) = lock.lock() {
             *pending = Some(state);
@@ -239,13 +244,13 @@ impl Persister {
 
 impl Running {
     fn persist(&self, desired: &crate::model::DesiredState) -> Result<(), AgentError> {
-        let persisted = PersistedState::describe(
+        let persisted = Arc::new(PersistedState::describe(
             desired,
             self.manager.applied(),
             self.opts.config_path.as_deref(),
-        );
+        ));
         if let Ok(mut vips) = self.vips_for_metrics.write() {
-            vips.clone_from(&persisted.vips);
+            *vips = Some(persisted.clone());
         }
         match &self.persister {
             // All writes of a `--kubernetes` agent go through the one thread, in order.
@@ -534,7 +539,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     }
 
     let metrics = AgentMetrics::default();
-    let vips_for_metrics = Arc::new(RwLock::new(Vec::new()));
+    let vips_for_metrics: crate::metrics::SharedState = Arc::new(RwLock::new(None));
     let mut running = Running {
         opts: opts.clone(),
         datapath,

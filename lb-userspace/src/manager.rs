@@ -15,12 +15,13 @@
 //! the old `VipInfo` is still running.
 //!
 //! The grace period that makes a retired ring writable again is started in the background
-//! right after the apply that retired it (a flip or a VIP removal); the next apply that
-//! writes rings joins it first, and it is usually long over by then — a synchronous
-//! `synchronize_rcu()` costs 10–30 ms on a busy machine, which every single-endpoint change
-//! would otherwise pay. The first apply of a process waits a full grace period itself,
-//! which covers rings retired by a previous agent process just before it exited; so does
-//! any apply after a failed one or a failed background wait.
+//! right after the apply that retired it (a flip or a VIP removal), and remembers which
+//! rings it covers. An apply joins only the grace periods covering a ring it is about to
+//! write (and reaps finished ones): a `synchronize_rcu()` costs 10–30 ms on a busy
+//! machine, which a change to one VIP should not pay for the ring another VIP retired a
+//! moment ago. The first apply of a process waits a full grace period itself, which covers
+//! rings retired by a previous agent process just before it exited; so does any apply
+//! after a failed one or a failed background wait.
 //!
 //! # Backends
 //!
@@ -75,15 +76,20 @@ pub struct ApplyReport {
     pub warnings: Vec<MaglevWarning>,
 }
 
-/// Whether rings retired earlier may still be read by packets.
-enum Grace {
-    /// Unknown (a new process, a failed apply): wait a full grace period before writing.
-    Needed,
-    /// A grace period started after the last retirement; join it before writing.
-    Running(std::thread::JoinHandle<Result<(), DatapathError>>),
-    /// No ring was retired since the last completed grace period.
-    Clean,
+/// Rings retired earlier that packets may still be reading.
+struct Grace {
+    /// Unknown (a new process, a failed apply or wait): every ring counts as retired, and
+    /// a full grace period is waited before the next ring write.
+    needed: bool,
+    /// Grace periods in flight, each with the rings retired before it started.
+    running: Vec<(GraceThread, Vec<u32>)>,
 }
+
+/// A background grace-period wait.
+type GraceThread = std::thread::JoinHandle<Result<(), DatapathError>>;
+
+/// Grace periods in flight at most; beyond, the oldest is joined.
+const MAX_RUNNING_GRACE: usize = 32;
 
 /// The map writer and its mirror of the maps.
 pub struct Manager {
@@ -102,7 +108,10 @@ impl Manager {
         Ok(Manager {
             applied,
             grace: std::sync::Arc::new(GracePeriod::new().map_err(ManagerError::GracePeriod)?),
-            grace_state: Grace::Needed,
+            grace_state: Grace {
+                needed: true,
+                running: Vec::new(),
+            },
             baseline: None,
             resolved_backends: Default::default(),
         })
@@ -135,22 +144,37 @@ impl Manager {
             warnings: changes.warnings.clone(),
             ..ApplyReport::default()
         };
-        if changes
+        let writes: std::collections::HashSet<u32> = changes
             .ops
             .iter()
-            .any(|op| matches!(op, MapOp::WriteRing { .. }))
-        {
-            self.wait_grace()?;
+            .filter_map(|op| match op {
+                MapOp::WriteRing { ring, .. } => Some(*ring),
+                _ => None,
+            })
+            .collect();
+        if !writes.is_empty() {
+            self.wait_grace(&writes)?;
         }
-        // A ring is retired by a flip (a `SetVip` to the other ring) or a VIP's removal.
-        let retires = changes.ops.iter().any(|op| match op {
-            MapOp::SetVip { key, info } => self
-                .applied
-                .vip(key)
-                .is_some_and(|old| old.ring != info.ring),
-            MapOp::RemoveVip { .. } => true,
-            _ => false,
-        });
+        // A ring is retired by a flip (a `SetVip` to the other ring) or a VIP's removal
+        // (both its rings: its id, and so its rings, may go to a new VIP).
+        let retired: Vec<u32> = changes
+            .ops
+            .iter()
+            .flat_map(|op| match op {
+                MapOp::SetVip { key, info } => self
+                    .applied
+                    .vip(key)
+                    .filter(|old| old.ring != info.ring)
+                    .map(|old| vec![old.ring])
+                    .unwrap_or_default(),
+                MapOp::RemoveVip { key } => self
+                    .applied
+                    .vip(key)
+                    .map(|old| vec![2 * old.vip_id, 2 * old.vip_id + 1])
+                    .unwrap_or_default(),
+                _ => Vec::new(),
+            })
+            .collect();
         let previous = self.baseline.take();
         let incremental = previous.is_some();
         let total = changes.ops.len();
@@ -165,7 +189,7 @@ impl Manager {
             report.ops += 1;
         }
         if let Some((completed, source)) = failed {
-            self.grace_state = Grace::Needed;
+            self.grace_state.needed = true;
             // The mirror holds exactly the ops written; the next plan starts from scratch.
             changes.finish(&mut self.applied, completed, None);
             return Err(ManagerError::Write {
@@ -188,15 +212,15 @@ impl Manager {
             Vec::new()
         };
         self.baseline = changes.finish(&mut self.applied, total, previous);
-        if retires {
+        if !retired.is_empty() {
             let grace = self.grace.clone();
-            self.grace_state = match std::thread::Builder::new()
+            match std::thread::Builder::new()
                 .name("xlb-grace".into())
                 .spawn(move || grace.wait())
             {
-                Ok(handle) => Grace::Running(handle),
-                Err(_) => Grace::Needed,
-            };
+                Ok(handle) => self.grace_state.running.push((handle, retired)),
+                Err(_) => self.grace_state.needed = true,
+            }
         }
         // XDP's FIB lookup reads the neighbour table but never fills it: keep the next hop
         // of every new backend resolved by the kernel. After an incremental plan every
@@ -217,17 +241,27 @@ impl Manager {
 }
 
 impl Manager {
-    /// Makes sure every ring retired so far is out of the readers' hands.
-    fn wait_grace(&mut self) -> Result<(), ManagerError> {
-        let joined = match std::mem::replace(&mut self.grace_state, Grace::Needed) {
-            Grace::Clean => true,
-            Grace::Running(handle) => matches!(handle.join(), Ok(Ok(()))),
-            Grace::Needed => false,
-        };
-        if !joined {
-            self.grace.wait().map_err(ManagerError::GracePeriod)?;
+    /// Makes sure the rings about to be written are out of the readers' hands: joins the
+    /// grace periods covering them (and any that finished), or waits a full one when the
+    /// state is unknown.
+    fn wait_grace(&mut self, writes: &std::collections::HashSet<u32>) -> Result<(), ManagerError> {
+        let running = std::mem::take(&mut self.grace_state.running);
+        let excess = running.len().saturating_sub(MAX_RUNNING_GRACE);
+        for (i, (handle, rings)) in running.into_iter().enumerate() {
+            if i < excess || handle.is_finished() || rings.iter().any(|r| writes.contains(r)) {
+                if !matches!(handle.join(), Ok(Ok(()))) {
+                    self.grace_state.needed = true;
+                }
+            } else {
+                self.grace_state.running.push((handle, rings));
+            }
         }
-        self.grace_state = Grace::Clean;
+        if self.grace_state.needed {
+            self.grace.wait().map_err(ManagerError::GracePeriod)?;
+            // Started after every retirement so far: it covers the ones in flight too.
+            self.grace_state.needed = false;
+            self.grace_state.running.clear();
+        }
         Ok(())
     }
 }

@@ -31,7 +31,7 @@ use aya::maps::{HashMap as AyaHashMap, Map, MapData, MapError, PerCpuArray};
 use lb_common::{BackendStats, DatapathStats, FlowKey, FlowState, VipStats, map_names};
 
 use crate::datapath::DatapathError;
-use crate::state::PersistedVip;
+use crate::state::{PersistedState, PersistedVip};
 
 /// Agent-side metrics, updated by the agent loop.
 #[derive(Debug, Clone)]
@@ -125,8 +125,12 @@ impl CounterMaps {
 /// Reads the datapath maps on every scrape.
 pub struct DatapathCollector {
     maps: Mutex<CounterMaps>,
-    vips: Arc<RwLock<Vec<PersistedVip>>>,
+    vips: SharedState,
 }
+
+/// The last applied state, shared by the agent (which replaces it after each apply) with
+/// the collector and the state-file writer: one copy for all three.
+pub type SharedState = Arc<RwLock<Option<Arc<PersistedState>>>>;
 
 impl std::fmt::Debug for DatapathCollector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -137,7 +141,7 @@ impl std::fmt::Debug for DatapathCollector {
 impl DatapathCollector {
     /// `maps`: handles on the pinned counters; `vips`: names and ids, replaced after each
     /// apply.
-    pub fn new(maps: CounterMaps, vips: Arc<RwLock<Vec<PersistedVip>>>) -> Self {
+    pub fn new(maps: CounterMaps, vips: SharedState) -> Self {
         DatapathCollector {
             maps: Mutex::new(maps),
             vips,
@@ -175,12 +179,13 @@ impl Collector for DatapathCollector {
         let Ok(maps) = self.maps.lock() else {
             return Ok(());
         };
-        let vips = self.vips.read().map(|v| v.clone()).unwrap_or_default();
+        let state = self.vips.read().ok().and_then(|v| v.clone());
+        let vips: &[PersistedVip] = state.as_deref().map_or(&[], |s| &s.vips);
 
         let mut vip_series: [Vec<(Labels, u64)>; 3] = Default::default();
         let mut backend_series: [Vec<(Labels, u64)>; 2] = Default::default();
         let mut seen_backends = std::collections::BTreeSet::new();
-        for vip in &vips {
+        for vip in vips {
             let Ok(stats) = maps.vip_stats(vip.vip_id) else {
                 continue;
             };
