@@ -121,6 +121,11 @@ pub struct Maps {
     pub decap_stats: PerCpuArray<MapData, DecapStats>,
     pub nexthop: PerCpuArray<MapData, NextHop>,
     pub rate_guard: PerCpuArray<MapData, RateGuard>,
+    /// Created by this process (not adopted) with the backend and connection maps: every
+    /// next-hop entry above this backend id is still all zeros (no backend, ring or flow
+    /// ever named it), so assigning it needs no clearing — on a first sync of 100,000
+    /// backends that is 100,000 syscalls. `None`: adopted maps, always clear.
+    nexthop_zero_above: Option<u32>,
 }
 
 /// A loaded datapath: the programs and the maps.
@@ -174,6 +179,13 @@ impl Datapath {
             source,
         })?;
         let maglev_entries = 2 * opts.max_vips * opts.maglev_table_size;
+        let fresh = [
+            map_names::NEXTHOP,
+            map_names::BACKENDS,
+            map_names::CONNTRACK,
+        ]
+        .iter()
+        .all(|name| !opts.pin_dir.join(name).exists());
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&opts.pin_dir)
             .map_max_entries(map_names::VIPS, opts.max_vips)
@@ -199,7 +211,10 @@ impl Datapath {
             prog.load()
                 .map_err(|source| DatapathError::Program { name, source })?;
         }
-        let maps = Maps::take_from(&mut ebpf, opts.maglev_table_size)?;
+        let mut maps = Maps::take_from(&mut ebpf, opts.maglev_table_size)?;
+        if fresh {
+            maps.nexthop_zero_above = Some(0);
+        }
         Ok(Self {
             ebpf,
             maps,
@@ -665,6 +680,7 @@ impl Maps {
             decap_stats: take(ebpf, map_names::DECAP_STATS)?,
             nexthop: take(ebpf, map_names::NEXTHOP)?,
             rate_guard: take(ebpf, map_names::RATE_GUARD)?,
+            nexthop_zero_above: None,
         })
     }
 
@@ -690,6 +706,7 @@ impl Maps {
             decap_stats: from_pin(dir, map_names::DECAP_STATS)?,
             nexthop: from_pin(dir, map_names::NEXTHOP)?,
             rate_guard: from_pin(dir, map_names::RATE_GUARD)?,
+            nexthop_zero_above: None,
         })
     }
 
@@ -790,6 +807,12 @@ impl Maps {
     /// Forgets every CPU's cached next hop of backend `id` (the kernel compares the
     /// address too; this makes a reused id resolve afresh regardless).
     pub fn clear_nexthop(&mut self, id: u32) -> Result<()> {
+        if let Some(above) = self.nexthop_zero_above.as_mut()
+            && id > *above
+        {
+            *above = id;
+            return Ok(());
+        }
         let cpus = aya::util::nr_cpus()
             .map_err(|(_, source)| {
                 map_err(map_names::NEXTHOP)(aya::maps::MapError::IoError(source))

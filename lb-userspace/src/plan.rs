@@ -744,6 +744,59 @@ pub fn plan_changes(
 
 type Planned = (Vec<MapOp>, Vec<MaglevWarning>, Vec<(u32, RingInputs)>);
 
+/// One planned VIP with its table inputs.
+struct Prepared<'a> {
+    ord: VipKeyOrd,
+    key: VipKey,
+    vip: &'a model::VipSpec,
+    inputs: RingInputs,
+    weighted: Vec<WeightedBackend>,
+    needs_table: bool,
+}
+
+/// Tables needed by fewer VIPs than this are built inline, one after the other.
+const PARALLEL_TABLES: usize = 256;
+
+/// The tables of the VIPs that need one, built ahead on every core when there are many (a
+/// first sync of 10,000 VIPs builds 10,000 tables); `None` where not built ahead. The
+/// results are the builder's own, used in plan order, so the plan is the same.
+type Built = Option<Result<maglev::MaglevTable, MaglevError>>;
+
+fn build_tables(prepared: &[Prepared<'_>], table_size: u32) -> Vec<Built> {
+    let mut out: Vec<Built> = (0..prepared.len()).map(|_| None).collect();
+    let needed: Vec<usize> = (0..prepared.len())
+        .filter(|&i| prepared[i].needs_table)
+        .collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    if needed.len() < PARALLEL_TABLES || threads < 2 {
+        return out;
+    }
+    let chunk = needed.len().div_ceil(threads);
+    let results: Vec<Vec<(usize, Result<maglev::MaglevTable, MaglevError>)>> =
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = needed
+                .chunks(chunk)
+                .map(|indices| {
+                    scope.spawn(move || {
+                        indices
+                            .iter()
+                            .map(|&i| {
+                                let p = &prepared[i];
+                                (i, maglev::build(&p.vip.label(), table_size, &p.weighted))
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            // A panicking worker leaves its tables to be built inline.
+            workers.into_iter().filter_map(|w| w.join().ok()).collect()
+        });
+    for (i, result) in results.into_iter().flatten() {
+        out[i] = Some(result);
+    }
+    out
+}
+
 fn plan_scope(scope: &Scope<'_>, applied: &AppliedState) -> Result<Planned, PlanError> {
     let limits = applied.limits;
     // Backend ids: kept for every address still listed somewhere, new ones allocated in
@@ -804,25 +857,60 @@ fn plan_scope(scope: &Scope<'_>, applied: &AppliedState) -> Result<Planned, Plan
     let mut set_vips = Vec::new();
     let mut warnings = Vec::new();
     let mut ring_inputs = Vec::new();
-    for (ord, (key, vip)) in &scope.vips {
-        let mut inputs: Vec<(u32, u32)> = Vec::with_capacity(vip.backends.len());
-        let mut weighted = Vec::with_capacity(vip.backends.len());
-        for b in &vip.backends {
-            // Every desired backend got an id above.
-            let Some(id) = backend_id(&b.address) else {
-                continue;
+    // Every planned VIP's inputs, and whether its table must be built (new, or inputs
+    // not the cached ones of its active ring).
+    let prepared: Vec<Prepared<'_>> = scope
+        .vips
+        .iter()
+        .map(|(ord, (key, vip))| {
+            let mut inputs: Vec<(u32, u32)> = Vec::with_capacity(vip.backends.len());
+            let mut weighted = Vec::with_capacity(vip.backends.len());
+            for b in &vip.backends {
+                // Every desired backend got an id above.
+                let Some(id) = backend_id(&b.address) else {
+                    continue;
+                };
+                inputs.push((id, b.effective_weight()));
+                weighted.push(WeightedBackend {
+                    address: b.address,
+                    weight: b.effective_weight(),
+                    id,
+                });
+            }
+            inputs.sort_unstable();
+            let inputs: RingInputs = inputs.into();
+            let needs_table = match applied.vips.get(ord) {
+                Some((_, old)) => {
+                    applied.ring_inputs.get(&old.ring) != Some(&inputs)
+                        || !applied.rings.contains_key(&old.ring)
+                }
+                None => true,
             };
-            inputs.push((id, b.effective_weight()));
-            weighted.push(WeightedBackend {
-                address: b.address,
-                weight: b.effective_weight(),
-                id,
-            });
-        }
-        inputs.sort_unstable();
-        let inputs: RingInputs = inputs.into();
-        let build = |warnings: &mut Vec<MaglevWarning>| {
-            maglev::build(&vip.label(), limits.table_size, &weighted)
+            Prepared {
+                ord: *ord,
+                key: *key,
+                vip,
+                inputs,
+                weighted,
+                needs_table,
+            }
+        })
+        .collect();
+    let mut prebuilt = build_tables(&prepared, limits.table_size);
+    for (i, p) in prepared.into_iter().enumerate() {
+        let Prepared {
+            ord,
+            key,
+            vip,
+            inputs,
+            weighted,
+            ..
+        } = p;
+        let (ord, key) = (&ord, &key);
+        let mut build = |warnings: &mut Vec<MaglevWarning>| {
+            prebuilt[i]
+                .take()
+                .unwrap_or_else(|| maglev::build(&vip.label(), limits.table_size, &weighted))
                 .map(|built| {
                     warnings.extend(built.warnings);
                     Arc::<[u32]>::from(built.table)
@@ -1611,5 +1699,67 @@ mod tests {
                 assert_eq!(baseline.is_some(), completed == plan.ops.len());
             }
         }
+    }
+
+    /// Enough new VIPs that their tables are built on several threads: every table is the
+    /// builder's own for that VIP, in plan order, and a second plan writes nothing.
+    #[test]
+    fn tables_built_ahead_on_several_threads_are_each_vips_own() {
+        let count = PARALLEL_TABLES * 2 + 3;
+        let limits = Limits {
+            table_size: M,
+            max_vips: count as u32,
+            max_backends: 4096,
+        };
+        let mut rng = StdRng::seed_from_u64(11);
+        let vips: Vec<VipSpec> = (0..count)
+            .map(|i| {
+                let backends: Vec<String> = (0..rng.random_range(0..6))
+                    .map(|_| {
+                        format!(
+                            "10.{}.{}.1",
+                            rng.random_range(0..4),
+                            rng.random_range(0..250)
+                        )
+                    })
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+                let refs: Vec<&str> = backends.iter().map(String::as_str).collect();
+                vip(&format!("192.0.{}.{}", 2 + i / 250, i % 250 + 1), 80, &refs)
+            })
+            .collect();
+        let desired = state(vips);
+        let mut applied = AppliedState::new(limits);
+        let plan = plan(&desired, &applied).unwrap();
+        let after = plan.applied.clone();
+        let mut rings = 0;
+        let mut tables = plan.ops.iter().filter_map(|op| match op {
+            MapOp::WriteRing { ring, table } => Some((*ring, table.clone())),
+            _ => None,
+        });
+        let mut sorted: Vec<&VipSpec> = desired.vips.iter().collect();
+        sorted.sort_by_key(|v| vip_ord(&v.key.to_map_key()));
+        for v in sorted {
+            let (ring, table) = tables.next().unwrap();
+            assert_eq!(after.vip(&v.key.to_map_key()).unwrap().ring, ring);
+            let backends: Vec<WeightedBackend> = v
+                .backends
+                .iter()
+                .map(|b| WeightedBackend {
+                    address: b.address,
+                    weight: b.effective_weight(),
+                    id: after.backend_id(b.address).unwrap(),
+                })
+                .collect();
+            assert_eq!(
+                &table[..],
+                &maglev::build("x", M, &backends).unwrap().table[..]
+            );
+            rings += 1;
+        }
+        assert_eq!(rings, count);
+        applied = after;
+        assert!(super::plan(&desired, &applied).unwrap().is_empty());
     }
 }
