@@ -64,8 +64,8 @@ fn kube_agent_programs_services_into_the_maps() {
     let (server, scratch, pin_dir) = (&node.server, &node.scratch, &node.pin_dir);
 
     apply(
-        &server,
-        &scratch,
+        server,
+        scratch,
         "service",
         json!({
             "apiVersion": "v1", "kind": "Service",
@@ -76,13 +76,13 @@ fn kube_agent_programs_services_into_the_maps() {
     );
     let ready = |ip: &str| json!({"addresses": [ip], "conditions": {"ready": true}});
     apply(
-        &server,
-        &scratch,
+        server,
+        scratch,
         "slice",
         slice(json!([ready("198.51.100.11"), ready("198.51.100.12")])),
     );
     wait_for("web with 2 backends in the maps", WAIT, || {
-        backends(&pin_dir, "default/web:http").filter(|b| b.len() == 2)
+        backends(pin_dir, "default/web:http").filter(|b| b.len() == 2)
     });
     let vips = xlb_json(&["vips"], &pin_dir.path);
     let web = vips
@@ -98,8 +98,8 @@ fn kube_agent_programs_services_into_the_maps() {
 
     // Scaled to 3, then one terminating (serving): draining in the maps.
     apply(
-        &server,
-        &scratch,
+        server,
+        scratch,
         "slice",
         slice(json!([
             ready("198.51.100.11"),
@@ -108,11 +108,11 @@ fn kube_agent_programs_services_into_the_maps() {
         ])),
     );
     wait_for("3 backends", WAIT, || {
-        backends(&pin_dir, "default/web:http").filter(|b| b.len() == 3)
+        backends(pin_dir, "default/web:http").filter(|b| b.len() == 3)
     });
     apply(
-        &server,
-        &scratch,
+        server,
+        scratch,
         "slice",
         slice(json!([
             ready("198.51.100.11"),
@@ -120,7 +120,7 @@ fn kube_agent_programs_services_into_the_maps() {
         ])),
     );
     let got = wait_for("one draining backend", WAIT, || {
-        backends(&pin_dir, "default/web:http")
+        backends(pin_dir, "default/web:http")
             .filter(|b| b.len() == 2 && b.iter().any(|(_, s)| s == "draining"))
     });
     assert_eq!(
@@ -150,23 +150,23 @@ fn kube_agent_programs_services_into_the_maps() {
     });
 
     // API server away: the maps keep the last state; back: changes flow again.
-    let before = backends(&pin_dir, "default/web:http");
+    let before = backends(pin_dir, "default/web:http");
     server.stop_apiserver();
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
-        backends(&pin_dir, "default/web:http"),
+        backends(pin_dir, "default/web:http"),
         before,
         "state changed without an API server"
     );
     server.start_apiserver();
     apply(
-        &server,
-        &scratch,
+        server,
+        scratch,
         "slice",
         slice(json!([ready("198.51.100.11"), ready("198.51.100.14")])),
     );
     wait_for("the change after the restart", WAIT, || {
-        backends(&pin_dir, "default/web:http")
+        backends(pin_dir, "default/web:http")
             .filter(|b| b.iter().any(|(a, _)| a == "198.51.100.14"))
     });
 
@@ -174,7 +174,7 @@ fn kube_agent_programs_services_into_the_maps() {
     let (ok, out) = server.kubectl(&["delete", "service", "web"]);
     assert!(ok, "{out}");
     wait_for("web gone from the maps", WAIT, || {
-        backends(&pin_dir, "default/web:http")
+        backends(pin_dir, "default/web:http")
             .is_none()
             .then_some(())
     });
@@ -193,8 +193,8 @@ fn kube_agent_programs_ipv6_udp_with_affinity() {
     let (server, scratch, pin_dir) = (&node.server, &node.scratch, &node.pin_dir);
 
     apply(
-        &server,
-        &scratch,
+        server,
+        scratch,
         "service",
         json!({
             "apiVersion": "v1", "kind": "Service",
@@ -218,19 +218,19 @@ fn kube_agent_programs_ipv6_udp_with_affinity() {
         })
     };
     apply(
-        &server,
-        &scratch,
+        server,
+        scratch,
         "slice6",
         slice("dns-v6", "IPv6", &["2001:db8:b:1::2", "2001:db8:b:2::2"]),
     );
     apply(
-        &server,
-        &scratch,
+        server,
+        scratch,
         "slice4",
         slice("dns-v4", "IPv4", &["198.51.100.53"]),
     );
     let got = wait_for("the IPv6 UDP VIP with 2 backends", WAIT, || {
-        backends(&pin_dir, "default/dns:dns").filter(|b| b.len() == 2)
+        backends(pin_dir, "default/dns:dns").filter(|b| b.len() == 2)
     });
     assert_eq!(
         got,
@@ -255,8 +255,8 @@ fn kube_agent_programs_ipv6_udp_with_affinity() {
 
     // One IPv6 endpoint becomes not ready: it leaves the VIP.
     apply(
-        &server,
-        &scratch,
+        server,
+        scratch,
         "slice6",
         json!({
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
@@ -271,7 +271,7 @@ fn kube_agent_programs_ipv6_udp_with_affinity() {
         }),
     );
     wait_for("one IPv6 backend left", WAIT, || {
-        backends(&pin_dir, "default/dns:dns").filter(|b| b.len() == 1)
+        backends(pin_dir, "default/dns:dns").filter(|b| b.len() == 1)
     });
     let _ = node.agent.terminate();
 }

@@ -461,7 +461,7 @@ fn kube_proxy_routes_and_swaps_ingress_secret_and_endpoints_without_failed_reque
         phase("new host routed");
         // 2. Secret rotation: new handshakes get the new certificate.
         let second_cert = pki.leaf(&["secure.example.test"]);
-        put(&secrets, &tls_secret(ns, "web-tls", &second_cert)).await;
+        put(secrets, &tls_secret(ns, "web-tls", &second_cert)).await;
         let want = &der(&second_cert.0);
         driven(seen, "the rotated certificate to be served", || async move {
             (seen.lock().expect("seen").cert == *want).then_some(())
@@ -470,13 +470,13 @@ fn kube_proxy_routes_and_swaps_ingress_secret_and_endpoints_without_failed_reque
 
         phase("certificate rotated");
         // 3. Scale out to v2, then in (v1's slice deleted).
-        put(&slices, &web_slice(ns, "web-2", v2.addr)).await;
+        put(slices, &web_slice(ns, "web-2", v2.addr)).await;
         driven(seen, "v2 to receive requests", || async move {
             seen.lock().expect("seen").backends.iter().any(|b| b == "v2").then_some(())
         })
         .await;
         phase("v2 serving");
-        delete(&slices, "web-1").await;
+        delete(slices, "web-1").await;
         let mark = seen.lock().expect("seen").backends.len();
         driven(seen, "only v2 to receive requests", || async move {
             let s = seen.lock().expect("seen");
@@ -677,7 +677,7 @@ fn kube_proxy_rejects_an_invalid_ingress_with_an_event_and_serves_the_others() {
         let http = proxy.http;
         let pki = Pki::new();
         put(
-            &secrets,
+            secrets,
             &tls_secret(ns, "missing-tls", &pki.leaf(&["nosecret.example.test"])),
         )
         .await;
@@ -734,7 +734,7 @@ fn kube_proxy_keeps_serving_while_the_api_server_is_down() {
         let ingresses = &scene.ingresses;
         let plain = |host: &str| json!({"rules": [rule(host, json!({"name": "http"}))]});
         put(
-            &ingresses,
+            ingresses,
             &ingress(ns, "app", class, plain("app.example.test"), json!({})),
         )
         .await;
