@@ -798,11 +798,15 @@ pub mod proxy {
         fn drop(&mut self) {
             kill(&mut self.child);
             if std::thread::panicking() {
-                // The tail only: the access log makes the whole too long to read.
+                // Without the access log (one line per request), which would push the
+                // source's and the reloader's lines out of any readable tail.
                 let text = self.log_text();
-                let lines: Vec<&str> = text.lines().collect();
+                let lines: Vec<&str> = text
+                    .lines()
+                    .filter(|l| !l.contains("xlb::access"))
+                    .collect();
                 let tail = lines[lines.len().saturating_sub(60)..].join("\n");
-                eprintln!("xlb proxy log (tail):\n{tail}");
+                eprintln!("xlb proxy log without the access log (tail):\n{tail}");
             }
             let _ = std::fs::remove_dir_all(&self.dir);
         }
