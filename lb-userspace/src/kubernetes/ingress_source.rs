@@ -87,19 +87,7 @@ pub struct IngressUpdate {
 pub async fn spawn(
     opts: IngressSourceOptions,
 ) -> Result<mpsc::Receiver<IngressUpdate>, SourceError> {
-    let config = match &opts.kubeconfig {
-        Some(path) => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(path)
-                .map_err(|e| SourceError::Config(format!("{}: {e}", path.display())))?;
-            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-                .await
-                .map_err(|e| SourceError::Config(format!("{}: {e}", path.display())))?
-        }
-        None => kube::Config::infer()
-            .await
-            .map_err(|e| SourceError::Config(e.to_string()))?,
-    };
-    let client = kube::Client::try_from(config).map_err(|e| SourceError::Config(e.to_string()))?;
+    let client = super::source::client(opts.kubeconfig.as_deref()).await?;
     Ok(start(client, opts))
 }
 

@@ -109,7 +109,13 @@ pub enum SourceError {
 
 /// Starts the source with the configured client; translated states arrive on the channel.
 pub async fn spawn(opts: SourceOptions) -> Result<mpsc::Receiver<Update>, SourceError> {
-    let config = match &opts.kubeconfig {
+    let client = client(opts.kubeconfig.as_deref()).await?;
+    Ok(start(client, opts))
+}
+
+/// A client from `kubeconfig`, else inferred (`KUBECONFIG`, `~/.kube/config`, in-cluster).
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, SourceError> {
+    let config = match kubeconfig {
         Some(path) => {
             let kubeconfig = kube::config::Kubeconfig::read_from(path)
                 .map_err(|e| SourceError::Config(format!("{}: {e}", path.display())))?;
@@ -121,8 +127,7 @@ pub async fn spawn(opts: SourceOptions) -> Result<mpsc::Receiver<Update>, Source
             .await
             .map_err(|e| SourceError::Config(e.to_string()))?,
     };
-    let client = kube::Client::try_from(config).map_err(|e| SourceError::Config(e.to_string()))?;
-    Ok(start(client, opts))
+    kube::Client::try_from(config).map_err(|e| SourceError::Config(e.to_string()))
 }
 
 /// Starts the source on `client` (a tokio task; it ends when the receiver is dropped).
