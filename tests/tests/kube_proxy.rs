@@ -318,7 +318,9 @@ async fn driven<F: Future<Output = Option<()>>>(
 struct Seen {
     ok: usize,
     failures: Vec<String>,
-    /// HTTP backends in order.
+    /// Backends that answered, HTTP and HTTPS, in order. Both schemes route to the same
+    /// round-robin upstream and alternate, so one scheme alone sees every other pick only:
+    /// with two endpoints, always the same one.
     backends: Vec<String>,
     /// The leaf certificate of the latest HTTPS response.
     cert: Vec<u8>,
@@ -364,6 +366,8 @@ fn record(seen: &mut Seen, plain: Plain, secure: Secure) {
         Ok((StatusCode::OK, body, cert)) if backend(&body).is_some() => {
             seen.ok += 1;
             seen.cert = cert;
+            seen.backends
+                .push(backend(&body).unwrap_or_default().to_owned());
         }
         other => seen
             .failures
