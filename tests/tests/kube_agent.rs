@@ -229,8 +229,11 @@ fn kube_agent_programs_ipv6_udp_with_affinity() {
         "slice4",
         slice("dns-v4", "IPv4", &["198.51.100.53"]),
     );
+    // The CLI takes backend states from the agent's state file, written at most twice a
+    // second: until it catches up with the maps a backend's state reads as unknown ("").
     let got = wait_for("the IPv6 UDP VIP with 2 backends", WAIT, || {
-        backends(pin_dir, "default/dns:dns").filter(|b| b.len() == 2)
+        backends(pin_dir, "default/dns:dns")
+            .filter(|b| b.len() == 2 && b.iter().all(|(_, state)| !state.is_empty()))
     });
     assert_eq!(
         got,
