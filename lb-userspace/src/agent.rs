@@ -325,6 +325,11 @@ impl Running {
                 for warning in &report.warnings {
                     tracing::warn!("{warning}");
                 }
+                // The state file first: once "config applied" is logged, the CLI reads the
+                // new config (it takes names, weights and states from that file).
+                if let Err(e) = self.persist(&resolved.desired) {
+                    tracing::warn!("{e}");
+                }
                 tracing::info!(
                     ops = report.ops,
                     rings = report.rings_written,
@@ -342,9 +347,6 @@ impl Running {
                     metrics_listen: running.metrics_listen,
                     ..resolved.node
                 };
-                if let Err(e) = self.persist(&resolved.desired) {
-                    tracing::warn!("{e}");
-                }
             }
             Err(e) => {
                 self.metrics.apply_failures.inc();
