@@ -186,12 +186,7 @@ async fn run(client: kube::Client, opts: IngressSourceOptions, tx: mpsc::Sender<
                 continue;
             }
             Some(Some(Err((kind, e)))) => {
-                let gone = match &e {
-                    watcher::Error::WatchError(s) => s.code == 410,
-                    watcher::Error::WatchStartFailed(kube::Error::Api(s)) => s.code == 410,
-                    _ => false,
-                };
-                if gone {
+                if super::source::is_gone(&e) {
                     relists += 1;
                     tracing::info!(kind, "watch expired (410 Gone): relisting");
                 } else {

@@ -107,6 +107,15 @@ pub enum SourceError {
     Config(String),
 }
 
+/// A watch error that means the resourceVersion expired (410 Gone): the watcher relists.
+pub fn is_gone(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::WatchError(s) => s.code == 410,
+        watcher::Error::WatchStartFailed(kube::Error::Api(s)) => s.code == 410,
+        _ => false,
+    }
+}
+
 /// Starts the source with the configured client; translated states arrive on the channel.
 pub async fn spawn(opts: SourceOptions) -> Result<mpsc::Receiver<Update>, SourceError> {
     let client = client(opts.kubeconfig.as_deref()).await?;
@@ -263,12 +272,7 @@ async fn run(client: kube::Client, opts: SourceOptions, tx: mpsc::Sender<Update>
                 }
             }
             Some(Some(Err((kind, e)))) => {
-                let gone = match &e {
-                    watcher::Error::WatchError(s) => s.code == 410,
-                    watcher::Error::WatchStartFailed(kube::Error::Api(s)) => s.code == 410,
-                    _ => false,
-                };
-                if gone {
+                if is_gone(&e) {
                     relists += 1;
                     tracing::info!(kind, "watch expired (410 Gone): relisting");
                 } else {

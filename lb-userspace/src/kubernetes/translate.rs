@@ -274,6 +274,14 @@ fn decide(service: &Service) -> Result<(Vec<IpAddr>, Vec<bool>), String> {
     Ok((from_status, missing))
 }
 
+/// `(namespace, service)` of the Service an EndpointSlice belongs to (its
+/// `kubernetes.io/service-name` label), if any.
+fn owning_service(slice: &EndpointSlice) -> Option<(&str, &str)> {
+    let service = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    let ns = slice.metadata.namespace.as_deref().unwrap_or("default");
+    Some((ns, service.as_str()))
+}
+
 /// Lowest address of the pools, of the family, not in `used`.
 fn allocate(pools: &[Pool], v6: bool, used: &BTreeSet<IpAddr>) -> Option<IpAddr> {
     for pool in pools.iter().filter(|p| p.first.is_ipv6() == v6) {
@@ -391,19 +399,10 @@ pub fn translate_indexed<'a>(
     // Hashed and borrowed: this and the lookups below run on every batch over every object.
     let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
     for slice in slices {
-        let Some(service) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        else {
+        let Some((ns, service)) = owning_service(slice) else {
             continue;
         };
-        let ns = slice.metadata.namespace.as_deref().unwrap_or("default");
-        by_service
-            .entry((ns, service.as_str()))
-            .or_default()
-            .push(slice);
+        by_service.entry((ns, service)).or_default().push(slice);
     }
     let vip_addresses: HashSet<IpAddr> = ready
         .iter()
@@ -623,16 +622,10 @@ pub fn patch_slices<'a>(
         .collect();
     let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
     for slice in slices {
-        let Some(service) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        else {
+        let Some((ns, service)) = owning_service(slice) else {
             continue;
         };
-        let ns = slice.metadata.namespace.as_deref().unwrap_or("default");
-        if let Some(&id) = wanted.get(&(ns, service.as_str())) {
+        if let Some(&id) = wanted.get(&(ns, service)) {
             by_service.entry(id).or_default().push(slice);
         }
     }
