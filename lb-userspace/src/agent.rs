@@ -184,6 +184,8 @@ struct Running {
     kube_initial_sync: FloatGauge,
     /// `--kubernetes`: the state file is written off the apply path.
     persister: Option<Persister>,
+    /// Describes each applied state for the state file and metrics, reusing unchanged VIPs.
+    describer: crate::state::Describer,
 }
 
 type FloatGauge = prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>;
@@ -251,8 +253,8 @@ impl Persister {
 }
 
 impl Running {
-    fn persist(&self, desired: &crate::model::DesiredState) -> Result<(), AgentError> {
-        let persisted = Arc::new(PersistedState::describe(
+    fn persist(&mut self, desired: &crate::model::DesiredState) -> Result<(), AgentError> {
+        let persisted = Arc::new(self.describer.describe(
             desired,
             self.manager.applied(),
             self.opts.config_path.as_deref(),
@@ -567,6 +569,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             .kubernetes
             .is_some()
             .then(|| Persister::start(node.pin_dir.clone(), opts.state_dir.clone())),
+        describer: crate::state::Describer::default(),
     };
     running.persist(&resolved.desired)?;
 

@@ -119,9 +119,14 @@ fn persisted_for<'a>(
     state: &'a Option<PersistedState>,
     service: &ServiceKey,
 ) -> Option<&'a PersistedVip> {
-    state.as_ref()?.vips.iter().find(|v| {
-        v.address == service.address && v.protocol == service.protocol && v.port == service.port
-    })
+    state
+        .as_ref()?
+        .vips
+        .iter()
+        .find(|v| {
+            v.address == service.address && v.protocol == service.protocol && v.port == service.port
+        })
+        .map(|v| &**v)
 }
 
 /// One backend row.

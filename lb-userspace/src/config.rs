@@ -430,13 +430,13 @@ impl Config {
                     state: backend.state,
                 });
             }
-            vips.push(VipSpec {
+            vips.push(std::sync::Arc::new(VipSpec {
                 name,
                 key,
                 source_affinity: vip.source_affinity,
                 forwarding: vip.forwarding,
                 backends,
-            });
+            }));
         }
         Ok(DesiredState { vips })
     }

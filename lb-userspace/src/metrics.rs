@@ -180,7 +180,7 @@ impl Collector for DatapathCollector {
             return Ok(());
         };
         let state = self.vips.read().ok().and_then(|v| v.clone());
-        let vips: &[PersistedVip] = state.as_deref().map_or(&[], |s| &s.vips);
+        let vips: &[std::sync::Arc<PersistedVip>] = state.as_deref().map_or(&[], |s| &s.vips);
 
         let mut vip_series: [Vec<(Labels, u64)>; 3] = Default::default();
         let mut backend_series: [Vec<(Labels, u64)>; 2] = Default::default();

@@ -449,7 +449,7 @@ fn record_ring_inputs(
 /// exactly the addresses listed here).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Baseline {
-    vips: std::collections::HashMap<VipKeyOrd, model::VipSpec>,
+    vips: std::collections::HashMap<VipKeyOrd, Arc<model::VipSpec>>,
     /// VIPs listing each backend address.
     backend_refs: std::collections::HashMap<IpAddr, u32>,
     /// VIPs on each address.
@@ -467,7 +467,7 @@ pub struct Changes {
     /// Planned from scratch (the baseline is rebuilt) or from a baseline (it is patched).
     full: bool,
     /// VIP specs that changed (`None`: removed).
-    vips: Vec<(VipKeyOrd, Option<model::VipSpec>)>,
+    vips: Vec<(VipKeyOrd, Option<Arc<model::VipSpec>>)>,
     /// New reference counts of the backend addresses touched (0: none left).
     backend_refs: Vec<(IpAddr, u32)>,
     /// New VIP counts of the addresses touched (0: none left).
@@ -563,7 +563,7 @@ pub fn plan(desired: &DesiredState, applied: &AppliedState) -> Result<Plan, Plan
 /// What one plan looks at.
 struct Scope<'a> {
     /// VIPs to plan, by key: every desired VIP, or those whose spec changed.
-    vips: BTreeMap<VipKeyOrd, (VipKey, &'a model::VipSpec)>,
+    vips: BTreeMap<VipKeyOrd, (VipKey, &'a Arc<model::VipSpec>)>,
     /// Applied VIPs no longer desired, by key.
     removed: Vec<(VipKey, u32)>,
     /// Wanted backend addresses without an id, in order.
@@ -582,7 +582,25 @@ pub fn plan_changes(
     applied: &AppliedState,
     baseline: Option<&Baseline>,
 ) -> Result<Changes, PlanError> {
-    desired.validate()?;
+    match baseline {
+        None => desired.validate()?,
+        Some(base) => {
+            // The baseline passed validation. Its unchanged VIPs' backends need no second
+            // look unless a VIP address is new (one of them might be that address now).
+            let new_vip_address = desired.vips.iter().any(|v| {
+                let key = v.key.to_map_key();
+                !base.addr_counts.contains_key(&(key.family, key.addr_be))
+            });
+            desired.validate_reusing(|i| {
+                let vip = &desired.vips[i];
+                !new_vip_address
+                    && base
+                        .vips
+                        .get(&vip_ord(&vip.key.to_map_key()))
+                        .is_some_and(|old| old == vip)
+            })?;
+        }
+    }
     let limits = applied.limits;
     if desired.vips.len() > limits.max_vips as usize {
         return Err(PlanError::TooManyVips {
@@ -596,7 +614,7 @@ pub fn plan_changes(
     let scope = match baseline {
         None => {
             let wanted_backends = desired.backend_addresses();
-            let desired_vips: BTreeMap<VipKeyOrd, (VipKey, &model::VipSpec)> = desired
+            let desired_vips: BTreeMap<VipKeyOrd, (VipKey, &Arc<model::VipSpec>)> = desired
                 .vips
                 .iter()
                 .map(|v| {
@@ -612,7 +630,7 @@ pub fn plan_changes(
                     *refs.entry(b.address).or_default() += 1;
                 }
                 *addrs.entry((key.family, key.addr_be)).or_default() += 1;
-                baseline_vips.push((*ord, Some((*vip).clone())));
+                baseline_vips.push((*ord, Some(Arc::clone(vip))));
             }
             backend_refs.extend(refs);
             addr_counts.extend(addrs.iter().map(|(a, c)| (*a, *c)));
@@ -678,7 +696,7 @@ pub fn plan_changes(
                     .iter()
                     .map(|v| vip_ord(&v.key.to_map_key()))
                     .collect();
-                let mut gone: Vec<(&VipKeyOrd, &model::VipSpec)> = base
+                let mut gone: Vec<(&VipKeyOrd, &Arc<model::VipSpec>)> = base
                     .vips
                     .iter()
                     .filter(|(ord, _)| !wanted.contains(*ord))
@@ -1098,7 +1116,9 @@ mod tests {
     }
 
     fn state(vips: Vec<VipSpec>) -> DesiredState {
-        DesiredState { vips }
+        DesiredState {
+            vips: vips.into_iter().map(Arc::new).collect(),
+        }
     }
 
     /// Plans and applies; returns the ops.
@@ -1623,7 +1643,7 @@ mod tests {
                     let n = next.vips.len();
                     match rng.random_range(0..6) {
                         0 | 1 if n > 0 => {
-                            let v = &mut next.vips[rng.random_range(0..n)];
+                            let v = Arc::make_mut(&mut next.vips[rng.random_range(0..n)]);
                             let v6_vip = v.key.address.is_ipv6();
                             if !v.backends.is_empty() && rng.random_bool(0.5) {
                                 let i = rng.random_range(0..v.backends.len());
@@ -1646,14 +1666,14 @@ mod tests {
                             next.vips.remove(rng.random_range(0..n));
                         }
                         3 if n > 0 => {
-                            let v = &mut next.vips[rng.random_range(0..n)];
+                            let v = Arc::make_mut(&mut next.vips[rng.random_range(0..n)]);
                             if rng.random_bool(0.5) {
                                 v.source_affinity = !v.source_affinity;
                             } else {
                                 v.name.push('x');
                             }
                         }
-                        _ => next.vips.push(random_vip(&mut rng)),
+                        _ => next.vips.push(Arc::new(random_vip(&mut rng))),
                     }
                 }
                 // Keep only valid states (the planner rejects the others before anything).
@@ -1663,8 +1683,17 @@ mod tests {
                     .retain(|v| keys.insert(v.key) && names.insert(v.name.clone()));
                 let vip_addresses: BTreeSet<IpAddr> =
                     next.vips.iter().map(|v| v.key.address).collect();
+                // Copy-on-write, as the Kubernetes source does: untouched specs stay the
+                // same `Arc`, so the planner's reuse of their validation is exercised.
                 for v in &mut next.vips {
-                    v.backends.retain(|b| !vip_addresses.contains(&b.address));
+                    if v.backends
+                        .iter()
+                        .any(|b| vip_addresses.contains(&b.address))
+                    {
+                        Arc::make_mut(v)
+                            .backends
+                            .retain(|b| !vip_addresses.contains(&b.address));
+                    }
                 }
                 if next.vips.len() > 12 {
                     next.vips.truncate(12);
@@ -1699,6 +1728,52 @@ mod tests {
                 assert_eq!(baseline.is_some(), completed == plan.ops.len());
             }
         }
+    }
+
+    /// The incremental plan skips re-checking the backends of unchanged VIPs, but not when a
+    /// new VIP address appears: an unchanged VIP's backend at that address must still be
+    /// refused (packets would loop), exactly as a full plan refuses it.
+    #[test]
+    fn a_new_vip_address_rechecks_unchanged_vips_backends() {
+        let mut applied = AppliedState::new(limits());
+        let first = state(vec![vip(
+            "192.0.2.10",
+            80,
+            &["198.51.100.1", "198.51.100.2"],
+        )]);
+        let changes = plan_changes(&first, &applied, None).unwrap();
+        for op in &changes.ops {
+            applied.record(op);
+        }
+        let total = changes.ops.len();
+        let baseline = changes.finish(&mut applied, total, None).unwrap();
+
+        // The same spec (same Arc), plus a VIP on one of its backends' addresses.
+        let mut next = first.clone();
+        next.vips
+            .push(Arc::new(vip("198.51.100.2", 443, &["198.51.100.3"])));
+        let full = plan_changes(&next, &applied, None).unwrap_err();
+        let incremental = plan_changes(&next, &applied, Some(&baseline)).unwrap_err();
+        assert_eq!(incremental, full);
+        assert!(
+            incremental
+                .to_string()
+                .contains("vips[0].backends[1].address: 198.51.100.2 is a VIP address"),
+            "{incremental}"
+        );
+
+        // A change elsewhere with no new VIP address: the unchanged VIP is not re-checked,
+        // and the changed one is.
+        let mut changed = first.clone();
+        changed
+            .vips
+            .push(Arc::new(vip("192.0.2.10", 443, &["192.0.2.10"])));
+        let err = plan_changes(&changed, &applied, Some(&baseline)).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("vips[1].backends[0].address: 192.0.2.10 is a VIP address"),
+            "{err}"
+        );
     }
 
     /// Enough new VIPs that their tables are built on several threads: every table is the
@@ -1738,7 +1813,7 @@ mod tests {
             MapOp::WriteRing { ring, table } => Some((*ring, table.clone())),
             _ => None,
         });
-        let mut sorted: Vec<&VipSpec> = desired.vips.iter().collect();
+        let mut sorted: Vec<&VipSpec> = desired.vips.iter().map(|v| &**v).collect();
         sorted.sort_by_key(|v| vip_ord(&v.key.to_map_key()));
         for v in sorted {
             let (ring, table) = tables.next().unwrap();

@@ -17,7 +17,7 @@ use lb_common::{Backend, VipInfo, VipKey};
 use serde::{Deserialize, Serialize};
 
 use crate::datapath::{self, DatapathError, Maps};
-use crate::model::{BackendState, DesiredState, Protocol};
+use crate::model::{BackendState, DesiredState, Protocol, VipSpec};
 use crate::plan::{AppliedState, Limits, MapOp};
 
 /// Default directory of the state files.
@@ -183,8 +183,8 @@ pub struct PersistedState {
     pub config_path: Option<PathBuf>,
     /// Maglev table size.
     pub table_size: u32,
-    /// The VIPs.
-    pub vips: Vec<PersistedVip>,
+    /// The VIPs (shared with the [`Describer`] that reuses unchanged ones).
+    pub vips: Vec<Arc<PersistedVip>>,
 }
 
 impl PersistedState {
@@ -194,31 +194,52 @@ impl PersistedState {
         applied: &AppliedState,
         config_path: Option<&Path>,
     ) -> PersistedState {
+        Describer::default().describe(desired, applied, config_path)
+    }
+}
+
+/// Describes successive desired states, reusing the description of every VIP whose spec is
+/// the very same `Arc` as last time with the same VIP id: the agent describes after every
+/// apply, and with 10,000 VIPs a full description (100,000 backend-id lookups) cost more
+/// than the one-endpoint change it followed.
+///
+/// Reuse is sound because an unchanged spec means unchanged backend ids: a backend keeps
+/// its id while any VIP lists its address, and this one does. A description holding a
+/// backend without an id (a failed apply) is never reused.
+#[derive(Default)]
+pub struct Describer {
+    last: std::collections::HashMap<crate::model::ServiceKey, (Arc<VipSpec>, Arc<PersistedVip>)>,
+}
+
+impl Describer {
+    /// Describes `desired` with the ids of `applied`.
+    pub fn describe(
+        &mut self,
+        desired: &DesiredState,
+        applied: &AppliedState,
+        config_path: Option<&Path>,
+    ) -> PersistedState {
+        let mut next = std::collections::HashMap::with_capacity(desired.vips.len());
         let vips = desired
             .vips
             .iter()
             .filter_map(|vip| {
                 let info = applied.vip(&vip.key.to_map_key())?;
-                Some(PersistedVip {
-                    name: vip.name.clone(),
-                    address: vip.key.address,
-                    protocol: vip.key.protocol,
-                    port: vip.key.port,
-                    source_affinity: vip.source_affinity,
-                    vip_id: info.vip_id,
-                    backends: vip
-                        .backends
-                        .iter()
-                        .map(|b| PersistedBackend {
-                            address: b.address,
-                            id: applied.backend_id(b.address).unwrap_or(0),
-                            weight: b.weight,
-                            state: b.state,
-                        })
-                        .collect(),
-                })
+                let described = match self.last.get(&vip.key) {
+                    Some((spec, described))
+                        if Arc::ptr_eq(spec, vip) && described.vip_id == info.vip_id =>
+                    {
+                        described.clone()
+                    }
+                    _ => Arc::new(describe_vip(vip, info.vip_id, applied)),
+                };
+                if described.backends.iter().all(|b| b.id != 0) {
+                    next.insert(vip.key, (vip.clone(), described.clone()));
+                }
+                Some(described)
             })
             .collect();
+        self.last = next;
         PersistedState {
             version: 1,
             written_unix_ms: std::time::SystemTime::now()
@@ -228,6 +249,27 @@ impl PersistedState {
             table_size: applied.limits().table_size,
             vips,
         }
+    }
+}
+
+fn describe_vip(vip: &VipSpec, vip_id: u32, applied: &AppliedState) -> PersistedVip {
+    PersistedVip {
+        name: vip.name.clone(),
+        address: vip.key.address,
+        protocol: vip.key.protocol,
+        port: vip.key.port,
+        source_affinity: vip.source_affinity,
+        vip_id,
+        backends: vip
+            .backends
+            .iter()
+            .map(|b| PersistedBackend {
+                address: b.address,
+                id: applied.backend_id(b.address).unwrap_or(0),
+                weight: b.weight,
+                state: b.state,
+            })
+            .collect(),
     }
 }
 
@@ -305,7 +347,7 @@ mod tests {
             written_unix_ms: 5,
             config_path: Some("/etc/xlb.toml".into()),
             table_size: 251,
-            vips: vec![PersistedVip {
+            vips: vec![Arc::new(PersistedVip {
                 name: "web".into(),
                 address: "192.0.2.10".parse().unwrap(),
                 protocol: Protocol::Udp,
@@ -318,7 +360,7 @@ mod tests {
                     weight: 2,
                     state: BackendState::Draining,
                 }],
-            }],
+            })],
         };
         let text = serde_json::to_string(&state).unwrap();
         assert!(text.contains("\"draining\""), "{text}");

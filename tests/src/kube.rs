@@ -613,6 +613,7 @@ pub mod source {
             .desired
             .vips
             .iter()
+            .map(|v| &**v)
             .find(|v| v.name == name)
     }
 

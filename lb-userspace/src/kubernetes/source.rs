@@ -295,13 +295,10 @@ async fn run(client: kube::Client, opts: SourceOptions, tx: mpsc::Sender<Update>
         // EndpointSlice changes only: redo just the Services they belong to.
         let patched = match (changes, &last, index.as_mut()) {
             (Some(changes), Some(previous), Some(index)) => {
-                let slice_state = slices.state();
-                match patch_slices(
-                    previous,
-                    index,
-                    changes,
-                    slice_state.iter().map(AsRef::as_ref),
-                ) {
+                let lookup = |namespace: &str, name: &str| {
+                    slices.get(&reflector::ObjectRef::new(name).within(namespace))
+                };
+                match patch_slices(previous, index, changes, lookup) {
                     SlicePatch::Unchanged => continue,
                     SlicePatch::Changed(translation) => Some(translation),
                     SlicePatch::Full => None,
@@ -351,7 +348,7 @@ async fn run(client: kube::Client, opts: SourceOptions, tx: mpsc::Sender<Update>
                 .as_ref()
                 .is_none_or(|l| l.addresses != translation.addresses)
         {
-            status_tx.send_replace(Some(std::sync::Arc::new(translation.addresses.clone())));
+            status_tx.send_replace(Some(translation.addresses.clone()));
         }
         let translation = std::sync::Arc::new(translation);
         let update = Update {

@@ -173,8 +173,9 @@ pub struct Translation {
     pub desired: DesiredState,
     /// Bad objects, each with its reason.
     pub skipped: Vec<Skipped>,
-    /// `(namespace, name)` → the Service's VIP addresses.
-    pub addresses: BTreeMap<(String, String), Vec<IpAddr>>,
+    /// `(namespace, name)` → the Service's VIP addresses. Shared: EndpointSlice changes
+    /// never change it, so a patched translation keeps the previous one's.
+    pub addresses: std::sync::Arc<BTreeMap<(String, String), Vec<IpAddr>>>,
 }
 
 /// True if the Service is a LoadBalancer of our class (or class-less and claimed).
@@ -482,8 +483,10 @@ pub fn translate_indexed<'a>(
                     taken.insert(vip.key, label.clone());
                 }
                 let first = out.desired.vips.len();
-                out.desired.vips.extend(vips);
-                out.addresses.insert(id.clone(), c.addresses);
+                out.desired
+                    .vips
+                    .extend(vips.into_iter().map(std::sync::Arc::new));
+                std::sync::Arc::make_mut(&mut out.addresses).insert(id.clone(), c.addresses);
                 Some((first..out.desired.vips.len()).zip(port_names).collect())
             }
         };
@@ -583,25 +586,33 @@ pub enum Patch {
 
 /// The translation after EndpointSlice changes only (no Service changed), computed from
 /// the previous translation and its `index` by redoing only the affected Services'
-/// backends: exactly what [`translate_indexed`] returns for the same objects. `slices` are
-/// all EndpointSlices now. The index is updated; after [`Patch::Full`] it is stale.
-pub fn patch_slices<'a>(
+/// backends: exactly what [`translate_indexed`] returns for the same objects. `slice`
+/// looks an EndpointSlice up by namespace and name in the cache as it is now. The index
+/// is updated; after [`Patch::Full`] it is stale.
+///
+/// The work is proportional to the affected Services' slices, not to the cluster: a
+/// Service's slices now are the ones it had (the index) and the ones that changed (every
+/// change is in `changes`), each kept if its label still names the Service.
+pub fn patch_slices<S: std::ops::Deref<Target = EndpointSlice>>(
     previous: &Translation,
     index: &mut Index,
     changes: impl IntoIterator<Item = SliceChange>,
-    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    slice: impl Fn(&str, &str) -> Option<S>,
 ) -> Patch {
     if !index.patchable {
         return Patch::Full;
     }
     let mut affected: HashSet<(String, String)> = HashSet::new();
+    let mut candidates: BTreeSet<(String, String)> = BTreeSet::new();
     for (namespace, name, service) in changes {
-        if let Some(owner) = index.slice_owner.get(&(namespace.clone(), name)) {
+        let id = (namespace, name);
+        if let Some(owner) = index.slice_owner.get(&id) {
             affected.insert(owner.clone());
         }
         if let Some(service) = service {
-            affected.insert((namespace, service));
+            affected.insert((id.0.clone(), service));
         }
+        candidates.insert(id);
     }
     // Slices of Services that are not served, or never got to their backends, count
     // for nothing.
@@ -615,13 +626,21 @@ pub fn patch_slices<'a>(
     {
         return Patch::Full;
     }
-    // Borrowed keys: this scans every slice of the cluster.
+    for id in &affected {
+        if let Some(service) = index.services.get(id) {
+            candidates.extend(service.slices.iter().map(|s| (id.0.clone(), s.clone())));
+        }
+    }
+    let held: Vec<S> = candidates
+        .iter()
+        .filter_map(|(namespace, name)| slice(namespace, name))
+        .collect();
     let wanted: HashSet<(&str, &str)> = affected
         .iter()
         .map(|(ns, name)| (ns.as_str(), name.as_str()))
         .collect();
     let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
-    for slice in slices {
+    for slice in &held {
         let Some((ns, service)) = owning_service(slice) else {
             continue;
         };
@@ -690,7 +709,8 @@ pub fn patch_slices<'a>(
     }
     let mut out = previous.clone();
     for (position, backends) in updates {
-        out.desired.vips[position].backends = backends;
+        // Copies this VIP's spec only; the others stay shared with `previous`.
+        std::sync::Arc::make_mut(&mut out.desired.vips[position]).backends = backends;
     }
     // Backends passed the same filters as in a full translation (family, usable, not a
     // VIP, one entry per address), so the state validates as the previous one did.

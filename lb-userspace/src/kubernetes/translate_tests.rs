@@ -469,7 +469,14 @@ fn patching_slice_changes_equals_translating_everything() {
                 }
             }
             let (full, full_index) = translate_indexed(&services, &slices, &opts());
-            match patch_slices(&previous, &mut index, changes, &slices) {
+            // The cache lookup the source does, over the slices as they are now.
+            let lookup = |namespace: &str, name: &str| {
+                slices.iter().find(|s| {
+                    s.metadata.namespace.as_deref().unwrap_or("default") == namespace
+                        && s.metadata.name.as_deref() == Some(name)
+                })
+            };
+            match patch_slices(&previous, &mut index, changes, lookup) {
                 Patch::Changed(patched) => {
                     patched_steps += 1;
                     assert_eq!(patched, full, "seed {seed} step {step}");
