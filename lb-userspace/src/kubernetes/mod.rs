@@ -1,10 +1,12 @@
 //! Kubernetes as a source of the desired state: Services of type LoadBalancer and their
-//! EndpointSlices ([`translate`]), watched live by `xlb agent --kubernetes` ([`source`]);
+//! EndpointSlices ([`translate`]), watched live by `xlb agent --kubernetes` ([`source`])
+//! and cached as slim views ([`objects`]);
 //! Ingresses, their TLS Secrets and backends ([`ingress`]), watched live by
 //! `xlb proxy --kubernetes` ([`ingress_source`]). See `docs/kubernetes.md`.
 
 pub mod ingress;
 pub mod ingress_source;
+pub mod objects;
 pub mod source;
 pub mod translate;
 

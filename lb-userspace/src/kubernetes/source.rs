@@ -31,8 +31,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::api::core::v1::{ObjectReference, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -40,13 +39,11 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::mpsc;
 
+use super::objects::{EndpointSlice, Service};
 use super::translate::{
     Index, Patch as SlicePatch, Skipped, SliceChange, TranslateOptions, Translation, patch_slices,
     translate_indexed,
 };
-
-/// `kubectl apply`'s copy of the whole object, dropped from the caches.
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 /// How the Kubernetes source runs.
 #[derive(Clone, Debug)]
@@ -150,61 +147,18 @@ async fn run(client: kube::Client, opts: SourceOptions, tx: mpsc::Sender<Update>
     let (services, svc_writer) = reflector::store::<Service>();
     let (slices, slice_writer) = reflector::store::<EndpointSlice>();
     let config = watcher::Config::default();
-    // The caches keep only what translation and status writes read: managedFields, the
-    // last-applied annotation and per-endpoint metadata are most of an object's memory
-    // (tens of MB across 10,000 Services and their slices).
+    // The caches hold slim views ([`super::objects`]): what translation and status writes
+    // do not read is skipped while parsing, so there is nothing left to strip here.
     let svc_stream = reflector::reflector(
         svc_writer,
-        watcher(Api::<Service>::all(client.clone()), config.clone()).modify(|svc| {
-            svc.metadata.managed_fields = None;
-            svc.metadata.labels = None;
-            svc.metadata.owner_references = None;
-            svc.metadata.finalizers = None;
-            if let Some(annotations) = svc.metadata.annotations.as_mut() {
-                annotations.remove(LAST_APPLIED);
-            }
-            // Translation reads the type, class, requested address, families, ports and
-            // affinity; the rest of the spec is the cluster's business.
-            if let Some(spec) = svc.spec.as_mut() {
-                spec.selector = None;
-                spec.cluster_ip = None;
-                spec.cluster_ips = None;
-                spec.external_ips = None;
-                spec.load_balancer_source_ranges = None;
-                spec.session_affinity_config = None;
-                for port in spec.ports.iter_mut().flatten() {
-                    port.target_port = None;
-                    port.app_protocol = None;
-                }
-            }
-            if let Some(status) = svc.status.as_mut() {
-                status.conditions = None;
-            }
-        }),
+        watcher(Api::<Service>::all(client.clone()), config.clone()),
     )
     .default_backoff()
     .map(|r| r.map(|_| Touched::Full).map_err(|e| ("Service", e)))
     .boxed();
     let slice_stream = reflector::reflector(
         slice_writer,
-        watcher(Api::<EndpointSlice>::all(client.clone()), config).modify(|slice| {
-            slice.metadata.managed_fields = None;
-            slice.metadata.owner_references = None;
-            slice.metadata.annotations = None;
-            slice.metadata.generate_name = None;
-            // Only the Service-name label ties a slice to its Service.
-            if let Some(labels) = slice.metadata.labels.as_mut() {
-                labels.retain(|k, _| k == super::translate::SERVICE_NAME_LABEL);
-            }
-            for endpoint in slice.endpoints.iter_mut().flatten() {
-                endpoint.target_ref = None;
-                endpoint.hints = None;
-                endpoint.deprecated_topology = None;
-                endpoint.hostname = None;
-                endpoint.node_name = None;
-                endpoint.zone = None;
-            }
-        }),
+        watcher(Api::<EndpointSlice>::all(client.clone()), config),
     )
     .default_backoff()
     .map(|r| r.map(slice_touched).map_err(|e| ("EndpointSlice", e)))
@@ -390,11 +344,8 @@ fn slice_touched(event: watcher::Event<EndpointSlice>) -> Touched {
         watcher::Event::Apply(slice) => {
             let (namespace, name) = id(&slice);
             let service = slice
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(super::translate::SERVICE_NAME_LABEL))
-                .cloned();
+                .label(super::translate::SERVICE_NAME_LABEL)
+                .map(str::to_owned);
             Touched::Slice((namespace, name, service))
         }
         watcher::Event::Delete(slice) => {

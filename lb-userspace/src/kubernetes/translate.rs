@@ -22,8 +22,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use super::objects::{EndpointSlice, Service};
 
 use crate::model::{
     BackendSpec, BackendState, DesiredState, ForwardingMode, Protocol, ServiceKey, VipSpec,
@@ -186,14 +185,10 @@ pub fn is_ours(service: &Service, opts: &TranslateOptions) -> bool {
     if spec.type_.as_deref() != Some("LoadBalancer") {
         return false;
     }
-    let class = spec.load_balancer_class.as_deref().or_else(|| {
-        service
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(CLASS_ANNOTATION))
-            .map(String::as_str)
-    });
+    let class = spec
+        .load_balancer_class
+        .as_deref()
+        .or_else(|| service.annotation(CLASS_ANNOTATION));
     match class {
         Some(class) => class == opts.class,
         None => opts.claim_classless,
@@ -240,11 +235,7 @@ fn parse_addresses<'s>(
 /// Decides a Service's addresses without allocation: requested, else status.
 fn decide(service: &Service) -> Result<(Vec<IpAddr>, Vec<bool>), String> {
     let spec = service.spec.as_ref();
-    let annotation = service
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(IPS_ANNOTATION));
+    let annotation = service.annotation(IPS_ANNOTATION);
     let requested = match (annotation, spec.and_then(|s| s.load_balancer_ip.as_deref())) {
         (Some(list), _) => {
             parse_addresses(list.split(','), &format!("annotation {IPS_ANNOTATION}"))?
@@ -278,9 +269,9 @@ fn decide(service: &Service) -> Result<(Vec<IpAddr>, Vec<bool>), String> {
 /// `(namespace, service)` of the Service an EndpointSlice belongs to (its
 /// `kubernetes.io/service-name` label), if any.
 fn owning_service(slice: &EndpointSlice) -> Option<(&str, &str)> {
-    let service = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    let service = slice.label(SERVICE_NAME_LABEL)?;
     let ns = slice.metadata.namespace.as_deref().unwrap_or("default");
-    Some((ns, service.as_str()))
+    Some((ns, service))
 }
 
 /// Lowest address of the pools, of the family, not in `used`.

@@ -1,8 +1,8 @@
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::{Value, json};
+
+use crate::kubernetes::objects::{EndpointSlice, Service};
 
 use super::*;
 
@@ -102,11 +102,10 @@ fn class_rules_and_classless_claim() {
         json!({"metadata": {"annotations": {CLASS_ANNOTATION: "example.com/other"}},
                "spec": {"loadBalancerIP": "198.51.100.2"}}),
     );
-    let mut classless = service(
+    let classless = service(
         "classless",
-        json!({"spec": {"loadBalancerIP": "198.51.100.3"}}),
+        json!({"metadata": {"annotations": null}, "spec": {"loadBalancerIP": "198.51.100.3"}}),
     );
-    classless.metadata.annotations = None;
     let by_field = service(
         "field",
         json!({"metadata": {"annotations": {}}, "spec": {"loadBalancerClass": DEFAULT_CLASS, "loadBalancerIP": "198.51.100.4"}}),
@@ -440,13 +439,7 @@ fn patching_slice_changes_equals_translating_everything() {
         for step in 0..60 {
             let mut changes: Vec<SliceChange> = Vec::new();
             for _ in 0..rng.random_range(1..3) {
-                let label = |s: &EndpointSlice| {
-                    s.metadata
-                        .labels
-                        .as_ref()
-                        .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                        .cloned()
-                };
+                let label = |s: &EndpointSlice| s.label(SERVICE_NAME_LABEL).map(str::to_owned);
                 match rng.random_range(0..4) {
                     0 if !slices.is_empty() => {
                         let gone = slices.remove(rng.random_range(0..slices.len()));
