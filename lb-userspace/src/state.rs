@@ -11,14 +11,13 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use lb_common::{Backend, VipInfo, VipKey};
 use serde::{Deserialize, Serialize};
 
 use crate::datapath::{self, DatapathError, Maps};
 use crate::model::{BackendState, DesiredState, Protocol};
-use crate::plan::{AppliedState, Limits, MapOp};
+use crate::plan::{AppliedState, Limits, MapOp, RingTable};
 
 /// Default directory of the state files.
 pub const DEFAULT_STATE_DIR: &str = "/run/xlb";
@@ -100,10 +99,10 @@ pub fn rebuild_applied(maps: &Maps, limits: Limits) -> Result<AppliedState, Stat
                 info.vip_id, info.ring, limits.max_vips
             )));
         }
-        let table: Arc<[u32]> = maps.maglev.read_ring(info.ring)?.into();
+        let table = maps.maglev.read_ring(info.ring)?;
         applied.record(&MapOp::WriteRing {
             ring: info.ring,
-            table,
+            table: RingTable::Ready(table.into()),
         });
         applied.record(&MapOp::SetVip {
             key: *key,
