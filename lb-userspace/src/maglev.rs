@@ -215,23 +215,24 @@ pub fn build(
     build_with(vip, table_size, backends, Schedule::Auto)
 }
 
-/// Turn-order strategies; all give the same order, they differ only in cost.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Schedule {
-    /// Pick by the weight distribution.
-    Auto,
-    /// Visit every backend every round (accumulator per backend).
-    Rounds,
-    /// Heap keyed by (round of next turn, backend index).
-    Heap,
-}
-
-fn build_with(
+/// What [`build`] would report for these inputs — the same error, or the same warnings —
+/// without building the table (no `M`-sized allocation): a planner can reject bad inputs
+/// and log warnings up front and build the table only when it is written.
+pub fn check(
     vip: &str,
     table_size: u32,
     backends: &[WeightedBackend],
-    schedule: Schedule,
-) -> Result<MaglevTable, MaglevError> {
+) -> Result<Vec<MaglevWarning>, MaglevError> {
+    checked(vip, table_size, backends).map(|(_, warnings)| warnings)
+}
+
+/// Validates the inputs of a build; returns the backends with a weight, sorted by address,
+/// and the warnings. [`build`] and [`check`] share it, so they never disagree.
+fn checked(
+    vip: &str,
+    table_size: u32,
+    backends: &[WeightedBackend],
+) -> Result<(Vec<WeightedBackend>, Vec<MaglevWarning>), MaglevError> {
     validate_table_size(table_size)?;
     let mut sorted: Vec<WeightedBackend> = backends.to_vec();
     sorted.sort_unstable_by_key(|b| b.address);
@@ -264,6 +265,27 @@ fn build_with(
             backends: sorted.len(),
         });
     }
+    Ok((sorted, warnings))
+}
+
+/// Turn-order strategies; all give the same order, they differ only in cost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Schedule {
+    /// Pick by the weight distribution.
+    Auto,
+    /// Visit every backend every round (accumulator per backend).
+    Rounds,
+    /// Heap keyed by (round of next turn, backend index).
+    Heap,
+}
+
+fn build_with(
+    vip: &str,
+    table_size: u32,
+    backends: &[WeightedBackend],
+    schedule: Schedule,
+) -> Result<MaglevTable, MaglevError> {
+    let (sorted, warnings) = checked(vip, table_size, backends)?;
     let mut filler = Filler::new(table_size, &sorted);
     if !sorted.is_empty() {
         let max_weight = sorted.iter().map(|b| b.weight).max().unwrap_or(1);
@@ -733,6 +755,40 @@ mod tests {
         let mut b = equal(4);
         b[3].weight = 0;
         assert!(build("v", 307, &b).unwrap().warnings.is_empty());
+    }
+
+    /// `check` gives what `build` gives — the error or the warnings — for good and bad
+    /// inputs alike (the planner relies on it: it checks when planning, builds when writing).
+    #[test]
+    fn check_agrees_with_build() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut outcomes = std::collections::BTreeSet::new();
+        for case in 0..400 {
+            let size = [250, 13, 251, 1_009][case % 4];
+            let n = rng.random_range(0..12);
+            let mut backends = random_backends(&mut rng, n, 3);
+            if n > 1 {
+                match rng.random_range(0..6) {
+                    0 => backends[n - 1].id = 0,
+                    1 => backends[n - 1].id = backends[0].id,
+                    2 => backends[n - 1].address = backends[0].address,
+                    _ => {}
+                }
+            }
+            let built = build("v", size, &backends).map(|b| b.warnings);
+            let checked = check("v", size, &backends);
+            assert_eq!(checked, built, "case {case}");
+            outcomes.insert(match &checked {
+                Ok(w) => format!("ok {}", w.len()),
+                Err(e) => format!("{e:?}")
+                    .split(['(', ' '])
+                    .next()
+                    .unwrap()
+                    .to_owned(),
+            });
+        }
+        // Every kind of outcome came up: errors of each kind, warnings and none.
+        assert!(outcomes.len() >= 6, "{outcomes:?}");
     }
 
     #[test]

@@ -23,6 +23,13 @@
 //! rings retired by a previous agent process just before it exited; so does any apply
 //! after a failed one or a failed background wait.
 //!
+//! # Tables
+//!
+//! A plan holds what each ring's table is built from, not the table: the tables are built
+//! here, a batch of at most [`plan::TABLE_BATCH_BYTES`] at a time on every core, written,
+//! recorded by digest and dropped, so the agent's memory for tables stays the same for
+//! 10 or 10,000 VIPs and for any Maglev table size.
+//!
 //! # Backends
 //!
 //! Backend ids are keyed by address and stable (see [`crate::plan`]). A draining backend
@@ -54,6 +61,17 @@ pub enum ManagerError {
         total: usize,
         /// The failure.
         source: DatapathError,
+    },
+    /// A planned table could not be built when it was to be written, after `completed` of
+    /// `total` ops. (Its inputs were checked when planned, so this is not expected.)
+    #[error("map update {completed} of {total} not written: {source}")]
+    Table {
+        /// Ops written before the failure.
+        completed: usize,
+        /// Ops planned.
+        total: usize,
+        /// The failure.
+        source: PlanError,
     },
     /// The grace-period wait failed; nothing was written.
     #[error(transparent)]
@@ -179,23 +197,44 @@ impl Manager {
         let incremental = previous.is_some();
         let total = changes.ops.len();
         let mut failed = None;
-        for (done, op) in changes.ops.iter().enumerate() {
-            if let Err(source) = write_op(maps, op, &mut report) {
-                failed = Some((done, source));
+        // Tables are built here, a bounded batch ahead of their writes (the plan holds
+        // their inputs only), and dropped once written.
+        for (done, (op, table)) in
+            plan::with_tables(&changes.ops, plan::TABLE_BATCH_BYTES).enumerate()
+        {
+            // Recorded in place as written: no copy of the whole mirror per apply.
+            let written = match (op, table) {
+                (MapOp::WriteRing { ring, .. }, Some(table)) => {
+                    table.map_err(Failure::Table).and_then(|table| {
+                        write_ring(maps, *ring, &table, &mut report)?;
+                        // The digest of the table at hand: no second build.
+                        self.applied.record_ring(*ring, &table);
+                        Ok(())
+                    })
+                }
+                _ => write_op(maps, op, &mut report).map(|()| self.applied.record(op)),
+            };
+            if let Err(failure) = written {
+                failed = Some((done, failure));
                 break;
             }
-            // Recorded in place as written: no copy of the whole mirror per apply.
-            self.applied.record(op);
             report.ops += 1;
         }
-        if let Some((completed, source)) = failed {
+        if let Some((completed, failure)) = failed {
             self.grace_state.needed = true;
             // The mirror holds exactly the ops written; the next plan starts from scratch.
             changes.finish(&mut self.applied, completed, None);
-            return Err(ManagerError::Write {
-                completed,
-                total,
-                source,
+            return Err(match failure {
+                Failure::Write(source) => ManagerError::Write {
+                    completed,
+                    total,
+                    source,
+                },
+                Failure::Table(source) => ManagerError::Table {
+                    completed,
+                    total,
+                    source,
+                },
             });
         }
         // Addresses that got a backend id now; after a full plan, every listed address.
@@ -266,7 +305,32 @@ impl Manager {
     }
 }
 
-fn write_op(maps: &mut Maps, op: &MapOp, report: &mut ApplyReport) -> Result<(), DatapathError> {
+/// Why one op was not written.
+enum Failure {
+    /// The map update failed.
+    Write(DatapathError),
+    /// The ring's table could not be built.
+    Table(PlanError),
+}
+
+impl From<DatapathError> for Failure {
+    fn from(e: DatapathError) -> Self {
+        Failure::Write(e)
+    }
+}
+
+fn write_ring(
+    maps: &mut Maps,
+    ring: u32,
+    table: &[u32],
+    report: &mut ApplyReport,
+) -> Result<(), DatapathError> {
+    maps.maglev.write_ring(ring, table)?;
+    report.rings_written += 1;
+    Ok(())
+}
+
+fn write_op(maps: &mut Maps, op: &MapOp, report: &mut ApplyReport) -> Result<(), Failure> {
     let err = |name: &'static str| move |source| DatapathError::Map { name, source };
     match op {
         MapOp::SetBackend { id, backend } => {
@@ -283,8 +347,8 @@ fn write_op(maps: &mut Maps, op: &MapOp, report: &mut ApplyReport) -> Result<(),
             maps.clear_nexthop(*id)?;
         }
         MapOp::WriteRing { ring, table } => {
-            maps.maglev.write_ring(*ring, table)?;
-            report.rings_written += 1;
+            let table = table.build().map_err(Failure::Table)?;
+            write_ring(maps, *ring, &table, report)?;
         }
         MapOp::SetVipAddr { key, vip_count } => {
             maps.vip_addrs

@@ -17,7 +17,10 @@
 //! let plan = plan::plan(&desired, &applied)?;     // pure; errors leave nothing to undo
 //! for warning in &plan.warnings { tracing::warn!("{warning}") }
 //! let mut done = 0;
-//! let result = plan.ops.iter().try_for_each(|op| { writer.apply(op)?; done += 1; Ok(()) });
+//! // Each WriteRing's table, built a bounded batch ahead of its write (a plan holds what
+//! // a table is built from, not its M entries: see `RingTable`).
+//! let result = plan::with_tables(&plan.ops, plan::TABLE_BATCH_BYTES)
+//!     .try_for_each(|(op, table)| { writer.apply(op, table)?; done += 1; Ok(()) });
 //! applied = match result {
 //!     Ok(()) => plan.applied,                         // mirror of the maps now
 //!     Err(_) => plan.applied_after(&applied, done),   // mirror of what did get written
@@ -36,6 +39,7 @@
 //! naming a freed id is unlikely to meet its successor. Ids freed by a plan are never
 //! reused within the same plan.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
@@ -80,8 +84,8 @@ pub enum MapOp {
     WriteRing {
         /// Ring number.
         ring: u32,
-        /// M backend ids.
-        table: Arc<[u32]>,
+        /// The M backend ids, or what they are built from when written.
+        table: RingTable,
     },
     /// `XLB_VIP_ADDRS[key] = vip_count` (number of VIPs on that address).
     SetVipAddr {
@@ -119,6 +123,59 @@ pub enum MapOp {
         /// Backend id.
         id: u32,
     },
+}
+
+/// The table a [`MapOp::WriteRing`] writes.
+///
+/// A plan holds what a new or changed ring's table is built from, not its M entries: a
+/// first sync of 10,000 VIPs would otherwise hold 10,000 tables before the first write
+/// (40 MB with M = 1009, 2.6 GB with M = 65537). The writer builds them a bounded batch at
+/// a time ([`with_tables`]). Two tables are equal when they are the same variant with the
+/// same contents (a planned table never equals a ready one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RingTable {
+    /// Built when written. Its inputs were checked when planned ([`maglev::check`]), and
+    /// its warnings reported in the plan.
+    Planned(Box<TableInputs>),
+    /// A table at hand: read back from the maps, or built by the planner anyway.
+    Ready(Arc<[u32]>),
+}
+
+/// What a planned ring's table is built from ([`maglev::build`]'s arguments).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableInputs {
+    /// The VIP as named in messages.
+    pub vip: String,
+    /// M.
+    pub table_size: u32,
+    /// The VIP's backends with their ids and effective weights.
+    pub backends: Vec<WeightedBackend>,
+}
+
+impl RingTable {
+    /// The table: borrowed if ready, built if planned.
+    pub fn build(&self) -> Result<Cow<'_, [u32]>, PlanError> {
+        match self {
+            RingTable::Ready(table) => Ok(Cow::Borrowed(table)),
+            RingTable::Planned(inputs) => {
+                maglev::build(&inputs.vip, inputs.table_size, &inputs.backends)
+                    .map(|built| Cow::Owned(built.table))
+                    .map_err(|source| PlanError::Maglev {
+                        vip: inputs.vip.clone(),
+                        source,
+                    })
+            }
+        }
+    }
+
+    /// Bytes of the table once built.
+    pub fn table_bytes(&self) -> usize {
+        let entries = match self {
+            RingTable::Ready(table) => table.len(),
+            RingTable::Planned(inputs) => inputs.table_size as usize,
+        };
+        entries * std::mem::size_of::<u32>()
+    }
 }
 
 /// Why no plan could be made. Nothing was planned; the applied state is still valid.
@@ -295,7 +352,17 @@ impl AppliedState {
         self.rings.get(&ring).copied()
     }
 
-    /// Updates the mirror for one op that was written successfully.
+    /// What [`record`](Self::record) does for a `WriteRing` of `ring`, given the table that
+    /// was written: a writer that built a planned table records it without building it
+    /// again.
+    pub fn record_ring(&mut self, ring: u32, table: &[u32]) {
+        self.rings.insert(ring, TableDigest::of(table));
+        self.ring_inputs.remove(&ring);
+    }
+
+    /// Updates the mirror for one op that was written successfully. A planned
+    /// `WriteRing`'s table is built for its digest: writers use
+    /// [`record_ring`](Self::record_ring) with the table they wrote.
     pub fn record(&mut self, op: &MapOp) {
         match op {
             MapOp::SetBackend { id, backend } => {
@@ -318,10 +385,15 @@ impl AppliedState {
                     self.free_backend_ids.push_back(*id);
                 }
             }
-            MapOp::WriteRing { ring, table } => {
-                self.rings.insert(*ring, TableDigest::of(table));
-                self.ring_inputs.remove(ring);
-            }
+            MapOp::WriteRing { ring, table } => match table.build() {
+                Ok(table) => self.record_ring(*ring, &table),
+                // Not writable either (the writer builds it the same way): whatever the
+                // ring holds is unknown, and a plan rewrites it before it is used.
+                Err(_) => {
+                    self.rings.remove(ring);
+                    self.ring_inputs.remove(ring);
+                }
+            },
             MapOp::SetVip { key, info } => {
                 self.vips.insert(vip_ord(key), (*key, *info));
                 self.free_vip_ids.retain(|free| *free != info.vip_id);
@@ -762,57 +834,212 @@ pub fn plan_changes(
 
 type Planned = (Vec<MapOp>, Vec<MaglevWarning>, Vec<(u32, RingInputs)>);
 
+/// What a planned VIP needs for its table.
+enum Need {
+    /// Nothing: its active ring holds the table of these inputs (cached).
+    Cached,
+    /// Nothing: the table was built and is the one its active ring holds.
+    Same,
+    /// A write of this table.
+    Write(RingTable),
+}
+
 /// One planned VIP with its table inputs.
 struct Prepared<'a> {
     ord: VipKeyOrd,
     key: VipKey,
     vip: &'a model::VipSpec,
+    /// Its entry in the VIP table, if it has one.
+    old: Option<VipInfo>,
     inputs: RingInputs,
-    weighted: Vec<WeightedBackend>,
-    needs_table: bool,
+    need: Need,
 }
 
-/// Tables needed by fewer VIPs than this are built inline, one after the other.
-const PARALLEL_TABLES: usize = 256;
+/// Bytes of tables a writer builds ahead of their writes ([`with_tables`]): about 2,000
+/// tables with M = 1009, 32 with M = 65537. Large enough that the cores building a
+/// batch in parallel each get plenty of work, small next to the agent's other memory.
+pub const TABLE_BATCH_BYTES: usize = 8 << 20;
 
-/// The tables of the VIPs that need one, built ahead on every core when there are many (a
-/// first sync of 10,000 VIPs builds 10,000 tables); `None` where not built ahead. The
-/// results are the builder's own, used in plan order, so the plan is the same.
-type Built = Option<Result<maglev::MaglevTable, MaglevError>>;
+/// Bytes of changed tables a plan keeps when it had to build them anyway (to compare an
+/// existing VIP's new table with its active one): written without a second build. Beyond
+/// this they are dropped and rebuilt when written, so a plan stays small whatever M.
+const KEPT_TABLE_BYTES: usize = 4 << 20;
 
-fn build_tables(prepared: &[Prepared<'_>], table_size: u32) -> Vec<Built> {
-    let mut out: Vec<Built> = (0..prepared.len()).map(|_| None).collect();
-    let needed: Vec<usize> = (0..prepared.len())
-        .filter(|&i| prepared[i].needs_table)
-        .collect();
+/// A batch is built on several threads from this many slots in all (256 tables of
+/// M = 1009, 4 of M = 65537); below, spawning threads costs more than it saves.
+const PARALLEL_SLOTS: usize = 1 << 18;
+
+/// Builds the tables (planned ones; ready ones are borrowed), on every core when there
+/// are enough slots to build. Results in input order; a table's bytes are alive only until
+/// the caller drops them.
+fn build_batch<'a>(tables: &[&'a RingTable]) -> Vec<Result<Cow<'a, [u32]>, PlanError>> {
+    let slots: usize = tables
+        .iter()
+        .filter(|t| matches!(t, RingTable::Planned(_)))
+        .map(|t| t.table_bytes() / std::mem::size_of::<u32>())
+        .sum();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
-    if needed.len() < PARALLEL_TABLES || threads < 2 {
-        return out;
+    if slots < PARALLEL_SLOTS || threads < 2 || tables.len() < 2 {
+        return tables.iter().map(|t| t.build()).collect();
     }
-    let chunk = needed.len().div_ceil(threads);
-    let results: Vec<Vec<(usize, Result<maglev::MaglevTable, MaglevError>)>> =
-        std::thread::scope(|scope| {
-            let workers: Vec<_> = needed
-                .chunks(chunk)
-                .map(|indices| {
-                    scope.spawn(move || {
-                        indices
-                            .iter()
-                            .map(|&i| {
-                                let p = &prepared[i];
-                                (i, maglev::build(&p.vip.label(), table_size, &p.weighted))
-                            })
-                            .collect::<Vec<_>>()
-                    })
-                })
+    let chunk = tables.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = tables
+            .chunks(chunk)
+            .map(|part| {
+                let worker = scope.spawn(move || part.iter().map(|t| t.build()).collect());
+                (part, worker)
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|(part, worker)| {
+                // A panicking worker leaves its tables to be built here.
+                worker
+                    .join()
+                    .unwrap_or_else(|_| part.iter().map(|t| t.build()).collect::<Vec<_>>())
+            })
+            .collect()
+    })
+}
+
+/// How many of `tables` (at least one) fit in `budget` bytes.
+fn batch_len<'a>(tables: impl Iterator<Item = &'a RingTable>, budget: usize) -> usize {
+    let mut bytes = 0usize;
+    let mut len = 0;
+    for table in tables {
+        bytes = bytes.saturating_add(table.table_bytes());
+        if len > 0 && bytes > budget {
+            break;
+        }
+        len += 1;
+    }
+    len
+}
+
+/// The ops in order, each `WriteRing` with its table — built a batch of consecutive
+/// rings at a time (on every core for large batches) just before they are written, and
+/// at most `batch_bytes` of tables (or one table) at once: a writer's memory for tables
+/// does not grow with the number of rings or with M. Drop each table once written.
+pub fn with_tables(ops: &[MapOp], batch_bytes: usize) -> WithTables<'_> {
+    WithTables {
+        ops,
+        next: 0,
+        batch_bytes,
+        built: VecDeque::new(),
+        batches: 0,
+        largest_batch_bytes: 0,
+    }
+}
+
+/// Iterator of [`with_tables`]: `(op, table)`, the table `Some` for a `WriteRing` only.
+pub struct WithTables<'a> {
+    ops: &'a [MapOp],
+    next: usize,
+    batch_bytes: usize,
+    /// Tables of the rings from `next` on, built ahead.
+    built: VecDeque<Result<Cow<'a, [u32]>, PlanError>>,
+    batches: usize,
+    largest_batch_bytes: usize,
+}
+
+impl WithTables<'_> {
+    /// Batches built so far.
+    pub fn batches(&self) -> usize {
+        self.batches
+    }
+
+    /// Bytes of the largest batch built so far.
+    pub fn largest_batch_bytes(&self) -> usize {
+        self.largest_batch_bytes
+    }
+}
+
+fn ring_table(op: &MapOp) -> Option<&RingTable> {
+    match op {
+        MapOp::WriteRing { table, .. } => Some(table),
+        _ => None,
+    }
+}
+
+impl<'a> Iterator for WithTables<'a> {
+    type Item = (&'a MapOp, Option<Result<Cow<'a, [u32]>, PlanError>>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let ops = self.ops;
+        let op = ops.get(self.next)?;
+        if ring_table(op).is_some() && self.built.is_empty() {
+            let following = ops[self.next..].iter().map_while(ring_table);
+            let len = batch_len(following, self.batch_bytes);
+            let batch: Vec<&'a RingTable> = ops[self.next..self.next + len]
+                .iter()
+                .filter_map(ring_table)
                 .collect();
-            // A panicking worker leaves its tables to be built inline.
-            workers.into_iter().filter_map(|w| w.join().ok()).collect()
-        });
-    for (i, result) in results.into_iter().flatten() {
-        out[i] = Some(result);
+            let bytes = batch.iter().map(|t| t.table_bytes()).sum();
+            self.built = build_batch(&batch).into();
+            self.batches += 1;
+            self.largest_batch_bytes = self.largest_batch_bytes.max(bytes);
+        }
+        self.next += 1;
+        let table = ring_table(op).and_then(|_| self.built.pop_front());
+        Some((op, table))
     }
-    out
+}
+
+/// An existing VIP whose inputs are not the cached ones of its active ring may still get
+/// the same table (a cold cache after a restart; a weight change that moves no slot):
+/// builds those tables, in bounded batches, and compares their digests with the active
+/// rings' so that an equal one is not written again. A changed table is kept for its
+/// write while the kept ones fit in [`KEPT_TABLE_BYTES`]; beyond, it is built again when
+/// written.
+fn compare_with_active_rings(
+    prepared: &mut [Prepared<'_>],
+    applied: &AppliedState,
+) -> Result<(), PlanError> {
+    let existing: Vec<usize> = (0..prepared.len())
+        .filter(|&i| prepared[i].old.is_some() && matches!(prepared[i].need, Need::Write(_)))
+        .collect();
+    let mut kept = 0usize;
+    let mut start = 0;
+    while start < existing.len() {
+        let table_of = |i: &usize| match &prepared[*i].need {
+            Need::Write(table) => Some(table),
+            _ => None,
+        };
+        let len = batch_len(
+            existing[start..].iter().filter_map(table_of),
+            TABLE_BATCH_BYTES,
+        );
+        let batch: Vec<&RingTable> = existing[start..start + len]
+            .iter()
+            .filter_map(table_of)
+            .collect();
+        // (VIP, its new need) — `None`: unchanged, the planned table is written.
+        let mut outcomes: Vec<(usize, Option<Need>)> = Vec::with_capacity(len);
+        for (&i, table) in existing[start..].iter().zip(build_batch(&batch)) {
+            let table = table?;
+            let active = prepared[i].old.map(|old| old.ring);
+            let same =
+                active.and_then(|ring| applied.rings.get(&ring)) == Some(&TableDigest::of(&table));
+            let bytes = std::mem::size_of_val(&table[..]);
+            let need = if same {
+                Some(Need::Same)
+            } else if kept + bytes <= KEPT_TABLE_BYTES {
+                kept += bytes;
+                Some(Need::Write(RingTable::Ready(table.into_owned().into())))
+            } else {
+                None
+            };
+            outcomes.push((i, need));
+        }
+        for (i, need) in outcomes {
+            if let Some(need) = need {
+                prepared[i].need = need;
+            }
+        }
+        start += len;
+    }
+    Ok(())
 }
 
 fn plan_scope(scope: &Scope<'_>, applied: &AppliedState) -> Result<Planned, PlanError> {
@@ -875,9 +1102,11 @@ fn plan_scope(scope: &Scope<'_>, applied: &AppliedState) -> Result<Planned, Plan
     let mut set_vips = Vec::new();
     let mut warnings = Vec::new();
     let mut ring_inputs = Vec::new();
-    // Every planned VIP's inputs, and whether its table must be built (new, or inputs
-    // not the cached ones of its active ring).
-    let prepared: Vec<Prepared<'_>> = scope
+    // Every planned VIP's inputs, and whether it needs a table (new, or inputs not the
+    // cached ones of its active ring). The inputs are checked here, in plan order (the
+    // first error is the plan's, nothing is written), and the builder's warnings taken;
+    // the table itself is built when written.
+    let mut prepared: Vec<Prepared<'_>> = scope
         .vips
         .iter()
         .map(|(ord, (key, vip))| {
@@ -897,74 +1126,68 @@ fn plan_scope(scope: &Scope<'_>, applied: &AppliedState) -> Result<Planned, Plan
             }
             inputs.sort_unstable();
             let inputs: RingInputs = inputs.into();
-            let needs_table = match applied.vips.get(ord) {
-                Some((_, old)) => {
-                    applied.ring_inputs.get(&old.ring) != Some(&inputs)
-                        || !applied.rings.contains_key(&old.ring)
+            let old = applied.vips.get(ord).map(|(_, info)| *info);
+            let cached = old.is_some_and(|old| {
+                applied.ring_inputs.get(&old.ring) == Some(&inputs)
+                    && applied.rings.contains_key(&old.ring)
+            });
+            let need = if cached {
+                Need::Cached
+            } else {
+                let label = vip.label();
+                match maglev::check(&label, limits.table_size, &weighted) {
+                    Ok(found) => warnings.extend(found),
+                    Err(source) => return Err(PlanError::Maglev { vip: label, source }),
                 }
-                None => true,
+                Need::Write(RingTable::Planned(Box::new(TableInputs {
+                    vip: label,
+                    table_size: limits.table_size,
+                    backends: weighted,
+                })))
             };
-            Prepared {
+            Ok(Prepared {
                 ord: *ord,
                 key: *key,
                 vip,
+                old,
                 inputs,
-                weighted,
-                needs_table,
-            }
+                need,
+            })
         })
-        .collect();
-    let mut prebuilt = build_tables(&prepared, limits.table_size);
-    for (i, p) in prepared.into_iter().enumerate() {
+        .collect::<Result<_, PlanError>>()?;
+    compare_with_active_rings(&mut prepared, applied)?;
+    for p in prepared {
         let Prepared {
             ord,
             key,
             vip,
+            old,
             inputs,
-            weighted,
-            ..
+            need,
         } = p;
-        let (ord, key) = (&ord, &key);
-        let mut build = |warnings: &mut Vec<MaglevWarning>| {
-            prebuilt[i]
-                .take()
-                .unwrap_or_else(|| maglev::build(&vip.label(), limits.table_size, &weighted))
-                .map(|built| {
-                    warnings.extend(built.warnings);
-                    Arc::<[u32]>::from(built.table)
-                })
-                .map_err(|source| PlanError::Maglev {
-                    vip: vip.label(),
-                    source,
-                })
-        };
         let flags = vip.flags();
-        match applied.vips.get(ord) {
-            Some((_, old)) => {
-                let active = old.ring;
-                let cached = applied.ring_inputs.get(&active) == Some(&inputs)
-                    && applied.rings.contains_key(&active);
-                let table_changed = if cached {
-                    false
-                } else {
-                    let table = build(&mut warnings)?;
-                    if applied.rings.get(&active) == Some(&TableDigest::of(&table)) {
-                        ring_inputs.push((active, inputs.clone()));
+        match (old, need) {
+            (Some(old), need) => {
+                let table_changed = match need {
+                    Need::Cached => false,
+                    Need::Same => {
+                        ring_inputs.push((old.ring, inputs));
                         false
-                    } else {
-                        let idle = if active == 2 * old.vip_id {
-                            active + 1
+                    }
+                    Need::Write(table) => {
+                        let idle = if old.ring == 2 * old.vip_id {
+                            old.ring + 1
                         } else {
                             2 * old.vip_id
                         };
                         write_rings.push(MapOp::WriteRing { ring: idle, table });
-                        ring_inputs.push((idle, inputs.clone()));
+                        ring_inputs.push((idle, inputs));
                         set_vips.push(MapOp::SetVip {
-                            key: *key,
+                            key,
                             info: VipInfo {
                                 ring: idle,
                                 flags,
-                                ..*old
+                                ..old
                             },
                         });
                         true
@@ -972,22 +1195,21 @@ fn plan_scope(scope: &Scope<'_>, applied: &AppliedState) -> Result<Planned, Plan
                 };
                 if !table_changed && old.flags != flags {
                     set_vips.push(MapOp::SetVip {
-                        key: *key,
-                        info: VipInfo { flags, ..*old },
+                        key,
+                        info: VipInfo { flags, ..old },
                     });
                 }
             }
-            None => {
+            (None, Need::Write(table)) => {
                 let vip_id = vip_ids.take().ok_or(PlanError::VipIdsExhausted {
                     wanted: applied.vips.len() + new_vip_count,
                     max: limits.max_vips,
                 })?;
                 let ring = 2 * vip_id;
-                let table = build(&mut warnings)?;
                 write_rings.push(MapOp::WriteRing { ring, table });
-                ring_inputs.push((ring, inputs.clone()));
+                ring_inputs.push((ring, inputs));
                 set_vips.push(MapOp::SetVip {
-                    key: *key,
+                    key,
                     info: VipInfo {
                         vip_id,
                         ring,
@@ -995,6 +1217,9 @@ fn plan_scope(scope: &Scope<'_>, applied: &AppliedState) -> Result<Planned, Plan
                         _pad: 0,
                     },
                 });
+            }
+            (None, Need::Cached | Need::Same) => {
+                unreachable!("VIP {ord:?}: a VIP without a ring always needs a table")
             }
         }
     }
@@ -1180,6 +1405,7 @@ mod tests {
             unreachable!()
         };
         assert_eq!(*ring, 0);
+        let table = table.build().unwrap();
         assert_eq!(table.len(), M as usize);
         assert!(table.iter().all(|&id| (1..=3).contains(&id)));
         let MapOp::SetVip { key, info } = &ops[5] else {
@@ -1539,13 +1765,14 @@ mod tests {
                             kernel.vips().all(|(_, info)| info.ring != *ring),
                             "round {round}: wrote ring {ring} while in use"
                         );
+                        let table: Arc<[u32]> = table.build().unwrap().into();
                         assert!(
                             table
                                 .iter()
                                 .all(|id| *id == NO_BACKEND || kernel.backends.contains_key(id)),
                             "round {round}: ring points at a missing backend"
                         );
-                        tables.insert(*ring, table.clone());
+                        tables.insert(*ring, table);
                     }
                     MapOp::SetVip { info, .. } => {
                         assert!(kernel.rings.contains_key(&info.ring), "unwritten ring");
@@ -1776,18 +2003,10 @@ mod tests {
         );
     }
 
-    /// Enough new VIPs that their tables are built on several threads: every table is the
-    /// builder's own for that VIP, in plan order, and a second plan writes nothing.
-    #[test]
-    fn tables_built_ahead_on_several_threads_are_each_vips_own() {
-        let count = PARALLEL_TABLES * 2 + 3;
-        let limits = Limits {
-            table_size: M,
-            max_vips: count as u32,
-            max_backends: 4096,
-        };
-        let mut rng = StdRng::seed_from_u64(11);
-        let vips: Vec<VipSpec> = (0..count)
+    /// `count` VIPs with up to 5 backends each out of 1,000 addresses.
+    fn many_vips(count: usize, seed: u64) -> Vec<VipSpec> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        (0..count)
             .map(|i| {
                 let backends: Vec<String> = (0..rng.random_range(0..6))
                     .map(|_| {
@@ -1803,38 +2022,166 @@ mod tests {
                 let refs: Vec<&str> = backends.iter().map(String::as_str).collect();
                 vip(&format!("192.0.{}.{}", 2 + i / 250, i % 250 + 1), 80, &refs)
             })
+            .collect()
+    }
+
+    /// The table of `vip` with the ids of `applied`, as `maglev::build` makes it.
+    fn table_of(vip: &VipSpec, applied: &AppliedState, table_size: u32) -> Vec<u32> {
+        let backends: Vec<WeightedBackend> = vip
+            .backends
+            .iter()
+            .map(|b| WeightedBackend {
+                address: b.address,
+                weight: b.effective_weight(),
+                id: applied.backend_id(b.address).unwrap(),
+            })
             .collect();
-        let desired = state(vips);
-        let mut applied = AppliedState::new(limits);
+        maglev::build("x", table_size, &backends).unwrap().table
+    }
+
+    /// A plan of new VIPs holds what their tables are built from, not the tables: the
+    /// same inputs whatever M, so a plan's memory does not grow with M.
+    #[test]
+    fn a_plan_holds_no_table_of_a_new_vip_whatever_m() {
+        let desired = state(many_vips(40, 3));
+        let plan_with = |table_size: u32| {
+            let applied = AppliedState::new(Limits {
+                table_size,
+                max_vips: 64,
+                max_backends: 4096,
+            });
+            plan_changes(&desired, &applied, None).unwrap().ops
+        };
+        let (small, large) = (plan_with(M), plan_with(65_537));
+        assert_eq!(small.len(), large.len());
+        let mut rings = 0;
+        for (a, b) in small.iter().zip(&large) {
+            match (a, b) {
+                (
+                    MapOp::WriteRing {
+                        ring: ring_a,
+                        table: RingTable::Planned(a),
+                    },
+                    MapOp::WriteRing {
+                        ring: ring_b,
+                        table: RingTable::Planned(b),
+                    },
+                ) => {
+                    assert_eq!(ring_a, ring_b);
+                    assert_eq!((a.table_size, b.table_size), (M, 65_537));
+                    assert_eq!((&a.vip, &a.backends), (&b.vip, &b.backends));
+                    rings += 1;
+                }
+                (MapOp::WriteRing { .. }, _) | (_, MapOp::WriteRing { .. }) => {
+                    panic!("a plan holds a table: {a:?} / {b:?}")
+                }
+                _ => assert_eq!(a, b),
+            }
+        }
+        assert_eq!(rings, 40);
+    }
+
+    /// Enough new VIPs for several batches, each big enough to be built on several
+    /// threads: every table is its VIP's own, in plan order, no batch is over its budget,
+    /// and a second plan writes nothing.
+    #[test]
+    fn tables_built_when_written_in_bounded_batches_are_each_vips_own() {
+        let budget = PARALLEL_SLOTS * 4 * 3 / 2;
+        let per_batch = budget / (4 * M as usize);
+        let count = per_batch * 2 + per_batch / 2;
+        let desired = state(many_vips(count, 11));
+        let mut applied = AppliedState::new(Limits {
+            table_size: M,
+            max_vips: count as u32,
+            max_backends: 4096,
+        });
         let plan = plan(&desired, &applied).unwrap();
         let after = plan.applied.clone();
-        let mut rings = 0;
-        let mut tables = plan.ops.iter().filter_map(|op| match op {
-            MapOp::WriteRing { ring, table } => Some((*ring, table.clone())),
-            _ => None,
-        });
         let mut sorted: Vec<&VipSpec> = desired.vips.iter().map(|v| &**v).collect();
         sorted.sort_by_key(|v| vip_ord(&v.key.to_map_key()));
-        for v in sorted {
-            let (ring, table) = tables.next().unwrap();
-            assert_eq!(after.vip(&v.key.to_map_key()).unwrap().ring, ring);
-            let backends: Vec<WeightedBackend> = v
-                .backends
-                .iter()
-                .map(|b| WeightedBackend {
-                    address: b.address,
-                    weight: b.effective_weight(),
-                    id: after.backend_id(b.address).unwrap(),
-                })
-                .collect();
-            assert_eq!(
-                &table[..],
-                &maglev::build("x", M, &backends).unwrap().table[..]
-            );
+        let mut sorted = sorted.into_iter();
+        let mut writes = with_tables(&plan.ops, budget);
+        let mut rings = 0;
+        for (op, table) in writes.by_ref() {
+            let MapOp::WriteRing { ring, .. } = op else {
+                assert!(table.is_none());
+                continue;
+            };
+            let v = sorted.next().unwrap();
+            assert_eq!(after.vip(&v.key.to_map_key()).unwrap().ring, *ring);
+            assert_eq!(&table.unwrap().unwrap()[..], &table_of(v, &after, M)[..]);
             rings += 1;
         }
         assert_eq!(rings, count);
+        assert_eq!(writes.batches(), 3);
+        assert_eq!(writes.largest_batch_bytes(), per_batch * 4 * M as usize);
+        assert!(writes.largest_batch_bytes() <= budget);
+        // A budget below one table still builds one at a time.
+        let mut one_by_one = with_tables(&plan.ops, 1);
+        assert_eq!(
+            one_by_one.by_ref().filter(|(_, t)| t.is_some()).count(),
+            count
+        );
+        assert_eq!(one_by_one.batches(), count);
         applied = after;
         assert!(super::plan(&desired, &applied).unwrap().is_empty());
+    }
+
+    /// Existing VIPs whose inputs changed: their new tables are built to compare with the
+    /// active rings; the plan keeps at most `KEPT_TABLE_BYTES` of them, the others are
+    /// built again when written, and either way the rings get the right tables.
+    #[test]
+    fn changed_tables_kept_by_a_plan_are_bounded() {
+        const BIG_M: u32 = 65_537;
+        let count = 2 * KEPT_TABLE_BYTES / (4 * BIG_M as usize) + 3;
+        let limits = Limits {
+            table_size: BIG_M,
+            max_vips: count as u32,
+            max_backends: 4096,
+        };
+        let mut before: Vec<VipSpec> = (0..count)
+            .map(|i| vip(&format!("192.0.2.{}", i + 1), 80, &["10.0.0.1", "10.0.0.2"]))
+            .collect();
+        let mut applied = AppliedState::new(limits);
+        step(&state(before.clone()), &mut applied);
+        for v in &mut before {
+            v.backends[1].address = ip("10.0.0.3");
+        }
+        let desired = state(before);
+        let changes = plan_changes(&desired, &applied, None).unwrap();
+        let (mut ready, mut planned) = (0, 0);
+        for op in &changes.ops {
+            match op {
+                MapOp::WriteRing {
+                    table: RingTable::Ready(table),
+                    ..
+                } => ready += table.len() * 4,
+                MapOp::WriteRing {
+                    table: RingTable::Planned(_),
+                    ..
+                } => planned += 1,
+                _ => {}
+            }
+        }
+        assert_eq!(
+            ready,
+            KEPT_TABLE_BYTES / (4 * BIG_M as usize) * 4 * BIG_M as usize
+        );
+        assert!(planned > 0);
+        let mut written = 0;
+        for (op, table) in with_tables(&changes.ops, TABLE_BATCH_BYTES) {
+            if let MapOp::WriteRing { ring, .. } = op {
+                let v = desired
+                    .vips
+                    .iter()
+                    .find(|v| applied.vip(&v.key.to_map_key()).unwrap().ring == ring ^ 1)
+                    .unwrap();
+                let mut ids = applied.clone();
+                ids.record(&changes.ops[0]); // the new backend's id
+                assert_eq!(&table.unwrap().unwrap()[..], &table_of(v, &ids, BIG_M)[..]);
+                written += 1;
+            }
+        }
+        assert_eq!(written, count);
     }
 }

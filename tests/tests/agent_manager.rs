@@ -4,8 +4,9 @@
 
 use lb_userspace::config::{Config, Format};
 use lb_userspace::datapath::{Datapath, GracePeriod, LoadOptions};
+use lb_userspace::maglev::{self, WeightedBackend};
 use lb_userspace::manager::Manager;
-use lb_userspace::model::DesiredState;
+use lb_userspace::model::{DesiredState, VipSpec};
 use lb_userspace::plan::{self, MapOp};
 use lb_userspace::state::rebuild_applied;
 use xlb_tests::netns::PinDir;
@@ -164,6 +165,101 @@ fn a_changed_table_goes_to_the_idle_ring_and_the_live_ring_is_untouched() {
     assert!(
         new_table.iter().all(|id| *id != 0),
         "no empty slot in the new table"
+    );
+}
+
+/// The table `maglev::build` makes for `vip` with the backend ids of `applied`.
+fn expected_table(vip: &VipSpec, applied: &plan::AppliedState, table_size: u32) -> Vec<u32> {
+    let backends: Vec<WeightedBackend> = vip
+        .backends
+        .iter()
+        .map(|b| WeightedBackend {
+            address: b.address,
+            weight: b.effective_weight(),
+            id: applied.backend_id(b.address).unwrap(),
+        })
+        .collect();
+    maglev::build("x", table_size, &backends).unwrap().table
+}
+
+/// With the production M, more tables than fit in one batch of the writer: every VIP's
+/// ring holds its own table, after a first sync and after every VIP changed (tables the
+/// plan kept and tables rebuilt when written); a restarted agent plans no write.
+#[test]
+fn rings_of_many_vips_with_a_large_table_are_built_when_written() {
+    require_root();
+    const BIG_M: u32 = 65_537;
+    let count = plan::TABLE_BATCH_BYTES / (4 * BIG_M as usize) + 8;
+    let config = |third: u32| {
+        let mut text = format!(
+            "[node]\ninterfaces = [\"lo\"]\ntunnel_source_v4 = \"192.0.2.1\"\n\
+             maglev_table_size = {BIG_M}\nmax_vips = {count}\nmax_backends = 256\n\
+             conntrack_entries = 1024\n"
+        );
+        for i in 0..count {
+            text += &vip(
+                &format!("v{i}"),
+                &format!("203.0.113.{}", i + 1),
+                80,
+                &[
+                    &format!("198.51.100.{}", i % 50 + 1),
+                    &format!("198.51.100.{}", i % 7 + 100),
+                    &format!("198.51.100.{}", third + i as u32 % 3),
+                ],
+            );
+        }
+        let resolved = Config::parse(&text, Format::Toml)
+            .unwrap()
+            .resolve()
+            .unwrap();
+        (resolved.desired, resolved.node.limits)
+    };
+    let (first, limits) = config(200);
+    let pin_dir = PinDir::new("batches");
+    let mut datapath = load(&pin_dir, limits);
+    let mut manager = Manager::adopt(&datapath.maps, limits).unwrap();
+    let check_rings = |datapath: &Datapath, manager: &Manager, desired: &DesiredState| {
+        for v in &desired.vips {
+            let info = datapath.maps.vips.get(&v.key.to_map_key(), 0).unwrap();
+            assert_eq!(
+                datapath.maps.maglev.read_ring(info.ring).unwrap(),
+                expected_table(v, manager.applied(), BIG_M),
+                "VIP {}",
+                v.name
+            );
+        }
+    };
+    let report = manager.apply(&mut datapath.maps, &first).unwrap();
+    assert_eq!(report.rings_written, count);
+    check_rings(&datapath, &manager, &first);
+    assert_eq!(manager.apply(&mut datapath.maps, &first).unwrap().ops, 0);
+
+    let (second, _) = config(210);
+    let report = manager.apply(&mut datapath.maps, &second).unwrap();
+    assert_eq!(report.rings_written, count);
+    check_rings(&datapath, &manager, &second);
+
+    drop(manager);
+    let rebuilt = rebuild_applied(&datapath.maps, limits).unwrap();
+    let plan = plan::plan(&second, &rebuilt).unwrap();
+    assert!(plan.is_empty(), "a restart writes nothing: {:?}", plan.ops);
+}
+
+/// The Maglev builder's warnings reach the apply report (the agent logs them).
+#[test]
+fn maglev_warnings_reach_the_apply_report() {
+    require_root();
+    let pin_dir = PinDir::new("warnings");
+    let backends = ["198.51.100.1", "198.51.100.2", "198.51.100.3"];
+    let (desired, limits) = desired(&vip("small", "203.0.113.1", 80, &backends));
+    let mut datapath = load(&pin_dir, limits);
+    let mut manager = Manager::adopt(&datapath.maps, limits).unwrap();
+    let report = manager.apply(&mut datapath.maps, &desired).unwrap();
+    assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
+    let text = report.warnings[0].to_string();
+    assert!(
+        text.starts_with("VIP small (203.0.113.1:80/tcp): "),
+        "{text}"
     );
 }
 
