@@ -3,20 +3,21 @@
 //! read. The proxy's Kubernetes side keeps k8s-openapi's full types.
 //!
 //! **Why.** The agent's reflectors keep every Service and EndpointSlice of the cluster. With
-//! 10,000 Services × 10 endpoints (`./x bench kubernetes`, heaptrack, peak heap) the caches of
-//! k8s-openapi structs took 53 MB (EndpointSlices) and 19.5 MB (Services): a k8s-openapi
-//! `Endpoint` is ~350 bytes even with its optional fields unset (targetRef, hints, hostname,
-//! zone, deprecatedTopology…), and the `.modify()` that stripped fields only ran once the
-//! whole object had been built. These types skip what xlb does not read while parsing (serde
-//! ignores unknown fields without allocating); the same run takes 14 MB and 9 MB. The
-//! figures are in `docs/kubernetes.md`.
+//! 10,000 Services × 10 endpoints (`./x bench kubernetes`, heaptrack, at the heap peak) the
+//! caches of k8s-openapi structs took 53.0 MB (EndpointSlices) and 19.5 MB (Services): a
+//! k8s-openapi `Endpoint` costs ~390 bytes in the cache even with its optional fields unset
+//! (targetRef, hints, hostname, zone, deprecatedTopology…), and the `.modify()` that
+//! stripped fields only ran once the whole object had been built. These types skip what
+//! xlb does not read while parsing (serde ignores unknown fields without allocating); the
+//! same run takes 14.7 MB and 10.1 MB (~67 bytes per endpoint). See `docs/kubernetes.md`.
 //!
 //! **Metadata.** [`kube::Resource`] hands the watcher and the reflector a k8s-openapi
-//! `ObjectMeta` by reference, so `metadata` is one, but only name, namespace,
-//! resourceVersion (the watcher resumes from it) and creationTimestamp (allocation order)
-//! are ever set. The two annotations and the one label xlb reads are kept beside it
-//! ([`Service::annotation`], [`EndpointSlice::label`]): a `BTreeMap` holding even one
-//! entry allocates a ~550-byte node, 12 MB across 10,000 Services and their slices.
+//! `ObjectMeta` by reference, so `metadata` is one (360 bytes even when nearly empty, the
+//! largest part of a cached object now), but only name, namespace, resourceVersion (the
+//! watcher resumes from it) and creationTimestamp (allocation order) are ever set. The two
+//! annotations and the one label xlb reads are kept beside it ([`Service::annotation`],
+//! [`EndpointSlice::label`]): in the metadata's `BTreeMap`s, which allocate a ~550-byte node
+//! for even one entry, they took 12.1 MB of the same run.
 //!
 //! **Read-only.** They are views: they cannot be serialised, and writing one back (PUT)
 //! would drop every field they leave out. Status is written with a merge patch of
