@@ -309,6 +309,10 @@ fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
+/// jemalloc rather than glibc's malloc: see docs/agent.md ("Memory").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() {
     init_tracing();
     let cli = Cli::parse();
