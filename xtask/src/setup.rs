@@ -21,9 +21,12 @@ use crate::util::{project_root, run_checked};
 /// bpf-linker release, pinned so the cache key is stable.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// Debian packages the tests, demo and benchmarks need on every run. Benchmarks that use
-/// heavier peers (nginx, haproxy, wrk) install those themselves.
-const APT_PACKAGES: &[&str] = &["iproute2", "ethtool", "bpftool", "iptables", "procps"];
+/// Debian packages the tests, demo and benchmarks need on every run (`gcc` and `make`
+/// build jemalloc, the binary's allocator). Benchmarks that use heavier peers (nginx,
+/// haproxy, wrk) install those themselves.
+const APT_PACKAGES: &[&str] = &[
+    "iproute2", "ethtool", "bpftool", "iptables", "procps", "gcc", "make",
+];
 
 pub fn run() -> Result<()> {
     if std::env::var_os("XLB_SKIP_SETUP").is_some() {
