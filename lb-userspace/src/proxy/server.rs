@@ -7,7 +7,7 @@
 //! upgraded connections already running.
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
@@ -29,6 +29,7 @@ use super::body::{ReqBody, RespBody};
 use super::client::{ExchangeError, ResponseHead, UpstreamBody, UpstreamConn};
 use super::config::{Annotations, ConfigError, ProxyConfig};
 use super::h1guard::GuardedIo;
+use super::head::{ClientText, HeadBuf, RequestHead, encode_request};
 use super::metrics::{Metrics, RuleCounters};
 use super::routing::RouteTable;
 use super::tls::{CertStore, TlsError};
@@ -506,11 +507,8 @@ async fn accept_loop(
 pub(crate) struct ConnCtx {
     peer: SocketAddr,
     https: bool,
-    /// The client address as a header value, for X-Forwarded-For.
-    peer_value: HeaderValue,
-    /// (host, Forwarded value) of the previous request: keep-alive connections nearly always
-    /// repeat the host, so the Forwarded header is built once per connection.
-    forwarded_cache: Mutex<Option<(HeaderValue, HeaderValue)>>,
+    /// The client address as written in X-Forwarded-For and Forwarded.
+    client_text: ClientText,
     active: AtomicUsize,
     last_active_ms: AtomicU64,
     born: Instant,
@@ -569,13 +567,10 @@ async fn serve_connection(
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let settings = shared.state.load().settings.clone();
-    let peer_value = HeaderValue::from_str(&peer.ip().to_string())
-        .unwrap_or(HeaderValue::from_static("unknown"));
     let mut ctx = ConnCtx {
         peer,
         https: tls.is_some(),
-        peer_value,
-        forwarded_cache: Mutex::new(None),
+        client_text: ClientText::new(peer.ip()),
         active: AtomicUsize::new(0),
         last_active_ms: AtomicU64::new(0),
         born: Instant::now(),
@@ -721,57 +716,6 @@ async fn drive_with_idle_timeout<C, E>(
     }
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy ones proxies still see).
-static HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
-
-/// Removes hop-by-hop headers and the headers the Connection header nominates. `Upgrade` is
-/// removed too unless this exchange is an upgrade, in which case `Connection: upgrade` is kept.
-fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
-    // One pass over the (few) headers instead of a hash lookup per hop-by-hop name: most
-    // messages carry none of them.
-    let present = h
-        .keys()
-        .any(|n| *n == header::UPGRADE || HOP_BY_HOP.iter().any(|hop| hop == n));
-    if !present {
-        return;
-    }
-    if let Some(conn) = h.get(header::CONNECTION)
-        && let Ok(list) = conn.to_str()
-    {
-        let nominated: Vec<HeaderName> = list
-            .split(',')
-            .map(str::trim)
-            .filter(|t| {
-                !t.is_empty()
-                    && !t.eq_ignore_ascii_case("close")
-                    && !t.eq_ignore_ascii_case("keep-alive")
-                    && !t.eq_ignore_ascii_case("upgrade")
-            })
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            .collect();
-        for n in nominated {
-            h.remove(n);
-        }
-    }
-    for n in &HOP_BY_HOP {
-        h.remove(n);
-    }
-    if upgrade {
-        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        h.remove(header::UPGRADE);
-    }
-}
-
 fn is_upgrade(req: &Request<Incoming>) -> bool {
     req.version() == Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
@@ -876,11 +820,18 @@ async fn handle(shared: &Shared, ctx: Arc<ConnCtx>, req: Request<Incoming>) -> R
 }
 
 fn request_host(req: &Request<Incoming>) -> Option<&str> {
-    req.uri().authority().map(|a| a.as_str()).or_else(|| {
-        req.headers()
-            .get(header::HOST)
-            .and_then(|v| v.to_str().ok())
-    })
+    host_of(req.uri(), req.headers())
+}
+
+fn request_host_parts(parts: &http::request::Parts) -> Option<&str> {
+    host_of(&parts.uri, &parts.headers)
+}
+
+/// The target's authority (absolute form, HTTP/2 `:authority`), else the Host header.
+fn host_of<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
+    uri.authority()
+        .map(|a| a.as_str())
+        .or_else(|| headers.get(header::HOST).and_then(|v| v.to_str().ok()))
 }
 
 fn header_bytes(h: &HeaderMap) -> usize {
@@ -908,52 +859,59 @@ async fn forward(state: &State, ctx: &ConnCtx, mut req: Request<Incoming>) -> Ou
     if route.ssl_redirect && !ctx.https {
         return redirect_to_https(&req, host, s.https_redirect_port, route);
     }
-    let declared_len = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    // hyper's body knows the declared length (Content-Length, or HTTP/2's content-length):
+    // no header lookup.
+    let declared_len = req.body().size_hint().exact();
     if declared_len.is_some_and(|n| n > route.max_body) {
         return Outcome::local(StatusCode::PAYLOAD_TOO_LARGE, Some(route));
     }
     let upgrade = is_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
-    let (mut parts, body) = req.into_parts();
-    // Upstreams get origin-form (HTTP/2 requests arrive in absolute form).
-    if parts.uri.authority().is_some() {
-        let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
-        parts.uri = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .map_or_else(|| Uri::from_static("/"), Uri::from);
-        // The target's authority wins over a Host header (RFC 9112 §3.2.2); it is also what
-        // the request was routed on.
-        if let Some(v) = authority.and_then(|a| HeaderValue::from_str(&a).ok()) {
-            parts.headers.insert(header::HOST, v);
-        }
-    }
-    parts.version = Version::HTTP_11;
-    strip_hop_by_hop(&mut parts.headers, upgrade);
-    add_forwarding_headers(&mut parts.headers, ctx);
-    parts.extensions = http::Extensions::new();
-    let idempotent = is_idempotent(&parts.method);
+    let (parts, body) = req.into_parts();
+    let method = parts.method.clone();
+    let idempotent = is_idempotent(&method);
+    // A body of unknown length is sent chunked; one with a declared length keeps its
+    // Content-Length header.
+    let chunked = !body.is_end_stream() && declared_len.is_none();
     let mut body = ReqBody::limited(body, route.max_body);
+    let upstream = &route.upstream;
+    let mut head = HeadBuf::take();
+    let affinity = {
+        let host = request_host_parts(&parts).unwrap_or_default();
+        let set = encode_request(
+            &mut head.0,
+            &RequestHead {
+                method: &method,
+                // Upstreams get origin-form (HTTP/2 requests arrive in absolute form).
+                target: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
+                host,
+                headers: &parts.headers,
+                upgrade,
+                chunked,
+                client: &ctx.client_text,
+                https: ctx.https,
+            },
+        );
+        upstream.affinity(&PickContext {
+            client_ip: ctx.peer.ip(),
+            headers: &parts.headers,
+            set: Some((&head.0, &set)),
+        })
+    };
+    // The request's URI and headers are slices of hyper's read buffer: dropping them now
+    // (everything needed is in `head`) lets hyper reuse that buffer for the next read
+    // instead of allocating a new one while this request is in flight.
+    drop(parts);
     // A pooled connection may have been closed by the upstream while idle. Requests that can
     // be re-sent find out by trying; the others get a liveness probe first.
     let probe_pooled = !idempotent || !body.is_end_stream();
     let mut body_touched = false;
-    let upstream = &route.upstream;
     let mut excluded: Option<Arc<Endpoint>> = None;
     let mut connect_attempts = 2u8;
     let mut stale_resends = 4u8;
     loop {
-        let pick = PickContext {
-            client_ip: ctx.peer.ip(),
-            headers: &parts.headers,
-        };
-        let Some(ep) = upstream.pick(&pick, excluded.as_deref()) else {
+        let Some(ep) = upstream.pick_by(affinity, excluded.as_deref()) else {
             // No endpoint at all is 503; no *other* endpoint to retry on is the 502 of the
             // failed first attempt.
             let status = if excluded.is_some() {
@@ -991,7 +949,7 @@ async fn forward(state: &State, ctx: &ConnCtx, mut req: Request<Incoming>) -> Ou
         };
         let exchanged = tokio::time::timeout(
             s.response,
-            conn.exchange(&parts, &mut body, &mut body_touched),
+            conn.exchange(&head.0, &method, chunked, &mut body, &mut body_touched),
         )
         .await;
         let head = match exchanged {
@@ -1046,7 +1004,6 @@ async fn forward(state: &State, ctx: &ConnCtx, mut req: Request<Incoming>) -> Ou
         let mut resp = Response::new(RespBody::upstream(body, in_flight));
         *resp.status_mut() = head.status;
         *resp.headers_mut() = head.headers;
-        strip_hop_by_hop(resp.headers_mut(), false);
         return Outcome {
             resp,
             route: Some(route),
@@ -1136,106 +1093,5 @@ fn redirect_to_https(
         resp,
         route: Some(route),
         endpoint: None,
-    }
-}
-
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-
-fn add_forwarding_headers(h: &mut HeaderMap, ctx: &ConnCtx) {
-    let proto = if ctx.https { "https" } else { "http" };
-    match h.get(&X_FORWARDED_FOR).map(|v| v.as_bytes()) {
-        Some(prev) => {
-            let mut v = Vec::with_capacity(prev.len() + 2 + ctx.peer_value.len());
-            v.extend_from_slice(prev);
-            v.extend_from_slice(b", ");
-            v.extend_from_slice(ctx.peer_value.as_bytes());
-            if let Ok(v) = HeaderValue::from_bytes(&v) {
-                h.insert(&X_FORWARDED_FOR, v);
-            }
-        }
-        None => {
-            h.insert(&X_FORWARDED_FOR, ctx.peer_value.clone());
-        }
-    }
-    h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    let host = h.get(header::HOST).cloned();
-    let Some(host) = host else { return };
-    h.insert(&X_FORWARDED_HOST, host.clone());
-    let ours = {
-        let mut cache = ctx
-            .forwarded_cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        match &*cache {
-            Some((cached_host, v)) if *cached_host == host => v.clone(),
-            _ => {
-                let v = forwarded_value(ctx.peer.ip(), &host, proto);
-                *cache = Some((host, v.clone()));
-                v
-            }
-        }
-    };
-    match h.get(header::FORWARDED).map(|v| v.as_bytes()) {
-        Some(prev) => {
-            let mut v = Vec::with_capacity(prev.len() + 2 + ours.len());
-            v.extend_from_slice(prev);
-            v.extend_from_slice(b", ");
-            v.extend_from_slice(ours.as_bytes());
-            if let Ok(v) = HeaderValue::from_bytes(&v) {
-                h.insert(header::FORWARDED, v);
-            }
-        }
-        None => {
-            h.insert(header::FORWARDED, ours);
-        }
-    }
-}
-
-/// RFC 7239: IPv6 and host values with ':' must be quoted.
-fn forwarded_value(ip: IpAddr, host: &HeaderValue, proto: &str) -> HeaderValue {
-    let host = String::from_utf8_lossy(host.as_bytes()).replace(['"', '\\'], "");
-    let s = match ip {
-        IpAddr::V4(v4) => format!("for={v4};host=\"{host}\";proto={proto}"),
-        IpAddr::V6(v6) => format!("for=\"[{v6}]\";host=\"{host}\";proto={proto}"),
-    };
-    HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static("for=unknown"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hop_by_hop_and_nominated_headers_are_removed() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            "keep-alive, x-secret, Upgrade".parse().unwrap(),
-        );
-        h.insert("x-secret", "1".parse().unwrap());
-        h.insert("keep-alive", "timeout=5".parse().unwrap());
-        h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
-        h.insert(header::UPGRADE, "websocket".parse().unwrap());
-        h.insert("x-kept", "1".parse().unwrap());
-        let mut plain = h.clone();
-        strip_hop_by_hop(&mut plain, false);
-        assert_eq!(plain.len(), 1, "{plain:?}");
-        assert!(plain.contains_key("x-kept"));
-        strip_hop_by_hop(&mut h, true);
-        assert_eq!(h.get(header::CONNECTION).unwrap(), "upgrade");
-        assert_eq!(h.get(header::UPGRADE).unwrap(), "websocket");
-        assert!(!h.contains_key("x-secret"));
-    }
-
-    #[test]
-    fn forwarded_quotes_ipv6_and_host() {
-        let v = forwarded_value(
-            "::1".parse().unwrap(),
-            &HeaderValue::from_static("a.io:8080"),
-            "https",
-        );
-        assert_eq!(v, "for=\"[::1]\";host=\"a.io:8080\";proto=https");
     }
 }
