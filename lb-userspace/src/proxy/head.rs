@@ -4,7 +4,6 @@
 //! `X-Forwarded-*` and `Forwarded`: a hash lookup or insertion per name, and growing the map)
 //! and then serialising it, the head is written once: hop-by-hop headers and the ones the
 //! proxy replaces are skipped as they are met, and the proxy's own headers are appended.
-//! The buffer is a per-thread one reused by every request (see [`HeadBuf`]).
 
 use std::net::IpAddr;
 use std::ops::Range;
@@ -270,42 +269,6 @@ pub(crate) fn encode_request(out: &mut Vec<u8>, r: &RequestHead<'_>) -> SetValue
     }
     out.extend_from_slice(b"\r\n");
     set
-}
-
-thread_local! {
-    static SPARE: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
-}
-
-/// A head buffer borrowed from the thread's spare (no allocation once warm); returned to it
-/// on drop. Concurrent requests on one thread simply get a fresh buffer.
-#[derive(Debug)]
-pub(crate) struct HeadBuf(pub Vec<u8>);
-
-impl HeadBuf {
-    pub(crate) fn take() -> Self {
-        let mut v = SPARE.with(std::cell::Cell::take);
-        if v.capacity() == 0 {
-            v.reserve(1024);
-        }
-        Self(v)
-    }
-}
-
-impl Drop for HeadBuf {
-    fn drop(&mut self) {
-        let v = std::mem::take(&mut self.0);
-        // Keep the larger of the two; a huge one (a request with huge headers) is not kept.
-        if v.capacity() <= 64 * 1024 {
-            SPARE.with(|s| {
-                let other = s.take();
-                s.set(if other.capacity() > v.capacity() {
-                    other
-                } else {
-                    v
-                });
-            });
-        }
-    }
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ use super::body::{ReqBody, RespBody};
 use super::client::{ExchangeError, ResponseHead, UpstreamBody, UpstreamConn};
 use super::config::{Annotations, ConfigError, ProxyConfig};
 use super::h1guard::GuardedIo;
-use super::head::{ClientText, HeadBuf, RequestHead, encode_request};
+use super::head::{ClientText, RequestHead, encode_request};
 use super::metrics::{Metrics, RuleCounters};
 use super::routing::RouteTable;
 use super::tls::{CertStore, TlsError};
@@ -514,9 +514,23 @@ pub(crate) struct ConnCtx {
     born: Instant,
     /// Whether requests mark the connection busy for the idle watchdog (HTTP/2 only).
     track_idle: bool,
+    /// A spare buffer for upstream request heads: an HTTP/1 connection has one request at a
+    /// time, so after its first request no head needs an allocation.
+    head_buf: Mutex<Vec<u8>>,
 }
 
 impl ConnCtx {
+    fn take_head_buf(&self) -> Vec<u8> {
+        std::mem::take(&mut *self.head_buf.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn put_head_buf(&self, buf: Vec<u8>) {
+        // A head of huge headers is not worth keeping.
+        if buf.capacity() <= 16 * 1024 {
+            *self.head_buf.lock().unwrap_or_else(|e| e.into_inner()) = buf;
+        }
+    }
+
     fn touch(&self) {
         let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_active_ms.store(ms, Ordering::Relaxed);
@@ -575,6 +589,7 @@ async fn serve_connection(
         last_active_ms: AtomicU64::new(0),
         born: Instant::now(),
         track_idle: false,
+        head_buf: Mutex::new(Vec::new()),
     };
     match tls {
         Some(acceptor) => {
@@ -625,9 +640,12 @@ fn service(
     Future = impl Future<Output = Result<Response<RespBody>, Infallible>> + Send,
 > + Clone {
     hyper::service::service_fn(move |req| {
+        // Everything that needs the request head runs here, synchronously, when hyper hands
+        // over the request; the future keeps only what the exchange needs (see `prepare`).
+        let prepared = prepare(&shared, &ctx, req);
         let shared = shared.clone();
         let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(handle(&shared, ctx, req).await) }
+        async move { Ok::<_, Infallible>(handle(&shared, ctx, prepared).await) }
     })
 }
 
@@ -768,7 +786,43 @@ impl Outcome {
     }
 }
 
-async fn handle(shared: &Shared, ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<RespBody> {
+/// A request as far as it can be taken without waiting: routed, checked, and when it goes
+/// upstream, its head encoded.
+struct Prepared {
+    start: Instant,
+    active: Option<ActiveGuard>,
+    state: Arc<State>,
+    http1: bool,
+    /// (method, host, path and query) for the access log, when it is on.
+    log_fields: Option<(Method, String, String)>,
+    next: Next,
+}
+
+enum Next {
+    /// Answered locally (error, redirect).
+    Done(Outcome),
+    Forward(Forward),
+}
+
+/// What the upstream exchange needs of a request.
+struct Forward {
+    route: Arc<Route>,
+    method: Method,
+    /// The encoded upstream request head.
+    head: Vec<u8>,
+    chunked: bool,
+    body: ReqBody,
+    /// The request's key for consistent hashing.
+    affinity: u64,
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
+}
+
+/// Runs when hyper hands the request over. The request's URI and header values are slices
+/// of hyper's read buffer; hyper reserves room in that buffer right after dispatching the
+/// request (to notice a client closing mid-request), and while any slice is alive that
+/// means a fresh 8 KiB allocation. So the head is consumed here and dropped before hyper
+/// gets there.
+fn prepare(shared: &Shared, ctx: &Arc<ConnCtx>, req: Request<Incoming>) -> Prepared {
     let start = Instant::now();
     let active = ctx.track_idle.then(|| ActiveGuard::new(ctx.clone()));
     let state = shared.state.load_full();
@@ -783,7 +837,30 @@ async fn handle(shared: &Shared, ctx: Arc<ConnCtx>, req: Request<Incoming>) -> R
         )
     });
     let http1 = req.version() <= Version::HTTP_11;
-    let out = forward(&state, &ctx, req).await;
+    let next = route_request(&state, ctx, req);
+    Prepared {
+        start,
+        active,
+        state,
+        http1,
+        log_fields,
+        next,
+    }
+}
+
+async fn handle(shared: &Shared, ctx: Arc<ConnCtx>, prepared: Prepared) -> Response<RespBody> {
+    let Prepared {
+        start,
+        active,
+        state,
+        http1,
+        log_fields,
+        next,
+    } = prepared;
+    let out = match next {
+        Next::Done(out) => out,
+        Next::Forward(f) => forward(&state, &ctx, f).await,
+    };
     let status = out.resp.status();
     match &out.route {
         Some(r) => r.counters.count(status.as_u16()),
@@ -845,64 +922,81 @@ fn is_idempotent(m: &Method) -> bool {
     )
 }
 
-async fn forward(state: &State, ctx: &ConnCtx, mut req: Request<Incoming>) -> Outcome {
+/// Routes a request and, when it goes upstream, encodes its head; consumes the request head.
+fn route_request(state: &State, ctx: &ConnCtx, mut req: Request<Incoming>) -> Next {
     let s = &state.settings;
     if req.version() == Version::HTTP_2 && header_bytes(req.headers()) > s.max_header_bytes {
-        return Outcome::local(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, None);
+        return Next::Done(Outcome::local(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            None,
+        ));
     }
     let Some(host) = request_host(&req) else {
-        return Outcome::local(StatusCode::BAD_REQUEST, None);
+        return Next::Done(Outcome::local(StatusCode::BAD_REQUEST, None));
     };
     let Some(route) = state.routes.lookup(Some(host), req.uri().path()).cloned() else {
-        return Outcome::local(StatusCode::NOT_FOUND, None);
+        return Next::Done(Outcome::local(StatusCode::NOT_FOUND, None));
     };
     if route.ssl_redirect && !ctx.https {
-        return redirect_to_https(&req, host, s.https_redirect_port, route);
+        return Next::Done(redirect_to_https(&req, host, s.https_redirect_port, route));
     }
     // hyper's body knows the declared length (Content-Length, or HTTP/2's content-length):
     // no header lookup.
     let declared_len = req.body().size_hint().exact();
     if declared_len.is_some_and(|n| n > route.max_body) {
-        return Outcome::local(StatusCode::PAYLOAD_TOO_LARGE, Some(route));
+        return Next::Done(Outcome::local(StatusCode::PAYLOAD_TOO_LARGE, Some(route)));
     }
     let upgrade = is_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-
     let (parts, body) = req.into_parts();
-    let method = parts.method.clone();
-    let idempotent = is_idempotent(&method);
     // A body of unknown length is sent chunked; one with a declared length keeps its
     // Content-Length header.
     let chunked = !body.is_end_stream() && declared_len.is_none();
-    let mut body = ReqBody::limited(body, route.max_body);
-    let upstream = &route.upstream;
-    let mut head = HeadBuf::take();
-    let affinity = {
-        let host = request_host_parts(&parts).unwrap_or_default();
-        let set = encode_request(
-            &mut head.0,
-            &RequestHead {
-                method: &method,
-                // Upstreams get origin-form (HTTP/2 requests arrive in absolute form).
-                target: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
-                host,
-                headers: &parts.headers,
-                upgrade,
-                chunked,
-                client: &ctx.client_text,
-                https: ctx.https,
-            },
-        );
-        upstream.affinity(&PickContext {
-            client_ip: ctx.peer.ip(),
+    let mut head = ctx.take_head_buf();
+    let host = request_host_parts(&parts).unwrap_or_default();
+    let set = encode_request(
+        &mut head,
+        &RequestHead {
+            method: &parts.method,
+            // Upstreams get origin-form (HTTP/2 requests arrive in absolute form).
+            target: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
+            host,
             headers: &parts.headers,
-            set: Some((&head.0, &set)),
-        })
-    };
-    // The request's URI and headers are slices of hyper's read buffer: dropping them now
-    // (everything needed is in `head`) lets hyper reuse that buffer for the next read
-    // instead of allocating a new one while this request is in flight.
-    drop(parts);
+            upgrade,
+            chunked,
+            client: &ctx.client_text,
+            https: ctx.https,
+        },
+    );
+    let affinity = route.upstream.affinity(&PickContext {
+        client_ip: ctx.peer.ip(),
+        headers: &parts.headers,
+        set: Some((&head, &set)),
+    });
+    Next::Forward(Forward {
+        body: ReqBody::limited(body, route.max_body),
+        route,
+        method: parts.method,
+        head,
+        chunked,
+        affinity,
+        upgrade: client_upgrade,
+    })
+}
+
+async fn forward(state: &State, ctx: &ConnCtx, mut f: Forward) -> Outcome {
+    let out = exchange(state, &mut f).await;
+    ctx.put_head_buf(std::mem::take(&mut f.head));
+    out
+}
+
+async fn exchange(state: &State, f: &mut Forward) -> Outcome {
+    let s = &state.settings;
+    let route = &f.route;
+    let body = &mut f.body;
+    let upstream = &route.upstream;
+    let idempotent = is_idempotent(&f.method);
+    let upgrade = f.upgrade.is_some();
     // A pooled connection may have been closed by the upstream while idle. Requests that can
     // be re-sent find out by trying; the others get a liveness probe first.
     let probe_pooled = !idempotent || !body.is_end_stream();
@@ -911,7 +1005,7 @@ async fn forward(state: &State, ctx: &ConnCtx, mut req: Request<Incoming>) -> Ou
     let mut connect_attempts = 2u8;
     let mut stale_resends = 4u8;
     loop {
-        let Some(ep) = upstream.pick_by(affinity, excluded.as_deref()) else {
+        let Some(ep) = upstream.pick_by(f.affinity, excluded.as_deref()) else {
             // No endpoint at all is 503; no *other* endpoint to retry on is the 502 of the
             // failed first attempt.
             let status = if excluded.is_some() {
@@ -919,7 +1013,7 @@ async fn forward(state: &State, ctx: &ConnCtx, mut req: Request<Incoming>) -> Ou
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
             };
-            return Outcome::local(status, Some(route));
+            return Outcome::local(status, Some(route.clone()));
         };
         let in_flight = ep.start_request();
         let (mut conn, reused) = match connection_for(
@@ -943,13 +1037,13 @@ async fn forward(state: &State, ctx: &ConnCtx, mut req: Request<Incoming>) -> Ou
                 }
                 return Outcome {
                     endpoint: Some(ep.addr),
-                    ..Outcome::local(StatusCode::BAD_GATEWAY, Some(route))
+                    ..Outcome::local(StatusCode::BAD_GATEWAY, Some(route.clone()))
                 };
             }
         };
         let exchanged = tokio::time::timeout(
             s.response,
-            conn.exchange(&head.0, &method, chunked, &mut body, &mut body_touched),
+            conn.exchange(&f.head, &f.method, f.chunked, body, &mut body_touched),
         )
         .await;
         let head = match exchanged {
@@ -960,11 +1054,11 @@ async fn forward(state: &State, ctx: &ConnCtx, mut req: Request<Incoming>) -> Ou
                 continue;
             }
             Ok(Err(ExchangeError::BodyTooLarge(_))) => {
-                return Outcome::local(StatusCode::PAYLOAD_TOO_LARGE, Some(route));
+                return Outcome::local(StatusCode::PAYLOAD_TOO_LARGE, Some(route.clone()));
             }
             Ok(Err(ExchangeError::RequestBody(e))) => {
                 tracing::debug!(error = %e, "client request body failed");
-                return Outcome::local(StatusCode::BAD_REQUEST, Some(route));
+                return Outcome::local(StatusCode::BAD_REQUEST, Some(route.clone()));
             }
             Ok(Err(e)) => {
                 tracing::debug!(endpoint = %ep.addr, error = %e, "upstream exchange failed");
@@ -972,7 +1066,7 @@ async fn forward(state: &State, ctx: &ConnCtx, mut req: Request<Incoming>) -> Ou
                 upstream.record_failure(&ep);
                 return Outcome {
                     endpoint: Some(ep.addr),
-                    ..Outcome::local(StatusCode::BAD_GATEWAY, Some(route))
+                    ..Outcome::local(StatusCode::BAD_GATEWAY, Some(route.clone()))
                 };
             }
             Err(_) => {
@@ -980,7 +1074,7 @@ async fn forward(state: &State, ctx: &ConnCtx, mut req: Request<Incoming>) -> Ou
                 upstream.record_failure(&ep);
                 return Outcome {
                     endpoint: Some(ep.addr),
-                    ..Outcome::local(StatusCode::GATEWAY_TIMEOUT, Some(route))
+                    ..Outcome::local(StatusCode::GATEWAY_TIMEOUT, Some(route.clone()))
                 };
             }
         };
@@ -990,13 +1084,13 @@ async fn forward(state: &State, ctx: &ConnCtx, mut req: Request<Incoming>) -> Ou
             upstream.record_success(&ep);
         }
         let endpoint = Some(ep.addr);
-        if let Some(client_upgrade) = client_upgrade
-            && head.status == StatusCode::SWITCHING_PROTOCOLS
+        if head.status == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(client_upgrade) = f.upgrade.take()
         {
             let resp = tunnel(conn, head, client_upgrade, in_flight);
             return Outcome {
                 resp,
-                route: Some(route),
+                route: Some(route.clone()),
                 endpoint,
             };
         }
@@ -1006,7 +1100,7 @@ async fn forward(state: &State, ctx: &ConnCtx, mut req: Request<Incoming>) -> Ou
         *resp.headers_mut() = head.headers;
         return Outcome {
             resp,
-            route: Some(route),
+            route: Some(route.clone()),
             endpoint,
         };
     }
