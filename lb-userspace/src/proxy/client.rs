@@ -21,6 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::body::{BodyTooLarge, BoxError, ReqBody};
+use super::head;
 use super::upstream::Endpoint;
 
 /// Largest upstream response head accepted.
@@ -56,9 +57,12 @@ pub struct UpstreamConn {
     io: TcpStream,
     /// Bytes read but not consumed yet.
     rbuf: BytesMut,
-    /// Reused buffer for request heads.
-    wbuf: Vec<u8>,
+    /// Reused buffer for the header positions of response heads.
+    spans: Vec<Span>,
 }
+
+/// (name start, name end, value start, value end) of a header in a response head.
+type Span = (u32, u32, u32, u32);
 
 /// How the response body is delimited (RFC 9112 §6.3).
 #[derive(Debug, Clone, Copy)]
@@ -106,7 +110,7 @@ impl UpstreamConn {
         Ok(Self {
             io,
             rbuf: BytesMut::with_capacity(READ_CHUNK),
-            wbuf: Vec::with_capacity(1024),
+            spans: Vec::new(),
         })
     }
 
@@ -117,17 +121,17 @@ impl UpstreamConn {
         matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
-    /// Sends a request and reads the response head. `parts.uri` must be origin-form and
-    /// hop-by-hop headers already removed.
+    /// Sends a request (`head` encoded by [`super::head::encode_request`], announcing a
+    /// chunked body if `chunked`) and reads the response head.
     pub async fn exchange(
         &mut self,
-        parts: &http::request::Parts,
+        head: &[u8],
+        method: &Method,
+        chunked: bool,
         body: &mut ReqBody,
         body_touched: &mut bool,
     ) -> Result<ResponseHead, ExchangeError> {
-        let chunked = !body.is_end_stream() && !parts.headers.contains_key(header::CONTENT_LENGTH);
-        self.encode_head(parts, chunked);
-        if let Err(e) = self.io.write_all(&self.wbuf).await {
+        if let Err(e) = self.io.write_all(head).await {
             return Err(if is_reset(&e) {
                 ExchangeError::Stale
             } else {
@@ -139,38 +143,13 @@ impl UpstreamConn {
             self.send_body(body, chunked).await?;
         }
         loop {
-            let head = self.read_head(&parts.method, *body_touched).await?;
+            let head = self.read_head(method, *body_touched).await?;
             // Interim responses (100 Continue, 103 Early Hints) are not forwarded.
             if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS {
                 continue;
             }
             return Ok(head);
         }
-    }
-
-    fn encode_head(&mut self, parts: &http::request::Parts, chunked: bool) {
-        let w = &mut self.wbuf;
-        w.clear();
-        w.extend_from_slice(parts.method.as_str().as_bytes());
-        w.push(b' ');
-        w.extend_from_slice(
-            parts
-                .uri
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .as_bytes(),
-        );
-        w.extend_from_slice(b" HTTP/1.1\r\n");
-        for (name, value) in &parts.headers {
-            w.extend_from_slice(name.as_str().as_bytes());
-            w.extend_from_slice(b": ");
-            w.extend_from_slice(value.as_bytes());
-            w.extend_from_slice(b"\r\n");
-        }
-        if chunked {
-            w.extend_from_slice(b"transfer-encoding: chunked\r\n");
-        }
-        w.extend_from_slice(b"\r\n");
     }
 
     async fn send_body(&mut self, body: &mut ReqBody, chunked: bool) -> Result<(), ExchangeError> {
@@ -208,12 +187,12 @@ impl UpstreamConn {
         let mut received_any = !self.rbuf.is_empty();
         loop {
             if !self.rbuf.is_empty() {
-                if let Some((len, raw)) = RawHead::parse(&self.rbuf)? {
+                if let Some((len, raw)) = RawHead::parse(&self.rbuf, &mut self.spans)? {
                     // Header values become slices of this buffer: no copy, no allocation.
                     // The allocation is reclaimed by `reserve` once the response head has
                     // been written downstream and these slices are gone.
                     let bytes = self.rbuf.split_to(len).freeze();
-                    return build_head(&raw, &bytes, method);
+                    return build_head(&raw, &self.spans, &bytes, method);
                 }
                 if self.rbuf.len() > MAX_RESPONSE_HEAD {
                     return Err(ExchangeError::Protocol("head too large"));
@@ -253,62 +232,69 @@ fn is_reset(e: &io::Error) -> bool {
     )
 }
 
-/// Header positions in a parsed response head (offsets into the head's bytes).
+/// A parsed response head's status line; the header positions go to a reused `Vec<Span>`.
 struct RawHead {
     code: u16,
     http11: bool,
-    count: usize,
-    /// (name start, name end, value start, value end)
-    spans: [(u32, u32, u32, u32); MAX_RESPONSE_HEADERS],
 }
 
 impl RawHead {
-    /// `Some((head length, positions))` once the head is complete.
-    fn parse(buf: &[u8]) -> Result<Option<(usize, Self)>, ExchangeError> {
-        let mut slots = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-        let mut resp = httparse::Response::new(&mut slots);
-        let len = match resp.parse(buf) {
+    /// `Some((head length, status line))` once the head is complete; `spans` then holds
+    /// the positions of the headers (offsets into `buf`).
+    fn parse(buf: &[u8], spans: &mut Vec<Span>) -> Result<Option<(usize, Self)>, ExchangeError> {
+        // Uninitialised slots: initialising 128 of them per response costs more than parsing
+        // a typical head.
+        let mut slots = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() };
+            MAX_RESPONSE_HEADERS];
+        let mut resp = httparse::Response::new(&mut []);
+        let len = match httparse::ParserConfig::default()
+            .parse_response_with_uninit_headers(&mut resp, buf, &mut slots)
+        {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(_) => return Err(ExchangeError::Protocol("unparsable head")),
         };
         let base = buf.as_ptr() as usize;
         let off = |p: *const u8| u32::try_from(p as usize - base).unwrap_or(u32::MAX);
-        let mut raw = Self {
-            code: resp.code.ok_or(ExchangeError::Protocol("no status"))?,
-            http11: resp.version == Some(1),
-            count: resp.headers.len(),
-            spans: [(0, 0, 0, 0); MAX_RESPONSE_HEADERS],
-        };
-        for (span, h) in raw.spans.iter_mut().zip(resp.headers.iter()) {
+        spans.clear();
+        spans.extend(resp.headers.iter().map(|h| {
             let n = off(h.name.as_ptr());
             let v = off(h.value.as_ptr());
-            *span = (n, n + h.name.len() as u32, v, v + h.value.len() as u32);
-        }
-        Ok(Some((len, raw)))
+            (n, n + h.name.len() as u32, v, v + h.value.len() as u32)
+        }));
+        Ok(Some((
+            len,
+            Self {
+                code: resp.code.ok_or(ExchangeError::Protocol("no status"))?,
+                http11: resp.version == Some(1),
+            },
+        )))
     }
 }
 
 fn build_head(
     raw: &RawHead,
+    spans: &[Span],
     bytes: &Bytes,
     method: &Method,
 ) -> Result<ResponseHead, ExchangeError> {
     let status =
         StatusCode::from_u16(raw.code).map_err(|_| ExchangeError::Protocol("bad status"))?;
     let http11 = raw.http11;
-    let mut headers = HeaderMap::with_capacity(raw.count);
+    // A 101's headers go to the client as they are (Connection and Upgrade included); other
+    // responses lose their hop-by-hop headers here rather than by removals from the map.
+    let keep_hop = status == StatusCode::SWITCHING_PROTOCOLS;
+    let mut headers = HeaderMap::with_capacity(spans.len());
     let mut content_length: Option<u64> = None;
     let mut chunked = false;
     let mut te = false;
     let mut close = !http11;
-    for &(ns, ne, vs, ve) in &raw.spans[..raw.count] {
+    let mut nominates = false;
+    for &(ns, ne, vs, ve) in spans {
         let name_bytes = &bytes[ns as usize..ne as usize];
         let raw_value = &bytes[vs as usize..ve as usize];
         let name = HeaderName::from_bytes(name_bytes)
             .map_err(|_| ExchangeError::Protocol("header name"))?;
-        let value = HeaderValue::from_maybe_shared(bytes.slice(vs as usize..ve as usize))
-            .map_err(|_| ExchangeError::Protocol("header value"))?;
         if name == header::CONTENT_LENGTH {
             let n: u64 = std::str::from_utf8(raw_value)
                 .ok()
@@ -336,8 +322,26 @@ fn build_head(
             {
                 close = false;
             }
+            nominates |= head::nominated(v).next().is_some();
         }
+        if !keep_hop && head::is_hop_by_hop_response(&name) {
+            continue;
+        }
+        let value = HeaderValue::from_maybe_shared(bytes.slice(vs as usize..ve as usize))
+            .map_err(|_| ExchangeError::Protocol("header value"))?;
         headers.append(name, value);
+    }
+    if nominates && !keep_hop {
+        // Rare: the upstream named headers of its own as hop-by-hop.
+        for &(ns, ne, vs, ve) in spans {
+            if bytes[ns as usize..ne as usize].eq_ignore_ascii_case(b"connection") {
+                for name in head::nominated(&bytes[vs as usize..ve as usize]) {
+                    if let Ok(name) = HeaderName::from_bytes(name) {
+                        headers.remove(name);
+                    }
+                }
+            }
+        }
     }
     let framing = if *method == Method::HEAD
         || status.is_informational()
@@ -599,8 +603,14 @@ mod tests {
     use super::*;
 
     fn parse(raw: &[u8], method: &Method) -> Result<ResponseHead, ExchangeError> {
-        let (len, positions) = RawHead::parse(raw)?.expect("complete head");
-        build_head(&positions, &Bytes::copy_from_slice(&raw[..len]), method)
+        let mut spans = Vec::new();
+        let (len, status) = RawHead::parse(raw, &mut spans)?.expect("complete head");
+        build_head(
+            &status,
+            &spans,
+            &Bytes::copy_from_slice(&raw[..len]),
+            method,
+        )
     }
 
     fn head(raw: &[u8], method: &Method) -> ResponseHead {
@@ -637,6 +647,28 @@ mod tests {
             &Method::GET,
         );
         assert!(!h.keep_alive);
+    }
+
+    #[test]
+    fn hop_by_hop_response_headers_are_dropped_except_from_a_101() {
+        let h = head(
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Up-Private\r\nX-Up-Private: 1\r\n\
+              Keep-Alive: timeout=5\r\nUpgrade: h2c\r\nX-Kept: 1\r\nContent-Length: 0\r\n\r\n",
+            &Method::GET,
+        );
+        let mut names: Vec<&str> = h.headers.keys().map(|n| n.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-length", "x-kept"]);
+        assert!(h.keep_alive);
+        let h = head(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            &Method::GET,
+        );
+        assert_eq!(
+            h.headers.get("upgrade").map(|v| v.as_bytes()),
+            Some(&b"websocket"[..])
+        );
+        assert!(h.headers.contains_key("connection"));
     }
 
     #[test]

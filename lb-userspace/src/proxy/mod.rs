@@ -11,6 +11,7 @@ pub mod body;
 pub mod client;
 pub mod config;
 pub mod h1guard;
+pub mod head;
 pub mod metrics;
 pub mod routing;
 pub mod server;

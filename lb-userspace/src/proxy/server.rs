@@ -7,7 +7,7 @@
 //! upgraded connections already running.
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
@@ -29,6 +29,7 @@ use super::body::{ReqBody, RespBody};
 use super::client::{ExchangeError, ResponseHead, UpstreamBody, UpstreamConn};
 use super::config::{Annotations, ConfigError, ProxyConfig};
 use super::h1guard::GuardedIo;
+use super::head::{ClientText, RequestHead, encode_request};
 use super::metrics::{Metrics, RuleCounters};
 use super::routing::RouteTable;
 use super::tls::{CertStore, TlsError};
@@ -506,19 +507,30 @@ async fn accept_loop(
 pub(crate) struct ConnCtx {
     peer: SocketAddr,
     https: bool,
-    /// The client address as a header value, for X-Forwarded-For.
-    peer_value: HeaderValue,
-    /// (host, Forwarded value) of the previous request: keep-alive connections nearly always
-    /// repeat the host, so the Forwarded header is built once per connection.
-    forwarded_cache: Mutex<Option<(HeaderValue, HeaderValue)>>,
+    /// The client address as written in X-Forwarded-For and Forwarded.
+    client_text: ClientText,
     active: AtomicUsize,
     last_active_ms: AtomicU64,
     born: Instant,
     /// Whether requests mark the connection busy for the idle watchdog (HTTP/2 only).
     track_idle: bool,
+    /// A spare buffer for upstream request heads: an HTTP/1 connection has one request at a
+    /// time, so after its first request no head needs an allocation.
+    head_buf: Mutex<Vec<u8>>,
 }
 
 impl ConnCtx {
+    fn take_head_buf(&self) -> Vec<u8> {
+        std::mem::take(&mut *self.head_buf.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn put_head_buf(&self, buf: Vec<u8>) {
+        // A head of huge headers is not worth keeping.
+        if buf.capacity() <= 16 * 1024 {
+            *self.head_buf.lock().unwrap_or_else(|e| e.into_inner()) = buf;
+        }
+    }
+
     fn touch(&self) {
         let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_active_ms.store(ms, Ordering::Relaxed);
@@ -569,17 +581,15 @@ async fn serve_connection(
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let settings = shared.state.load().settings.clone();
-    let peer_value = HeaderValue::from_str(&peer.ip().to_string())
-        .unwrap_or(HeaderValue::from_static("unknown"));
     let mut ctx = ConnCtx {
         peer,
         https: tls.is_some(),
-        peer_value,
-        forwarded_cache: Mutex::new(None),
+        client_text: ClientText::new(peer.ip()),
         active: AtomicUsize::new(0),
         last_active_ms: AtomicU64::new(0),
         born: Instant::now(),
         track_idle: false,
+        head_buf: Mutex::new(Vec::new()),
     };
     match tls {
         Some(acceptor) => {
@@ -630,9 +640,12 @@ fn service(
     Future = impl Future<Output = Result<Response<RespBody>, Infallible>> + Send,
 > + Clone {
     hyper::service::service_fn(move |req| {
+        // Everything that needs the request head runs here, synchronously, when hyper hands
+        // over the request; the future keeps only what the exchange needs (see `prepare`).
+        let prepared = prepare(&shared, &ctx, req);
         let shared = shared.clone();
         let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(handle(&shared, ctx, req).await) }
+        async move { Ok::<_, Infallible>(handle(&shared, ctx, prepared).await) }
     })
 }
 
@@ -721,57 +734,6 @@ async fn drive_with_idle_timeout<C, E>(
     }
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy ones proxies still see).
-static HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
-
-/// Removes hop-by-hop headers and the headers the Connection header nominates. `Upgrade` is
-/// removed too unless this exchange is an upgrade, in which case `Connection: upgrade` is kept.
-fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
-    // One pass over the (few) headers instead of a hash lookup per hop-by-hop name: most
-    // messages carry none of them.
-    let present = h
-        .keys()
-        .any(|n| *n == header::UPGRADE || HOP_BY_HOP.iter().any(|hop| hop == n));
-    if !present {
-        return;
-    }
-    if let Some(conn) = h.get(header::CONNECTION)
-        && let Ok(list) = conn.to_str()
-    {
-        let nominated: Vec<HeaderName> = list
-            .split(',')
-            .map(str::trim)
-            .filter(|t| {
-                !t.is_empty()
-                    && !t.eq_ignore_ascii_case("close")
-                    && !t.eq_ignore_ascii_case("keep-alive")
-                    && !t.eq_ignore_ascii_case("upgrade")
-            })
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            .collect();
-        for n in nominated {
-            h.remove(n);
-        }
-    }
-    for n in &HOP_BY_HOP {
-        h.remove(n);
-    }
-    if upgrade {
-        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        h.remove(header::UPGRADE);
-    }
-}
-
 fn is_upgrade(req: &Request<Incoming>) -> bool {
     req.version() == Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
@@ -824,7 +786,43 @@ impl Outcome {
     }
 }
 
-async fn handle(shared: &Shared, ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<RespBody> {
+/// A request as far as it can be taken without waiting: routed, checked, and when it goes
+/// upstream, its head encoded.
+struct Prepared {
+    start: Instant,
+    active: Option<ActiveGuard>,
+    state: Arc<State>,
+    http1: bool,
+    /// (method, host, path and query) for the access log, when it is on.
+    log_fields: Option<(Method, String, String)>,
+    next: Next,
+}
+
+enum Next {
+    /// Answered locally (error, redirect).
+    Done(Outcome),
+    Forward(Forward),
+}
+
+/// What the upstream exchange needs of a request.
+struct Forward {
+    route: Arc<Route>,
+    method: Method,
+    /// The encoded upstream request head.
+    head: Vec<u8>,
+    chunked: bool,
+    body: ReqBody,
+    /// The request's key for consistent hashing.
+    affinity: u64,
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
+}
+
+/// Runs when hyper hands the request over. The request's URI and header values are slices
+/// of hyper's read buffer; hyper reserves room in that buffer right after dispatching the
+/// request (to notice a client closing mid-request), and while any slice is alive that
+/// means a fresh 8 KiB allocation. So the head is consumed here and dropped before hyper
+/// gets there.
+fn prepare(shared: &Shared, ctx: &Arc<ConnCtx>, req: Request<Incoming>) -> Prepared {
     let start = Instant::now();
     let active = ctx.track_idle.then(|| ActiveGuard::new(ctx.clone()));
     let state = shared.state.load_full();
@@ -839,7 +837,30 @@ async fn handle(shared: &Shared, ctx: Arc<ConnCtx>, req: Request<Incoming>) -> R
         )
     });
     let http1 = req.version() <= Version::HTTP_11;
-    let out = forward(&state, &ctx, req).await;
+    let next = route_request(&state, ctx, req);
+    Prepared {
+        start,
+        active,
+        state,
+        http1,
+        log_fields,
+        next,
+    }
+}
+
+async fn handle(shared: &Shared, ctx: Arc<ConnCtx>, prepared: Prepared) -> Response<RespBody> {
+    let Prepared {
+        start,
+        active,
+        state,
+        http1,
+        log_fields,
+        next,
+    } = prepared;
+    let out = match next {
+        Next::Done(out) => out,
+        Next::Forward(f) => forward(&state, &ctx, f).await,
+    };
     let status = out.resp.status();
     match &out.route {
         Some(r) => r.counters.count(status.as_u16()),
@@ -876,11 +897,18 @@ async fn handle(shared: &Shared, ctx: Arc<ConnCtx>, req: Request<Incoming>) -> R
 }
 
 fn request_host(req: &Request<Incoming>) -> Option<&str> {
-    req.uri().authority().map(|a| a.as_str()).or_else(|| {
-        req.headers()
-            .get(header::HOST)
-            .and_then(|v| v.to_str().ok())
-    })
+    host_of(req.uri(), req.headers())
+}
+
+fn request_host_parts(parts: &http::request::Parts) -> Option<&str> {
+    host_of(&parts.uri, &parts.headers)
+}
+
+/// The target's authority (absolute form, HTTP/2 `:authority`), else the Host header.
+fn host_of<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
+    uri.authority()
+        .map(|a| a.as_str())
+        .or_else(|| headers.get(header::HOST).and_then(|v| v.to_str().ok()))
 }
 
 fn header_bytes(h: &HeaderMap) -> usize {
@@ -894,66 +922,90 @@ fn is_idempotent(m: &Method) -> bool {
     )
 }
 
-async fn forward(state: &State, ctx: &ConnCtx, mut req: Request<Incoming>) -> Outcome {
+/// Routes a request and, when it goes upstream, encodes its head; consumes the request head.
+fn route_request(state: &State, ctx: &ConnCtx, mut req: Request<Incoming>) -> Next {
     let s = &state.settings;
     if req.version() == Version::HTTP_2 && header_bytes(req.headers()) > s.max_header_bytes {
-        return Outcome::local(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, None);
+        return Next::Done(Outcome::local(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            None,
+        ));
     }
     let Some(host) = request_host(&req) else {
-        return Outcome::local(StatusCode::BAD_REQUEST, None);
+        return Next::Done(Outcome::local(StatusCode::BAD_REQUEST, None));
     };
     let Some(route) = state.routes.lookup(Some(host), req.uri().path()).cloned() else {
-        return Outcome::local(StatusCode::NOT_FOUND, None);
+        return Next::Done(Outcome::local(StatusCode::NOT_FOUND, None));
     };
     if route.ssl_redirect && !ctx.https {
-        return redirect_to_https(&req, host, s.https_redirect_port, route);
+        return Next::Done(redirect_to_https(&req, host, s.https_redirect_port, route));
     }
-    let declared_len = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    // hyper's body knows the declared length (Content-Length, or HTTP/2's content-length):
+    // no header lookup.
+    let declared_len = req.body().size_hint().exact();
     if declared_len.is_some_and(|n| n > route.max_body) {
-        return Outcome::local(StatusCode::PAYLOAD_TOO_LARGE, Some(route));
+        return Next::Done(Outcome::local(StatusCode::PAYLOAD_TOO_LARGE, Some(route)));
     }
     let upgrade = is_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (parts, body) = req.into_parts();
+    // A body of unknown length is sent chunked; one with a declared length keeps its
+    // Content-Length header.
+    let chunked = !body.is_end_stream() && declared_len.is_none();
+    let mut head = ctx.take_head_buf();
+    let host = request_host_parts(&parts).unwrap_or_default();
+    let set = encode_request(
+        &mut head,
+        &RequestHead {
+            method: &parts.method,
+            // Upstreams get origin-form (HTTP/2 requests arrive in absolute form).
+            target: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
+            host,
+            headers: &parts.headers,
+            upgrade,
+            chunked,
+            client: &ctx.client_text,
+            https: ctx.https,
+        },
+    );
+    let affinity = route.upstream.affinity(&PickContext {
+        client_ip: ctx.peer.ip(),
+        headers: &parts.headers,
+        set: Some((&head, &set)),
+    });
+    Next::Forward(Forward {
+        body: ReqBody::limited(body, route.max_body),
+        route,
+        method: parts.method,
+        head,
+        chunked,
+        affinity,
+        upgrade: client_upgrade,
+    })
+}
 
-    let (mut parts, body) = req.into_parts();
-    // Upstreams get origin-form (HTTP/2 requests arrive in absolute form).
-    if parts.uri.authority().is_some() {
-        let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
-        parts.uri = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .map_or_else(|| Uri::from_static("/"), Uri::from);
-        // The target's authority wins over a Host header (RFC 9112 §3.2.2); it is also what
-        // the request was routed on.
-        if let Some(v) = authority.and_then(|a| HeaderValue::from_str(&a).ok()) {
-            parts.headers.insert(header::HOST, v);
-        }
-    }
-    parts.version = Version::HTTP_11;
-    strip_hop_by_hop(&mut parts.headers, upgrade);
-    add_forwarding_headers(&mut parts.headers, ctx);
-    parts.extensions = http::Extensions::new();
-    let idempotent = is_idempotent(&parts.method);
-    let mut body = ReqBody::limited(body, route.max_body);
+async fn forward(state: &State, ctx: &ConnCtx, mut f: Forward) -> Outcome {
+    let out = exchange(state, &mut f).await;
+    ctx.put_head_buf(std::mem::take(&mut f.head));
+    out
+}
+
+async fn exchange(state: &State, f: &mut Forward) -> Outcome {
+    let s = &state.settings;
+    let route = &f.route;
+    let body = &mut f.body;
+    let upstream = &route.upstream;
+    let idempotent = is_idempotent(&f.method);
+    let upgrade = f.upgrade.is_some();
     // A pooled connection may have been closed by the upstream while idle. Requests that can
     // be re-sent find out by trying; the others get a liveness probe first.
     let probe_pooled = !idempotent || !body.is_end_stream();
     let mut body_touched = false;
-    let upstream = &route.upstream;
     let mut excluded: Option<Arc<Endpoint>> = None;
     let mut connect_attempts = 2u8;
     let mut stale_resends = 4u8;
     loop {
-        let pick = PickContext {
-            client_ip: ctx.peer.ip(),
-            headers: &parts.headers,
-        };
-        let Some(ep) = upstream.pick(&pick, excluded.as_deref()) else {
+        let Some(ep) = upstream.pick_by(f.affinity, excluded.as_deref()) else {
             // No endpoint at all is 503; no *other* endpoint to retry on is the 502 of the
             // failed first attempt.
             let status = if excluded.is_some() {
@@ -961,7 +1013,7 @@ async fn forward(state: &State, ctx: &ConnCtx, mut req: Request<Incoming>) -> Ou
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
             };
-            return Outcome::local(status, Some(route));
+            return Outcome::local(status, Some(route.clone()));
         };
         let in_flight = ep.start_request();
         let (mut conn, reused) = match connection_for(
@@ -985,13 +1037,13 @@ async fn forward(state: &State, ctx: &ConnCtx, mut req: Request<Incoming>) -> Ou
                 }
                 return Outcome {
                     endpoint: Some(ep.addr),
-                    ..Outcome::local(StatusCode::BAD_GATEWAY, Some(route))
+                    ..Outcome::local(StatusCode::BAD_GATEWAY, Some(route.clone()))
                 };
             }
         };
         let exchanged = tokio::time::timeout(
             s.response,
-            conn.exchange(&parts, &mut body, &mut body_touched),
+            conn.exchange(&f.head, &f.method, f.chunked, body, &mut body_touched),
         )
         .await;
         let head = match exchanged {
@@ -1002,11 +1054,11 @@ async fn forward(state: &State, ctx: &ConnCtx, mut req: Request<Incoming>) -> Ou
                 continue;
             }
             Ok(Err(ExchangeError::BodyTooLarge(_))) => {
-                return Outcome::local(StatusCode::PAYLOAD_TOO_LARGE, Some(route));
+                return Outcome::local(StatusCode::PAYLOAD_TOO_LARGE, Some(route.clone()));
             }
             Ok(Err(ExchangeError::RequestBody(e))) => {
                 tracing::debug!(error = %e, "client request body failed");
-                return Outcome::local(StatusCode::BAD_REQUEST, Some(route));
+                return Outcome::local(StatusCode::BAD_REQUEST, Some(route.clone()));
             }
             Ok(Err(e)) => {
                 tracing::debug!(endpoint = %ep.addr, error = %e, "upstream exchange failed");
@@ -1014,7 +1066,7 @@ async fn forward(state: &State, ctx: &ConnCtx, mut req: Request<Incoming>) -> Ou
                 upstream.record_failure(&ep);
                 return Outcome {
                     endpoint: Some(ep.addr),
-                    ..Outcome::local(StatusCode::BAD_GATEWAY, Some(route))
+                    ..Outcome::local(StatusCode::BAD_GATEWAY, Some(route.clone()))
                 };
             }
             Err(_) => {
@@ -1022,7 +1074,7 @@ async fn forward(state: &State, ctx: &ConnCtx, mut req: Request<Incoming>) -> Ou
                 upstream.record_failure(&ep);
                 return Outcome {
                     endpoint: Some(ep.addr),
-                    ..Outcome::local(StatusCode::GATEWAY_TIMEOUT, Some(route))
+                    ..Outcome::local(StatusCode::GATEWAY_TIMEOUT, Some(route.clone()))
                 };
             }
         };
@@ -1032,13 +1084,13 @@ async fn forward(state: &State, ctx: &ConnCtx, mut req: Request<Incoming>) -> Ou
             upstream.record_success(&ep);
         }
         let endpoint = Some(ep.addr);
-        if let Some(client_upgrade) = client_upgrade
-            && head.status == StatusCode::SWITCHING_PROTOCOLS
+        if head.status == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(client_upgrade) = f.upgrade.take()
         {
             let resp = tunnel(conn, head, client_upgrade, in_flight);
             return Outcome {
                 resp,
-                route: Some(route),
+                route: Some(route.clone()),
                 endpoint,
             };
         }
@@ -1046,10 +1098,9 @@ async fn forward(state: &State, ctx: &ConnCtx, mut req: Request<Incoming>) -> Ou
         let mut resp = Response::new(RespBody::upstream(body, in_flight));
         *resp.status_mut() = head.status;
         *resp.headers_mut() = head.headers;
-        strip_hop_by_hop(resp.headers_mut(), false);
         return Outcome {
             resp,
-            route: Some(route),
+            route: Some(route.clone()),
             endpoint,
         };
     }
@@ -1136,106 +1187,5 @@ fn redirect_to_https(
         resp,
         route: Some(route),
         endpoint: None,
-    }
-}
-
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-
-fn add_forwarding_headers(h: &mut HeaderMap, ctx: &ConnCtx) {
-    let proto = if ctx.https { "https" } else { "http" };
-    match h.get(&X_FORWARDED_FOR).map(|v| v.as_bytes()) {
-        Some(prev) => {
-            let mut v = Vec::with_capacity(prev.len() + 2 + ctx.peer_value.len());
-            v.extend_from_slice(prev);
-            v.extend_from_slice(b", ");
-            v.extend_from_slice(ctx.peer_value.as_bytes());
-            if let Ok(v) = HeaderValue::from_bytes(&v) {
-                h.insert(&X_FORWARDED_FOR, v);
-            }
-        }
-        None => {
-            h.insert(&X_FORWARDED_FOR, ctx.peer_value.clone());
-        }
-    }
-    h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    let host = h.get(header::HOST).cloned();
-    let Some(host) = host else { return };
-    h.insert(&X_FORWARDED_HOST, host.clone());
-    let ours = {
-        let mut cache = ctx
-            .forwarded_cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        match &*cache {
-            Some((cached_host, v)) if *cached_host == host => v.clone(),
-            _ => {
-                let v = forwarded_value(ctx.peer.ip(), &host, proto);
-                *cache = Some((host, v.clone()));
-                v
-            }
-        }
-    };
-    match h.get(header::FORWARDED).map(|v| v.as_bytes()) {
-        Some(prev) => {
-            let mut v = Vec::with_capacity(prev.len() + 2 + ours.len());
-            v.extend_from_slice(prev);
-            v.extend_from_slice(b", ");
-            v.extend_from_slice(ours.as_bytes());
-            if let Ok(v) = HeaderValue::from_bytes(&v) {
-                h.insert(header::FORWARDED, v);
-            }
-        }
-        None => {
-            h.insert(header::FORWARDED, ours);
-        }
-    }
-}
-
-/// RFC 7239: IPv6 and host values with ':' must be quoted.
-fn forwarded_value(ip: IpAddr, host: &HeaderValue, proto: &str) -> HeaderValue {
-    let host = String::from_utf8_lossy(host.as_bytes()).replace(['"', '\\'], "");
-    let s = match ip {
-        IpAddr::V4(v4) => format!("for={v4};host=\"{host}\";proto={proto}"),
-        IpAddr::V6(v6) => format!("for=\"[{v6}]\";host=\"{host}\";proto={proto}"),
-    };
-    HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static("for=unknown"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hop_by_hop_and_nominated_headers_are_removed() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            "keep-alive, x-secret, Upgrade".parse().unwrap(),
-        );
-        h.insert("x-secret", "1".parse().unwrap());
-        h.insert("keep-alive", "timeout=5".parse().unwrap());
-        h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
-        h.insert(header::UPGRADE, "websocket".parse().unwrap());
-        h.insert("x-kept", "1".parse().unwrap());
-        let mut plain = h.clone();
-        strip_hop_by_hop(&mut plain, false);
-        assert_eq!(plain.len(), 1, "{plain:?}");
-        assert!(plain.contains_key("x-kept"));
-        strip_hop_by_hop(&mut h, true);
-        assert_eq!(h.get(header::CONNECTION).unwrap(), "upgrade");
-        assert_eq!(h.get(header::UPGRADE).unwrap(), "websocket");
-        assert!(!h.contains_key("x-secret"));
-    }
-
-    #[test]
-    fn forwarded_quotes_ipv6_and_host() {
-        let v = forwarded_value(
-            "::1".parse().unwrap(),
-            &HeaderValue::from_static("a.io:8080"),
-            "https",
-        );
-        assert_eq!(v, "for=\"[::1]\";host=\"a.io:8080\";proto=https");
     }
 }

@@ -17,6 +17,7 @@ use rand::Rng;
 
 use super::client::UpstreamConn;
 use super::config::{Balance, PassiveHealth, Service};
+use super::head::SetValues;
 use super::metrics::Metrics;
 
 /// Idle upstream connections kept per endpoint and worker.
@@ -127,6 +128,20 @@ pub struct PickContext<'a> {
     pub client_ip: IpAddr,
     /// The request headers.
     pub headers: &'a HeaderMap,
+    /// The encoded upstream head and where the values the proxy sets (Host, X-Forwarded-*,
+    /// Forwarded) are in it: a hash header among those hashes what the upstream gets.
+    pub(crate) set: Option<(&'a [u8], &'a SetValues)>,
+}
+
+impl PickContext<'_> {
+    fn header(&self, name: &HeaderName) -> Option<&[u8]> {
+        if let Some((head, set)) = self.set
+            && let Some(v) = set.get(head, name)
+        {
+            return Some(v);
+        }
+        self.headers.get(name).map(|v| v.as_bytes())
+    }
 }
 
 /// A Service port: its endpoints and policy.
@@ -206,6 +221,24 @@ impl Upstream {
     /// first attempt). When every endpoint is ejected, ejection is ignored ("panic mode"):
     /// trying a possibly-recovered endpoint beats failing every request.
     pub fn pick(&self, ctx: &PickContext<'_>, exclude: Option<&Endpoint>) -> Option<Arc<Endpoint>> {
+        self.pick_by(self.affinity(ctx), exclude)
+    }
+
+    /// The request's key on the consistent-hash ring (the hash header's value, else the
+    /// client IP); 0 for the other policies. Computed once per request, so retries need
+    /// the request's headers no more.
+    pub fn affinity(&self, ctx: &PickContext<'_>) -> u64 {
+        if self.balance != Balance::ConsistentHash {
+            return 0;
+        }
+        match self.hash_header.as_ref().and_then(|h| ctx.header(h)) {
+            Some(v) => hash_of(v),
+            None => hash_of(ctx.client_ip),
+        }
+    }
+
+    /// [`Upstream::pick`] with the key from [`Upstream::affinity`].
+    pub fn pick_by(&self, affinity: u64, exclude: Option<&Endpoint>) -> Option<Arc<Endpoint>> {
         if self.endpoints.is_empty() {
             return None;
         }
@@ -213,15 +246,11 @@ impl Upstream {
         let usable = |e: &Endpoint, respect_ejection: bool| {
             exclude.is_none_or(|x| !std::ptr::eq(x, e)) && (!respect_ejection || e.admitted(now))
         };
-        self.pick_with(ctx, |e| usable(e, true))
-            .or_else(|| self.pick_with(ctx, |e| usable(e, false)))
+        self.pick_with(affinity, |e| usable(e, true))
+            .or_else(|| self.pick_with(affinity, |e| usable(e, false)))
     }
 
-    fn pick_with(
-        &self,
-        ctx: &PickContext<'_>,
-        ok: impl Fn(&Endpoint) -> bool,
-    ) -> Option<Arc<Endpoint>> {
+    fn pick_with(&self, affinity: u64, ok: impl Fn(&Endpoint) -> bool) -> Option<Arc<Endpoint>> {
         let n = self.endpoints.len();
         match self.balance {
             Balance::RoundRobin => {
@@ -270,14 +299,7 @@ impl Upstream {
                 }
             }
             Balance::ConsistentHash => {
-                let key = match &self.hash_header {
-                    Some(h) => match ctx.headers.get(h) {
-                        Some(v) => hash_of(v.as_bytes()),
-                        None => hash_of(ctx.client_ip),
-                    },
-                    None => hash_of(ctx.client_ip),
-                };
-                let start = self.ring.partition_point(|(h, _)| *h < key);
+                let start = self.ring.partition_point(|(h, _)| *h < affinity);
                 let len = self.ring.len();
                 (0..len)
                     .map(|i| &self.endpoints[self.ring[(start + i) % len].1])
@@ -364,6 +386,7 @@ mod tests {
         PickContext {
             client_ip: IpAddr::from([10, 0, 0, last]),
             headers: h,
+            set: None,
         }
     }
 

@@ -1,0 +1,351 @@
+//! The upstream request head, encoded in one pass straight from the downstream request.
+//!
+//! Instead of editing the request's `HeaderMap` (removing hop-by-hop headers, inserting
+//! `X-Forwarded-*` and `Forwarded`: a hash lookup or insertion per name, and growing the map)
+//! and then serialising it, the head is written once: hop-by-hop headers and the ones the
+//! proxy replaces are skipped as they are met, and the proxy's own headers are appended.
+
+use std::net::IpAddr;
+use std::ops::Range;
+
+use http::Method;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// `X-Forwarded-For`.
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `X-Forwarded-Proto`.
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// `X-Forwarded-Host`.
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// How a request header is treated on its way upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    /// Hop-by-hop (RFC 9110 §7.6.1, plus the legacy ones proxies still see): dropped.
+    Hop,
+    /// `Upgrade`: kept only for upgrade requests.
+    Upgrade,
+    Host,
+    XForwardedFor,
+    XForwardedProto,
+    XForwardedHost,
+    Forwarded,
+    Other,
+}
+
+fn classify(n: &HeaderName) -> Class {
+    // Standard names compare as enum values (cheap); the rest by their (lower-case) text.
+    if *n == header::CONNECTION
+        || *n == header::TE
+        || *n == header::TRAILER
+        || *n == header::TRANSFER_ENCODING
+        || *n == header::PROXY_AUTHENTICATE
+        || *n == header::PROXY_AUTHORIZATION
+    {
+        Class::Hop
+    } else if *n == header::UPGRADE {
+        Class::Upgrade
+    } else if *n == header::HOST {
+        Class::Host
+    } else if *n == header::FORWARDED {
+        Class::Forwarded
+    } else {
+        match n.as_str() {
+            "keep-alive" | "proxy-connection" => Class::Hop,
+            "x-forwarded-for" => Class::XForwardedFor,
+            "x-forwarded-proto" => Class::XForwardedProto,
+            "x-forwarded-host" => Class::XForwardedHost,
+            _ => Class::Other,
+        }
+    }
+}
+
+/// Whether a response header is hop-by-hop (`Upgrade` included: responses other than 101
+/// never pass it on).
+pub(crate) fn is_hop_by_hop_response(n: &HeaderName) -> bool {
+    matches!(classify(n), Class::Hop | Class::Upgrade)
+}
+
+/// The names a `Connection` header value nominates as hop-by-hop (`close`, `keep-alive` and
+/// `upgrade` are options, not names), in the order given.
+pub(crate) fn nominated(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|b| *b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| {
+            !t.is_empty()
+                && !t.eq_ignore_ascii_case(b"close")
+                && !t.eq_ignore_ascii_case(b"keep-alive")
+                && !t.eq_ignore_ascii_case(b"upgrade")
+        })
+}
+
+/// Per-connection text of the client address, built once when the connection is accepted.
+#[derive(Debug)]
+pub(crate) struct ClientText {
+    /// The address as written in `X-Forwarded-For`.
+    ip: Box<str>,
+    /// `for=…` of the `Forwarded` element (RFC 7239: IPv6 quoted and bracketed).
+    forwarded_for: Box<str>,
+}
+
+impl ClientText {
+    pub(crate) fn new(ip: IpAddr) -> Self {
+        let forwarded_for = match ip {
+            IpAddr::V4(v4) => format!("for={v4}"),
+            IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
+        };
+        Self {
+            ip: ip.to_string().into(),
+            forwarded_for: forwarded_for.into(),
+        }
+    }
+}
+
+/// What the head is built from, besides the request's own headers.
+#[derive(Debug)]
+pub(crate) struct RequestHead<'a> {
+    pub method: &'a Method,
+    /// Origin-form target (path and query).
+    pub target: &'a str,
+    /// The host the request was routed on (`Host`, or the target's authority).
+    pub host: &'a str,
+    pub headers: &'a HeaderMap,
+    /// An upgrade request: `Upgrade` is kept and `Connection: upgrade` sent.
+    pub upgrade: bool,
+    /// The body is sent chunked (its length is unknown).
+    pub chunked: bool,
+    pub client: &'a ClientText,
+    pub https: bool,
+}
+
+/// Where the values the proxy set are in the encoded head (for hashing on them).
+#[derive(Debug, Default, Clone)]
+pub(crate) struct SetValues {
+    host: Range<usize>,
+    x_forwarded_for: Range<usize>,
+    x_forwarded_proto: Range<usize>,
+    x_forwarded_host: Range<usize>,
+    forwarded: Range<usize>,
+}
+
+impl SetValues {
+    /// The value the upstream gets for `name` if the proxy set it.
+    pub(crate) fn get<'b>(&self, head: &'b [u8], name: &HeaderName) -> Option<&'b [u8]> {
+        let r = match classify(name) {
+            Class::Host => &self.host,
+            Class::XForwardedFor => &self.x_forwarded_for,
+            Class::XForwardedProto => &self.x_forwarded_proto,
+            Class::XForwardedHost => &self.x_forwarded_host,
+            Class::Forwarded => &self.forwarded,
+            _ => return None,
+        };
+        head.get(r.clone())
+    }
+}
+
+fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes `name: ` and returns where the value starts.
+fn start_header(out: &mut Vec<u8>, name: &[u8]) -> usize {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.len()
+}
+
+/// Previous values of a list header, joined, then ", " before the proxy's element.
+fn put_prior(out: &mut Vec<u8>, values: http::header::GetAll<'_, HeaderValue>) {
+    for v in values {
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b", ");
+    }
+}
+
+/// Writes the request's own headers that go upstream, skipping the hop-by-hop ones, those
+/// the proxy sets itself, and the `skip` names. Returns (X-Forwarded-For seen, Forwarded
+/// seen, a `Connection` header nominated names).
+fn put_headers(out: &mut Vec<u8>, r: &RequestHead<'_>, skip: &[&[u8]]) -> (bool, bool, bool) {
+    let (mut xff, mut fwd, mut nominates) = (false, false, false);
+    for (name, value) in r.headers {
+        match classify(name) {
+            Class::Other => {
+                if !skip.is_empty()
+                    && skip
+                        .iter()
+                        .any(|s| s.eq_ignore_ascii_case(name.as_str().as_bytes()))
+                {
+                    continue;
+                }
+                put_header(out, name.as_str().as_bytes(), value.as_bytes());
+            }
+            Class::Upgrade if r.upgrade => {
+                put_header(out, name.as_str().as_bytes(), value.as_bytes());
+            }
+            Class::Hop => {
+                if *name == header::CONNECTION && nominated(value.as_bytes()).next().is_some() {
+                    nominates = true;
+                }
+            }
+            Class::XForwardedFor => xff = true,
+            Class::Forwarded => fwd = true,
+            // Host is written first, from the routed host (this header's first value when
+            // the target carried no authority, which wins otherwise: RFC 9112 §3.2.2).
+            Class::Host | Class::Upgrade | Class::XForwardedProto | Class::XForwardedHost => {}
+        }
+    }
+    (xff, fwd, nominates)
+}
+
+/// Encodes the upstream request head into `out` (cleared first).
+pub(crate) fn encode_request(out: &mut Vec<u8>, r: &RequestHead<'_>) -> SetValues {
+    out.clear();
+    out.extend_from_slice(r.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(r.target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut set = SetValues::default();
+    let host_start = start_header(out, b"host");
+    out.extend_from_slice(r.host.as_bytes());
+    set.host = host_start..out.len();
+    out.extend_from_slice(b"\r\n");
+    let own_start = out.len();
+    let (mut xff, mut fwd, nominates) = put_headers(out, r, &[]);
+    // Nearly no request nominates a header in `Connection`; one that does has its headers
+    // written again, knowing the names to drop.
+    let mut skip: Vec<&[u8]> = Vec::new();
+    if nominates {
+        for v in r.headers.get_all(header::CONNECTION) {
+            skip.extend(nominated(v.as_bytes()));
+        }
+        out.truncate(own_start);
+        (xff, fwd, _) = put_headers(out, r, &skip);
+    }
+    let nominated_name = |n: &HeaderName| {
+        skip.iter()
+            .any(|s| s.eq_ignore_ascii_case(n.as_str().as_bytes()))
+    };
+    if r.upgrade {
+        out.extend_from_slice(b"connection: upgrade\r\n");
+    }
+    let start = start_header(out, b"x-forwarded-for");
+    if xff && !nominated_name(&X_FORWARDED_FOR) {
+        put_prior(out, r.headers.get_all(&X_FORWARDED_FOR));
+    }
+    out.extend_from_slice(r.client.ip.as_bytes());
+    set.x_forwarded_for = start..out.len();
+    out.extend_from_slice(b"\r\n");
+    let proto: &[u8] = if r.https { b"https" } else { b"http" };
+    let start = start_header(out, b"x-forwarded-proto");
+    out.extend_from_slice(proto);
+    set.x_forwarded_proto = start..out.len();
+    out.extend_from_slice(b"\r\n");
+    let start = start_header(out, b"x-forwarded-host");
+    out.extend_from_slice(r.host.as_bytes());
+    set.x_forwarded_host = start..out.len();
+    out.extend_from_slice(b"\r\n");
+    let start = start_header(out, b"forwarded");
+    if fwd && !nominated_name(&header::FORWARDED) {
+        put_prior(out, r.headers.get_all(header::FORWARDED));
+    }
+    out.extend_from_slice(r.client.forwarded_for.as_bytes());
+    out.extend_from_slice(b";host=\"");
+    // A quoted-string: the characters that could end or escape it are dropped.
+    if r.host.bytes().any(|b| b == b'"' || b == b'\\') {
+        out.extend(r.host.bytes().filter(|b| *b != b'"' && *b != b'\\'));
+    } else {
+        out.extend_from_slice(r.host.as_bytes());
+    }
+    out.extend_from_slice(b"\";proto=");
+    out.extend_from_slice(proto);
+    set.forwarded = start..out.len();
+    out.extend_from_slice(b"\r\n");
+    if r.chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    set
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encode(headers: &HeaderMap, host: &str, upgrade: bool) -> String {
+        let client = ClientText::new("127.0.0.1".parse().unwrap());
+        let mut out = Vec::new();
+        let set = encode_request(
+            &mut out,
+            &RequestHead {
+                method: &Method::GET,
+                target: "/p?q=1",
+                host,
+                headers,
+                upgrade,
+                chunked: false,
+                client: &client,
+                https: false,
+            },
+        );
+        assert_eq!(set.get(&out, &header::HOST), Some(host.as_bytes()));
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn hop_by_hop_and_nominated_headers_are_dropped_and_forwarding_headers_added() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, "a.io:8080".parse().unwrap());
+        h.insert(
+            header::CONNECTION,
+            "keep-alive, X-Secret, Upgrade".parse().unwrap(),
+        );
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        h.insert(header::UPGRADE, "websocket".parse().unwrap());
+        h.insert(header::TE, "trailers".parse().unwrap());
+        h.insert("x-forwarded-proto", "https".parse().unwrap());
+        h.append("x-forwarded-for", "192.0.2.1".parse().unwrap());
+        h.append("x-forwarded-for", "192.0.2.2".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        let plain = encode(&h, "a.io:8080", false);
+        assert_eq!(
+            plain,
+            "GET /p?q=1 HTTP/1.1\r\nhost: a.io:8080\r\nx-kept: 1\r\n\
+             x-forwarded-for: 192.0.2.1, 192.0.2.2, 127.0.0.1\r\nx-forwarded-proto: http\r\n\
+             x-forwarded-host: a.io:8080\r\nforwarded: for=127.0.0.1;host=\"a.io:8080\";proto=http\r\n\r\n"
+        );
+        let up = encode(&h, "a.io:8080", true);
+        assert!(up.contains("\r\nupgrade: websocket\r\n"), "{up}");
+        assert!(up.contains("\r\nconnection: upgrade\r\n"), "{up}");
+        assert!(
+            !up.contains("x-secret") && !up.contains("keep-alive"),
+            "{up}"
+        );
+    }
+
+    #[test]
+    fn target_authority_replaces_host_and_forwarded_is_appended_and_quoted() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, "other.test".parse().unwrap());
+        h.insert(header::FORWARDED, "for=192.0.2.9".parse().unwrap());
+        let s = encode(&h, "abs.test", false);
+        assert!(
+            s.starts_with("GET /p?q=1 HTTP/1.1\r\nhost: abs.test\r\n"),
+            "{s}"
+        );
+        assert!(!s.contains("other.test"), "{s}");
+        assert!(
+            s.contains(
+                "\r\nforwarded: for=192.0.2.9, for=127.0.0.1;host=\"abs.test\";proto=http\r\n"
+            ),
+            "{s}"
+        );
+        let v6 = ClientText::new("::1".parse().unwrap());
+        assert_eq!(&*v6.forwarded_for, "for=\"[::1]\"");
+    }
+}
