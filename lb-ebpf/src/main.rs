@@ -20,10 +20,15 @@ mod decap;
 mod encap;
 mod headers;
 mod icmp;
+mod keys;
 mod maglev;
 mod maps;
 mod parse;
+mod probe;
 mod stats;
+
+#[cfg(feature = "profile")]
+mod variants;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 
