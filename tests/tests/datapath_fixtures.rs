@@ -1648,3 +1648,67 @@ fn ipv4_entries_of_an_older_datapath_move_to_the_ipv4_table() {
         );
     });
 }
+
+/// `xlb conntrack` lists the flows of both tables and `xlb explain` finds each one, with
+/// the backend the kernel recorded.
+#[test]
+fn cli_lists_and_explains_ipv4_and_ipv6_connections() {
+    use lb_userspace::cli::{self, Output};
+    use lb_userspace::model::Protocol;
+    use std::net::SocketAddr;
+
+    FixtureEnv::run(FixtureEnv::small(), |env| {
+        for id in 1..=5 {
+            env.add_backend(id, backend_addr(id));
+        }
+        let (vip4, vip6) = (v4("192.0.2.10"), v6("2001:db8:1::10"));
+        let (client4, client6) = (v4("192.0.2.100"), v6("2001:db8:c::100"));
+        let v_tcp4 = env.add_vip(vip4, 80, PROTO_TCP, 0, &[1, 2, 3]);
+        let v_udp6 = env.add_vip(vip6, 53, PROTO_UDP, 0, &[4, 5]);
+        let syn = tcp(LB0_MAC, client4, 44000, vip4, 80, TcpFlags::SYN, 0);
+        let dns = udp(LB0_MAC, client6, 6000, vip6, 53, 16);
+        for p in [&syn, &dns] {
+            assert_eq!(env.run_packet(BALANCER, p, env.lb0).verdict, XDP_TX);
+        }
+        let (b4, _) = env.predict(v_tcp4, client4, 44000, 80, PROTO_TCP);
+        let (b6, _) = env.predict(v_udp6, client6, 6000, 53, PROTO_UDP);
+
+        let pinned = cli::open(&env.pins.path).expect("open the pins");
+        let listed: serde_json::Value =
+            serde_json::from_str(&cli::conntrack(&pinned, None, 100, Output::Json).unwrap())
+                .unwrap();
+        let rows = listed.as_array().expect("a JSON array");
+        assert_eq!(rows.len(), 2, "one entry per flow: {listed}");
+        for (client, vip, proto, backend) in [
+            ("192.0.2.100:44000", "192.0.2.10:80", "tcp", b4),
+            ("[2001:db8:c::100]:6000", "[2001:db8:1::10]:53", "udp", b6),
+        ] {
+            let row = rows
+                .iter()
+                .find(|r| r["client"] == client)
+                .unwrap_or_else(|| panic!("{client} missing from {listed}"));
+            assert_eq!(row["vip"], vip);
+            assert_eq!(row["protocol"], proto);
+            assert_eq!(row["backend_id"], backend);
+            assert_eq!(row["backend"], backend_addr(backend).to_string());
+        }
+
+        for (src, dst, proto, backend) in [
+            ("192.0.2.100:44000", "192.0.2.10:80", Protocol::Tcp, b4),
+            (
+                "[2001:db8:c::100]:6000",
+                "[2001:db8:1::10]:53",
+                Protocol::Udp,
+                b6,
+            ),
+        ] {
+            let src: SocketAddr = src.parse().unwrap();
+            let dst: SocketAddr = dst.parse().unwrap();
+            let e = cli::explain(&pinned, src, dst, proto).unwrap();
+            let entry = e
+                .conntrack
+                .unwrap_or_else(|| panic!("explain {src} -> {dst}: no conntrack entry"));
+            assert_eq!(entry.backend_id, backend, "explain {src} -> {dst}");
+        }
+    });
+}
