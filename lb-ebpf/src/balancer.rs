@@ -3,7 +3,7 @@
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
     DatapathConfig, DatapathStats, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, VIP_F_HASH_SRC_ONLY,
-    VipAddrKey, VipInfo, flow_hash,
+    VipInfo, flow_hash,
 };
 
 use crate::clock::Clock;
@@ -254,10 +254,6 @@ fn lookup_vip(p: &Packet, dport_be: u16) -> Option<&'static VipInfo> {
 
 #[inline(always)]
 fn is_vip_address(p: &Packet) -> bool {
-    let key = VipAddrKey {
-        addr_be: p.dst_be,
-        family: p.family,
-        _pad: [0; 3],
-    };
-    unsafe { XLB_VIP_ADDRS.get(&key) }.is_some()
+    let key = keys::addr_key(&p.dst_be, p.family);
+    unsafe { XLB_VIP_ADDRS.get(key.get()) }.is_some()
 }

@@ -7,7 +7,7 @@
 //! the CPU stalls until they reach the cache, on every lookup and insert. Stored as aligned
 //! `u64` words, every kernel load is contained in one store and forwards.
 
-use lb_common::{FlowKey, FlowKeyV4, FlowState, VipKey};
+use lb_common::{FlowKey, FlowKeyV4, FlowState, VipAddrKey, VipKey};
 
 /// `T` overlaid on `N` words; `align(8)` puts it on an 8-byte stack slot.
 #[repr(C, align(8))]
@@ -41,6 +41,7 @@ const _: () = {
     assert!(offset_of!(VipKey, proto) == 18 && offset_of!(VipKey, family) == 19);
     assert!(size_of::<FlowState>() == 2 * 8);
     assert!(offset_of!(FlowState, vip_id) == 4 && offset_of!(FlowState, last_seen_ns) == 8);
+    assert!(size_of::<VipAddrKey>() == 20 && offset_of!(VipAddrKey, family) == 16);
 };
 
 #[inline(always)]
@@ -110,6 +111,18 @@ pub fn vip_key(addr_be: &[u32; 4], port_be: u16, proto: u8, family: u8) -> Words
             pair(addr_be[0], addr_be[1]),
             pair(addr_be[2], addr_be[3]),
             (port_be as u64) | (proto as u64) << 16 | (family as u64) << 24,
+        ],
+    }
+}
+
+/// A [`VipAddrKey`] (padding zero; the last 4 bytes of the third word are not part of it).
+#[inline(always)]
+pub fn addr_key(addr_be: &[u32; 4], family: u8) -> Words<VipAddrKey, 3> {
+    Words {
+        words: [
+            pair(addr_be[0], addr_be[1]),
+            pair(addr_be[2], addr_be[3]),
+            family as u64,
         ],
     }
 }

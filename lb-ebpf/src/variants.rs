@@ -10,6 +10,7 @@ use crate::probe::{off, stop};
 macro_rules! variant {
     ($name:ident, $stop:expr, $off:expr) => {
         #[xdp]
+        #[inline(always)]
         pub fn $name(ctx: XdpContext) -> u32 {
             run_variant::<{ $stop }, { $off }>(&ctx)
         }
