@@ -395,7 +395,10 @@ mod tests {
         let v4 = key.to_v4().expect("an IPv4 flow");
         assert_eq!(v4.src_be, key.src_be[0]);
         assert_eq!(v4.dst_be, key.dst_be[0]);
-        assert_eq!((v4.sport_be, v4.dport_be, v4.proto), (key.sport_be, key.dport_be, 6));
+        assert_eq!(
+            (v4.sport_be, v4.dport_be, v4.proto),
+            (key.sport_be, key.dport_be, 6)
+        );
         assert_eq!(v4._pad, [0; 3]);
         assert_eq!(v4.to_flow_key(), key);
     }
