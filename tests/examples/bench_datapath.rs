@@ -23,7 +23,7 @@ struct Args {
     conntrack_entries: u32,
     /// A profiling build of lb-ebpf (`--features profile`): its programs run in the same
     /// rounds on the same maps, as `e:NAME` (established TCP), `s:NAME` (the same SYN),
-    /// `n:NAME` (a new SYN every run) and `u:NAME` (UDP).
+    /// `n:NAME` (a new SYN every run), `u:NAME` (UDP) and `6:NAME` (established TCP v6).
     variants: Option<std::path::PathBuf>,
     /// Percent of the slowest runs left out of each round's mean (0: plain mean). On a
     /// shared machine interrupts and preemption add microsecond spikes to single runs;
@@ -177,7 +177,7 @@ fn main() {
                 XDP_TX,
             ),
             class("udp4", program_names::BALANCER, vec![udp4.clone()], XDP_TX),
-            class("tcp6", program_names::BALANCER, vec![est6], XDP_TX),
+            class("tcp6", program_names::BALANCER, vec![est6.clone()], XDP_TX),
             class("pass", program_names::BALANCER, vec![other], XDP_PASS),
         ];
         // Profiling variants: loaded on the same pinned maps, so they see the same VIPs,
@@ -212,6 +212,7 @@ fn main() {
                     ("s", &syn, false),
                     ("n", &syn, true),
                     ("u", &udp4, false),
+                    ("6", &est6, false),
                 ] {
                     classes.push(Class {
                         variant: true,
