@@ -41,8 +41,13 @@ pub mod map_names {
     pub const BACKENDS: &str = "XLB_BACKENDS";
     /// All Maglev rings back to back: `ring * M + slot` → backend id.
     pub const MAGLEV: &str = "XLB_MAGLEV";
-    /// Connection table: [`crate::FlowKey`] → [`crate::FlowState`].
+    /// IPv6 connection table: [`crate::FlowKey`] → [`crate::FlowState`]. (Before the
+    /// IPv4 table existed it held IPv4 flows too; a load moves any it finds.)
     pub const CONNTRACK: &str = "XLB_CONNTRACK";
+    /// IPv4 connection table: [`crate::FlowKeyV4`] → [`crate::FlowState`].
+    pub const CONNTRACK4: &str = "XLB_CONNTRACK4";
+    /// Per-CPU coarse-clock cache, one [`crate::ClockCache`] at index 0.
+    pub const CLOCK: &str = "XLB_CLOCK";
     /// Node-wide datapath settings, one [`crate::DatapathConfig`] at index 0.
     pub const CONFIG: &str = "XLB_CONFIG";
     /// Per-CPU verdict and drop-reason counters, one [`crate::DatapathStats`] at index 0.
@@ -78,7 +83,7 @@ pub mod limits {
     pub const MAX_VIPS: u32 = 64;
     /// Default number of backend ids (id 0 is reserved).
     pub const MAX_BACKENDS: u32 = 4096;
-    /// Default number of connection-table entries.
+    /// Default number of entries of each connection table (IPv4 and IPv6).
     pub const CONNTRACK_ENTRIES: u32 = 1 << 20;
     /// Maximum number of tunnel endpoint addresses the decapsulator recognises.
     pub const MAX_DECAP_ADDRS: u32 = 64;

@@ -27,6 +27,21 @@ pub fn ipv4_header_sum(hdr: *const u16) -> u64 {
     sum
 }
 
+/// One's-complement sum (unfolded) of the 16-bit halves of 32-bit words held in registers,
+/// e.g. a header about to be stored as those words. Words are in memory order (wire bytes
+/// read as native little-endian), which yields the byte-swapped sum that, stored back
+/// natively, is the correct big-endian checksum (RFC 1071 §2(B)).
+#[inline(always)]
+pub fn sum_words<const N: usize>(words: &[u32; N]) -> u64 {
+    let mut sum = 0u64;
+    let mut i = 0;
+    while i < N {
+        sum += (words[i] & 0xffff) as u64 + (words[i] >> 16) as u64;
+        i += 1;
+    }
+    sum
+}
+
 /// One's-complement sum (unfolded) of `len` bytes at `ptr` via `bpf_csum_diff`, which
 /// accepts at most 512 bytes per call; `len` must be a multiple of 4, at most 512.
 ///

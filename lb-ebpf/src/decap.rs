@@ -4,9 +4,10 @@
 //! device, and DSR users need this anyway.
 
 use aya_ebpf::{EbpfContext, helpers::generated::bpf_xdp_adjust_head, programs::XdpContext};
-use lb_common::{FAMILY_V4, FAMILY_V6, VipAddrKey};
+use lb_common::{FAMILY_V4, FAMILY_V6};
 
 use crate::headers::*;
+use crate::keys;
 use crate::maps::XLB_DECAP_ADDRS;
 use crate::parse;
 use crate::stats::{DecapOutcome, count_decap};
@@ -38,11 +39,7 @@ fn try_decap(ctx: &XdpContext) -> Result<DecapOutcome, DecapOutcome> {
         if ihl < IPV4_HLEN {
             return Err(DecapOutcome::DropMalformed);
         }
-        let key = VipAddrKey {
-            addr_be: [ip.daddr_be, 0, 0, 0],
-            family: FAMILY_V4,
-            _pad: [0; 3],
-        };
+        let key = keys::addr_key(&[ip.daddr_be, 0, 0, 0], FAMILY_V4);
         (ihl, ip.proto, key)
     } else if ethertype == ETH_P_IPV6_BE {
         let ip: *const Ipv6Hdr = ptr_at(ctx, l2_len).ok_or(DecapOutcome::DropMalformed)?;
@@ -50,16 +47,12 @@ fn try_decap(ctx: &XdpContext) -> Result<DecapOutcome, DecapOutcome> {
         if ip.nexthdr != IPPROTO_IPIP && ip.nexthdr != IPPROTO_IPV6 {
             return Err(DecapOutcome::PassNotTunnel);
         }
-        let key = VipAddrKey {
-            addr_be: ip.daddr_be,
-            family: FAMILY_V6,
-            _pad: [0; 3],
-        };
+        let key = keys::addr_key(&ip.daddr_be, FAMILY_V6);
         (IPV6_HLEN, ip.nexthdr, key)
     } else {
         return Err(DecapOutcome::PassNotTunnel);
     };
-    if unsafe { XLB_DECAP_ADDRS.get(&local) }.is_none() {
+    if unsafe { XLB_DECAP_ADDRS.get(local.get()) }.is_none() {
         return Err(DecapOutcome::PassNotLocal);
     }
 

@@ -18,6 +18,7 @@ use crate::clock::Clock;
 use crate::headers::*;
 use crate::icmp;
 use crate::parse::Packet;
+use crate::probe::{self, off, stop, stop_at};
 use crate::stats::Outcome;
 
 const AF_INET: u8 = 2;
@@ -27,10 +28,11 @@ const OUTER_TTL: u8 = 64;
 /// this time. A FIB plus neighbour lookup costs more than the rest of the fast path.
 const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
 
-/// Where the encapsulated frame goes.
+/// Where the encapsulated frame goes. MACs are kept as 16-bit words: every source is
+/// 2-byte aligned, and the BPF backend copies a `[u8; 6]` one byte at a time.
 struct NextHop {
-    smac: [u8; 6],
-    dmac: [u8; 6],
+    smac: [u16; 3],
+    dmac: [u16; 3],
     ifindex: u32,
     /// Route MTU; 0 = unknown (no check).
     mtu: u32,
@@ -47,7 +49,7 @@ pub struct Target<'a> {
 /// Encapsulates the packet toward the target backend and picks the verdict; answers with
 /// ICMP when the result would not fit the egress MTU.
 #[inline(always)]
-pub fn forward(
+pub fn forward<const STOP: u32, const OFF: u32>(
     ctx: &XdpContext,
     p: &Packet,
     target: &Target,
@@ -66,7 +68,15 @@ pub fn forward(
     let outer_total = p.ip_len + outer_len;
     let ingress = ctx.ingress_ifindex() as u32;
 
-    let hop = match next_hop(ctx, p, target, outer_total, ingress, cfg, clock) {
+    let now = clock.now();
+    stop_at!(STOP, stop::CLOCK);
+    let hop = if probe::removed(OFF, off::NEXT_HOP) {
+        Err(FibMiss::NoRoute)
+    } else {
+        next_hop(ctx, p, target, outer_total, ingress, cfg, now)
+    };
+    stop_at!(STOP, stop::NEXT_HOP);
+    let hop = match hop {
         Ok(hop) if hop.mtu != 0 && outer_total > hop.mtu as usize => {
             return icmp::reply_too_big(ctx, p, hop.mtu.saturating_sub(outer_len as u32));
         }
@@ -85,8 +95,8 @@ pub fn forward(
             stats.fib_gateway_fallback += 1;
             NextHop {
                 // The frame was addressed to this interface, so its destination MAC is ours.
-                smac: unsafe { (*eth).dst },
-                dmac: cfg.gateway_mac,
+                smac: unsafe { mac_words(&(*eth).dst) },
+                dmac: mac_words(&cfg.gateway_mac),
                 ifindex: ingress,
                 mtu: 0,
             }
@@ -98,15 +108,19 @@ pub fn forward(
     if unsafe { bpf_xdp_adjust_head(ctx.as_ptr() as *mut _, -(outer_len as i32)) } != 0 {
         return Err(Outcome::DropEncapFailed);
     }
+    stop_at!(STOP, stop::ADJUST_HEAD);
     let l2_len = p.l2_len;
     if !has_bytes(ctx, 0, outer_len + l2_len + IPV4_HLEN) {
         return Err(Outcome::DropEncapFailed);
     }
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Outcome::DropEncapFailed)?;
+    // SAFETY: the 12 address bytes at the checked front of the packet.
     unsafe {
-        (*eth).dst = hop.dmac;
-        (*eth).src = hop.smac;
+        let w = eth as *mut [u16; 3];
+        *w = hop.dmac;
+        *w.add(1) = hop.smac;
     }
+    stop_at!(STOP, stop::MACS);
     let outer_ethertype = if outer_is_v6 {
         ETH_P_IPV6_BE
     } else {
@@ -123,6 +137,7 @@ pub fn forward(
     } else {
         unsafe { (*eth).proto_be = outer_ethertype };
     }
+    stop_at!(STOP, stop::ETHERTYPE);
 
     let inner_proto = if p.family == FAMILY_V4 {
         IPPROTO_IPIP
@@ -145,25 +160,23 @@ pub fn forward(
         }
     } else {
         let ip: *mut Ipv4Hdr = ptr_at(ctx, l2_len).ok_or(Outcome::DropEncapFailed)?;
-        unsafe {
-            *ip = Ipv4Hdr {
-                ver_ihl: 0x45,
-                tos: p.tos,
-                tot_len_be: (outer_total as u16).to_be(),
-                id_be: 0,
-                // The packet fits the path MTU (checked above): DF lets routers beyond the
-                // first hop report a smaller MTU instead of fragmenting the tunnel.
-                frag_off_be: if p.dont_fragment { IP_DF.to_be() } else { 0 },
-                ttl: OUTER_TTL,
-                proto: inner_proto,
-                check: 0,
-                saddr_be: cfg.tunnel_src_v4_be,
-                daddr_be: backend.addr_be[0],
-            };
-            (*ip).check = checksum::fold(checksum::ipv4_header_sum(ip as *const u16));
-        }
+        // The packet fits the path MTU (checked above): DF lets routers beyond the first
+        // hop report a smaller MTU instead of fragmenting the tunnel.
+        let frag_off_be = if p.dont_fragment { IP_DF.to_be() } else { 0 };
+        // The header as five 32-bit words in memory order (wire bytes read as little-endian),
+        // checksummed from registers and stored whole: field-sized stores read back as
+        // 16-bit words for the checksum stall store-to-load forwarding.
+        let w0 = 0x45 | (p.tos as u32) << 8 | ((outer_total as u16).to_be() as u32) << 16;
+        let w1 = (frag_off_be as u32) << 16;
+        let w2 = OUTER_TTL as u32 | (inner_proto as u32) << 8;
+        let (saddr_be, daddr_be) = (cfg.tunnel_src_v4_be, backend.addr_be[0]);
+        let w2 = w2
+            | (checksum::fold(checksum::sum_words(&[w0, w1, w2, saddr_be, daddr_be])) as u32) << 16;
+        // SAFETY: `ptr_at` checked the 20 bytes.
+        unsafe { *(ip as *mut [u32; 5]) = [w0, w1, w2, saddr_be, daddr_be] };
     }
 
+    stop_at!(STOP, stop::ENCAP);
     if hop.ifindex == ingress {
         Ok(Outcome::ForwardedTx)
     } else {
@@ -189,17 +202,16 @@ fn next_hop(
     outer_total: usize,
     ingress: u32,
     cfg: &DatapathConfig,
-    clock: &mut Clock,
+    now: u64,
 ) -> Result<NextHop, FibMiss> {
     let (backend_id, backend) = (target.backend_id, target.backend);
-    let now = clock.now();
     let cached = XLB_NEXTHOP.get_ptr_mut(backend_id);
     if let Some(entry) = cached {
         let e = unsafe { &*entry };
         if e.expires_ns > now && e.backend_addr_be == backend.addr_be {
             return Ok(NextHop {
-                smac: e.smac,
-                dmac: e.dmac,
+                smac: mac_words(&e.smac),
+                dmac: mac_words(&e.dmac),
                 ifindex: e.ifindex,
                 mtu: e.mtu,
             });
@@ -232,7 +244,7 @@ fn next_hop(
         )
     };
     if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        let macs = unsafe { fib.__bindgen_anon_6.__bindgen_anon_2 };
+        let macs = unsafe { &fib.__bindgen_anon_6.__bindgen_anon_2 };
         // On success the kernel returns the route MTU in `mtu_result` (since 5.12).
         let mtu = unsafe { fib.__bindgen_anon_1.mtu_result } as u32;
         if let Some(entry) = cached {
@@ -249,8 +261,8 @@ fn next_hop(
             }
         }
         Ok(NextHop {
-            smac: macs.smac,
-            dmac: macs.dmac,
+            smac: mac_words(&macs.smac),
+            dmac: mac_words(&macs.dmac),
             ifindex: fib.ifindex,
             mtu,
         })
@@ -261,4 +273,14 @@ fn next_hop(
     } else {
         Err(FibMiss::NoRoute)
     }
+}
+
+/// A MAC address as three 16-bit words (wire order kept).
+///
+/// Every MAC passed here sits at an even offset of a struct with at least 2-byte alignment
+/// (`lb_common::NextHop`, `DatapathConfig`, `bpf_fib_lookup`) or of the packet.
+#[inline(always)]
+fn mac_words(mac: &[u8; 6]) -> [u16; 3] {
+    // SAFETY: 6 readable bytes; 2-byte aligned as described above.
+    unsafe { core::ptr::read(mac.as_ptr() as *const [u16; 3]) }
 }

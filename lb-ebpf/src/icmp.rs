@@ -8,10 +8,11 @@ use aya_ebpf::{
     helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use lb_common::{FAMILY_V4, FlowKey};
+use lb_common::FAMILY_V4;
 
 use crate::checksum;
 use crate::headers::*;
+use crate::keys::{self, Flow};
 use crate::parse::Packet;
 use crate::stats::Outcome;
 
@@ -209,7 +210,7 @@ const ICMPV6_TIME_EXCEED: u8 = 3;
 /// If `p` is an ICMP error quoting a TCP/UDP packet sent *from* the VIP it is addressed to
 /// (a backend's direct reply), the flow as the balancer keys it: client → VIP.
 #[inline(always)]
-pub fn quoted_vip_flow(ctx: &XdpContext, p: &Packet) -> Option<FlowKey> {
+pub fn quoted_vip_flow(ctx: &XdpContext, p: &Packet) -> Option<Flow> {
     let icmp: *const IcmpHdr = ptr_at(ctx, p.l4_off)?;
     let kind = unsafe { (*icmp).kind };
     let inner_off = p.l4_off + ICMP_HLEN;
@@ -255,13 +256,11 @@ pub fn quoted_vip_flow(ctx: &XdpContext, p: &Packet) -> Option<FlowKey> {
     }
     let ports: *const [u16; 2] = ptr_at(ctx, ports_off)?;
     let [vip_port_be, client_port_be] = unsafe { *ports };
-    Some(FlowKey {
+    Some(Flow {
         src_be: dst_be,
         dst_be: src_be,
-        sport_be: client_port_be,
-        dport_be: vip_port_be,
+        ports: keys::ports(client_port_be, vip_port_be),
         proto,
         family: p.family,
-        _pad: [0; 2],
     })
 }

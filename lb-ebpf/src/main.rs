@@ -20,21 +20,29 @@ mod decap;
 mod encap;
 mod headers;
 mod icmp;
+mod keys;
 mod maglev;
 mod maps;
 mod parse;
+mod probe;
 mod stats;
+
+#[cfg(feature = "profile")]
+mod variants;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 
-/// The load balancer.
+/// The load balancer. `inline(always)`: `#[xdp]` wraps this function in the real entry
+/// point, and LLVM otherwise leaves the whole balancer behind a BPF-to-BPF call.
 #[xdp]
+#[inline(always)]
 pub fn xlb_balancer(ctx: XdpContext) -> u32 {
     balancer::run(&ctx)
 }
 
-/// The backend-side decapsulator.
+/// The backend-side decapsulator (`inline(always)`: see `xlb_balancer`).
 #[xdp]
+#[inline(always)]
 pub fn xlb_decap(ctx: XdpContext) -> u32 {
     decap::run(&ctx)
 }

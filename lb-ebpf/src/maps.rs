@@ -9,8 +9,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Backend, BackendStats, DatapathConfig, DatapathStats, DecapStats, FlowKey, FlowState, NextHop,
-    RateGuard, VipAddrKey, VipInfo, VipKey, VipStats, limits,
+    Backend, BackendStats, ClockCache, DatapathConfig, DatapathStats, DecapStats, FlowKey,
+    FlowKeyV4, FlowState, NextHop, RateGuard, VipAddrKey, VipInfo, VipKey, VipStats, limits,
 };
 
 const MAX_VIPS: usize = limits::MAX_VIPS as usize;
@@ -36,7 +36,7 @@ pub static XLB_BACKENDS: Array<Backend, MAX_BACKENDS> = Array::new();
 #[btf_map(pin_by_name)]
 pub static XLB_MAGLEV: Array<u32, MAGLEV_ENTRIES, { BPF_F_MMAPABLE as usize }> = Array::new();
 
-/// Connection table: 5-tuple → backend.
+/// IPv4 connection table: 5-tuple → backend.
 ///
 /// A shared LRU hash with `BPF_F_NO_COMMON_LRU`: the hash table is shared, so a flow that
 /// RSS moves to another CPU (queue count change, IRQ rebalancing) is still found, and
@@ -44,6 +44,20 @@ pub static XLB_MAGLEV: Array<u32, MAGLEV_ENTRIES, { BPF_F_MMAPABLE as usize }> =
 /// not contend on a global lock the way a common-LRU map does under a SYN flood. Katran's
 /// array of per-CPU LRU maps avoids the lock too, but loses a flow's state whenever it
 /// changes CPU and makes every lookup from userspace a search over all CPUs' maps.
+///
+/// Measured here (`bench datapath`, profiling build): a common LRU inserts the same flow
+/// again ~85 ns faster, but a never-seen flow into a full 1M-entry table ~200 ns slower
+/// (it rotates and shrinks 128 entries at a time under the global lock), so the per-CPU
+/// lists stay.
+#[btf_map(pin_by_name)]
+pub static XLB_CONNTRACK4: LruHashMap<
+    FlowKeyV4,
+    FlowState,
+    { limits::CONNTRACK_ENTRIES as usize },
+    { BPF_F_NO_COMMON_LRU as usize },
+> = LruHashMap::new();
+
+/// IPv6 connection table, like [`XLB_CONNTRACK4`] with 40-byte keys.
 #[btf_map(pin_by_name)]
 pub static XLB_CONNTRACK: LruHashMap<
     FlowKey,
@@ -72,6 +86,10 @@ pub static XLB_BACK_STATS: PerCpuArray<BackendStats, MAX_BACKENDS> = PerCpuArray
 #[btf_map(pin_by_name)]
 pub static XLB_NEXTHOP: PerCpuArray<NextHop, MAX_BACKENDS> = PerCpuArray::new();
 
+/// The coarse time of the current jiffy (index 0), per CPU: see `clock.rs`.
+#[btf_map(pin_by_name)]
+pub static XLB_CLOCK: PerCpuArray<ClockCache, 1> = PerCpuArray::new();
+
 /// New-connection rate guard window (index 0), per CPU.
 #[btf_map(pin_by_name)]
 pub static XLB_RATE: PerCpuArray<RateGuard, 1> = PerCpuArray::new();
@@ -84,3 +102,17 @@ pub static XLB_DECAP_ADDRS: HashMap<VipAddrKey, u32, { limits::MAX_DECAP_ADDRS a
 /// Decapsulator counters (index 0), per CPU.
 #[btf_map(pin_by_name)]
 pub static XLB_DECAP_STATS: PerCpuArray<DecapStats, 1> = PerCpuArray::new();
+
+/// Profiling builds only: the IPv4 connection table with a common LRU, to A/B the choice
+/// above (`off::CT_COMMON`).
+#[cfg(feature = "profile")]
+pub mod profile {
+    use super::*;
+
+    #[btf_map(pin_by_name)]
+    pub static XLB_P_CT4_C: LruHashMap<
+        FlowKeyV4,
+        FlowState,
+        { limits::CONNTRACK_ENTRIES as usize },
+    > = LruHashMap::new();
+}

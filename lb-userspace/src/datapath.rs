@@ -13,8 +13,9 @@ use aya::programs::xdp::XdpLink;
 use aya::programs::{TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use lb_common::{
-    Backend, BackendStats, DatapathConfig, DatapathStats, DecapStats, FlowKey, FlowState, NextHop,
-    RateGuard, VipAddrKey, VipInfo, VipKey, VipStats, map_names, program_names,
+    Backend, BackendStats, ClockCache, DatapathConfig, DatapathStats, DecapStats, FlowKey,
+    FlowKeyV4, FlowState, NextHop, RateGuard, VipAddrKey, VipInfo, VipKey, VipStats, map_names,
+    program_names,
 };
 use thiserror::Error;
 
@@ -90,7 +91,7 @@ pub struct LoadOptions {
     pub max_vips: u32,
     /// Number of backend ids (id 0 unused).
     pub max_backends: u32,
-    /// Connection-table entries.
+    /// Entries of each connection table (one for IPv4 flows, one for IPv6 flows).
     pub conntrack_entries: u32,
 }
 
@@ -112,7 +113,7 @@ pub struct Maps {
     pub vip_addrs: HashMap<MapData, VipAddrKey, u32>,
     pub backends: Array<MapData, Backend>,
     pub maglev: MaglevRings,
-    pub conntrack: HashMap<MapData, FlowKey, FlowState>,
+    pub conntrack: Conntrack,
     pub config: Array<MapData, DatapathConfig>,
     pub stats: PerCpuArray<MapData, DatapathStats>,
     pub vip_stats: PerCpuArray<MapData, VipStats>,
@@ -121,6 +122,7 @@ pub struct Maps {
     pub decap_stats: PerCpuArray<MapData, DecapStats>,
     pub nexthop: PerCpuArray<MapData, NextHop>,
     pub rate_guard: PerCpuArray<MapData, RateGuard>,
+    pub clock: PerCpuArray<MapData, ClockCache>,
     /// Created by this process (not adopted) with the backend and connection maps: every
     /// next-hop entry above this backend id is still all zeros (no backend, ring or flow
     /// ever named it), so assigning it needs no clearing — on a first sync of 100,000
@@ -165,6 +167,26 @@ pub fn is_bpffs(path: &Path) -> bool {
     }
 }
 
+/// The loader for xlb's objects with `opts`' map sizes and pin directory: a second object
+/// loaded this way (a profiling build of `lb-ebpf`) shares the maps of the running one.
+pub fn loader(opts: &LoadOptions) -> EbpfLoader<'static> {
+    let maglev_entries = 2 * opts.max_vips * opts.maglev_table_size;
+    let mut loader = EbpfLoader::new();
+    loader
+        .default_map_pin_directory(&opts.pin_dir)
+        .map_max_entries(map_names::VIPS, opts.max_vips)
+        .map_max_entries(map_names::VIP_ADDRS, opts.max_vips)
+        .map_max_entries(map_names::VIP_STATS, opts.max_vips)
+        .map_max_entries(map_names::BACKENDS, opts.max_backends)
+        .map_max_entries(map_names::BACKEND_STATS, opts.max_backends)
+        // Indexed by backend id like the two above (its 4096 in the object is a default).
+        .map_max_entries(map_names::NEXTHOP, opts.max_backends)
+        .map_max_entries(map_names::MAGLEV, maglev_entries)
+        .map_max_entries(map_names::CONNTRACK, opts.conntrack_entries)
+        .map_max_entries(map_names::CONNTRACK4, opts.conntrack_entries);
+    loader
+}
+
 impl Datapath {
     /// Loads the embedded object. Maps already pinned under `opts.pin_dir` are adopted
     /// (their contents and counters continue); missing ones are created and pinned.
@@ -178,26 +200,19 @@ impl Datapath {
             path: opts.pin_dir.clone(),
             source,
         })?;
-        let maglev_entries = 2 * opts.max_vips * opts.maglev_table_size;
         let fresh = [
             map_names::NEXTHOP,
             map_names::BACKENDS,
             map_names::CONNTRACK,
+            map_names::CONNTRACK4,
         ]
         .iter()
         .all(|name| !opts.pin_dir.join(name).exists());
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&opts.pin_dir)
-            .map_max_entries(map_names::VIPS, opts.max_vips)
-            .map_max_entries(map_names::VIP_ADDRS, opts.max_vips)
-            .map_max_entries(map_names::VIP_STATS, opts.max_vips)
-            .map_max_entries(map_names::BACKENDS, opts.max_backends)
-            .map_max_entries(map_names::BACKEND_STATS, opts.max_backends)
-            // Indexed by backend id like the two above (its 4096 in the object is a default).
-            .map_max_entries(map_names::NEXTHOP, opts.max_backends)
-            .map_max_entries(map_names::MAGLEV, maglev_entries)
-            .map_max_entries(map_names::CONNTRACK, opts.conntrack_entries)
-            .load(EBPF_OBJECT)?;
+        // Pins of a datapath from before the IPv4 connection table: its IPv4 flows are in
+        // the IPv6 table, where the new program no longer looks.
+        let move_v4_flows = opts.pin_dir.join(map_names::CONNTRACK).exists()
+            && !opts.pin_dir.join(map_names::CONNTRACK4).exists();
+        let mut ebpf = loader(opts).load(EBPF_OBJECT)?;
         for name in [
             program_names::BALANCER,
             program_names::DECAP,
@@ -214,6 +229,10 @@ impl Datapath {
         let mut maps = Maps::take_from(&mut ebpf, opts.maglev_table_size)?;
         if fresh {
             maps.nexthop_zero_above = Some(0);
+        }
+        if move_v4_flows {
+            let moved = maps.conntrack.move_v4_from_v6_table()?;
+            tracing::info!(moved, "IPv4 connection entries moved to their own table");
         }
         Ok(Self {
             ebpf,
@@ -671,7 +690,10 @@ impl Maps {
             vip_addrs: take(ebpf, map_names::VIP_ADDRS)?,
             backends: take(ebpf, map_names::BACKENDS)?,
             maglev: MaglevRings::new(take(ebpf, map_names::MAGLEV)?, table_size)?,
-            conntrack: take(ebpf, map_names::CONNTRACK)?,
+            conntrack: Conntrack {
+                v4: take(ebpf, map_names::CONNTRACK4)?,
+                v6: take(ebpf, map_names::CONNTRACK)?,
+            },
             config: take(ebpf, map_names::CONFIG)?,
             stats: take(ebpf, map_names::STATS)?,
             vip_stats: take(ebpf, map_names::VIP_STATS)?,
@@ -680,6 +702,7 @@ impl Maps {
             decap_stats: take(ebpf, map_names::DECAP_STATS)?,
             nexthop: take(ebpf, map_names::NEXTHOP)?,
             rate_guard: take(ebpf, map_names::RATE_GUARD)?,
+            clock: take(ebpf, map_names::CLOCK)?,
             nexthop_zero_above: None,
         })
     }
@@ -697,7 +720,7 @@ impl Maps {
             vip_addrs: from_pin(dir, map_names::VIP_ADDRS)?,
             backends: from_pin(dir, map_names::BACKENDS)?,
             maglev: MaglevRings::new(from_pin(dir, map_names::MAGLEV)?, table_size)?,
-            conntrack: from_pin(dir, map_names::CONNTRACK)?,
+            conntrack: Conntrack::open_pinned(dir)?,
             config,
             stats: from_pin(dir, map_names::STATS)?,
             vip_stats: from_pin(dir, map_names::VIP_STATS)?,
@@ -706,6 +729,7 @@ impl Maps {
             decap_stats: from_pin(dir, map_names::DECAP_STATS)?,
             nexthop: from_pin(dir, map_names::NEXTHOP)?,
             rate_guard: from_pin(dir, map_names::RATE_GUARD)?,
+            clock: from_pin(dir, map_names::CLOCK)?,
             nexthop_zero_above: None,
         })
     }
@@ -856,18 +880,105 @@ impl Maps {
         Ok(removed)
     }
 
-    /// Number of connection entries (walks the table: one syscall per entry).
+    /// Number of connection entries, both tables (walks them: one syscall per entry).
     pub fn conntrack_count(&self) -> u64 {
-        self.conntrack.keys().filter(|k| k.is_ok()).count() as u64
+        self.conntrack.count()
     }
 
-    /// Connection entries, at most `limit`.
+    /// Connection entries, IPv4 first, at most `limit`.
     pub fn conntrack_entries(&self, limit: usize) -> Vec<(FlowKey, FlowState)> {
         self.conntrack
             .iter()
             .filter_map(|e| e.ok())
             .take(limit)
             .collect()
+    }
+}
+
+/// The two connection tables, addressed by the family-neutral [`FlowKey`]: IPv4 flows
+/// live in `XLB_CONNTRACK4` under a 16-byte [`FlowKeyV4`] (the kernel hashes and compares
+/// whole keys on every packet), IPv6 flows in `XLB_CONNTRACK`.
+pub struct Conntrack {
+    /// `XLB_CONNTRACK4`.
+    pub v4: HashMap<MapData, FlowKeyV4, FlowState>,
+    /// `XLB_CONNTRACK`.
+    pub v6: HashMap<MapData, FlowKey, FlowState>,
+}
+
+impl Conntrack {
+    /// Opens both tables pinned under `dir`.
+    pub fn open_pinned(dir: &Path) -> Result<Self> {
+        Ok(Self {
+            v4: from_pin(dir, map_names::CONNTRACK4)?,
+            v6: from_pin(dir, map_names::CONNTRACK)?,
+        })
+    }
+
+    /// The entry of a flow.
+    pub fn get(&self, key: &FlowKey, flags: u64) -> Result<FlowState, aya::maps::MapError> {
+        match key.to_v4() {
+            Some(k) => self.v4.get(&k, flags),
+            None => self.v6.get(key, flags),
+        }
+    }
+
+    /// Writes the entry of a flow (`flags` as for `bpf_map_update_elem`).
+    pub fn insert(
+        &mut self,
+        key: &FlowKey,
+        state: &FlowState,
+        flags: u64,
+    ) -> Result<(), aya::maps::MapError> {
+        match key.to_v4() {
+            Some(k) => self.v4.insert(&k, state, flags),
+            None => self.v6.insert(key, state, flags),
+        }
+    }
+
+    /// Deletes the entry of a flow.
+    pub fn remove(&mut self, key: &FlowKey) -> Result<(), aya::maps::MapError> {
+        match key.to_v4() {
+            Some(k) => self.v4.remove(&k),
+            None => self.v6.remove(key),
+        }
+    }
+
+    /// Every entry, IPv4 table first, IPv4 keys widened to [`FlowKey`].
+    pub fn iter(
+        &self,
+    ) -> impl Iterator<Item = Result<(FlowKey, FlowState), aya::maps::MapError>> + '_ {
+        self.v4
+            .iter()
+            .map(|e| e.map(|(k, v)| (k.to_flow_key(), v)))
+            .chain(self.v6.iter())
+    }
+
+    /// Number of entries in both tables (one syscall per entry).
+    pub fn count(&self) -> u64 {
+        (self.v4.keys().filter(|k| k.is_ok()).count()
+            + self.v6.keys().filter(|k| k.is_ok()).count()) as u64
+    }
+
+    /// Moves IPv4 entries left in the IPv6 table by a datapath from before the IPv4 table
+    /// (its pins adopted by this load) to the IPv4 table; returns how many.
+    pub fn move_v4_from_v6_table(&mut self) -> Result<u64> {
+        let v4: Vec<(FlowKey, FlowState)> = self
+            .v6
+            .iter()
+            .filter_map(|e| e.ok())
+            .filter(|(k, _)| k.family == lb_common::FAMILY_V4)
+            .collect();
+        let mut moved = 0;
+        for (key, state) in &v4 {
+            let Some(k) = key.to_v4() else { continue };
+            self.v4
+                .insert(&k, state, 0)
+                .map_err(map_err(map_names::CONNTRACK4))?;
+            // Gone already (LRU) is fine: the entry is in the new table either way.
+            let _ = self.v6.remove(key);
+            moved += 1;
+        }
+        Ok(moved)
     }
 }
 

@@ -27,10 +27,10 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use aya::maps::{HashMap as AyaHashMap, Map, MapData, MapError, PerCpuArray};
-use lb_common::{BackendStats, DatapathStats, FlowKey, FlowState, VipStats, map_names};
+use aya::maps::{Map, MapData, MapError, PerCpuArray};
+use lb_common::{BackendStats, DatapathStats, VipStats, map_names};
 
-use crate::datapath::DatapathError;
+use crate::datapath::{Conntrack, DatapathError};
 use crate::state::{PersistedState, PersistedVip};
 
 /// Agent-side metrics, updated by the agent loop.
@@ -62,7 +62,7 @@ pub struct CounterMaps {
     stats: PerCpuArray<MapData, DatapathStats>,
     vip_stats: PerCpuArray<MapData, VipStats>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
-    conntrack: AyaHashMap<MapData, FlowKey, FlowState>,
+    conntrack: Conntrack,
 }
 
 impl CounterMaps {
@@ -81,7 +81,7 @@ impl CounterMaps {
             stats: open(dir, map_names::STATS)?,
             vip_stats: open(dir, map_names::VIP_STATS)?,
             backend_stats: open(dir, map_names::BACKEND_STATS)?,
-            conntrack: open(dir, map_names::CONNTRACK)?,
+            conntrack: Conntrack::open_pinned(dir)?,
         })
     }
 
@@ -118,7 +118,7 @@ impl CounterMaps {
     }
 
     fn conntrack_count(&self) -> u64 {
-        self.conntrack.keys().filter(|k| k.is_ok()).count() as u64
+        self.conntrack.count()
     }
 }
 

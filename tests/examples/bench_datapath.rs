@@ -8,8 +8,6 @@
 //! same rounds, as the floor; each run also checks the verdict so a class that fell off its
 //! path would be reported, not timed.
 
-use std::time::Duration;
-
 use aya::programs::{TestRun, TestRunOptions};
 use lb_common::{PROTO_TCP, PROTO_UDP, program_names};
 use xlb_tests::fixture::{FixtureEnv, LB0_MAC};
@@ -23,6 +21,14 @@ struct Args {
     only: Option<String>,
     /// Connection-table size.
     conntrack_entries: u32,
+    /// A profiling build of lb-ebpf (`--features profile`): its programs run in the same
+    /// rounds on the same maps, as `e:NAME` (established TCP), `s:NAME` (the same SYN),
+    /// `n:NAME` (a new SYN every run), `u:NAME` (UDP) and `6:NAME` (established TCP v6).
+    variants: Option<std::path::PathBuf>,
+    /// Percent of the slowest runs left out of each round's mean (0: plain mean). On a
+    /// shared machine interrupts and preemption add microsecond spikes to single runs;
+    /// trimming them makes A/B comparisons of a few nanoseconds possible.
+    trim: f64,
 }
 
 fn parse_args() -> Args {
@@ -32,6 +38,8 @@ fn parse_args() -> Args {
         json: false,
         only: None,
         conntrack_entries: 1 << 20,
+        variants: None,
+        trim: 0.0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -46,6 +54,8 @@ fn parse_args() -> Args {
                     .and_then(|v| v.parse().ok())
                     .expect("--conntrack-entries N")
             }
+            "--variants" => args.variants = it.next().map(Into::into),
+            "--trim" => args.trim = it.next().and_then(|v| v.parse().ok()).expect("--trim PCT"),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -53,8 +63,10 @@ fn parse_args() -> Args {
 }
 
 struct Class {
-    name: &'static str,
-    program: &'static str,
+    name: String,
+    program: String,
+    /// From the `--variants` object rather than the embedded one.
+    variant: bool,
     /// Packets cycled through (one per run).
     packets: Vec<Vec<u8>>,
     verdict: u32,
@@ -75,6 +87,7 @@ fn main() {
     // Room for every distinct new flow of a round, so the new-flow class measures inserts
     // into a table that is not thrashing (the LRU still recycles between rounds).
     load.conntrack_entries = args.conntrack_entries;
+    let variant_opts = load.clone();
     FixtureEnv::run(load, move |env| {
         let client4 = v4("192.0.2.100");
         let client6 = v6("2001:db8:c::100");
@@ -110,9 +123,10 @@ fn main() {
             assert_eq!(out.verdict, XDP_TX, "warm-up forward");
         }
 
-        let class = |name, program, packets: Vec<Vec<u8>>, verdict| Class {
-            name,
-            program,
+        let class = |name: &str, program: &str, packets: Vec<Vec<u8>>, verdict| Class {
+            name: name.to_owned(),
+            program: program.to_owned(),
+            variant: false,
             packets,
             verdict,
             fresh_flows: false,
@@ -159,14 +173,70 @@ fn main() {
             class(
                 "tcp4_established",
                 program_names::BALANCER,
-                vec![est4],
+                vec![est4.clone()],
                 XDP_TX,
             ),
-            class("udp4", program_names::BALANCER, vec![udp4], XDP_TX),
-            class("tcp6", program_names::BALANCER, vec![est6], XDP_TX),
+            class("udp4", program_names::BALANCER, vec![udp4.clone()], XDP_TX),
+            class("tcp6", program_names::BALANCER, vec![est6.clone()], XDP_TX),
             class("pass", program_names::BALANCER, vec![other], XDP_PASS),
         ];
+        // Profiling variants: loaded on the same pinned maps, so they see the same VIPs,
+        // backends and flows.
+        let mut variants = args.variants.as_ref().map(|path| {
+            let mut opts = variant_opts.clone();
+            opts.pin_dir = env.pins.path.clone();
+            let object = std::fs::read(path).expect("read the variants object");
+            lb_userspace::datapath::loader(&opts)
+                .load(&object)
+                .expect("load the variants object")
+        });
+        let mut classes = classes;
+        if let Some(ebpf) = variants.as_mut() {
+            let names: Vec<String> = ebpf
+                .programs()
+                .map(|(n, _)| n.to_owned())
+                // `xlb_balancer` too: another build's balancer (e.g. the base of a change)
+                // runs against this one in the same rounds.
+                .filter(|n| n.starts_with("xlb_"))
+                .filter(|n| n.as_str() != program_names::DECAP && n.as_str() != program_names::PASS)
+                .collect();
+            for name in names {
+                let prog: &mut aya::programs::Xdp = ebpf
+                    .program_mut(&name)
+                    .expect("variant")
+                    .try_into()
+                    .expect("an XDP program");
+                prog.load().expect("load variant");
+                for (tag, packet, fresh) in [
+                    ("e", &est4, false),
+                    ("s", &syn, false),
+                    ("n", &syn, true),
+                    ("u", &udp4, false),
+                    ("6", &est6, false),
+                ] {
+                    classes.push(Class {
+                        variant: true,
+                        fresh_flows: fresh,
+                        table_only: true,
+                        ..class(
+                            &format!("{tag}:{name}"),
+                            &name,
+                            vec![packet.clone()],
+                            XDP_TX,
+                        )
+                    });
+                }
+            }
+        }
 
+        // With `--only`, classes run (and print) in the order given.
+        let rank = |c: &Class| {
+            args.only
+                .as_deref()
+                .and_then(|o| o.split(',').position(|o| o == c.name))
+                .unwrap_or(0)
+        };
+        classes.sort_by_key(|c| if c.name == "floor" { 0 } else { 1 + rank(c) });
         let classes: Vec<Class> = classes
             .into_iter()
             .filter(|c| {
@@ -175,6 +245,7 @@ fn main() {
                         .only
                         .as_deref()
                         .is_none_or(|o| o.split(',').any(|o| o == c.name))
+                        && (!c.variant || args.only.is_some())
             })
             .collect();
         let mut results: Vec<Vec<f64>> = vec![Vec::new(); classes.len()];
@@ -183,7 +254,22 @@ fn main() {
             // Interleave classes within every round so drift hits all of them alike.
             for (i, class) in classes.iter().enumerate() {
                 env.set_config(|cfg| cfg.new_conn_rate_limit = class.rate_limit);
-                let ns = measure(env, class, args.runs, &mut next_flow);
+                let prog = if class.variant {
+                    variants
+                        .as_ref()
+                        .and_then(|e| e.program(&class.program))
+                        .expect("variant program")
+                        .try_into()
+                        .expect("an XDP program")
+                } else {
+                    let name = if class.program == program_names::PASS {
+                        program_names::PASS
+                    } else {
+                        program_names::BALANCER
+                    };
+                    env.dp.program(name).expect("program")
+                };
+                let ns = measure(env, prog, class, args.runs, args.trim, &mut next_flow);
                 results[i].push(ns);
                 if !args.json {
                     eprintln!(
@@ -269,14 +355,21 @@ fn make_fresh(packet: &mut [u8], n: u64) {
     packet[50..52].copy_from_slice(&tcp_sum.to_be_bytes());
 }
 
-fn measure(env: &FixtureEnv, class: &Class, runs: u32, next_flow: &mut u64) -> f64 {
-    let prog = env.dp.program(class.program).expect("program");
+fn measure(
+    env: &FixtureEnv,
+    prog: &aya::programs::Xdp,
+    class: &Class,
+    runs: u32,
+    trim: f64,
+    next_flow: &mut u64,
+) -> f64 {
     let mut ctx = [0u8; 24];
     ctx[12..16].copy_from_slice(&env.lb0.to_ne_bytes());
     let mut out = vec![0u8; 2048];
-    let mut total = Duration::ZERO;
+    let mut durations: Vec<u32> = Vec::with_capacity(runs as usize);
     let mut fresh = class.packets[0].clone();
-    for n in 0..runs as usize {
+    // One untimed run first: it inserts the flow of a hit class into a variant's own maps.
+    for n in 0..=runs as usize {
         let packet = if class.fresh_flows {
             make_fresh(&mut fresh, *next_flow);
             *next_flow += 1;
@@ -299,9 +392,16 @@ fn measure(env: &FixtureEnv, class: &Class, runs: u32, next_flow: &mut u64) -> f
             "{} left its path",
             class.name
         );
-        total += res.duration;
+        if n > 0 {
+            durations.push(res.duration.as_nanos().min(u32::MAX as u128) as u32);
+        }
     }
-    total.as_nanos() as f64 / runs as f64
+    if trim > 0.0 {
+        durations.sort_unstable();
+        let keep = ((durations.len() as f64) * (1.0 - trim / 100.0)).ceil() as usize;
+        durations.truncate(keep.max(1));
+    }
+    durations.iter().map(|&d| d as u64).sum::<u64>() as f64 / durations.len() as f64
 }
 
 fn median(v: &mut [f64]) -> f64 {

@@ -36,7 +36,7 @@ use xlb_tests::bench_support::{
     new_napi_threads, pin_to_cpu, set_fifo, set_threaded, task_runtime_ns, udp4_frame,
 };
 use xlb_tests::netns::{PinDir, sh};
-use xlb_tests::testbed::{Testbed, TestbedOptions, VIP4, start_balancer};
+use xlb_tests::testbed::{Testbed, TestbedOptions, VIP4, small_load_options, start_balancer};
 
 const OBJECT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -59,6 +59,9 @@ struct Args {
     /// Frames per live-frames batch (kernel maximum 256). The LB is woken once per batch,
     /// and its veth ring holds 256 frames: smaller batches wake it before the ring fills.
     batch: u32,
+    /// Another build of lb-ebpf (e.g. the base of a change): its `xlb_balancer` runs as
+    /// the table-only case `xlb-alt`, on the same maps, in the same interleaved rounds.
+    xlb_object: Option<std::path::PathBuf>,
 }
 
 fn parse_args() -> Args {
@@ -70,6 +73,7 @@ fn parse_args() -> Args {
         verbose: false,
         rt: true,
         batch: 256,
+        xlb_object: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -86,6 +90,7 @@ fn parse_args() -> Args {
             "--verbose" => a.verbose = true,
             "--no-rt" => a.rt = false,
             "--batch" => a.batch = num("--batch").clamp(1, 256),
+            "--xlb-object" => a.xlb_object = it.next().map(Into::into),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -120,6 +125,8 @@ enum Case {
     Ceiling,
     /// The single-device redirect (`bench_redirect`), shown for comparison.
     Redirect1,
+    /// `--xlb-object`'s balancer (table only).
+    XlbAlt,
 }
 
 impl Case {
@@ -130,6 +137,7 @@ impl Case {
             Case::Iptables => "iptables",
             Case::Ceiling => "ceiling",
             Case::Redirect1 => "redirect1",
+            Case::XlbAlt => "xlb-alt",
         }
     }
 
@@ -138,7 +146,7 @@ impl Case {
         match self {
             Case::Iptables => "bench_pass",
             Case::Ceiling => "bench_fanout",
-            Case::Xlb | Case::Redirect1 => "bench_redirect",
+            Case::Xlb | Case::Redirect1 | Case::XlbAlt => "bench_redirect",
         }
     }
 }
@@ -176,6 +184,7 @@ struct Bench {
     verbose: bool,
     rt: bool,
     batch: u32,
+    xlb_object: Option<Vec<u8>>,
 }
 
 static STOP_SIGNALLED: AtomicU64 = AtomicU64::new(0);
@@ -369,6 +378,10 @@ impl Bench {
             verbose: args.verbose,
             rt: args.rt,
             batch: args.batch,
+            xlb_object: args
+                .xlb_object
+                .as_ref()
+                .map(|p| std::fs::read(p).expect("read --xlb-object")),
         };
         bench.refresh_lb_napi();
         drop((gen_cfg, redir_cfg));
@@ -434,9 +447,29 @@ impl Bench {
         let lb = &self.bed.lb;
         // Keep the balancer (and its links) alive for the run; dropping it detaches.
         let mut held_dp = None;
+        let mut held_alt = None;
         let mut link = None;
         match case {
             Case::Xlb => held_dp = Some(start_balancer(&self.bed, &self.pins, &[1, 1, 1])),
+            Case::XlbAlt => {
+                // Configure the pinned maps as for xlb, detach its balancer (dropping it),
+                // then attach the other build's balancer on those maps.
+                drop(start_balancer(&self.bed, &self.pins, &[1, 1, 1]));
+                let opts = small_load_options(&self.pins);
+                let object = self.xlb_object.as_deref().expect("--xlb-object");
+                let mut alt = lb_userspace::datapath::loader(&opts)
+                    .load(object)
+                    .expect("load --xlb-object");
+                let prog: &mut Xdp = alt
+                    .program_mut(lb_common::program_names::BALANCER)
+                    .expect("xlb_balancer in --xlb-object")
+                    .try_into()
+                    .expect("an XDP program");
+                prog.load().expect("verifier accepts --xlb-object");
+                in_ns_scoped(lb, || prog.attach(c"eth0", XdpMode::Driver))
+                    .expect("attach --xlb-object on LB eth0");
+                held_alt = Some(alt);
+            }
             Case::Iptables | Case::Ceiling | Case::Redirect1 => {
                 let prog = xdp(&mut self.ebpf, case.program());
                 link = Some(
@@ -452,6 +485,7 @@ impl Bench {
             in_ns_scoped(&self.bed.lb, || prog.detach(id)).expect("detach");
         }
         drop(held_dp);
+        drop(held_alt);
         run
     }
 
@@ -660,10 +694,14 @@ fn main() {
     }
     let ld_start = loadavg();
     let mut runs: BTreeMap<&'static str, Vec<Run>> = BTreeMap::new();
+    let mut cases = Case::ALL.to_vec();
+    if args.xlb_object.is_some() {
+        cases.push(Case::XlbAlt);
+    }
     for round in 0..args.rounds {
         // Rotate the order so no case always runs first after a swap.
-        for k in 0..Case::ALL.len() {
-            let case = Case::ALL[(k + round as usize) % Case::ALL.len()];
+        for k in 0..cases.len() {
+            let case = cases[(k + round as usize) % cases.len()];
             let r = bench.run_case(case);
             if args.verbose {
                 eprintln!(
@@ -722,7 +760,7 @@ fn main() {
             "{:<9} {:>10} {:>9} | {:>11} {:>11} {:>11} {:>8} {:>6}",
             "case", "Mpps", "ns/pkt", "offered", "LB ring in", "ring full", "LB busy", "CPU1"
         );
-        for case in Case::ALL {
+        for &case in &cases {
             println!(
                 "{:<9} {:>10} {:>9.0} | {:>11} {:>11} {:>11} {:>7.0}% {:>5.0}%",
                 case.name(),

@@ -6,9 +6,12 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use aya::maps::{MapData, PerCpuArray, PerCpuValues};
+use lb_common::map_names;
 use lb_common::{
-    FlowKey, FlowState, PROTO_TCP, PROTO_UDP, RateGuard, VIP_F_HASH_SRC_ONLY, program_names,
+    ClockCache, FlowKey, FlowState, PROTO_TCP, PROTO_UDP, RateGuard, VIP_F_HASH_SRC_ONLY,
+    program_names,
 };
+use lb_userspace::datapath::{Datapath, LoadOptions};
 use xlb_tests::fixture::*;
 use xlb_tests::packets::*;
 
@@ -151,6 +154,26 @@ fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime writes into the timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Every CPU's entry of the datapath's clock cache set to `value`.
+fn set_clock_cache(env: &FixtureEnv, value: ClockCache) {
+    let mut clock: PerCpuArray<MapData, ClockCache> = PerCpuArray::try_from(
+        aya::maps::Map::from_map_data(
+            MapData::from_pin(env.pins.path.join(lb_common::map_names::CLOCK)).unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let cpus = aya::util::nr_cpus().unwrap().get() as usize;
+    clock
+        .set(0, PerCpuValues::try_from(vec![value; cpus]).unwrap(), 0)
+        .unwrap();
+}
+
+/// CPU 0's clock cache entry (the fixture thread runs on CPU 0).
+fn clock_cache(env: &FixtureEnv) -> ClockCache {
+    env.dp.maps.clock.get(&0, 0).unwrap()[0]
 }
 
 /// The ICMPv4 "fragmentation needed" reply xlb must send, built from RFC 792/1191.
@@ -522,6 +545,16 @@ fn datapath_packet_fixtures() {
             client4,
         );
         t.case(env, case);
+        // IPv4 flows live in the IPv4 table under the 16-byte key, as userspace builds it.
+        let key41000 = flow_key(client4, 41000, vip4, 80, PROTO_TCP);
+        let in_v4 = env.dp.maps.conntrack.v4.get(&key41000.to_v4().unwrap(), 0);
+        let in_v6 = env.dp.maps.conntrack.v6.get(&key41000, 0);
+        match (in_v4, in_v6) {
+            (Ok(state), Err(_)) if state.vip_id == v_tcp4 => t.passed += 1,
+            (v4, v6) => t.failures.push(format!(
+                "IPv4 flow table placement: XLB_CONNTRACK4 {v4:?}, XLB_CONNTRACK {v6:?}"
+            )),
+        }
         let p = tcp(LB0_MAC, client4, 41001, vip4, 80, TcpFlags::ACK, 10);
         let case = fwd4(
             env,
@@ -699,6 +732,73 @@ fn datapath_packet_fixtures() {
             client4,
         );
         t.case(env, case);
+        // A UDP entry last seen 2 s ago (past the 1 s refresh interval, within the 30 s
+        // timeout) is hit and re-stamped with the coarse clock the datapath caches per
+        // jiffy: the stamp must be CLOCK_MONOTONIC_COARSE as userspace reads it.
+        let key5000 = flow_key(client4, 5000, vip4, 53, PROTO_UDP);
+        let mut state = env.dp.maps.conntrack.get(&key5000, 0).expect("UDP entry");
+        state.last_seen_ns = monotonic_ns() - 2_000_000_000;
+        env.dp.maps.conntrack.insert(&key5000, &state, 0).unwrap();
+        let p = udp(LB0_MAC, client4, 5000, vip4, 53, 32);
+        let before = monotonic_ns();
+        let case = fwd4(
+            env,
+            "UDP v4: hit on an entry older than the refresh interval",
+            p,
+            14,
+            v_udp4,
+            5000,
+            53,
+            PROTO_UDP,
+            "conntrack_hit",
+            false,
+            client4,
+        );
+        t.case(env, case);
+        let after = monotonic_ns();
+        let stamped = env.dp.maps.conntrack.get(&key5000, 0).unwrap().last_seen_ns;
+        // One tick of slack: jiffies and the coarse clock move one after the other.
+        if stamped + 20_000_000 < before || stamped > after {
+            t.failures.push(format!(
+                "UDP refresh stamp {stamped} outside [{before}, {after}] (CLOCK_MONOTONIC_COARSE)"
+            ));
+        } else {
+            t.passed += 1;
+        }
+        // The per-CPU clock cache is only trusted for the jiffy it was read in: a stale
+        // entry (jiffy 1, time 5 ns) is re-read, so the 2 s old entry is a hit, not expired.
+        let mut state = env.dp.maps.conntrack.get(&key5000, 0).unwrap();
+        state.last_seen_ns = monotonic_ns() - 2_000_000_000;
+        env.dp.maps.conntrack.insert(&key5000, &state, 0).unwrap();
+        set_clock_cache(
+            env,
+            ClockCache {
+                jiffies: 1,
+                coarse_ns: 5,
+            },
+        );
+        let p = udp(LB0_MAC, client4, 5000, vip4, 53, 32);
+        let case = fwd4(
+            env,
+            "UDP v4: a stale per-CPU clock cache is refreshed, not trusted",
+            p,
+            14,
+            v_udp4,
+            5000,
+            53,
+            PROTO_UDP,
+            "conntrack_hit",
+            false,
+            client4,
+        );
+        t.case(env, case);
+        let cache = clock_cache(env);
+        if cache.jiffies <= 1 || cache.coarse_ns.abs_diff(monotonic_ns()) > 1_000_000_000 {
+            t.failures
+                .push(format!("clock cache not refreshed on CPU 0: {cache:?}"));
+        } else {
+            t.passed += 1;
+        }
         // An idle UDP entry (last seen at boot) has expired: re-picked and counted.
         let (predicted, _) = env.predict(v_udp4, client4, 5001, 53, PROTO_UDP);
         let stale = if predicted == 3 { 2 } else { 3 };
@@ -832,6 +932,18 @@ fn datapath_packet_fixtures() {
             false,
         );
         t.case(env, case);
+        match env
+            .dp
+            .maps
+            .conntrack
+            .v6
+            .get(&flow_key(client6, 42000, vip6, 80, PROTO_TCP), 0)
+        {
+            Ok(state) if state.vip_id == v_tcp6 => t.passed += 1,
+            other => t.failures.push(format!(
+                "IPv6 flow table placement: XLB_CONNTRACK {other:?}"
+            )),
+        }
         let p = udp(LB0_MAC, client6, 6000, vip6, 53, 40);
         let case = fwd6(
             env,
@@ -1468,5 +1580,135 @@ fn datapath_packet_fixtures() {
             outcomes, stats.rx_packets,
             "outcome counters must add up to rx_packets"
         );
+    });
+}
+
+/// A datapath pinned before the IPv4 connection table existed kept IPv4 flows in
+/// `XLB_CONNTRACK` under the 40-byte key. Loading over its pins moves them to
+/// `XLB_CONNTRACK4`, so an upgrade keeps established flows on their backends.
+#[test]
+fn ipv4_entries_of_an_older_datapath_move_to_the_ipv4_table() {
+    FixtureEnv::run(FixtureEnv::small(), |env| {
+        for id in 1..=3 {
+            env.add_backend(id, backend_addr(id));
+        }
+        let vip4 = v4("192.0.2.10");
+        let client4 = v4("192.0.2.100");
+        let v_tcp4 = env.add_vip(vip4, 80, PROTO_TCP, 0, &[1, 2, 3]);
+        let (predicted, hash) = env.predict(v_tcp4, client4, 43000, 80, PROTO_TCP);
+        let recorded = if predicted == 1 { 2 } else { 1 };
+        let key = flow_key(client4, 43000, vip4, 80, PROTO_TCP);
+        let state = FlowState {
+            backend_id: recorded,
+            vip_id: v_tcp4,
+            last_seen_ns: monotonic_ns(),
+        };
+        // The old layout: the IPv4 flow in the one table, and no IPv4 table pinned.
+        env.dp.maps.conntrack.v6.insert(&key, &state, 0).unwrap();
+        std::fs::remove_file(env.pins.path.join(map_names::CONNTRACK4)).unwrap();
+
+        let reloaded = Datapath::load(&LoadOptions {
+            pin_dir: env.pins.path.clone(),
+            ..FixtureEnv::small()
+        })
+        .expect("load over the old pins");
+        assert_eq!(
+            reloaded
+                .maps
+                .conntrack
+                .v4
+                .get(&key.to_v4().unwrap(), 0)
+                .ok(),
+            Some(state),
+            "the entry is in the IPv4 table"
+        );
+        assert!(
+            reloaded.maps.conntrack.v6.get(&key, 0).is_err(),
+            "and no longer in the IPv6 table"
+        );
+        assert!(env.pins.path.join(map_names::CONNTRACK4).exists());
+        // The new balancer finds it: an ACK goes to the recorded backend, not Maglev's.
+        let p = tcp(LB0_MAC, client4, 43000, vip4, 80, TcpFlags::ACK, 0);
+        let out = reloaded
+            .test_run(BALANCER, &p, Some(env.lb0))
+            .expect("test run");
+        assert_eq!(out.verdict, XDP_TX);
+        assert_eq!(
+            hex(&out.packet),
+            hex(&expected_encap(
+                &p,
+                14,
+                LB0_MAC,
+                ROUTER_MAC,
+                tunnel_src_v4(),
+                backend_addr(recorded),
+                hash,
+            )),
+            "forwarded to the recorded backend {recorded} (Maglev would pick {predicted})"
+        );
+    });
+}
+
+/// `xlb conntrack` lists the flows of both tables and `xlb explain` finds each one, with
+/// the backend the kernel recorded.
+#[test]
+fn cli_lists_and_explains_ipv4_and_ipv6_connections() {
+    use lb_userspace::cli::{self, Output};
+    use lb_userspace::model::Protocol;
+    use std::net::SocketAddr;
+
+    FixtureEnv::run(FixtureEnv::small(), |env| {
+        for id in 1..=5 {
+            env.add_backend(id, backend_addr(id));
+        }
+        let (vip4, vip6) = (v4("192.0.2.10"), v6("2001:db8:1::10"));
+        let (client4, client6) = (v4("192.0.2.100"), v6("2001:db8:c::100"));
+        let v_tcp4 = env.add_vip(vip4, 80, PROTO_TCP, 0, &[1, 2, 3]);
+        let v_udp6 = env.add_vip(vip6, 53, PROTO_UDP, 0, &[4, 5]);
+        let syn = tcp(LB0_MAC, client4, 44000, vip4, 80, TcpFlags::SYN, 0);
+        let dns = udp(LB0_MAC, client6, 6000, vip6, 53, 16);
+        for p in [&syn, &dns] {
+            assert_eq!(env.run_packet(BALANCER, p, env.lb0).verdict, XDP_TX);
+        }
+        let (b4, _) = env.predict(v_tcp4, client4, 44000, 80, PROTO_TCP);
+        let (b6, _) = env.predict(v_udp6, client6, 6000, 53, PROTO_UDP);
+
+        let pinned = cli::open(&env.pins.path).expect("open the pins");
+        let listed: serde_json::Value =
+            serde_json::from_str(&cli::conntrack(&pinned, None, 100, Output::Json).unwrap())
+                .unwrap();
+        let rows = listed.as_array().expect("a JSON array");
+        assert_eq!(rows.len(), 2, "one entry per flow: {listed}");
+        for (client, vip, proto, backend) in [
+            ("192.0.2.100:44000", "192.0.2.10:80", "tcp", b4),
+            ("[2001:db8:c::100]:6000", "[2001:db8:1::10]:53", "udp", b6),
+        ] {
+            let row = rows
+                .iter()
+                .find(|r| r["client"] == client)
+                .unwrap_or_else(|| panic!("{client} missing from {listed}"));
+            assert_eq!(row["vip"], vip);
+            assert_eq!(row["protocol"], proto);
+            assert_eq!(row["backend_id"], backend);
+            assert_eq!(row["backend"], backend_addr(backend).to_string());
+        }
+
+        for (src, dst, proto, backend) in [
+            ("192.0.2.100:44000", "192.0.2.10:80", Protocol::Tcp, b4),
+            (
+                "[2001:db8:c::100]:6000",
+                "[2001:db8:1::10]:53",
+                Protocol::Udp,
+                b6,
+            ),
+        ] {
+            let src: SocketAddr = src.parse().unwrap();
+            let dst: SocketAddr = dst.parse().unwrap();
+            let e = cli::explain(&pinned, src, dst, proto).unwrap();
+            let entry = e
+                .conntrack
+                .unwrap_or_else(|| panic!("explain {src} -> {dst}: no conntrack entry"));
+            assert_eq!(entry.backend_id, backend, "explain {src} -> {dst}");
+        }
     });
 }

@@ -6,13 +6,13 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::{
-    Backend, BackendStats, DatapathConfig, DatapathStats, DecapStats, FlowKey, FlowState, NextHop,
-    PROTO_TCP, PROTO_UDP, RateGuard, VIP_F_HASH_SRC_ONLY, VipAddrKey, VipInfo, VipKey, VipStats,
-    program_names,
+    Backend, BackendStats, ClockCache, DatapathConfig, DatapathStats, DecapStats, FAMILY_V4,
+    FAMILY_V6, FlowKey, FlowKeyV4, FlowState, NextHop, PROTO_TCP, PROTO_UDP, RateGuard,
+    VIP_F_HASH_SRC_ONLY, VipAddrKey, VipInfo, VipKey, VipStats, program_names,
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use xlb_tests::fixture::FixtureEnv;
-use xlb_tests::packets::{TcpFlags, tcp, udp, v4, v6};
+use xlb_tests::packets::{TcpFlags, addr_words, tcp, udp, v4, v6};
 
 const BACKENDS: u32 = 7;
 
@@ -68,6 +68,7 @@ fn kernel_picks_the_backend_lb_common_predicts_for_10000_flows() {
 
         let mut mismatches = Vec::new();
         let mut per_backend = BTreeMap::<u32, u32>::new();
+        let mut tracked = Vec::new();
         let flows = 10_000;
         for n in 0..flows {
             let which = n % vips.len();
@@ -115,6 +116,16 @@ fn kernel_picks_the_backend_lb_common_predicts_for_10000_flows() {
                 })
             });
             *per_backend.entry(want).or_default() += 1;
+            let key = FlowKey {
+                src_be: addr_words(src),
+                dst_be: addr_words(vip),
+                sport_be: sport.to_be(),
+                dport_be: dport.to_be(),
+                proto,
+                family: if vip.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 },
+                _pad: [0; 2],
+            };
+            tracked.push((key, ids[which], want));
             if got != Some(want) {
                 mismatches.push(format!(
                     "{src}:{sport} -> {vip}:{dport}/{proto}: kernel {got:?}, lb-common {want}"
@@ -133,6 +144,29 @@ fn kernel_picks_the_backend_lb_common_predicts_for_10000_flows() {
         );
         // Every backend was exercised, so a constant answer could not pass.
         assert_eq!(per_backend.len(), 2 * BACKENDS as usize);
+
+        // The connection entries the kernel wrote (IPv4 flows under 16-byte keys built as
+        // words, IPv6 flows under 40-byte keys) are found under the keys userspace builds,
+        // holding the same VIP and backend. The newest flows only: the fixture's 16,384-entry
+        // table holds half of that per CPU, and older entries were evicted.
+        let recent = &tracked[tracked.len() - 4_000..];
+        let wrong: Vec<String> = recent
+            .iter()
+            .filter_map(|(key, vip_id, want)| {
+                let got = env.dp.maps.conntrack.get(key, 0).ok();
+                (got.map(|s| (s.vip_id, s.backend_id)) != Some((*vip_id, *want)))
+                    .then(|| format!("{key:?}: entry {got:?}, want vip {vip_id} backend {want}"))
+            })
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "{} of {} entries disagree, first: {:?}",
+            wrong.len(),
+            recent.len(),
+            &wrong[..wrong.len().min(3)]
+        );
+        assert!(recent.iter().any(|(k, _, _)| k.family == FAMILY_V4));
+        assert!(recent.iter().any(|(k, _, _)| k.family == FAMILY_V6));
     });
 }
 
@@ -258,11 +292,20 @@ fn map_type_layouts_in_the_object_match_userspace() {
             family,
             _pad
         }),
+        layout!(FlowKeyV4 {
+            src_be,
+            dst_be,
+            sport_be,
+            dport_be,
+            proto,
+            _pad
+        }),
         layout!(FlowState {
             backend_id,
             vip_id,
             last_seen_ns
         }),
+        layout!(ClockCache { jiffies, coarse_ns }),
         layout!(DatapathConfig {
             maglev_table_size,
             new_conn_rate_limit,

@@ -82,6 +82,25 @@ pub const FANOUT: u32 = 3;
 #[btf_map]
 static BENCH_FANOUT_CONFIG: Array<RedirectConfig, { FANOUT as usize }> = Array::new();
 
+/// Writes both MACs as six 16-bit loads and stores. A copy between the map value and the
+/// packet (which LLVM cannot prove apart) compiles to two calls of a `memmove`
+/// subprogram, and a BPF-to-BPF call costs ~10 ns here: the ceiling would be slower than
+/// the work it stands for. Volatile accesses keep LLVM from turning the words back into
+/// that copy.
+#[inline(always)]
+fn write_macs(data: usize, cfg: &RedirectConfig) {
+    let dst = data as *mut u16;
+    // The config's MACs start at offsets 4 and 10 of a 4-byte-aligned map value.
+    let src = cfg.dst_mac.as_ptr() as *const u16;
+    // SAFETY: the 12 MAC bytes are inside the Ethernet header the caller checked, and
+    // `dst_mac` + `src_mac` are 12 contiguous bytes of the config.
+    unsafe {
+        for i in 0..6 {
+            dst.add(i).write_volatile(src.add(i).read_volatile());
+        }
+    }
+}
+
 #[inline(always)]
 fn bump(map: &PerCpuArray<u64, 1>) -> u64 {
     match map.get_ptr_mut(0) {
@@ -165,12 +184,7 @@ pub fn bench_redirect(ctx: XdpContext) -> u32 {
     let Some(cfg) = BENCH_REDIRECT_CONFIG.get(0) else {
         return xdp_action::XDP_DROP;
     };
-    let p = data as *mut [u8; 6];
-    // SAFETY: the 12 MAC bytes are inside the checked Ethernet header.
-    unsafe {
-        *p = cfg.dst_mac;
-        *p.add(1) = cfg.src_mac;
-    }
+    write_macs(data, cfg);
     // SAFETY: plain helper call.
     unsafe { bpf_redirect(cfg.ifindex, 0) as u32 }
 }
@@ -203,12 +217,7 @@ pub fn bench_fanout(ctx: XdpContext) -> u32 {
     let Some(cfg) = BENCH_FANOUT_CONFIG.get(u32::from(sport) % FANOUT) else {
         return xdp_action::XDP_DROP;
     };
-    let p = data as *mut [u8; 6];
-    // SAFETY: the 12 MAC bytes are inside the checked Ethernet header.
-    unsafe {
-        *p = cfg.dst_mac;
-        *p.add(1) = cfg.src_mac;
-    }
+    write_macs(data, cfg);
     // SAFETY: plain helper call.
     unsafe { bpf_redirect(cfg.ifindex, 0) as u32 }
 }
