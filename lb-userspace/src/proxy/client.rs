@@ -22,6 +22,7 @@ use tokio::net::TcpStream;
 
 use super::body::{BodyTooLarge, BoxError, ReqBody};
 use super::head;
+use super::timer::LazySleep;
 use super::upstream::Endpoint;
 
 /// Largest upstream response head accepted.
@@ -49,6 +50,18 @@ pub enum ExchangeError {
     /// The upstream's response is not valid HTTP/1.1.
     #[error("malformed upstream response: {0}")]
     Protocol(&'static str),
+    /// No response head within the upstream response timeout.
+    #[error("upstream response timed out")]
+    TimedOut,
+}
+
+/// Per-exchange settings.
+#[derive(Debug)]
+pub struct Exchange<'a> {
+    /// Request sent → response head read.
+    pub timeout: std::time::Duration,
+    /// A map to read the response headers into (taken; an empty one allocates nothing).
+    pub headers: &'a mut HeaderMap,
 }
 
 /// An upstream HTTP/1.1 connection.
@@ -59,6 +72,9 @@ pub struct UpstreamConn {
     rbuf: BytesMut,
     /// Reused buffer for the header positions of response heads.
     spans: Vec<Span>,
+    /// The response timer, kept with the connection (a later deadline costs nothing; a
+    /// timer per exchange would be registered in and removed from the timer wheel each time).
+    timer: Option<LazySleep>,
 }
 
 /// (name start, name end, value start, value end) of a header in a response head.
@@ -111,6 +127,7 @@ impl UpstreamConn {
             io,
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             spans: Vec::new(),
+            timer: None,
         })
     }
 
@@ -122,7 +139,7 @@ impl UpstreamConn {
     }
 
     /// Sends a request (`head` encoded by [`super::head::encode_request`], announcing a
-    /// chunked body if `chunked`) and reads the response head.
+    /// chunked body if `chunked`) and reads the response head, within `x.timeout`.
     pub async fn exchange(
         &mut self,
         head: &[u8],
@@ -130,6 +147,48 @@ impl UpstreamConn {
         chunked: bool,
         body: &mut ReqBody,
         body_touched: &mut bool,
+        x: Exchange<'_>,
+    ) -> Result<ResponseHead, ExchangeError> {
+        let deadline = tokio::time::Instant::now() + x.timeout;
+        let mut timer = match self.timer.take() {
+            Some(mut t) => {
+                t.set(deadline);
+                t
+            }
+            None => LazySleep::new(deadline),
+        };
+        let result = {
+            let mut inner = std::pin::pin!(self.exchange_inner(
+                head,
+                method,
+                chunked,
+                body,
+                body_touched,
+                x.headers
+            ));
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = inner.as_mut().poll(cx) {
+                    return Poll::Ready(r);
+                }
+                match timer.poll_elapsed(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(ExchangeError::TimedOut)),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await
+        };
+        self.timer = Some(timer);
+        result
+    }
+
+    async fn exchange_inner(
+        &mut self,
+        head: &[u8],
+        method: &Method,
+        chunked: bool,
+        body: &mut ReqBody,
+        body_touched: &mut bool,
+        headers: &mut HeaderMap,
     ) -> Result<ResponseHead, ExchangeError> {
         if let Err(e) = self.io.write_all(head).await {
             return Err(if is_reset(&e) {
@@ -143,7 +202,9 @@ impl UpstreamConn {
             self.send_body(body, chunked).await?;
         }
         loop {
-            let head = self.read_head(method, *body_touched).await?;
+            let head = self
+                .read_head(method, *body_touched, std::mem::take(headers))
+                .await?;
             // Interim responses (100 Continue, 103 Early Hints) are not forwarded.
             if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS {
                 continue;
@@ -183,6 +244,7 @@ impl UpstreamConn {
         &mut self,
         method: &Method,
         body_touched: bool,
+        headers: HeaderMap,
     ) -> Result<ResponseHead, ExchangeError> {
         let mut received_any = !self.rbuf.is_empty();
         loop {
@@ -192,7 +254,7 @@ impl UpstreamConn {
                     // The allocation is reclaimed by `reserve` once the response head has
                     // been written downstream and these slices are gone.
                     let bytes = self.rbuf.split_to(len).freeze();
-                    return build_head(&raw, &self.spans, &bytes, method);
+                    return build_head(&raw, &self.spans, &bytes, method, headers);
                 }
                 if self.rbuf.len() > MAX_RESPONSE_HEAD {
                     return Err(ExchangeError::Protocol("head too large"));
@@ -277,6 +339,7 @@ fn build_head(
     spans: &[Span],
     bytes: &Bytes,
     method: &Method,
+    mut headers: HeaderMap,
 ) -> Result<ResponseHead, ExchangeError> {
     let status =
         StatusCode::from_u16(raw.code).map_err(|_| ExchangeError::Protocol("bad status"))?;
@@ -284,7 +347,8 @@ fn build_head(
     // A 101's headers go to the client as they are (Connection and Upgrade included); other
     // responses lose their hop-by-hop headers here rather than by removals from the map.
     let keep_hop = status == StatusCode::SWITCHING_PROTOCOLS;
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    headers.clear();
+    headers.reserve(spans.len());
     let mut content_length: Option<u64> = None;
     let mut chunked = false;
     let mut te = false;
@@ -610,6 +674,7 @@ mod tests {
             &spans,
             &Bytes::copy_from_slice(&raw[..len]),
             method,
+            HeaderMap::new(),
         )
     }
 

@@ -15,6 +15,7 @@ pub mod head;
 pub mod metrics;
 pub mod routing;
 pub mod server;
+pub mod timer;
 pub mod tls;
 pub mod upstream;
 pub mod watch;

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 
 use super::access_log::LogRecord;
 use super::body::{ReqBody, RespBody};
-use super::client::{ExchangeError, ResponseHead, UpstreamBody, UpstreamConn};
+use super::client::{Exchange, ExchangeError, ResponseHead, UpstreamBody, UpstreamConn};
 use super::config::{Annotations, ConfigError, ProxyConfig};
 use super::h1guard::GuardedIo;
 use super::head::{ClientText, RequestHead, encode_request};
@@ -456,6 +456,9 @@ pub fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
                         t.abort();
                     }
                 });
+                // Connections still open go with the runtime; then the recycled timers.
+                drop(rt);
+                super::timer::clear_spares();
             })
             .map_err(ProxyError::Worker)?;
         threads.push(t);
@@ -654,7 +657,7 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let mut b = hyper::server::conn::http1::Builder::new();
-    b.timer(TokioTimer::new())
+    b.timer(super::timer::RecyclingTimer)
         // hyper starts this timer whenever it waits for a request head, so it also bounds
         // how long a keep-alive connection may sit idle (see docs/proxy.md).
         // ... and so it is also the keep-alive idle timeout for HTTP/1.1: no per-connection
@@ -814,6 +817,9 @@ struct Forward {
     body: ReqBody,
     /// The request's key for consistent hashing.
     affinity: u64,
+    /// The request's header map, emptied: the response head is read into it (hyper hands
+    /// the response's map back for the next request head, so the maps circulate).
+    headers: HeaderMap,
     upgrade: Option<hyper::upgrade::OnUpgrade>,
 }
 
@@ -973,7 +979,10 @@ fn route_request(state: &State, ctx: &ConnCtx, mut req: Request<Incoming>) -> Ne
         headers: &parts.headers,
         set: Some((&head, &set)),
     });
+    let mut headers = parts.headers;
+    headers.clear();
     Next::Forward(Forward {
+        headers,
         body: ReqBody::limited(body, route.max_body),
         route,
         method: parts.method,
@@ -1041,40 +1050,48 @@ async fn exchange(state: &State, f: &mut Forward) -> Outcome {
                 };
             }
         };
-        let exchanged = tokio::time::timeout(
-            s.response,
-            conn.exchange(&f.head, &f.method, f.chunked, body, &mut body_touched),
-        )
-        .await;
+        let exchanged = conn
+            .exchange(
+                &f.head,
+                &f.method,
+                f.chunked,
+                body,
+                &mut body_touched,
+                Exchange {
+                    timeout: s.response,
+                    headers: &mut f.headers,
+                },
+            )
+            .await;
         let head = match exchanged {
-            Ok(Ok(head)) => head,
-            Ok(Err(ExchangeError::Stale)) if reused && !body_touched && stale_resends > 0 => {
+            Ok(head) => head,
+            Err(ExchangeError::Stale) if reused && !body_touched && stale_resends > 0 => {
                 // Closed while idle in the pool: nothing was processed, send it again.
                 stale_resends -= 1;
                 continue;
             }
-            Ok(Err(ExchangeError::BodyTooLarge(_))) => {
+            Err(ExchangeError::BodyTooLarge(_)) => {
                 return Outcome::local(StatusCode::PAYLOAD_TOO_LARGE, Some(route.clone()));
             }
-            Ok(Err(ExchangeError::RequestBody(e))) => {
+            Err(ExchangeError::RequestBody(e)) => {
                 tracing::debug!(error = %e, "client request body failed");
                 return Outcome::local(StatusCode::BAD_REQUEST, Some(route.clone()));
             }
-            Ok(Err(e)) => {
+            Err(ExchangeError::TimedOut) => {
+                upstream.errors.inc();
+                upstream.record_failure(&ep);
+                return Outcome {
+                    endpoint: Some(ep.addr),
+                    ..Outcome::local(StatusCode::GATEWAY_TIMEOUT, Some(route.clone()))
+                };
+            }
+            Err(e) => {
                 tracing::debug!(endpoint = %ep.addr, error = %e, "upstream exchange failed");
                 upstream.errors.inc();
                 upstream.record_failure(&ep);
                 return Outcome {
                     endpoint: Some(ep.addr),
                     ..Outcome::local(StatusCode::BAD_GATEWAY, Some(route.clone()))
-                };
-            }
-            Err(_) => {
-                upstream.errors.inc();
-                upstream.record_failure(&ep);
-                return Outcome {
-                    endpoint: Some(ep.addr),
-                    ..Outcome::local(StatusCode::GATEWAY_TIMEOUT, Some(route.clone()))
                 };
             }
         };
