@@ -72,6 +72,7 @@ pub struct UpstreamConn {
     rbuf: BytesMut,
     /// Reused buffer for the header positions of response heads.
     spans: Vec<Span>,
+    names: NameCache,
     /// The response timer, kept with the connection (a later deadline costs nothing; a
     /// timer per exchange would be registered in and removed from the timer wheel each time).
     timer: Option<LazySleep>,
@@ -127,6 +128,7 @@ impl UpstreamConn {
             io,
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             spans: Vec::new(),
+            names: NameCache::default(),
             timer: None,
         })
     }
@@ -254,7 +256,7 @@ impl UpstreamConn {
                     // The allocation is reclaimed by `reserve` once the response head has
                     // been written downstream and these slices are gone.
                     let bytes = self.rbuf.split_to(len).freeze();
-                    return build_head(&raw, &self.spans, &bytes, method, headers);
+                    return build_head(&raw, &self.spans, &bytes, method, headers, &mut self.names);
                 }
                 if self.rbuf.len() > MAX_RESPONSE_HEAD {
                     return Err(ExchangeError::Protocol("head too large"));
@@ -334,12 +336,74 @@ impl RawHead {
     }
 }
 
+/// How a response header is treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NameKind {
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    /// Hop-by-hop other than the above (not forwarded).
+    HopByHop,
+    Other,
+}
+
+#[derive(Debug)]
+struct KnownName {
+    raw: Box<[u8]>,
+    name: HeaderName,
+    kind: NameKind,
+}
+
+/// Header names of an upstream's responses by position. An upstream sends the same names
+/// in the same order response after response; comparing the raw bytes with the last ones
+/// is much cheaper than parsing and classifying a name.
+#[derive(Debug, Default)]
+struct NameCache(Vec<Option<KnownName>>);
+
+/// Positions remembered (later headers are parsed every time).
+const NAME_CACHE_SLOTS: usize = 32;
+
+impl NameCache {
+    fn name(&mut self, i: usize, raw: &[u8]) -> Result<(HeaderName, NameKind), ExchangeError> {
+        if let Some(Some(known)) = self.0.get(i)
+            && *known.raw == *raw
+        {
+            return Ok((known.name.clone(), known.kind));
+        }
+        let name =
+            HeaderName::from_bytes(raw).map_err(|_| ExchangeError::Protocol("header name"))?;
+        let kind = if name == header::CONTENT_LENGTH {
+            NameKind::ContentLength
+        } else if name == header::TRANSFER_ENCODING {
+            NameKind::TransferEncoding
+        } else if name == header::CONNECTION {
+            NameKind::Connection
+        } else if head::is_hop_by_hop_response(&name) {
+            NameKind::HopByHop
+        } else {
+            NameKind::Other
+        };
+        if i < NAME_CACHE_SLOTS {
+            if self.0.len() <= i {
+                self.0.resize_with(i + 1, || None);
+            }
+            self.0[i] = Some(KnownName {
+                raw: raw.into(),
+                name: name.clone(),
+                kind,
+            });
+        }
+        Ok((name, kind))
+    }
+}
+
 fn build_head(
     raw: &RawHead,
     spans: &[Span],
     bytes: &Bytes,
     method: &Method,
     mut headers: HeaderMap,
+    names: &mut NameCache,
 ) -> Result<ResponseHead, ExchangeError> {
     let status =
         StatusCode::from_u16(raw.code).map_err(|_| ExchangeError::Protocol("bad status"))?;
@@ -354,12 +418,10 @@ fn build_head(
     let mut te = false;
     let mut close = !http11;
     let mut nominates = false;
-    for &(ns, ne, vs, ve) in spans {
-        let name_bytes = &bytes[ns as usize..ne as usize];
+    for (i, &(ns, ne, vs, ve)) in spans.iter().enumerate() {
         let raw_value = &bytes[vs as usize..ve as usize];
-        let name = HeaderName::from_bytes(name_bytes)
-            .map_err(|_| ExchangeError::Protocol("header name"))?;
-        if name == header::CONTENT_LENGTH {
+        let (name, kind) = names.name(i, &bytes[ns as usize..ne as usize])?;
+        if kind == NameKind::ContentLength {
             let n: u64 = std::str::from_utf8(raw_value)
                 .ok()
                 .and_then(|v| v.trim().parse().ok())
@@ -368,13 +430,13 @@ fn build_head(
                 return Err(ExchangeError::Protocol("conflicting content-length"));
             }
             content_length = Some(n);
-        } else if name == header::TRANSFER_ENCODING {
+        } else if kind == NameKind::TransferEncoding {
             te = true;
             chunked = raw_value
                 .rsplit(|b| *b == b',')
                 .next()
                 .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name == header::CONNECTION {
+        } else if kind == NameKind::Connection {
             let v = raw_value;
             if v.split(|b| *b == b',')
                 .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
@@ -388,7 +450,12 @@ fn build_head(
             }
             nominates |= head::nominated(v).next().is_some();
         }
-        if !keep_hop && head::is_hop_by_hop_response(&name) {
+        if !keep_hop
+            && matches!(
+                kind,
+                NameKind::TransferEncoding | NameKind::Connection | NameKind::HopByHop
+            )
+        {
             continue;
         }
         let value = HeaderValue::from_maybe_shared(bytes.slice(vs as usize..ve as usize))
@@ -675,6 +742,7 @@ mod tests {
             &Bytes::copy_from_slice(&raw[..len]),
             method,
             HeaderMap::new(),
+            &mut NameCache::default(),
         )
     }
 
@@ -734,6 +802,41 @@ mod tests {
             Some(&b"websocket"[..])
         );
         assert!(h.headers.contains_key("connection"));
+    }
+
+    #[test]
+    fn remembered_names_follow_what_each_response_sends() {
+        let mut names = NameCache::default();
+        let mut parse_with = |raw: &[u8]| {
+            let mut spans = Vec::new();
+            let (len, status) = RawHead::parse(raw, &mut spans).unwrap().unwrap();
+            build_head(
+                &status,
+                &spans,
+                &Bytes::copy_from_slice(&raw[..len]),
+                &Method::GET,
+                HeaderMap::new(),
+                &mut names,
+            )
+            .unwrap()
+        };
+        let first = b"HTTP/1.1 200 OK\r\nServer: a\r\nContent-Length: 1\r\nX-One: 1\r\n\r\n";
+        for _ in 0..2 {
+            let h = parse_with(first);
+            assert_eq!(h.headers.get("server").unwrap(), "a");
+            assert_eq!(h.headers.get("x-one").unwrap(), "1");
+            assert!(matches!(h.framing, Framing::Length(1)));
+        }
+        // Other names at the same positions (and a hop-by-hop one where a kept one was).
+        let h = parse_with(
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nTransfer-Encoding: chunked\r\nX-Two: 2\r\n\r\n",
+        );
+        assert_eq!(h.headers.len(), 1, "{:?}", h.headers);
+        assert_eq!(h.headers.get("x-two").unwrap(), "2");
+        assert!(matches!(h.framing, Framing::Chunked(_)) && !h.keep_alive);
+        let h = parse_with(first);
+        assert_eq!(h.headers.len(), 3, "{:?}", h.headers);
+        assert!(h.keep_alive);
     }
 
     #[test]

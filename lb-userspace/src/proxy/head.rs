@@ -111,8 +111,10 @@ pub(crate) struct RequestHead<'a> {
     /// The host the request was routed on (`Host`, or the target's authority).
     pub host: &'a str,
     pub headers: &'a HeaderMap,
-    /// An upgrade request: `Upgrade` is kept and `Connection: upgrade` sent.
-    pub upgrade: bool,
+    /// The request may ask for an upgrade (HTTP/1.1). It does when it has an `Upgrade`
+    /// header and `upgrade` in `Connection`; then `Upgrade` is kept and `Connection:
+    /// upgrade` sent.
+    pub may_upgrade: bool,
     /// The body is sent chunked (its length is unknown).
     pub chunked: bool,
     pub client: &'a ClientText,
@@ -166,11 +168,22 @@ fn put_prior(out: &mut Vec<u8>, values: http::header::GetAll<'_, HeaderValue>) {
     }
 }
 
-/// Writes the request's own headers that go upstream, skipping the hop-by-hop ones, those
-/// the proxy sets itself, and the `skip` names. Returns (X-Forwarded-For seen, Forwarded
-/// seen, a `Connection` header nominated names).
-fn put_headers(out: &mut Vec<u8>, r: &RequestHead<'_>, skip: &[&[u8]]) -> (bool, bool, bool) {
-    let (mut xff, mut fwd, mut nominates) = (false, false, false);
+/// What [`put_headers`] met on its way.
+#[derive(Debug, Default, Clone, Copy)]
+struct Seen {
+    x_forwarded_for: bool,
+    forwarded: bool,
+    /// A `Connection` header nominated names.
+    nominates: bool,
+    upgrade_header: bool,
+    /// `upgrade` among the `Connection` options.
+    connection_upgrade: bool,
+}
+
+/// Writes the request's own headers that go upstream, skipping the hop-by-hop ones (all of
+/// them but `Upgrade` when `upgrade`), those the proxy sets itself, and the `skip` names.
+fn put_headers(out: &mut Vec<u8>, r: &RequestHead<'_>, skip: &[&[u8]], upgrade: bool) -> Seen {
+    let mut seen = Seen::default();
     for (name, value) in r.headers {
         match classify(name) {
             Class::Other => {
@@ -183,26 +196,42 @@ fn put_headers(out: &mut Vec<u8>, r: &RequestHead<'_>, skip: &[&[u8]]) -> (bool,
                 }
                 put_header(out, name.as_str().as_bytes(), value.as_bytes());
             }
-            Class::Upgrade if r.upgrade => {
-                put_header(out, name.as_str().as_bytes(), value.as_bytes());
-            }
-            Class::Hop => {
-                if *name == header::CONNECTION && nominated(value.as_bytes()).next().is_some() {
-                    nominates = true;
+            Class::Upgrade => {
+                seen.upgrade_header = true;
+                if upgrade {
+                    put_header(out, name.as_str().as_bytes(), value.as_bytes());
                 }
             }
-            Class::XForwardedFor => xff = true,
-            Class::Forwarded => fwd = true,
+            Class::Hop => {
+                if *name == header::CONNECTION {
+                    let v = value.as_bytes();
+                    seen.nominates |= nominated(v).next().is_some();
+                    seen.connection_upgrade |= v
+                        .split(|b| *b == b',')
+                        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"));
+                }
+            }
+            Class::XForwardedFor => seen.x_forwarded_for = true,
+            Class::Forwarded => seen.forwarded = true,
             // Host is written first, from the routed host (this header's first value when
             // the target carried no authority, which wins otherwise: RFC 9112 §3.2.2).
-            Class::Host | Class::Upgrade | Class::XForwardedProto | Class::XForwardedHost => {}
+            Class::Host | Class::XForwardedProto | Class::XForwardedHost => {}
         }
     }
-    (xff, fwd, nominates)
+    seen
+}
+
+/// An encoded head.
+#[derive(Debug)]
+pub(crate) struct Encoded {
+    /// Where the values the proxy set are.
+    pub set: SetValues,
+    /// The request asks for an upgrade (see [`RequestHead::may_upgrade`]).
+    pub upgrade: bool,
 }
 
 /// Encodes the upstream request head into `out` (cleared first).
-pub(crate) fn encode_request(out: &mut Vec<u8>, r: &RequestHead<'_>) -> SetValues {
+pub(crate) fn encode_request(out: &mut Vec<u8>, r: &RequestHead<'_>) -> Encoded {
     out.clear();
     out.extend_from_slice(r.method.as_str().as_bytes());
     out.push(b' ');
@@ -214,22 +243,26 @@ pub(crate) fn encode_request(out: &mut Vec<u8>, r: &RequestHead<'_>) -> SetValue
     set.host = host_start..out.len();
     out.extend_from_slice(b"\r\n");
     let own_start = out.len();
-    let (mut xff, mut fwd, nominates) = put_headers(out, r, &[]);
-    // Nearly no request nominates a header in `Connection`; one that does has its headers
-    // written again, knowing the names to drop.
+    let mut seen = put_headers(out, r, &[], false);
+    // Nearly no request asks for an upgrade or nominates a header in `Connection`; one that
+    // does has its headers written again, knowing what to keep and drop.
+    let upgrade = r.may_upgrade && seen.upgrade_header && seen.connection_upgrade;
     let mut skip: Vec<&[u8]> = Vec::new();
-    if nominates {
-        for v in r.headers.get_all(header::CONNECTION) {
-            skip.extend(nominated(v.as_bytes()));
+    if seen.nominates || upgrade {
+        if seen.nominates {
+            for v in r.headers.get_all(header::CONNECTION) {
+                skip.extend(nominated(v.as_bytes()));
+            }
         }
         out.truncate(own_start);
-        (xff, fwd, _) = put_headers(out, r, &skip);
+        seen = put_headers(out, r, &skip, upgrade);
     }
+    let (xff, fwd) = (seen.x_forwarded_for, seen.forwarded);
     let nominated_name = |n: &HeaderName| {
         skip.iter()
             .any(|s| s.eq_ignore_ascii_case(n.as_str().as_bytes()))
     };
-    if r.upgrade {
+    if upgrade {
         out.extend_from_slice(b"connection: upgrade\r\n");
     }
     let start = start_header(out, b"x-forwarded-for");
@@ -268,30 +301,37 @@ pub(crate) fn encode_request(out: &mut Vec<u8>, r: &RequestHead<'_>) -> SetValue
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    set
+    Encoded { set, upgrade }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn encode(headers: &HeaderMap, host: &str, upgrade: bool) -> String {
+    fn encode(headers: &HeaderMap, host: &str, may_upgrade: bool) -> String {
         let client = ClientText::new("127.0.0.1".parse().unwrap());
         let mut out = Vec::new();
-        let set = encode_request(
+        let encoded = encode_request(
             &mut out,
             &RequestHead {
                 method: &Method::GET,
                 target: "/p?q=1",
                 host,
                 headers,
-                upgrade,
+                may_upgrade,
                 chunked: false,
                 client: &client,
                 https: false,
             },
         );
-        assert_eq!(set.get(&out, &header::HOST), Some(host.as_bytes()));
+        assert_eq!(encoded.set.get(&out, &header::HOST), Some(host.as_bytes()));
+        let asks = headers.contains_key(header::UPGRADE)
+            && headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .flat_map(|v| v.to_str().unwrap().split(','))
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+        assert_eq!(encoded.upgrade, may_upgrade && asks);
         String::from_utf8(out).unwrap()
     }
 
@@ -326,6 +366,24 @@ mod tests {
             !up.contains("x-secret") && !up.contains("keep-alive"),
             "{up}"
         );
+    }
+
+    #[test]
+    fn upgrade_needs_the_header_and_the_connection_option() {
+        let mut h = HeaderMap::new();
+        h.insert(header::UPGRADE, "websocket".parse().unwrap());
+        // No `Connection: upgrade`: not an upgrade, and Upgrade is hop-by-hop.
+        let s = encode(&h, "a.io", true);
+        assert!(!s.contains("upgrade"), "{s}");
+        h.insert(header::CONNECTION, "Upgrade".parse().unwrap());
+        let s = encode(&h, "a.io", true);
+        assert!(
+            s.contains("\r\nupgrade: websocket\r\nconnection: upgrade\r\n"),
+            "{s}"
+        );
+        // HTTP/2 and HTTP/1.0 requests do not upgrade.
+        let s = encode(&h, "a.io", false);
+        assert!(!s.contains("upgrade"), "{s}");
     }
 
     #[test]

@@ -737,18 +737,6 @@ async fn drive_with_idle_timeout<C, E>(
     }
 }
 
-fn is_upgrade(req: &Request<Incoming>) -> bool {
-    req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
-        && req
-            .headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-}
-
 /// Error pages: status line text only, nothing about internals.
 fn error_page(status: StatusCode) -> Response<RespBody> {
     let text = match status {
@@ -797,13 +785,13 @@ struct Prepared {
     state: Arc<State>,
     http1: bool,
     /// (method, host, path and query) for the access log, when it is on.
-    log_fields: Option<(Method, String, String)>,
+    log_fields: Option<Box<(Method, String, String)>>,
     next: Next,
 }
 
 enum Next {
-    /// Answered locally (error, redirect).
-    Done(Outcome),
+    /// Answered locally (error, redirect); boxed, as these are the exception.
+    Done(Box<Outcome>),
     Forward(Forward),
 }
 
@@ -833,14 +821,14 @@ fn prepare(shared: &Shared, ctx: &Arc<ConnCtx>, req: Request<Incoming>) -> Prepa
     let active = ctx.track_idle.then(|| ActiveGuard::new(ctx.clone()));
     let state = shared.state.load_full();
     let log_fields = state.settings.access_log.then(|| {
-        (
+        Box::new((
             req.method().clone(),
             request_host(&req).unwrap_or("-").to_owned(),
             req.uri()
                 .path_and_query()
                 .map_or("/", |p| p.as_str())
                 .to_owned(),
-        )
+        ))
     });
     let http1 = req.version() <= Version::HTTP_11;
     let next = route_request(&state, ctx, req);
@@ -864,7 +852,7 @@ async fn handle(shared: &Shared, ctx: Arc<ConnCtx>, prepared: Prepared) -> Respo
         next,
     } = prepared;
     let out = match next {
-        Next::Done(out) => out,
+        Next::Done(out) => *out,
         Next::Forward(f) => forward(&state, &ctx, f).await,
     };
     let status = out.resp.status();
@@ -881,7 +869,8 @@ async fn handle(shared: &Shared, ctx: Arc<ConnCtx>, prepared: Prepared) -> Respo
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    if let Some((method, host, path)) = log_fields {
+    if let Some(fields) = log_fields {
+        let (method, host, path) = *fields;
         resp.body_mut().set_log(Some(Box::new(LogRecord {
             start,
             client: ctx.peer,
@@ -906,10 +895,6 @@ fn request_host(req: &Request<Incoming>) -> Option<&str> {
     host_of(req.uri(), req.headers())
 }
 
-fn request_host_parts(parts: &http::request::Parts) -> Option<&str> {
-    host_of(&parts.uri, &parts.headers)
-}
-
 /// The target's authority (absolute form, HTTP/2 `:authority`), else the Host header.
 fn host_of<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
     uri.authority()
@@ -929,38 +914,43 @@ fn is_idempotent(m: &Method) -> bool {
 }
 
 /// Routes a request and, when it goes upstream, encodes its head; consumes the request head.
-fn route_request(state: &State, ctx: &ConnCtx, mut req: Request<Incoming>) -> Next {
+fn route_request(state: &State, ctx: &ConnCtx, req: Request<Incoming>) -> Next {
     let s = &state.settings;
-    if req.version() == Version::HTTP_2 && header_bytes(req.headers()) > s.max_header_bytes {
-        return Next::Done(Outcome::local(
+    let (mut parts, body) = req.into_parts();
+    if parts.version == Version::HTTP_2 && header_bytes(&parts.headers) > s.max_header_bytes {
+        return Next::Done(Box::new(Outcome::local(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             None,
-        ));
+        )));
     }
-    let Some(host) = request_host(&req) else {
-        return Next::Done(Outcome::local(StatusCode::BAD_REQUEST, None));
+    let Some(host) = host_of(&parts.uri, &parts.headers) else {
+        return Next::Done(Box::new(Outcome::local(StatusCode::BAD_REQUEST, None)));
     };
-    let Some(route) = state.routes.lookup(Some(host), req.uri().path()).cloned() else {
-        return Next::Done(Outcome::local(StatusCode::NOT_FOUND, None));
+    let Some(route) = state.routes.lookup(Some(host), parts.uri.path()).cloned() else {
+        return Next::Done(Box::new(Outcome::local(StatusCode::NOT_FOUND, None)));
     };
     if route.ssl_redirect && !ctx.https {
-        return Next::Done(redirect_to_https(&req, host, s.https_redirect_port, route));
+        return Next::Done(Box::new(redirect_to_https(
+            &parts.uri,
+            host,
+            s.https_redirect_port,
+            route,
+        )));
     }
     // hyper's body knows the declared length (Content-Length, or HTTP/2's content-length):
     // no header lookup.
-    let declared_len = req.body().size_hint().exact();
+    let declared_len = body.size_hint().exact();
     if declared_len.is_some_and(|n| n > route.max_body) {
-        return Next::Done(Outcome::local(StatusCode::PAYLOAD_TOO_LARGE, Some(route)));
+        return Next::Done(Box::new(Outcome::local(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Some(route),
+        )));
     }
-    let upgrade = is_upgrade(&req);
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let (parts, body) = req.into_parts();
     // A body of unknown length is sent chunked; one with a declared length keeps its
     // Content-Length header.
     let chunked = !body.is_end_stream() && declared_len.is_none();
     let mut head = ctx.take_head_buf();
-    let host = request_host_parts(&parts).unwrap_or_default();
-    let set = encode_request(
+    let encoded = encode_request(
         &mut head,
         &RequestHead {
             method: &parts.method,
@@ -968,7 +958,7 @@ fn route_request(state: &State, ctx: &ConnCtx, mut req: Request<Incoming>) -> Ne
             target: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
             host,
             headers: &parts.headers,
-            upgrade,
+            may_upgrade: parts.version == Version::HTTP_11,
             chunked,
             client: &ctx.client_text,
             https: ctx.https,
@@ -977,7 +967,13 @@ fn route_request(state: &State, ctx: &ConnCtx, mut req: Request<Incoming>) -> Ne
     let affinity = route.upstream.affinity(&PickContext {
         client_ip: ctx.peer.ip(),
         headers: &parts.headers,
-        set: Some((&head, &set)),
+        set: Some((&head, &encoded.set)),
+    });
+    let client_upgrade = encoded.upgrade.then(|| {
+        // hyper hands the upgraded connection over through the request's extensions.
+        let mut req = Request::new(());
+        *req.extensions_mut() = std::mem::take(&mut parts.extensions);
+        hyper::upgrade::on(&mut req)
     });
     let mut headers = parts.headers;
     headers.clear();
@@ -1139,8 +1135,10 @@ async fn connection_for(
             }
         }
     }
+    // Boxed: connecting is rare once pools are warm, and its future would otherwise make
+    // every request's future (moved by hyper when it takes the request) a third larger.
     Ok((
-        UpstreamConn::connect(ep.addr, connect_timeout).await?,
+        Box::pin(UpstreamConn::connect(ep.addr, connect_timeout)).await?,
         false,
     ))
 }
@@ -1177,12 +1175,7 @@ fn tunnel(
     resp
 }
 
-fn redirect_to_https(
-    req: &Request<Incoming>,
-    host: &str,
-    port: Option<u16>,
-    route: Arc<Route>,
-) -> Outcome {
+fn redirect_to_https(uri: &Uri, host: &str, port: Option<u16>, route: Arc<Route>) -> Outcome {
     let bare = match host.strip_prefix('[') {
         Some(rest) => rest
             .split(']')
@@ -1190,7 +1183,7 @@ fn redirect_to_https(
             .map_or(host.to_owned(), |h| format!("[{h}]")),
         None => host.rsplit_once(':').map_or(host, |(h, _)| h).to_owned(),
     };
-    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let pq = uri.path_and_query().map_or("/", |p| p.as_str());
     let location = match port {
         Some(p) if p != 443 => format!("https://{bare}:{p}{pq}"),
         _ => format!("https://{bare}{pq}"),
