@@ -115,22 +115,23 @@ pub struct ResponseHead {
 }
 
 impl UpstreamConn {
-    /// Connects (with `TCP_NODELAY`).
+    /// Connects (with `TCP_NODELAY`). Boxed: a connection moves from the pool to the
+    /// exchange, the response body and back for every request, a pointer moves faster.
     pub async fn connect(
         addr: std::net::SocketAddr,
         timeout: std::time::Duration,
-    ) -> io::Result<Self> {
+    ) -> io::Result<Box<Self>> {
         let io = tokio::time::timeout(timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
         io.set_nodelay(true)?;
-        Ok(Self {
+        Ok(Box::new(Self {
             io,
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             spans: Vec::new(),
             names: NameCache::default(),
             timer: None,
-        })
+        }))
     }
 
     /// Whether an idle pooled connection still looks usable: no EOF and no unsolicited bytes.
@@ -514,7 +515,7 @@ fn build_head(
 /// the connection reusable) the connection returns to `endpoint`'s pool.
 #[derive(Debug)]
 pub struct UpstreamBody {
-    conn: Option<UpstreamConn>,
+    conn: Option<Box<UpstreamConn>>,
     framing: Framing,
     keep_alive: bool,
     endpoint: Arc<Endpoint>,
@@ -523,7 +524,7 @@ pub struct UpstreamBody {
 
 impl UpstreamBody {
     /// The body of `head`, read from `conn`.
-    pub fn new(conn: UpstreamConn, head: &ResponseHead, endpoint: Arc<Endpoint>) -> Self {
+    pub fn new(conn: Box<UpstreamConn>, head: &ResponseHead, endpoint: Arc<Endpoint>) -> Self {
         let mut b = Self {
             conn: Some(conn),
             framing: head.framing,

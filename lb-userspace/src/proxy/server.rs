@@ -1126,7 +1126,7 @@ async fn connection_for(
     connect_timeout: Duration,
     upgrade: bool,
     probe: bool,
-) -> std::io::Result<(UpstreamConn, bool)> {
+) -> std::io::Result<(Box<UpstreamConn>, bool)> {
     if !upgrade {
         // Bounded by the pool size; dead connections are dropped as they are found.
         while let Some(mut c) = ep.checkout() {
@@ -1146,7 +1146,7 @@ async fn connection_for(
 /// Answers 101 downstream and splices the client's upgraded connection with the upstream
 /// socket (bytes the upstream sent right after its 101 are delivered first).
 fn tunnel(
-    conn: UpstreamConn,
+    conn: Box<UpstreamConn>,
     head: ResponseHead,
     client: hyper::upgrade::OnUpgrade,
     in_flight: upstream::InFlight,

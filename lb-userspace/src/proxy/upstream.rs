@@ -58,7 +58,7 @@ pub struct Endpoint {
     /// `now_ms()` until which the endpoint is ejected (0 = admitted).
     ejected_until: AtomicU64,
     /// Idle connections, one list per worker (no cross-thread wakeups on the hot path).
-    idle: Box<[Mutex<Vec<UpstreamConn>>]>,
+    idle: Box<[Mutex<Vec<Box<UpstreamConn>>>]>,
 }
 
 impl Endpoint {
@@ -84,12 +84,12 @@ impl Endpoint {
         !self.admitted(now_ms())
     }
 
-    fn idle_list(&self) -> &Mutex<Vec<UpstreamConn>> {
+    fn idle_list(&self) -> &Mutex<Vec<Box<UpstreamConn>>> {
         &self.idle[worker_index() % self.idle.len()]
     }
 
     /// The most recently used idle connection (LIFO: the likeliest to be still open).
-    pub(crate) fn checkout(&self) -> Option<UpstreamConn> {
+    pub(crate) fn checkout(&self) -> Option<Box<UpstreamConn>> {
         self.idle_list()
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -97,7 +97,7 @@ impl Endpoint {
     }
 
     /// Returns a connection whose last response has been read completely.
-    pub(crate) fn checkin(&self, s: UpstreamConn) {
+    pub(crate) fn checkin(&self, s: Box<UpstreamConn>) {
         let mut idle = self.idle_list().lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < MAX_IDLE_PER_WORKER {
             idle.push(s);
