@@ -62,6 +62,9 @@ pub struct Exchange<'a> {
     pub timeout: std::time::Duration,
     /// A map to read the response headers into (taken; an empty one allocates nothing).
     pub headers: &'a mut HeaderMap,
+    /// Instead of the map: the response's header lines as received, hop-by-hop ones left
+    /// out, appended here (for a server that writes them downstream as they are).
+    pub raw: Option<&'a mut Vec<u8>>,
 }
 
 /// An upstream HTTP/1.1 connection.
@@ -108,8 +111,11 @@ enum Chunk {
 pub struct ResponseHead {
     /// Status.
     pub status: StatusCode,
-    /// Headers as received.
+    /// Headers as received, hop-by-hop ones left out (empty when they went to
+    /// [`Exchange::raw`]).
     pub headers: HeaderMap,
+    /// The upstream sent a `Date` header.
+    pub has_date: bool,
     framing: Framing,
     keep_alive: bool,
 }
@@ -161,14 +167,8 @@ impl UpstreamConn {
             None => LazySleep::new(deadline),
         };
         let result = {
-            let mut inner = std::pin::pin!(self.exchange_inner(
-                head,
-                method,
-                chunked,
-                body,
-                body_touched,
-                x.headers
-            ));
+            let mut inner =
+                std::pin::pin!(self.exchange_inner(head, method, chunked, body, body_touched, x));
             std::future::poll_fn(|cx| {
                 if let Poll::Ready(r) = inner.as_mut().poll(cx) {
                     return Poll::Ready(r);
@@ -191,8 +191,11 @@ impl UpstreamConn {
         chunked: bool,
         body: &mut ReqBody,
         body_touched: &mut bool,
-        headers: &mut HeaderMap,
+        x: Exchange<'_>,
     ) -> Result<ResponseHead, ExchangeError> {
+        let Exchange {
+            headers, mut raw, ..
+        } = x;
         if let Err(e) = self.io.write_all(head).await {
             return Err(if is_reset(&e) {
                 ExchangeError::Stale
@@ -206,7 +209,12 @@ impl UpstreamConn {
         }
         loop {
             let head = self
-                .read_head(method, *body_touched, std::mem::take(headers))
+                .read_head(
+                    method,
+                    *body_touched,
+                    std::mem::take(headers),
+                    raw.as_deref_mut(),
+                )
                 .await?;
             // Interim responses (100 Continue, 103 Early Hints) are not forwarded.
             if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS {
@@ -248,6 +256,7 @@ impl UpstreamConn {
         method: &Method,
         body_touched: bool,
         headers: HeaderMap,
+        mut raw_sink: Option<&mut Vec<u8>>,
     ) -> Result<ResponseHead, ExchangeError> {
         let mut received_any = !self.rbuf.is_empty();
         loop {
@@ -257,7 +266,15 @@ impl UpstreamConn {
                     // The allocation is reclaimed by `reserve` once the response head has
                     // been written downstream and these slices are gone.
                     let bytes = self.rbuf.split_to(len).freeze();
-                    return build_head(&raw, &self.spans, &bytes, method, headers, &mut self.names);
+                    return build_head(
+                        &raw,
+                        &self.spans,
+                        &bytes,
+                        method,
+                        headers,
+                        &mut self.names,
+                        raw_sink.as_deref_mut(),
+                    );
                 }
                 if self.rbuf.len() > MAX_RESPONSE_HEAD {
                     return Err(ExchangeError::Protocol("head too large"));
@@ -345,6 +362,7 @@ enum NameKind {
     Connection,
     /// Hop-by-hop other than the above (not forwarded).
     HopByHop,
+    Date,
     Other,
 }
 
@@ -365,37 +383,50 @@ struct NameCache(Vec<Option<KnownName>>);
 const NAME_CACHE_SLOTS: usize = 32;
 
 impl NameCache {
-    fn name(&mut self, i: usize, raw: &[u8]) -> Result<(HeaderName, NameKind), ExchangeError> {
-        if let Some(Some(known)) = self.0.get(i)
-            && *known.raw == *raw
-        {
-            return Ok((known.name.clone(), known.kind));
-        }
-        let name =
-            HeaderName::from_bytes(raw).map_err(|_| ExchangeError::Protocol("header name"))?;
-        let kind = if name == header::CONTENT_LENGTH {
-            NameKind::ContentLength
-        } else if name == header::TRANSFER_ENCODING {
-            NameKind::TransferEncoding
-        } else if name == header::CONNECTION {
-            NameKind::Connection
-        } else if head::is_hop_by_hop_response(&name) {
-            NameKind::HopByHop
-        } else {
-            NameKind::Other
-        };
-        if i < NAME_CACHE_SLOTS {
-            if self.0.len() <= i {
-                self.0.resize_with(i + 1, || None);
+    fn name(&mut self, i: usize, raw: &[u8]) -> Result<(&HeaderName, NameKind), ExchangeError> {
+        // Positions past the remembered ones share the last slot.
+        let slot = i.min(NAME_CACHE_SLOTS);
+        let hit = self
+            .0
+            .get(slot)
+            .is_some_and(|k| k.as_ref().is_some_and(|k| *k.raw == *raw));
+        if !hit {
+            let name =
+                HeaderName::from_bytes(raw).map_err(|_| ExchangeError::Protocol("header name"))?;
+            let kind = if name == header::CONTENT_LENGTH {
+                NameKind::ContentLength
+            } else if name == header::TRANSFER_ENCODING {
+                NameKind::TransferEncoding
+            } else if name == header::CONNECTION {
+                NameKind::Connection
+            } else if head::is_hop_by_hop_response(&name) {
+                NameKind::HopByHop
+            } else if name == header::DATE {
+                NameKind::Date
+            } else {
+                NameKind::Other
+            };
+            if self.0.len() <= slot {
+                self.0.resize_with(slot + 1, || None);
             }
-            self.0[i] = Some(KnownName {
+            self.0[slot] = Some(KnownName {
                 raw: raw.into(),
-                name: name.clone(),
+                name,
                 kind,
             });
         }
-        Ok((name, kind))
+        match self.0.get(slot) {
+            Some(Some(known)) => Ok((&known.name, known.kind)),
+            _ => Err(ExchangeError::Protocol("header name")),
+        }
     }
+}
+
+fn put_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
 }
 
 fn build_head(
@@ -405,6 +436,7 @@ fn build_head(
     method: &Method,
     mut headers: HeaderMap,
     names: &mut NameCache,
+    mut raw_out: Option<&mut Vec<u8>>,
 ) -> Result<ResponseHead, ExchangeError> {
     let status =
         StatusCode::from_u16(raw.code).map_err(|_| ExchangeError::Protocol("bad status"))?;
@@ -419,9 +451,12 @@ fn build_head(
     let mut te = false;
     let mut close = !http11;
     let mut nominates = false;
+    let mut has_date = false;
+    let raw_start = raw_out.as_ref().map_or(0, |r| r.len());
     for (i, &(ns, ne, vs, ve)) in spans.iter().enumerate() {
         let raw_value = &bytes[vs as usize..ve as usize];
-        let (name, kind) = names.name(i, &bytes[ns as usize..ne as usize])?;
+        let raw_name = &bytes[ns as usize..ne as usize];
+        let (name, kind) = names.name(i, raw_name)?;
         if kind == NameKind::ContentLength {
             let n: u64 = std::str::from_utf8(raw_value)
                 .ok()
@@ -450,6 +485,8 @@ fn build_head(
                 close = false;
             }
             nominates |= head::nominated(v).next().is_some();
+        } else if kind == NameKind::Date {
+            has_date = true;
         }
         if !keep_hop
             && matches!(
@@ -459,15 +496,37 @@ fn build_head(
         {
             continue;
         }
-        let value = HeaderValue::from_maybe_shared(bytes.slice(vs as usize..ve as usize))
-            .map_err(|_| ExchangeError::Protocol("header value"))?;
-        headers.append(name, value);
+        match raw_out.as_deref_mut() {
+            Some(out) => put_line(out, raw_name, raw_value),
+            None => {
+                let value = HeaderValue::from_maybe_shared(bytes.slice(vs as usize..ve as usize))
+                    .map_err(|_| ExchangeError::Protocol("header value"))?;
+                headers.append(name.clone(), value);
+            }
+        }
     }
     if nominates && !keep_hop {
         // Rare: the upstream named headers of its own as hop-by-hop.
+        let mut dropped: Vec<&[u8]> = Vec::new();
         for &(ns, ne, vs, ve) in spans {
             if bytes[ns as usize..ne as usize].eq_ignore_ascii_case(b"connection") {
-                for name in head::nominated(&bytes[vs as usize..ve as usize]) {
+                dropped.extend(head::nominated(&bytes[vs as usize..ve as usize]));
+            }
+        }
+        match raw_out.as_deref_mut() {
+            Some(out) => {
+                out.truncate(raw_start);
+                for &(ns, ne, vs, ve) in spans {
+                    let n = &bytes[ns as usize..ne as usize];
+                    if !head::is_hop_by_hop_response_raw(n)
+                        && !dropped.iter().any(|d| d.eq_ignore_ascii_case(n))
+                    {
+                        put_line(out, n, &bytes[vs as usize..ve as usize]);
+                    }
+                }
+            }
+            None => {
+                for name in dropped {
                     if let Ok(name) = HeaderName::from_bytes(name) {
                         headers.remove(name);
                     }
@@ -503,12 +562,32 @@ fn build_head(
         close = true;
         Framing::UntilClose
     };
+    if let Some(out) = raw_out
+        && matches!(framing, Framing::Chunked(_))
+    {
+        // The body goes downstream with a framing of its own: the upstream's length is moot.
+        drop_lines(out, raw_start, b"content-length");
+    }
     Ok(ResponseHead {
         status,
         headers,
+        has_date,
         framing,
         keep_alive: !close,
     })
+}
+
+/// Removes the `name` lines from the header lines in `out[start..]`.
+fn drop_lines(out: &mut Vec<u8>, start: usize, name: &[u8]) {
+    let mut kept = Vec::with_capacity(out.len() - start);
+    for line in out[start..].split_inclusive(|b| *b == b'\n') {
+        let n = line.split(|b| *b == b':').next().unwrap_or_default();
+        if !n.eq_ignore_ascii_case(name) {
+            kept.extend_from_slice(line);
+        }
+    }
+    out.truncate(start);
+    out.extend_from_slice(&kept);
 }
 
 /// An upstream response body, decoded from the connection as it is polled. Once complete (and
@@ -517,6 +596,8 @@ fn build_head(
 pub struct UpstreamBody {
     conn: Option<Box<UpstreamConn>>,
     framing: Framing,
+    /// The length is not known up front (chunked or close-delimited upstream).
+    unknown_length: bool,
     keep_alive: bool,
     endpoint: Arc<Endpoint>,
     done: bool,
@@ -528,6 +609,7 @@ impl UpstreamBody {
         let mut b = Self {
             conn: Some(conn),
             framing: head.framing,
+            unknown_length: matches!(head.framing, Framing::Chunked(_) | Framing::UntilClose),
             keep_alive: head.keep_alive,
             endpoint,
             done: false,
@@ -536,6 +618,11 @@ impl UpstreamBody {
             b.finish();
         }
         b
+    }
+
+    /// The body's length is not known up front (the head carries no Content-Length).
+    pub fn unknown_length(&self) -> bool {
+        self.unknown_length
     }
 
     fn finish(&mut self) {
@@ -744,6 +831,7 @@ mod tests {
             method,
             HeaderMap::new(),
             &mut NameCache::default(),
+            None,
         )
     }
 
@@ -818,6 +906,7 @@ mod tests {
                 &Method::GET,
                 HeaderMap::new(),
                 &mut names,
+                None,
             )
             .unwrap()
         };

@@ -365,12 +365,10 @@ fn find_byte(hay: &[u8], needle: u8) -> Option<usize> {
     const LO: u64 = 0x0101_0101_0101_0101;
     const HI: u64 = 0x8080_8080_8080_8080;
     let pattern = LO * u64::from(needle);
-    let mut chunks = hay.chunks_exact(8);
+    let (chunks, rest) = hay.as_chunks::<8>();
     let mut at = 0;
-    for chunk in &mut chunks {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(chunk);
-        let x = u64::from_le_bytes(word) ^ pattern;
+    for chunk in chunks {
+        let x = u64::from_le_bytes(*chunk) ^ pattern;
         // Bytes equal to `needle` are zero in `x`; the lowest flagged byte is exact.
         let zero = x.wrapping_sub(LO) & !x & HI;
         if zero != 0 {
@@ -378,11 +376,7 @@ fn find_byte(hay: &[u8], needle: u8) -> Option<usize> {
         }
         at += 8;
     }
-    chunks
-        .remainder()
-        .iter()
-        .position(|b| *b == needle)
-        .map(|p| at + p)
+    rest.iter().position(|b| *b == needle).map(|p| at + p)
 }
 
 pin_project_lite::pin_project! {

@@ -29,11 +29,13 @@ use super::body::{ReqBody, RespBody};
 use super::client::{Exchange, ExchangeError, ResponseHead, UpstreamBody, UpstreamConn};
 use super::config::{Annotations, ConfigError, ProxyConfig};
 use super::h1guard::GuardedIo;
-use super::head::{ClientText, RequestHead, encode_request};
+use super::head::{ClientText, Headers, RequestHead, encode_request};
 use super::metrics::{Metrics, RuleCounters};
 use super::routing::RouteTable;
 use super::tls::{CertStore, TlsError};
 use super::upstream::{self, Endpoint, PickContext, Upstream, UpstreamMap};
+
+mod h1;
 
 /// Why the proxy could not start or a configuration could not be applied.
 #[derive(Debug, thiserror::Error)]
@@ -613,8 +615,7 @@ async fn serve_connection(
                 ctx.track_idle = true;
                 serve_h2(shared, Arc::new(ctx), TokioIo::new(tls_stream), &settings).await;
             } else {
-                let io = GuardedIo::new(tls_stream);
-                serve_h1(shared, Arc::new(ctx), TokioIo::new(io), &settings).await;
+                h1::serve(shared, Arc::new(ctx), tls_stream, &settings).await;
             }
         }
         None => {
@@ -623,10 +624,7 @@ async fn serve_connection(
                     ctx.track_idle = true;
                     serve_h2(shared, Arc::new(ctx), TokioIo::new(stream), &settings).await
                 }
-                Ok(Ok(false)) => {
-                    let io = GuardedIo::new(stream);
-                    serve_h1(shared, Arc::new(ctx), TokioIo::new(io), &settings).await;
-                }
+                Ok(Ok(false)) => h1::serve(shared, Arc::new(ctx), stream, &settings).await,
                 _ => {}
             }
         }
@@ -789,6 +787,8 @@ struct Prepared {
     next: Next,
 }
 
+// `Forward` is the common case and moves once; boxing it would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
 enum Next {
     /// Answered locally (error, redirect); boxed, as these are the exception.
     Done(Box<Outcome>),
@@ -808,6 +808,11 @@ struct Forward {
     /// The request's header map, emptied: the response head is read into it (hyper hands
     /// the response's map back for the next request head, so the maps circulate).
     headers: HeaderMap,
+    /// For the HTTP/1.1 fast path: the response's header lines go here instead of into
+    /// `headers` (see [`h1`]).
+    raw_lines: Option<Vec<u8>>,
+    /// Set by the exchange: the upstream's response carried a Date header.
+    upstream_date: bool,
     upgrade: Option<hyper::upgrade::OnUpgrade>,
 }
 
@@ -855,6 +860,23 @@ async fn handle(shared: &Shared, ctx: Arc<ConnCtx>, prepared: Prepared) -> Respo
         Next::Done(out) => *out,
         Next::Forward(f) => forward(&state, &ctx, f).await,
     };
+    finish(shared, &ctx, start, &state, http1, log_fields, active, out)
+}
+
+/// Counts the answer in the metrics, marks it `Connection: close` when draining (for an
+/// HTTP/1 connection served by hyper), and attaches the access-log record and the busy mark
+/// to its body.
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    shared: &Shared,
+    ctx: &ConnCtx,
+    start: Instant,
+    state: &State,
+    http1: bool,
+    log_fields: Option<Box<(Method, String, String)>>,
+    active: Option<ActiveGuard>,
+    out: Outcome,
+) -> Response<RespBody> {
     let status = out.resp.status();
     match &out.route {
         Some(r) => r.counters.count(status.as_u16()),
@@ -914,6 +936,91 @@ fn is_idempotent(m: &Method) -> bool {
 }
 
 /// Routes a request and, when it goes upstream, encodes its head; consumes the request head.
+/// A request head as routing sees it, from hyper's request or the fast path's parse.
+struct View<'a> {
+    method: &'a Method,
+    /// HTTP/1.1 (only such requests can ask for an upgrade).
+    http11: bool,
+    path: &'a str,
+    /// Origin-form target: path and query.
+    target: &'a str,
+    /// The target's authority, else the first Host header (None: 400).
+    host: Option<&'a str>,
+    headers: Headers<'a>,
+    /// Content-Length (or HTTP/2's content-length).
+    declared_len: Option<u64>,
+    /// A body follows.
+    has_body: bool,
+}
+
+/// A routed request whose upstream head is encoded.
+struct Routed {
+    route: Arc<Route>,
+    chunked: bool,
+    upgrade: bool,
+    affinity: u64,
+}
+
+/// Routes a request head and encodes its upstream head into `head`; the `Err` is the local
+/// answer (400 without host, 404, redirect, 413).
+fn route_view(
+    state: &State,
+    ctx: &ConnCtx,
+    v: &View<'_>,
+    head: &mut Vec<u8>,
+) -> Result<Routed, Box<Outcome>> {
+    let s = &state.settings;
+    let Some(host) = v.host else {
+        return Err(Box::new(Outcome::local(StatusCode::BAD_REQUEST, None)));
+    };
+    let Some(route) = state.routes.lookup(Some(host), v.path).cloned() else {
+        return Err(Box::new(Outcome::local(StatusCode::NOT_FOUND, None)));
+    };
+    if route.ssl_redirect && !ctx.https {
+        return Err(Box::new(redirect_to_https(
+            v.target,
+            host,
+            s.https_redirect_port,
+            route,
+        )));
+    }
+    if v.declared_len.is_some_and(|n| n > route.max_body) {
+        return Err(Box::new(Outcome::local(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Some(route),
+        )));
+    }
+    // A body of unknown length is sent chunked; one with a declared length keeps its
+    // Content-Length header.
+    let chunked = v.has_body && v.declared_len.is_none();
+    let encoded = encode_request(
+        head,
+        &RequestHead {
+            method: v.method,
+            target: v.target,
+            host,
+            headers: v.headers,
+            may_upgrade: v.http11,
+            chunked,
+            client: &ctx.client_text,
+            https: ctx.https,
+        },
+    );
+    let affinity = route.upstream.affinity(&PickContext {
+        client_ip: ctx.peer.ip(),
+        headers: v.headers,
+        set: Some((head, &encoded.set)),
+    });
+    Ok(Routed {
+        route,
+        chunked,
+        upgrade: encoded.upgrade,
+        affinity,
+    })
+}
+
+/// Routes a request (from hyper) and, when it goes upstream, encodes its head; consumes the
+/// request head.
 fn route_request(state: &State, ctx: &ConnCtx, req: Request<Incoming>) -> Next {
     let s = &state.settings;
     let (mut parts, body) = req.into_parts();
@@ -923,53 +1030,33 @@ fn route_request(state: &State, ctx: &ConnCtx, req: Request<Incoming>) -> Next {
             None,
         )));
     }
-    let Some(host) = host_of(&parts.uri, &parts.headers) else {
-        return Next::Done(Box::new(Outcome::local(StatusCode::BAD_REQUEST, None)));
-    };
-    let Some(route) = state.routes.lookup(Some(host), parts.uri.path()).cloned() else {
-        return Next::Done(Box::new(Outcome::local(StatusCode::NOT_FOUND, None)));
-    };
-    if route.ssl_redirect && !ctx.https {
-        return Next::Done(Box::new(redirect_to_https(
-            &parts.uri,
-            host,
-            s.https_redirect_port,
-            route,
-        )));
-    }
-    // hyper's body knows the declared length (Content-Length, or HTTP/2's content-length):
-    // no header lookup.
-    let declared_len = body.size_hint().exact();
-    if declared_len.is_some_and(|n| n > route.max_body) {
-        return Next::Done(Box::new(Outcome::local(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            Some(route),
-        )));
-    }
-    // A body of unknown length is sent chunked; one with a declared length keeps its
-    // Content-Length header.
-    let chunked = !body.is_end_stream() && declared_len.is_none();
     let mut head = ctx.take_head_buf();
-    let encoded = encode_request(
-        &mut head,
-        &RequestHead {
+    let routed = route_view(
+        state,
+        ctx,
+        &View {
             method: &parts.method,
+            http11: parts.version == Version::HTTP_11,
+            path: parts.uri.path(),
             // Upstreams get origin-form (HTTP/2 requests arrive in absolute form).
             target: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
-            host,
-            headers: &parts.headers,
-            may_upgrade: parts.version == Version::HTTP_11,
-            chunked,
-            client: &ctx.client_text,
-            https: ctx.https,
+            host: host_of(&parts.uri, &parts.headers),
+            headers: Headers::Map(&parts.headers),
+            // hyper's body knows the declared length (Content-Length, or HTTP/2's
+            // content-length): no header lookup.
+            declared_len: body.size_hint().exact(),
+            has_body: !body.is_end_stream(),
         },
+        &mut head,
     );
-    let affinity = route.upstream.affinity(&PickContext {
-        client_ip: ctx.peer.ip(),
-        headers: &parts.headers,
-        set: Some((&head, &encoded.set)),
-    });
-    let client_upgrade = encoded.upgrade.then(|| {
+    let routed = match routed {
+        Ok(r) => r,
+        Err(out) => {
+            ctx.put_head_buf(head);
+            return Next::Done(out);
+        }
+    };
+    let client_upgrade = routed.upgrade.then(|| {
         // hyper hands the upgraded connection over through the request's extensions.
         let mut req = Request::new(());
         *req.extensions_mut() = std::mem::take(&mut parts.extensions);
@@ -979,12 +1066,14 @@ fn route_request(state: &State, ctx: &ConnCtx, req: Request<Incoming>) -> Next {
     headers.clear();
     Next::Forward(Forward {
         headers,
-        body: ReqBody::limited(body, route.max_body),
-        route,
+        raw_lines: None,
+        upstream_date: false,
+        body: ReqBody::limited(body, routed.route.max_body),
+        route: routed.route,
         method: parts.method,
         head,
-        chunked,
-        affinity,
+        chunked: routed.chunked,
+        affinity: routed.affinity,
         upgrade: client_upgrade,
     })
 }
@@ -1056,6 +1145,7 @@ async fn exchange(state: &State, f: &mut Forward) -> Outcome {
                 Exchange {
                     timeout: s.response,
                     headers: &mut f.headers,
+                    raw: f.raw_lines.as_mut(),
                 },
             )
             .await;
@@ -1091,6 +1181,7 @@ async fn exchange(state: &State, f: &mut Forward) -> Outcome {
                 };
             }
         };
+        f.upstream_date = head.has_date;
         if head.status.is_server_error() {
             upstream.record_failure(&ep);
         } else {
@@ -1100,7 +1191,7 @@ async fn exchange(state: &State, f: &mut Forward) -> Outcome {
         if head.status == StatusCode::SWITCHING_PROTOCOLS
             && let Some(client_upgrade) = f.upgrade.take()
         {
-            let resp = tunnel(conn, head, client_upgrade, in_flight);
+            let resp = tunnel(*conn, head, client_upgrade, in_flight);
             return Outcome {
                 resp,
                 route: Some(route.clone()),
@@ -1146,7 +1237,7 @@ async fn connection_for(
 /// Answers 101 downstream and splices the client's upgraded connection with the upstream
 /// socket (bytes the upstream sent right after its 101 are delivered first).
 fn tunnel(
-    conn: Box<UpstreamConn>,
+    conn: UpstreamConn,
     head: ResponseHead,
     client: hyper::upgrade::OnUpgrade,
     in_flight: upstream::InFlight,
@@ -1175,7 +1266,7 @@ fn tunnel(
     resp
 }
 
-fn redirect_to_https(uri: &Uri, host: &str, port: Option<u16>, route: Arc<Route>) -> Outcome {
+fn redirect_to_https(pq: &str, host: &str, port: Option<u16>, route: Arc<Route>) -> Outcome {
     let bare = match host.strip_prefix('[') {
         Some(rest) => rest
             .split(']')
@@ -1183,7 +1274,6 @@ fn redirect_to_https(uri: &Uri, host: &str, port: Option<u16>, route: Arc<Route>
             .map_or(host.to_owned(), |h| format!("[{h}]")),
         None => host.rsplit_once(':').map_or(host, |(h, _)| h).to_owned(),
     };
-    let pq = uri.path_and_query().map_or("/", |p| p.as_str());
     let location = match port {
         Some(p) if p != 443 => format!("https://{bare}:{p}{pq}"),
         _ => format!("https://{bare}{pq}"),

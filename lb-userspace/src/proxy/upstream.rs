@@ -11,13 +11,13 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use http::{HeaderMap, HeaderName};
+use http::HeaderName;
 use prometheus_client::metrics::counter::Counter;
 use rand::Rng;
 
 use super::client::UpstreamConn;
 use super::config::{Balance, PassiveHealth, Service};
-use super::head::SetValues;
+use super::head::{Headers, SetValues};
 use super::metrics::Metrics;
 
 /// Idle upstream connections kept per endpoint and worker.
@@ -58,6 +58,9 @@ pub struct Endpoint {
     /// `now_ms()` until which the endpoint is ejected (0 = admitted).
     ejected_until: AtomicU64,
     /// Idle connections, one list per worker (no cross-thread wakeups on the hot path).
+    /// Boxed: a connection moves between the pool, the exchange and the response body for
+    /// every request, and a pointer moves faster than the connection.
+    #[allow(clippy::vec_box)]
     idle: Box<[Mutex<Vec<Box<UpstreamConn>>>]>,
 }
 
@@ -84,6 +87,7 @@ impl Endpoint {
         !self.admitted(now_ms())
     }
 
+    #[allow(clippy::vec_box)] // see `idle`
     fn idle_list(&self) -> &Mutex<Vec<Box<UpstreamConn>>> {
         &self.idle[worker_index() % self.idle.len()]
     }
@@ -127,7 +131,7 @@ pub struct PickContext<'a> {
     /// The downstream client's address.
     pub client_ip: IpAddr,
     /// The request headers.
-    pub headers: &'a HeaderMap,
+    pub(crate) headers: Headers<'a>,
     /// The encoded upstream head and where the values the proxy sets (Host, X-Forwarded-*,
     /// Forwarded) are in it: a hash header among those hashes what the upstream gets.
     pub(crate) set: Option<(&'a [u8], &'a SetValues)>,
@@ -140,7 +144,7 @@ impl PickContext<'_> {
         {
             return Some(v);
         }
-        self.headers.get(name).map(|v| v.as_bytes())
+        self.headers.get(name)
     }
 }
 
@@ -365,6 +369,7 @@ pub fn build_upstreams(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderMap;
 
     fn svc(balance: Balance, n: u16) -> Service {
         Service {
@@ -385,7 +390,7 @@ mod tests {
     fn ctx(h: &HeaderMap, last: u8) -> PickContext<'_> {
         PickContext {
             client_ip: IpAddr::from([10, 0, 0, last]),
-            headers: h,
+            headers: Headers::Map(h),
             set: None,
         }
     }
