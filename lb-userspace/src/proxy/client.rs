@@ -422,6 +422,18 @@ impl NameCache {
     }
 }
 
+/// A Content-Length value: ASCII digits only (no sign, no list), without overflow.
+fn parse_decimal(v: &[u8]) -> Option<u64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.iter().try_fold(0u64, |n, b| {
+        b.is_ascii_digit()
+            .then(|| n.checked_mul(10)?.checked_add(u64::from(b - b'0')))
+            .flatten()
+    })
+}
+
 fn put_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
@@ -444,8 +456,10 @@ fn build_head(
     // A 101's headers go to the client as they are (Connection and Upgrade included); other
     // responses lose their hop-by-hop headers here rather than by removals from the map.
     let keep_hop = status == StatusCode::SWITCHING_PROTOCOLS;
-    headers.clear();
-    headers.reserve(spans.len());
+    if raw_out.is_none() {
+        headers.clear();
+        headers.reserve(spans.len());
+    }
     let mut content_length: Option<u64> = None;
     let mut chunked = false;
     let mut te = false;
@@ -458,9 +472,7 @@ fn build_head(
         let raw_name = &bytes[ns as usize..ne as usize];
         let (name, kind) = names.name(i, raw_name)?;
         if kind == NameKind::ContentLength {
-            let n: u64 = std::str::from_utf8(raw_value)
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
+            let n = parse_decimal(raw_value.trim_ascii())
                 .ok_or(ExchangeError::Protocol("content-length"))?;
             if content_length.is_some_and(|prev| prev != n) {
                 return Err(ExchangeError::Protocol("conflicting content-length"));
@@ -927,6 +939,23 @@ mod tests {
         let h = parse_with(first);
         assert_eq!(h.headers.len(), 3, "{:?}", h.headers);
         assert!(h.keep_alive);
+    }
+
+    #[test]
+    fn content_lengths_are_plain_digits() {
+        assert_eq!(parse_decimal(b"0"), Some(0));
+        assert_eq!(parse_decimal(b"18446744073709551615"), Some(u64::MAX));
+        for bad in [
+            &b""[..],
+            b"+5",
+            b"-1",
+            b"5 5",
+            b"5,5",
+            b"0x10",
+            b"18446744073709551616",
+        ] {
+            assert_eq!(parse_decimal(bad), None, "{bad:?}");
+        }
     }
 
     #[test]
