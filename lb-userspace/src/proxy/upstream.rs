@@ -246,9 +246,14 @@ impl Upstream {
         if self.endpoints.is_empty() {
             return None;
         }
-        let now = now_ms();
+        // The clock is read only if some endpoint has been ejected (0: never, or re-admitted
+        // by a success).
+        let now = std::cell::OnceCell::new();
         let usable = |e: &Endpoint, respect_ejection: bool| {
-            exclude.is_none_or(|x| !std::ptr::eq(x, e)) && (!respect_ejection || e.admitted(now))
+            exclude.is_none_or(|x| !std::ptr::eq(x, e))
+                && (!respect_ejection
+                    || e.ejected_until.load(Ordering::Relaxed) == 0
+                    || e.admitted(*now.get_or_init(now_ms)))
         };
         self.pick_with(affinity, |e| usable(e, true))
             .or_else(|| self.pick_with(affinity, |e| usable(e, false)))
@@ -340,8 +345,14 @@ impl Upstream {
         if e.consecutive_failures.load(Ordering::Relaxed) != 0 {
             e.consecutive_failures.store(0, Ordering::Relaxed);
         }
-        if e.ejections.load(Ordering::Relaxed) != 0 && e.admitted(now_ms()) {
+        let until = e.ejected_until.load(Ordering::Relaxed);
+        if e.ejections.load(Ordering::Relaxed) != 0 && until <= now_ms() {
             e.ejections.store(0, Ordering::Relaxed);
+            // Past its ejection: 0 says so without a clock read in `pick` (unless another
+            // request has just ejected it again).
+            let _ =
+                e.ejected_until
+                    .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed);
         }
     }
 }

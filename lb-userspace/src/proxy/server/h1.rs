@@ -399,7 +399,11 @@ where
             })
             .await;
             match frame {
-                Some(Some(Ok(f))) => self.put_frame(f, chunked).await?,
+                Some(Some(Ok(f))) => {
+                    if let Some(large) = self.put_frame(f, chunked) {
+                        self.put_large(large, chunked).await?;
+                    }
+                }
                 Some(Some(Err(_))) => return Err(broken_body()),
                 Some(None) => {
                     ended = true;
@@ -418,7 +422,11 @@ where
             loop {
                 let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
                 match frame {
-                    Some(Ok(f)) => self.put_frame(f, chunked).await?,
+                    Some(Ok(f)) => {
+                        if let Some(large) = self.put_frame(f, chunked) {
+                            self.put_large(large, chunked).await?;
+                        }
+                    }
                     Some(Err(_)) => return Err(broken_body()),
                     None => break,
                 }
@@ -432,25 +440,31 @@ where
         self.io.flush().await
     }
 
-    /// Appends a data frame to the write buffer (a large one is written out directly).
-    async fn put_frame(&mut self, frame: Frame<Bytes>, chunked: bool) -> std::io::Result<()> {
-        let Ok(data) = frame.into_data() else {
-            return Ok(()); // trailers are not forwarded
-        };
+    /// Appends a data frame to the write buffer; a large one is handed back, to be written
+    /// from its own buffer by [`Conn::put_large`].
+    fn put_frame(&mut self, frame: Frame<Bytes>, chunked: bool) -> Option<Bytes> {
+        let data = frame.into_data().ok()?; // trailers are not forwarded
         if data.is_empty() {
-            return Ok(());
+            return None;
         }
         if chunked {
             put_hex(&mut self.wbuf, data.len());
             self.wbuf.extend_from_slice(b"\r\n");
         }
-        if data.len() <= COALESCE {
-            self.wbuf.extend_from_slice(&data);
-        } else {
-            self.io.write_all(&self.wbuf).await?;
-            self.wbuf.clear();
-            self.io.write_all(&data).await?;
+        if data.len() > COALESCE {
+            return Some(data);
         }
+        self.wbuf.extend_from_slice(&data);
+        if chunked {
+            self.wbuf.extend_from_slice(b"\r\n");
+        }
+        None
+    }
+
+    async fn put_large(&mut self, data: Bytes, chunked: bool) -> std::io::Result<()> {
+        self.io.write_all(&self.wbuf).await?;
+        self.wbuf.clear();
+        self.io.write_all(&data).await?;
         if chunked {
             self.wbuf.extend_from_slice(b"\r\n");
         }
