@@ -85,6 +85,17 @@ impl Body for ReqBody {
     }
 }
 
+/// See [`RespBody::length`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BodyLength {
+    /// A body of this many bytes and no head of its own (a local answer).
+    Known(u64),
+    /// The upstream's head says it (Content-Length), or the response has no body.
+    FromHead,
+    /// Not known up front (chunked or close-delimited upstream).
+    Unknown,
+}
+
 enum Kind {
     Upstream(UpstreamBody),
     Full(Option<Bytes>),
@@ -140,6 +151,15 @@ impl RespBody {
     /// Attaches the access-log record written when the body is dropped.
     pub(crate) fn set_log(&mut self, log: Option<Box<LogRecord>>) {
         self.log = log;
+    }
+
+    /// How the body's length reaches the client (for a server writing heads itself).
+    pub(crate) fn length(&self) -> BodyLength {
+        match &self.kind {
+            Kind::Full(b) => BodyLength::Known(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Upstream(up) if up.unknown_length() => BodyLength::Unknown,
+            Kind::Upstream(_) => BodyLength::FromHead,
+        }
     }
 
     /// Keeps the connection marked busy (for the idle timeout) until the body is dropped.

@@ -22,6 +22,7 @@ use tokio::net::TcpStream;
 
 use super::body::{BodyTooLarge, BoxError, ReqBody};
 use super::head;
+use super::timer::LazySleep;
 use super::upstream::Endpoint;
 
 /// Largest upstream response head accepted.
@@ -49,6 +50,21 @@ pub enum ExchangeError {
     /// The upstream's response is not valid HTTP/1.1.
     #[error("malformed upstream response: {0}")]
     Protocol(&'static str),
+    /// No response head within the upstream response timeout.
+    #[error("upstream response timed out")]
+    TimedOut,
+}
+
+/// Per-exchange settings.
+#[derive(Debug)]
+pub struct Exchange<'a> {
+    /// Request sent → response head read.
+    pub timeout: std::time::Duration,
+    /// A map to read the response headers into (taken; an empty one allocates nothing).
+    pub headers: &'a mut HeaderMap,
+    /// Instead of the map: the response's header lines as received, hop-by-hop ones left
+    /// out, appended here (for a server that writes them downstream as they are).
+    pub raw: Option<&'a mut Vec<u8>>,
 }
 
 /// An upstream HTTP/1.1 connection.
@@ -59,6 +75,10 @@ pub struct UpstreamConn {
     rbuf: BytesMut,
     /// Reused buffer for the header positions of response heads.
     spans: Vec<Span>,
+    names: NameCache,
+    /// The response timer, kept with the connection (a later deadline costs nothing; a
+    /// timer per exchange would be registered in and removed from the timer wheel each time).
+    timer: Option<LazySleep>,
 }
 
 /// (name start, name end, value start, value end) of a header in a response head.
@@ -91,27 +111,33 @@ enum Chunk {
 pub struct ResponseHead {
     /// Status.
     pub status: StatusCode,
-    /// Headers as received.
+    /// Headers as received, hop-by-hop ones left out (empty when they went to
+    /// [`Exchange::raw`]).
     pub headers: HeaderMap,
+    /// The upstream sent a `Date` header.
+    pub has_date: bool,
     framing: Framing,
     keep_alive: bool,
 }
 
 impl UpstreamConn {
-    /// Connects (with `TCP_NODELAY`).
+    /// Connects (with `TCP_NODELAY`). Boxed: a connection moves from the pool to the
+    /// exchange, the response body and back for every request, a pointer moves faster.
     pub async fn connect(
         addr: std::net::SocketAddr,
         timeout: std::time::Duration,
-    ) -> io::Result<Self> {
+    ) -> io::Result<Box<Self>> {
         let io = tokio::time::timeout(timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
         io.set_nodelay(true)?;
-        Ok(Self {
+        Ok(Box::new(Self {
             io,
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             spans: Vec::new(),
-        })
+            names: NameCache::default(),
+            timer: None,
+        }))
     }
 
     /// Whether an idle pooled connection still looks usable: no EOF and no unsolicited bytes.
@@ -122,7 +148,7 @@ impl UpstreamConn {
     }
 
     /// Sends a request (`head` encoded by [`super::head::encode_request`], announcing a
-    /// chunked body if `chunked`) and reads the response head.
+    /// chunked body if `chunked`) and reads the response head, within `x.timeout`.
     pub async fn exchange(
         &mut self,
         head: &[u8],
@@ -130,7 +156,46 @@ impl UpstreamConn {
         chunked: bool,
         body: &mut ReqBody,
         body_touched: &mut bool,
+        x: Exchange<'_>,
     ) -> Result<ResponseHead, ExchangeError> {
+        let deadline = tokio::time::Instant::now() + x.timeout;
+        let mut timer = match self.timer.take() {
+            Some(mut t) => {
+                t.set(deadline);
+                t
+            }
+            None => LazySleep::new(deadline),
+        };
+        let result = {
+            let mut inner =
+                std::pin::pin!(self.exchange_inner(head, method, chunked, body, body_touched, x));
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = inner.as_mut().poll(cx) {
+                    return Poll::Ready(r);
+                }
+                match timer.poll_elapsed(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(ExchangeError::TimedOut)),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await
+        };
+        self.timer = Some(timer);
+        result
+    }
+
+    async fn exchange_inner(
+        &mut self,
+        head: &[u8],
+        method: &Method,
+        chunked: bool,
+        body: &mut ReqBody,
+        body_touched: &mut bool,
+        x: Exchange<'_>,
+    ) -> Result<ResponseHead, ExchangeError> {
+        let Exchange {
+            headers, mut raw, ..
+        } = x;
         if let Err(e) = self.io.write_all(head).await {
             return Err(if is_reset(&e) {
                 ExchangeError::Stale
@@ -143,7 +208,14 @@ impl UpstreamConn {
             self.send_body(body, chunked).await?;
         }
         loop {
-            let head = self.read_head(method, *body_touched).await?;
+            let head = self
+                .read_head(
+                    method,
+                    *body_touched,
+                    std::mem::take(headers),
+                    raw.as_deref_mut(),
+                )
+                .await?;
             // Interim responses (100 Continue, 103 Early Hints) are not forwarded.
             if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS {
                 continue;
@@ -183,6 +255,8 @@ impl UpstreamConn {
         &mut self,
         method: &Method,
         body_touched: bool,
+        headers: HeaderMap,
+        mut raw_sink: Option<&mut Vec<u8>>,
     ) -> Result<ResponseHead, ExchangeError> {
         let mut received_any = !self.rbuf.is_empty();
         loop {
@@ -192,7 +266,15 @@ impl UpstreamConn {
                     // The allocation is reclaimed by `reserve` once the response head has
                     // been written downstream and these slices are gone.
                     let bytes = self.rbuf.split_to(len).freeze();
-                    return build_head(&raw, &self.spans, &bytes, method);
+                    return build_head(
+                        &raw,
+                        &self.spans,
+                        &bytes,
+                        method,
+                        headers,
+                        &mut self.names,
+                        raw_sink.as_deref_mut(),
+                    );
                 }
                 if self.rbuf.len() > MAX_RESPONSE_HEAD {
                     return Err(ExchangeError::Protocol("head too large"));
@@ -272,11 +354,101 @@ impl RawHead {
     }
 }
 
+/// How a response header is treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NameKind {
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    /// Hop-by-hop other than the above (not forwarded).
+    HopByHop,
+    Date,
+    Other,
+}
+
+#[derive(Debug)]
+struct KnownName {
+    raw: Box<[u8]>,
+    name: HeaderName,
+    kind: NameKind,
+}
+
+/// Header names of an upstream's responses by position. An upstream sends the same names
+/// in the same order response after response; comparing the raw bytes with the last ones
+/// is much cheaper than parsing and classifying a name.
+#[derive(Debug, Default)]
+struct NameCache(Vec<Option<KnownName>>);
+
+/// Positions remembered (later headers are parsed every time).
+const NAME_CACHE_SLOTS: usize = 32;
+
+impl NameCache {
+    fn name(&mut self, i: usize, raw: &[u8]) -> Result<(&HeaderName, NameKind), ExchangeError> {
+        // Positions past the remembered ones share the last slot.
+        let slot = i.min(NAME_CACHE_SLOTS);
+        let hit = self
+            .0
+            .get(slot)
+            .is_some_and(|k| k.as_ref().is_some_and(|k| *k.raw == *raw));
+        if !hit {
+            let name =
+                HeaderName::from_bytes(raw).map_err(|_| ExchangeError::Protocol("header name"))?;
+            let kind = if name == header::CONTENT_LENGTH {
+                NameKind::ContentLength
+            } else if name == header::TRANSFER_ENCODING {
+                NameKind::TransferEncoding
+            } else if name == header::CONNECTION {
+                NameKind::Connection
+            } else if head::is_hop_by_hop_response(&name) {
+                NameKind::HopByHop
+            } else if name == header::DATE {
+                NameKind::Date
+            } else {
+                NameKind::Other
+            };
+            if self.0.len() <= slot {
+                self.0.resize_with(slot + 1, || None);
+            }
+            self.0[slot] = Some(KnownName {
+                raw: raw.into(),
+                name,
+                kind,
+            });
+        }
+        match self.0.get(slot) {
+            Some(Some(known)) => Ok((&known.name, known.kind)),
+            _ => Err(ExchangeError::Protocol("header name")),
+        }
+    }
+}
+
+/// A Content-Length value: ASCII digits only (no sign, no list), without overflow.
+fn parse_decimal(v: &[u8]) -> Option<u64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.iter().try_fold(0u64, |n, b| {
+        b.is_ascii_digit()
+            .then(|| n.checked_mul(10)?.checked_add(u64::from(b - b'0')))
+            .flatten()
+    })
+}
+
+fn put_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
 fn build_head(
     raw: &RawHead,
     spans: &[Span],
     bytes: &Bytes,
     method: &Method,
+    mut headers: HeaderMap,
+    names: &mut NameCache,
+    mut raw_out: Option<&mut Vec<u8>>,
 ) -> Result<ResponseHead, ExchangeError> {
     let status =
         StatusCode::from_u16(raw.code).map_err(|_| ExchangeError::Protocol("bad status"))?;
@@ -284,33 +456,35 @@ fn build_head(
     // A 101's headers go to the client as they are (Connection and Upgrade included); other
     // responses lose their hop-by-hop headers here rather than by removals from the map.
     let keep_hop = status == StatusCode::SWITCHING_PROTOCOLS;
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    if raw_out.is_none() {
+        headers.clear();
+        headers.reserve(spans.len());
+    }
     let mut content_length: Option<u64> = None;
     let mut chunked = false;
     let mut te = false;
     let mut close = !http11;
     let mut nominates = false;
-    for &(ns, ne, vs, ve) in spans {
-        let name_bytes = &bytes[ns as usize..ne as usize];
+    let mut has_date = false;
+    let raw_start = raw_out.as_ref().map_or(0, |r| r.len());
+    for (i, &(ns, ne, vs, ve)) in spans.iter().enumerate() {
         let raw_value = &bytes[vs as usize..ve as usize];
-        let name = HeaderName::from_bytes(name_bytes)
-            .map_err(|_| ExchangeError::Protocol("header name"))?;
-        if name == header::CONTENT_LENGTH {
-            let n: u64 = std::str::from_utf8(raw_value)
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
+        let raw_name = &bytes[ns as usize..ne as usize];
+        let (name, kind) = names.name(i, raw_name)?;
+        if kind == NameKind::ContentLength {
+            let n = parse_decimal(raw_value.trim_ascii())
                 .ok_or(ExchangeError::Protocol("content-length"))?;
             if content_length.is_some_and(|prev| prev != n) {
                 return Err(ExchangeError::Protocol("conflicting content-length"));
             }
             content_length = Some(n);
-        } else if name == header::TRANSFER_ENCODING {
+        } else if kind == NameKind::TransferEncoding {
             te = true;
             chunked = raw_value
                 .rsplit(|b| *b == b',')
                 .next()
                 .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name == header::CONNECTION {
+        } else if kind == NameKind::Connection {
             let v = raw_value;
             if v.split(|b| *b == b',')
                 .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
@@ -323,19 +497,48 @@ fn build_head(
                 close = false;
             }
             nominates |= head::nominated(v).next().is_some();
+        } else if kind == NameKind::Date {
+            has_date = true;
         }
-        if !keep_hop && head::is_hop_by_hop_response(&name) {
+        if !keep_hop
+            && matches!(
+                kind,
+                NameKind::TransferEncoding | NameKind::Connection | NameKind::HopByHop
+            )
+        {
             continue;
         }
-        let value = HeaderValue::from_maybe_shared(bytes.slice(vs as usize..ve as usize))
-            .map_err(|_| ExchangeError::Protocol("header value"))?;
-        headers.append(name, value);
+        match raw_out.as_deref_mut() {
+            Some(out) => put_line(out, raw_name, raw_value),
+            None => {
+                let value = HeaderValue::from_maybe_shared(bytes.slice(vs as usize..ve as usize))
+                    .map_err(|_| ExchangeError::Protocol("header value"))?;
+                headers.append(name.clone(), value);
+            }
+        }
     }
     if nominates && !keep_hop {
         // Rare: the upstream named headers of its own as hop-by-hop.
+        let mut dropped: Vec<&[u8]> = Vec::new();
         for &(ns, ne, vs, ve) in spans {
             if bytes[ns as usize..ne as usize].eq_ignore_ascii_case(b"connection") {
-                for name in head::nominated(&bytes[vs as usize..ve as usize]) {
+                dropped.extend(head::nominated(&bytes[vs as usize..ve as usize]));
+            }
+        }
+        match raw_out.as_deref_mut() {
+            Some(out) => {
+                out.truncate(raw_start);
+                for &(ns, ne, vs, ve) in spans {
+                    let n = &bytes[ns as usize..ne as usize];
+                    if !head::is_hop_by_hop_response_raw(n)
+                        && !dropped.iter().any(|d| d.eq_ignore_ascii_case(n))
+                    {
+                        put_line(out, n, &bytes[vs as usize..ve as usize]);
+                    }
+                }
+            }
+            None => {
+                for name in dropped {
                     if let Ok(name) = HeaderName::from_bytes(name) {
                         headers.remove(name);
                     }
@@ -371,20 +574,42 @@ fn build_head(
         close = true;
         Framing::UntilClose
     };
+    if let Some(out) = raw_out
+        && matches!(framing, Framing::Chunked(_))
+    {
+        // The body goes downstream with a framing of its own: the upstream's length is moot.
+        drop_lines(out, raw_start, b"content-length");
+    }
     Ok(ResponseHead {
         status,
         headers,
+        has_date,
         framing,
         keep_alive: !close,
     })
+}
+
+/// Removes the `name` lines from the header lines in `out[start..]`.
+fn drop_lines(out: &mut Vec<u8>, start: usize, name: &[u8]) {
+    let mut kept = Vec::with_capacity(out.len() - start);
+    for line in out[start..].split_inclusive(|b| *b == b'\n') {
+        let n = line.split(|b| *b == b':').next().unwrap_or_default();
+        if !n.eq_ignore_ascii_case(name) {
+            kept.extend_from_slice(line);
+        }
+    }
+    out.truncate(start);
+    out.extend_from_slice(&kept);
 }
 
 /// An upstream response body, decoded from the connection as it is polled. Once complete (and
 /// the connection reusable) the connection returns to `endpoint`'s pool.
 #[derive(Debug)]
 pub struct UpstreamBody {
-    conn: Option<UpstreamConn>,
+    conn: Option<Box<UpstreamConn>>,
     framing: Framing,
+    /// The length is not known up front (chunked or close-delimited upstream).
+    unknown_length: bool,
     keep_alive: bool,
     endpoint: Arc<Endpoint>,
     done: bool,
@@ -392,10 +617,11 @@ pub struct UpstreamBody {
 
 impl UpstreamBody {
     /// The body of `head`, read from `conn`.
-    pub fn new(conn: UpstreamConn, head: &ResponseHead, endpoint: Arc<Endpoint>) -> Self {
+    pub fn new(conn: Box<UpstreamConn>, head: &ResponseHead, endpoint: Arc<Endpoint>) -> Self {
         let mut b = Self {
             conn: Some(conn),
             framing: head.framing,
+            unknown_length: matches!(head.framing, Framing::Chunked(_) | Framing::UntilClose),
             keep_alive: head.keep_alive,
             endpoint,
             done: false,
@@ -404,6 +630,11 @@ impl UpstreamBody {
             b.finish();
         }
         b
+    }
+
+    /// The body's length is not known up front (the head carries no Content-Length).
+    pub fn unknown_length(&self) -> bool {
+        self.unknown_length
     }
 
     fn finish(&mut self) {
@@ -610,6 +841,9 @@ mod tests {
             &spans,
             &Bytes::copy_from_slice(&raw[..len]),
             method,
+            HeaderMap::new(),
+            &mut NameCache::default(),
+            None,
         )
     }
 
@@ -669,6 +903,59 @@ mod tests {
             Some(&b"websocket"[..])
         );
         assert!(h.headers.contains_key("connection"));
+    }
+
+    #[test]
+    fn remembered_names_follow_what_each_response_sends() {
+        let mut names = NameCache::default();
+        let mut parse_with = |raw: &[u8]| {
+            let mut spans = Vec::new();
+            let (len, status) = RawHead::parse(raw, &mut spans).unwrap().unwrap();
+            build_head(
+                &status,
+                &spans,
+                &Bytes::copy_from_slice(&raw[..len]),
+                &Method::GET,
+                HeaderMap::new(),
+                &mut names,
+                None,
+            )
+            .unwrap()
+        };
+        let first = b"HTTP/1.1 200 OK\r\nServer: a\r\nContent-Length: 1\r\nX-One: 1\r\n\r\n";
+        for _ in 0..2 {
+            let h = parse_with(first);
+            assert_eq!(h.headers.get("server").unwrap(), "a");
+            assert_eq!(h.headers.get("x-one").unwrap(), "1");
+            assert!(matches!(h.framing, Framing::Length(1)));
+        }
+        // Other names at the same positions (and a hop-by-hop one where a kept one was).
+        let h = parse_with(
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nTransfer-Encoding: chunked\r\nX-Two: 2\r\n\r\n",
+        );
+        assert_eq!(h.headers.len(), 1, "{:?}", h.headers);
+        assert_eq!(h.headers.get("x-two").unwrap(), "2");
+        assert!(matches!(h.framing, Framing::Chunked(_)) && !h.keep_alive);
+        let h = parse_with(first);
+        assert_eq!(h.headers.len(), 3, "{:?}", h.headers);
+        assert!(h.keep_alive);
+    }
+
+    #[test]
+    fn content_lengths_are_plain_digits() {
+        assert_eq!(parse_decimal(b"0"), Some(0));
+        assert_eq!(parse_decimal(b"18446744073709551615"), Some(u64::MAX));
+        for bad in [
+            &b""[..],
+            b"+5",
+            b"-1",
+            b"5 5",
+            b"5,5",
+            b"0x10",
+            b"18446744073709551616",
+        ] {
+            assert_eq!(parse_decimal(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -114,16 +114,22 @@ impl Scanner {
                     }
                 }
                 St::RequestLine => {
-                    if b == b'\n' {
+                    if b != b'\n' && self.method_len < self.method.len() {
+                        self.method[self.method_len] = b;
+                        self.method_len += 1;
+                    } else {
+                        // The method's first bytes are kept; the rest of the line is skipped
+                        // in bulk.
+                        let Some(p) = find_byte(&buf[i..], b'\n') else {
+                            return poisoned;
+                        };
+                        i += p;
                         let m = &self.method[..self.method_len];
                         if m.starts_with(b"CONNECT ") || m.starts_with(b"PRI ") {
                             self.st = St::Off;
                         } else {
                             self.st = St::LineStart;
                         }
-                    } else if self.method_len < self.method.len() {
-                        self.method[self.method_len] = b;
-                        self.method_len += 1;
                     }
                 }
                 St::LineStart => match b {
@@ -138,6 +144,22 @@ impl Scanner {
                     }
                 },
                 St::Name => {
+                    // Collect the name in a tight loop up to ':' (or a bare line end).
+                    let mut j = i;
+                    while j < buf.len() && buf[j] != b':' && buf[j] != b'\n' {
+                        if self.name_len < self.name.len() {
+                            self.name[self.name_len] = buf[j].to_ascii_lowercase();
+                            self.name_len += 1;
+                        } else {
+                            self.name[0] = 0; // too long to be one we track
+                        }
+                        j += 1;
+                    }
+                    if j == buf.len() {
+                        return poisoned;
+                    }
+                    i = j;
+                    let b = buf[i];
                     if b == b':' {
                         let h = self.classify();
                         match h {
@@ -157,15 +179,18 @@ impl Scanner {
                             return poisoned;
                         }
                         self.st = St::Value(h);
-                    } else if b == b'\n' {
-                        self.st = St::Off; // a header line without ':'; hyper's call
-                    } else if self.name_len < self.name.len() {
-                        self.name[self.name_len] = b.to_ascii_lowercase();
-                        self.name_len += 1;
                     } else {
-                        self.name_len = self.name.len(); // too long to be one we track
-                        self.name[0] = 0;
+                        self.st = St::Off; // a header line without ':'; hyper's call
                     }
+                }
+                St::Value(Header::Upgrade | Header::Other) => {
+                    // Values of headers that do not matter here are skipped in bulk.
+                    let Some(p) = find_byte(&buf[i..], b'\n') else {
+                        return poisoned;
+                    };
+                    i += p + 1;
+                    self.st = St::LineStart;
+                    continue;
                 }
                 St::Value(h) => {
                     if b == b'\n' {
@@ -279,9 +304,12 @@ impl Scanner {
                     _ => self.st = St::TrailerLine,
                 },
                 St::TrailerLine => {
-                    if b == b'\n' {
-                        self.st = St::TrailerLineStart;
-                    }
+                    let Some(p) = find_byte(&buf[i..], b'\n') else {
+                        return poisoned;
+                    };
+                    i += p + 1;
+                    self.st = St::TrailerLineStart;
+                    continue;
                 }
                 St::TrailerEndLf => {
                     if b == b'\n' {
@@ -330,6 +358,25 @@ impl Scanner {
             self.new_message();
         }
     }
+}
+
+/// The position of the first `needle` in `hay`, eight bytes at a time.
+fn find_byte(hay: &[u8], needle: u8) -> Option<usize> {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    let pattern = LO * u64::from(needle);
+    let (chunks, rest) = hay.as_chunks::<8>();
+    let mut at = 0;
+    for chunk in chunks {
+        let x = u64::from_le_bytes(*chunk) ^ pattern;
+        // Bytes equal to `needle` are zero in `x`; the lowest flagged byte is exact.
+        let zero = x.wrapping_sub(LO) & !x & HI;
+        if zero != 0 {
+            return Some(at + (zero.trailing_zeros() / 8) as usize);
+        }
+        at += 8;
+    }
+    rest.iter().position(|b| *b == needle).map(|p| at + p)
 }
 
 pin_project_lite::pin_project! {
@@ -461,6 +508,44 @@ mod tests {
                 .collect();
             assert_eq!(touched.len(), 1);
             assert!(touched[0] > req.len() - 40, "step {step}: {touched:?}");
+        }
+    }
+
+    #[test]
+    fn find_byte_finds_the_first_occurrence() {
+        let hay: Vec<u8> = (0..40u8).map(|i| b'a' + i % 20).collect();
+        for needle in [b'a', b'b', b'h', b'i', b'p', b't', b'z', 0xff, 0x80] {
+            assert_eq!(
+                find_byte(&hay, needle),
+                hay.iter().position(|b| *b == needle),
+                "{needle}"
+            );
+            for start in 0..hay.len() {
+                assert_eq!(
+                    find_byte(&hay[start..], needle),
+                    hay[start..].iter().position(|b| *b == needle),
+                    "{needle} from {start}"
+                );
+            }
+        }
+        // Bytes just above the needle (borrow cases) do not fool it.
+        assert_eq!(
+            find_byte(b"\x0b\x0b\x0b\x0b\x0b\x0b\x0b\x0b\x0a", b'\n'),
+            Some(8)
+        );
+        assert_eq!(find_byte(b"\x01\x00\x0b\x0a", b'\n'), Some(3));
+    }
+
+    #[test]
+    fn long_and_odd_header_names_are_tracked_in_any_split() {
+        // A name longer than the tracked prefix that starts like a tracked one.
+        let req = b"POST / HTTP/1.1\r\nContent-Length-Extra-Long: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        for step in 1..req.len() {
+            assert!(!run(req, step).1, "step {step}");
+        }
+        let req = b"PUT /x HTTP/1.1\r\nX-A: a:b\r\ntransfer-ENCODING: gzip, chunked\r\nContent-Length:7\r\n\r\n";
+        for step in 1..req.len() {
+            assert!(run(req, step).1, "step {step}");
         }
     }
 

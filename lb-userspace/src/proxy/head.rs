@@ -23,6 +23,8 @@ pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-h
 enum Class {
     /// Hop-by-hop (RFC 9110 §7.6.1, plus the legacy ones proxies still see): dropped.
     Hop,
+    /// `Connection` (hop-by-hop too; its options and nominated names are read).
+    Connection,
     /// `Upgrade`: kept only for upgrade requests.
     Upgrade,
     Host,
@@ -35,8 +37,9 @@ enum Class {
 
 fn classify(n: &HeaderName) -> Class {
     // Standard names compare as enum values (cheap); the rest by their (lower-case) text.
-    if *n == header::CONNECTION
-        || *n == header::TE
+    if *n == header::CONNECTION {
+        Class::Connection
+    } else if *n == header::TE
         || *n == header::TRAILER
         || *n == header::TRANSFER_ENCODING
         || *n == header::PROXY_AUTHENTICATE
@@ -60,10 +63,91 @@ fn classify(n: &HeaderName) -> Class {
     }
 }
 
+/// [`classify`] for a name as received (any case).
+fn classify_raw(n: &[u8]) -> Class {
+    let is = |lit: &[u8]| n.eq_ignore_ascii_case(lit);
+    // By length first: most names are none of these and fail on the length.
+    match n.len() {
+        2 if is(b"te") => Class::Hop,
+        4 if is(b"host") => Class::Host,
+        7 if is(b"upgrade") => Class::Upgrade,
+        7 if is(b"trailer") => Class::Hop,
+        9 if is(b"forwarded") => Class::Forwarded,
+        10 if is(b"connection") => Class::Connection,
+        10 if is(b"keep-alive") => Class::Hop,
+        15 if is(b"x-forwarded-for") => Class::XForwardedFor,
+        16 if is(b"proxy-connection") => Class::Hop,
+        16 if is(b"x-forwarded-host") => Class::XForwardedHost,
+        17 if is(b"transfer-encoding") => Class::Hop,
+        17 if is(b"x-forwarded-proto") => Class::XForwardedProto,
+        18 if is(b"proxy-authenticate") => Class::Hop,
+        19 if is(b"proxy-authorization") => Class::Hop,
+        _ => Class::Other,
+    }
+}
+
 /// Whether a response header is hop-by-hop (`Upgrade` included: responses other than 101
 /// never pass it on).
 pub(crate) fn is_hop_by_hop_response(n: &HeaderName) -> bool {
-    matches!(classify(n), Class::Hop | Class::Upgrade)
+    matches!(classify(n), Class::Hop | Class::Connection | Class::Upgrade)
+}
+
+/// [`is_hop_by_hop_response`] for a name as received (any case).
+pub(crate) fn is_hop_by_hop_response_raw(n: &[u8]) -> bool {
+    matches!(
+        classify_raw(n),
+        Class::Hop | Class::Connection | Class::Upgrade
+    )
+}
+
+/// (name start, name end, value start, value end) of a header line in a head's bytes.
+pub(crate) type Span = (u32, u32, u32, u32);
+
+/// A request's headers: hyper's map, or the fast path's header positions in the raw head.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Headers<'a> {
+    Map(&'a HeaderMap),
+    Raw { head: &'a [u8], spans: &'a [Span] },
+}
+
+impl<'a> Headers<'a> {
+    /// Calls `f(name, value, class)` for each header in order.
+    fn each(&self, mut f: impl FnMut(&'a [u8], &'a [u8], Class)) {
+        match *self {
+            Headers::Map(m) => {
+                for (n, v) in m {
+                    f(n.as_str().as_bytes(), v.as_bytes(), classify(n));
+                }
+            }
+            Headers::Raw { head, spans } => {
+                for &(ns, ne, vs, ve) in spans {
+                    let n = &head[ns as usize..ne as usize];
+                    f(n, &head[vs as usize..ve as usize], classify_raw(n));
+                }
+            }
+        }
+    }
+
+    /// The values of the headers of `class`, in order.
+    fn each_of(&self, class: Class, mut f: impl FnMut(&'a [u8])) {
+        self.each(|_, v, c| {
+            if c == class {
+                f(v);
+            }
+        });
+    }
+
+    /// The first value of `name`.
+    pub(crate) fn get(&self, name: &HeaderName) -> Option<&'a [u8]> {
+        match *self {
+            Headers::Map(m) => m.get(name).map(HeaderValue::as_bytes),
+            Headers::Raw { head, spans } => spans.iter().find_map(|&(ns, ne, vs, ve)| {
+                head[ns as usize..ne as usize]
+                    .eq_ignore_ascii_case(name.as_str().as_bytes())
+                    .then(|| &head[vs as usize..ve as usize])
+            }),
+        }
+    }
 }
 
 /// The names a `Connection` header value nominates as hop-by-hop (`close`, `keep-alive` and
@@ -110,9 +194,11 @@ pub(crate) struct RequestHead<'a> {
     pub target: &'a str,
     /// The host the request was routed on (`Host`, or the target's authority).
     pub host: &'a str,
-    pub headers: &'a HeaderMap,
-    /// An upgrade request: `Upgrade` is kept and `Connection: upgrade` sent.
-    pub upgrade: bool,
+    pub headers: Headers<'a>,
+    /// The request may ask for an upgrade (HTTP/1.1). It does when it has an `Upgrade`
+    /// header and `upgrade` in `Connection`; then `Upgrade` is kept and `Connection:
+    /// upgrade` sent.
+    pub may_upgrade: bool,
     /// The body is sent chunked (its length is unknown).
     pub chunked: bool,
     pub client: &'a ClientText,
@@ -159,50 +245,67 @@ fn start_header(out: &mut Vec<u8>, name: &[u8]) -> usize {
 }
 
 /// Previous values of a list header, joined, then ", " before the proxy's element.
-fn put_prior(out: &mut Vec<u8>, values: http::header::GetAll<'_, HeaderValue>) {
-    for v in values {
-        out.extend_from_slice(v.as_bytes());
+fn put_prior(out: &mut Vec<u8>, headers: &Headers<'_>, class: Class) {
+    headers.each_of(class, |v| {
+        out.extend_from_slice(v);
         out.extend_from_slice(b", ");
-    }
+    });
 }
 
-/// Writes the request's own headers that go upstream, skipping the hop-by-hop ones, those
-/// the proxy sets itself, and the `skip` names. Returns (X-Forwarded-For seen, Forwarded
-/// seen, a `Connection` header nominated names).
-fn put_headers(out: &mut Vec<u8>, r: &RequestHead<'_>, skip: &[&[u8]]) -> (bool, bool, bool) {
-    let (mut xff, mut fwd, mut nominates) = (false, false, false);
-    for (name, value) in r.headers {
-        match classify(name) {
-            Class::Other => {
-                if !skip.is_empty()
-                    && skip
-                        .iter()
-                        .any(|s| s.eq_ignore_ascii_case(name.as_str().as_bytes()))
-                {
-                    continue;
-                }
-                put_header(out, name.as_str().as_bytes(), value.as_bytes());
+/// What [`put_headers`] met on its way.
+#[derive(Debug, Default, Clone, Copy)]
+struct Seen {
+    x_forwarded_for: bool,
+    forwarded: bool,
+    /// A `Connection` header nominated names.
+    nominates: bool,
+    upgrade_header: bool,
+    /// `upgrade` among the `Connection` options.
+    connection_upgrade: bool,
+}
+
+/// Writes the request's own headers that go upstream, skipping the hop-by-hop ones (all of
+/// them but `Upgrade` when `upgrade`), those the proxy sets itself, and the `skip` names.
+fn put_headers(out: &mut Vec<u8>, r: &RequestHead<'_>, skip: &[&[u8]], upgrade: bool) -> Seen {
+    let mut seen = Seen::default();
+    r.headers.each(|name, value, class| match class {
+        Class::Other => {
+            if skip.is_empty() || !skip.iter().any(|s| s.eq_ignore_ascii_case(name)) {
+                put_header(out, name, value);
             }
-            Class::Upgrade if r.upgrade => {
-                put_header(out, name.as_str().as_bytes(), value.as_bytes());
-            }
-            Class::Hop => {
-                if *name == header::CONNECTION && nominated(value.as_bytes()).next().is_some() {
-                    nominates = true;
-                }
-            }
-            Class::XForwardedFor => xff = true,
-            Class::Forwarded => fwd = true,
-            // Host is written first, from the routed host (this header's first value when
-            // the target carried no authority, which wins otherwise: RFC 9112 §3.2.2).
-            Class::Host | Class::Upgrade | Class::XForwardedProto | Class::XForwardedHost => {}
         }
-    }
-    (xff, fwd, nominates)
+        Class::Upgrade => {
+            seen.upgrade_header = true;
+            if upgrade {
+                put_header(out, name, value);
+            }
+        }
+        Class::Connection => {
+            seen.nominates |= nominated(value).next().is_some();
+            seen.connection_upgrade |= value
+                .split(|b| *b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"));
+        }
+        Class::XForwardedFor => seen.x_forwarded_for = true,
+        Class::Forwarded => seen.forwarded = true,
+        // Host is written first, from the routed host (this header's first value when the
+        // target carried no authority, which wins otherwise: RFC 9112 §3.2.2).
+        Class::Hop | Class::Host | Class::XForwardedProto | Class::XForwardedHost => {}
+    });
+    seen
+}
+
+/// An encoded head.
+#[derive(Debug)]
+pub(crate) struct Encoded {
+    /// Where the values the proxy set are.
+    pub set: SetValues,
+    /// The request asks for an upgrade (see [`RequestHead::may_upgrade`]).
+    pub upgrade: bool,
 }
 
 /// Encodes the upstream request head into `out` (cleared first).
-pub(crate) fn encode_request(out: &mut Vec<u8>, r: &RequestHead<'_>) -> SetValues {
+pub(crate) fn encode_request(out: &mut Vec<u8>, r: &RequestHead<'_>) -> Encoded {
     out.clear();
     out.extend_from_slice(r.method.as_str().as_bytes());
     out.push(b' ');
@@ -214,27 +317,30 @@ pub(crate) fn encode_request(out: &mut Vec<u8>, r: &RequestHead<'_>) -> SetValue
     set.host = host_start..out.len();
     out.extend_from_slice(b"\r\n");
     let own_start = out.len();
-    let (mut xff, mut fwd, nominates) = put_headers(out, r, &[]);
-    // Nearly no request nominates a header in `Connection`; one that does has its headers
-    // written again, knowing the names to drop.
+    let mut seen = put_headers(out, r, &[], false);
+    // Nearly no request asks for an upgrade or nominates a header in `Connection`; one that
+    // does has its headers written again, knowing what to keep and drop.
+    let upgrade = r.may_upgrade && seen.upgrade_header && seen.connection_upgrade;
     let mut skip: Vec<&[u8]> = Vec::new();
-    if nominates {
-        for v in r.headers.get_all(header::CONNECTION) {
-            skip.extend(nominated(v.as_bytes()));
+    if seen.nominates || upgrade {
+        if seen.nominates {
+            r.headers
+                .each_of(Class::Connection, |v| skip.extend(nominated(v)));
         }
         out.truncate(own_start);
-        (xff, fwd, _) = put_headers(out, r, &skip);
+        seen = put_headers(out, r, &skip, upgrade);
     }
+    let (xff, fwd) = (seen.x_forwarded_for, seen.forwarded);
     let nominated_name = |n: &HeaderName| {
         skip.iter()
             .any(|s| s.eq_ignore_ascii_case(n.as_str().as_bytes()))
     };
-    if r.upgrade {
+    if upgrade {
         out.extend_from_slice(b"connection: upgrade\r\n");
     }
     let start = start_header(out, b"x-forwarded-for");
     if xff && !nominated_name(&X_FORWARDED_FOR) {
-        put_prior(out, r.headers.get_all(&X_FORWARDED_FOR));
+        put_prior(out, &r.headers, Class::XForwardedFor);
     }
     out.extend_from_slice(r.client.ip.as_bytes());
     set.x_forwarded_for = start..out.len();
@@ -250,7 +356,7 @@ pub(crate) fn encode_request(out: &mut Vec<u8>, r: &RequestHead<'_>) -> SetValue
     out.extend_from_slice(b"\r\n");
     let start = start_header(out, b"forwarded");
     if fwd && !nominated_name(&header::FORWARDED) {
-        put_prior(out, r.headers.get_all(header::FORWARDED));
+        put_prior(out, &r.headers, Class::Forwarded);
     }
     out.extend_from_slice(r.client.forwarded_for.as_bytes());
     out.extend_from_slice(b";host=\"");
@@ -268,30 +374,37 @@ pub(crate) fn encode_request(out: &mut Vec<u8>, r: &RequestHead<'_>) -> SetValue
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    set
+    Encoded { set, upgrade }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn encode(headers: &HeaderMap, host: &str, upgrade: bool) -> String {
+    fn encode(headers: &HeaderMap, host: &str, may_upgrade: bool) -> String {
         let client = ClientText::new("127.0.0.1".parse().unwrap());
         let mut out = Vec::new();
-        let set = encode_request(
+        let encoded = encode_request(
             &mut out,
             &RequestHead {
                 method: &Method::GET,
                 target: "/p?q=1",
                 host,
-                headers,
-                upgrade,
+                headers: Headers::Map(headers),
+                may_upgrade,
                 chunked: false,
                 client: &client,
                 https: false,
             },
         );
-        assert_eq!(set.get(&out, &header::HOST), Some(host.as_bytes()));
+        assert_eq!(encoded.set.get(&out, &header::HOST), Some(host.as_bytes()));
+        let asks = headers.contains_key(header::UPGRADE)
+            && headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .flat_map(|v| v.to_str().unwrap().split(','))
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+        assert_eq!(encoded.upgrade, may_upgrade && asks);
         String::from_utf8(out).unwrap()
     }
 
@@ -326,6 +439,24 @@ mod tests {
             !up.contains("x-secret") && !up.contains("keep-alive"),
             "{up}"
         );
+    }
+
+    #[test]
+    fn upgrade_needs_the_header_and_the_connection_option() {
+        let mut h = HeaderMap::new();
+        h.insert(header::UPGRADE, "websocket".parse().unwrap());
+        // No `Connection: upgrade`: not an upgrade, and Upgrade is hop-by-hop.
+        let s = encode(&h, "a.io", true);
+        assert!(!s.contains("upgrade"), "{s}");
+        h.insert(header::CONNECTION, "Upgrade".parse().unwrap());
+        let s = encode(&h, "a.io", true);
+        assert!(
+            s.contains("\r\nupgrade: websocket\r\nconnection: upgrade\r\n"),
+            "{s}"
+        );
+        // HTTP/2 and HTTP/1.0 requests do not upgrade.
+        let s = encode(&h, "a.io", false);
+        assert!(!s.contains("upgrade"), "{s}");
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //! load balancing with passive health, and live reconfiguration. See docs/proxy.md.
 //!
 //! Layout: [`config`] (model + validation), [`routing`], [`tls`], [`upstream`] (balancing,
-//! health, pools), [`client`] (inline upstream HTTP/1.1), [`server`] (workers and the forwarding path), [`h1guard`] (request
-//! smuggling guard), [`body`], [`metrics`], [`access_log`] and [`watch`] (config file watcher).
+//! health, pools), [`client`] (inline upstream HTTP/1.1), [`server`] (workers, the forwarding
+//! path and its HTTP/1.1 fast path), [`head`] (upstream request heads), [`timer`], [`h1guard`]
+//! (request smuggling guard), [`body`], [`metrics`], [`access_log`] and [`watch`] (config file
+//! watcher).
 
 pub mod access_log;
 pub mod body;
@@ -15,6 +17,7 @@ pub mod head;
 pub mod metrics;
 pub mod routing;
 pub mod server;
+pub mod timer;
 pub mod tls;
 pub mod upstream;
 pub mod watch;

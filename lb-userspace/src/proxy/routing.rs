@@ -103,6 +103,8 @@ impl<R> RouteTable<R> {
     /// Finds the route for a request. `host` may carry a port and any case; `path` is the
     /// request path without the query.
     pub fn lookup(&self, host: Option<&str>, path: &str) -> Option<&R> {
+        // Without host-specific rules there is no host to look at.
+        let host = host.filter(|_| !self.exact_hosts.is_empty() || !self.wildcard_hosts.is_empty());
         let group = host.map(normalise_host).and_then(|h| {
             self.exact_hosts.get(&*h).or_else(|| {
                 // One label only: the wildcard suffix is everything after the first dot.

@@ -26,14 +26,16 @@ use tokio::sync::watch;
 
 use super::access_log::LogRecord;
 use super::body::{ReqBody, RespBody};
-use super::client::{ExchangeError, ResponseHead, UpstreamBody, UpstreamConn};
+use super::client::{Exchange, ExchangeError, ResponseHead, UpstreamBody, UpstreamConn};
 use super::config::{Annotations, ConfigError, ProxyConfig};
 use super::h1guard::GuardedIo;
-use super::head::{ClientText, RequestHead, encode_request};
+use super::head::{ClientText, Headers, RequestHead, encode_request};
 use super::metrics::{Metrics, RuleCounters};
 use super::routing::RouteTable;
 use super::tls::{CertStore, TlsError};
 use super::upstream::{self, Endpoint, PickContext, Upstream, UpstreamMap};
+
+mod h1;
 
 /// Why the proxy could not start or a configuration could not be applied.
 #[derive(Debug, thiserror::Error)]
@@ -456,6 +458,9 @@ pub fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
                         t.abort();
                     }
                 });
+                // Connections still open go with the runtime; then the recycled timers.
+                drop(rt);
+                super::timer::clear_spares();
             })
             .map_err(ProxyError::Worker)?;
         threads.push(t);
@@ -610,8 +615,7 @@ async fn serve_connection(
                 ctx.track_idle = true;
                 serve_h2(shared, Arc::new(ctx), TokioIo::new(tls_stream), &settings).await;
             } else {
-                let io = GuardedIo::new(tls_stream);
-                serve_h1(shared, Arc::new(ctx), TokioIo::new(io), &settings).await;
+                h1::serve(shared, Arc::new(ctx), tls_stream, &settings).await;
             }
         }
         None => {
@@ -620,10 +624,7 @@ async fn serve_connection(
                     ctx.track_idle = true;
                     serve_h2(shared, Arc::new(ctx), TokioIo::new(stream), &settings).await
                 }
-                Ok(Ok(false)) => {
-                    let io = GuardedIo::new(stream);
-                    serve_h1(shared, Arc::new(ctx), TokioIo::new(io), &settings).await;
-                }
+                Ok(Ok(false)) => h1::serve(shared, Arc::new(ctx), stream, &settings).await,
                 _ => {}
             }
         }
@@ -654,7 +655,7 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let mut b = hyper::server::conn::http1::Builder::new();
-    b.timer(TokioTimer::new())
+    b.timer(super::timer::RecyclingTimer)
         // hyper starts this timer whenever it waits for a request head, so it also bounds
         // how long a keep-alive connection may sit idle (see docs/proxy.md).
         // ... and so it is also the keep-alive idle timeout for HTTP/1.1: no per-connection
@@ -734,18 +735,6 @@ async fn drive_with_idle_timeout<C, E>(
     }
 }
 
-fn is_upgrade(req: &Request<Incoming>) -> bool {
-    req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
-        && req
-            .headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-}
-
 /// Error pages: status line text only, nothing about internals.
 fn error_page(status: StatusCode) -> Response<RespBody> {
     let text = match status {
@@ -794,13 +783,15 @@ struct Prepared {
     state: Arc<State>,
     http1: bool,
     /// (method, host, path and query) for the access log, when it is on.
-    log_fields: Option<(Method, String, String)>,
+    log_fields: Option<Box<(Method, String, String)>>,
     next: Next,
 }
 
+// `Forward` is the common case and moves once; boxing it would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
 enum Next {
-    /// Answered locally (error, redirect).
-    Done(Outcome),
+    /// Answered locally (error, redirect); boxed, as these are the exception.
+    Done(Box<Outcome>),
     Forward(Forward),
 }
 
@@ -814,6 +805,14 @@ struct Forward {
     body: ReqBody,
     /// The request's key for consistent hashing.
     affinity: u64,
+    /// The request's header map, emptied: the response head is read into it (hyper hands
+    /// the response's map back for the next request head, so the maps circulate).
+    headers: HeaderMap,
+    /// For the HTTP/1.1 fast path: the response's header lines go here instead of into
+    /// `headers` (see [`h1`]).
+    raw_lines: Option<Vec<u8>>,
+    /// Set by the exchange: the upstream's response carried a Date header.
+    upstream_date: bool,
     upgrade: Option<hyper::upgrade::OnUpgrade>,
 }
 
@@ -827,14 +826,14 @@ fn prepare(shared: &Shared, ctx: &Arc<ConnCtx>, req: Request<Incoming>) -> Prepa
     let active = ctx.track_idle.then(|| ActiveGuard::new(ctx.clone()));
     let state = shared.state.load_full();
     let log_fields = state.settings.access_log.then(|| {
-        (
+        Box::new((
             req.method().clone(),
             request_host(&req).unwrap_or("-").to_owned(),
             req.uri()
                 .path_and_query()
                 .map_or("/", |p| p.as_str())
                 .to_owned(),
-        )
+        ))
     });
     let http1 = req.version() <= Version::HTTP_11;
     let next = route_request(&state, ctx, req);
@@ -858,9 +857,26 @@ async fn handle(shared: &Shared, ctx: Arc<ConnCtx>, prepared: Prepared) -> Respo
         next,
     } = prepared;
     let out = match next {
-        Next::Done(out) => out,
+        Next::Done(out) => *out,
         Next::Forward(f) => forward(&state, &ctx, f).await,
     };
+    finish(shared, &ctx, start, &state, http1, log_fields, active, out)
+}
+
+/// Counts the answer in the metrics, marks it `Connection: close` when draining (for an
+/// HTTP/1 connection served by hyper), and attaches the access-log record and the busy mark
+/// to its body.
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    shared: &Shared,
+    ctx: &ConnCtx,
+    start: Instant,
+    state: &State,
+    http1: bool,
+    log_fields: Option<Box<(Method, String, String)>>,
+    active: Option<ActiveGuard>,
+    out: Outcome,
+) -> Response<RespBody> {
     let status = out.resp.status();
     match &out.route {
         Some(r) => r.counters.count(status.as_u16()),
@@ -875,7 +891,8 @@ async fn handle(shared: &Shared, ctx: Arc<ConnCtx>, prepared: Prepared) -> Respo
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    if let Some((method, host, path)) = log_fields {
+    if let Some(fields) = log_fields {
+        let (method, host, path) = *fields;
         resp.body_mut().set_log(Some(Box::new(LogRecord {
             start,
             client: ctx.peer,
@@ -900,10 +917,6 @@ fn request_host(req: &Request<Incoming>) -> Option<&str> {
     host_of(req.uri(), req.headers())
 }
 
-fn request_host_parts(parts: &http::request::Parts) -> Option<&str> {
-    host_of(&parts.uri, &parts.headers)
-}
-
 /// The target's authority (absolute form, HTTP/2 `:authority`), else the Host header.
 fn host_of<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
     uri.authority()
@@ -923,46 +936,71 @@ fn is_idempotent(m: &Method) -> bool {
 }
 
 /// Routes a request and, when it goes upstream, encodes its head; consumes the request head.
-fn route_request(state: &State, ctx: &ConnCtx, mut req: Request<Incoming>) -> Next {
+/// A request head as routing sees it, from hyper's request or the fast path's parse.
+struct View<'a> {
+    method: &'a Method,
+    /// HTTP/1.1 (only such requests can ask for an upgrade).
+    http11: bool,
+    path: &'a str,
+    /// Origin-form target: path and query.
+    target: &'a str,
+    /// The target's authority, else the first Host header (None: 400).
+    host: Option<&'a str>,
+    headers: Headers<'a>,
+    /// Content-Length (or HTTP/2's content-length).
+    declared_len: Option<u64>,
+    /// A body follows.
+    has_body: bool,
+}
+
+/// A routed request whose upstream head is encoded.
+struct Routed {
+    route: Arc<Route>,
+    chunked: bool,
+    upgrade: bool,
+    affinity: u64,
+}
+
+/// Routes a request head and encodes its upstream head into `head`; the `Err` is the local
+/// answer (400 without host, 404, redirect, 413).
+fn route_view(
+    state: &State,
+    ctx: &ConnCtx,
+    v: &View<'_>,
+    head: &mut Vec<u8>,
+) -> Result<Routed, Box<Outcome>> {
     let s = &state.settings;
-    if req.version() == Version::HTTP_2 && header_bytes(req.headers()) > s.max_header_bytes {
-        return Next::Done(Outcome::local(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            None,
-        ));
-    }
-    let Some(host) = request_host(&req) else {
-        return Next::Done(Outcome::local(StatusCode::BAD_REQUEST, None));
+    let Some(host) = v.host else {
+        return Err(Box::new(Outcome::local(StatusCode::BAD_REQUEST, None)));
     };
-    let Some(route) = state.routes.lookup(Some(host), req.uri().path()).cloned() else {
-        return Next::Done(Outcome::local(StatusCode::NOT_FOUND, None));
+    let Some(route) = state.routes.lookup(Some(host), v.path).cloned() else {
+        return Err(Box::new(Outcome::local(StatusCode::NOT_FOUND, None)));
     };
     if route.ssl_redirect && !ctx.https {
-        return Next::Done(redirect_to_https(&req, host, s.https_redirect_port, route));
+        return Err(Box::new(redirect_to_https(
+            v.target,
+            host,
+            s.https_redirect_port,
+            route,
+        )));
     }
-    // hyper's body knows the declared length (Content-Length, or HTTP/2's content-length):
-    // no header lookup.
-    let declared_len = req.body().size_hint().exact();
-    if declared_len.is_some_and(|n| n > route.max_body) {
-        return Next::Done(Outcome::local(StatusCode::PAYLOAD_TOO_LARGE, Some(route)));
+    if v.declared_len.is_some_and(|n| n > route.max_body) {
+        return Err(Box::new(Outcome::local(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Some(route),
+        )));
     }
-    let upgrade = is_upgrade(&req);
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let (parts, body) = req.into_parts();
     // A body of unknown length is sent chunked; one with a declared length keeps its
     // Content-Length header.
-    let chunked = !body.is_end_stream() && declared_len.is_none();
-    let mut head = ctx.take_head_buf();
-    let host = request_host_parts(&parts).unwrap_or_default();
-    let set = encode_request(
-        &mut head,
+    let chunked = v.has_body && v.declared_len.is_none();
+    let encoded = encode_request(
+        head,
         &RequestHead {
-            method: &parts.method,
-            // Upstreams get origin-form (HTTP/2 requests arrive in absolute form).
-            target: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
+            method: v.method,
+            target: v.target,
             host,
-            headers: &parts.headers,
-            upgrade,
+            headers: v.headers,
+            may_upgrade: v.http11,
             chunked,
             client: &ctx.client_text,
             https: ctx.https,
@@ -970,16 +1008,72 @@ fn route_request(state: &State, ctx: &ConnCtx, mut req: Request<Incoming>) -> Ne
     );
     let affinity = route.upstream.affinity(&PickContext {
         client_ip: ctx.peer.ip(),
-        headers: &parts.headers,
-        set: Some((&head, &set)),
+        headers: v.headers,
+        set: Some((head, &encoded.set)),
     });
-    Next::Forward(Forward {
-        body: ReqBody::limited(body, route.max_body),
+    Ok(Routed {
         route,
+        chunked,
+        upgrade: encoded.upgrade,
+        affinity,
+    })
+}
+
+/// Routes a request (from hyper) and, when it goes upstream, encodes its head; consumes the
+/// request head.
+fn route_request(state: &State, ctx: &ConnCtx, req: Request<Incoming>) -> Next {
+    let s = &state.settings;
+    let (mut parts, body) = req.into_parts();
+    if parts.version == Version::HTTP_2 && header_bytes(&parts.headers) > s.max_header_bytes {
+        return Next::Done(Box::new(Outcome::local(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            None,
+        )));
+    }
+    let mut head = ctx.take_head_buf();
+    let routed = route_view(
+        state,
+        ctx,
+        &View {
+            method: &parts.method,
+            http11: parts.version == Version::HTTP_11,
+            path: parts.uri.path(),
+            // Upstreams get origin-form (HTTP/2 requests arrive in absolute form).
+            target: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
+            host: host_of(&parts.uri, &parts.headers),
+            headers: Headers::Map(&parts.headers),
+            // hyper's body knows the declared length (Content-Length, or HTTP/2's
+            // content-length): no header lookup.
+            declared_len: body.size_hint().exact(),
+            has_body: !body.is_end_stream(),
+        },
+        &mut head,
+    );
+    let routed = match routed {
+        Ok(r) => r,
+        Err(out) => {
+            ctx.put_head_buf(head);
+            return Next::Done(out);
+        }
+    };
+    let client_upgrade = routed.upgrade.then(|| {
+        // hyper hands the upgraded connection over through the request's extensions.
+        let mut req = Request::new(());
+        *req.extensions_mut() = std::mem::take(&mut parts.extensions);
+        hyper::upgrade::on(&mut req)
+    });
+    let mut headers = parts.headers;
+    headers.clear();
+    Next::Forward(Forward {
+        headers,
+        raw_lines: None,
+        upstream_date: false,
+        body: ReqBody::limited(body, routed.route.max_body),
+        route: routed.route,
         method: parts.method,
         head,
-        chunked,
-        affinity,
+        chunked: routed.chunked,
+        affinity: routed.affinity,
         upgrade: client_upgrade,
     })
 }
@@ -1041,26 +1135,43 @@ async fn exchange(state: &State, f: &mut Forward) -> Outcome {
                 };
             }
         };
-        let exchanged = tokio::time::timeout(
-            s.response,
-            conn.exchange(&f.head, &f.method, f.chunked, body, &mut body_touched),
-        )
-        .await;
+        let exchanged = conn
+            .exchange(
+                &f.head,
+                &f.method,
+                f.chunked,
+                body,
+                &mut body_touched,
+                Exchange {
+                    timeout: s.response,
+                    headers: &mut f.headers,
+                    raw: f.raw_lines.as_mut(),
+                },
+            )
+            .await;
         let head = match exchanged {
-            Ok(Ok(head)) => head,
-            Ok(Err(ExchangeError::Stale)) if reused && !body_touched && stale_resends > 0 => {
+            Ok(head) => head,
+            Err(ExchangeError::Stale) if reused && !body_touched && stale_resends > 0 => {
                 // Closed while idle in the pool: nothing was processed, send it again.
                 stale_resends -= 1;
                 continue;
             }
-            Ok(Err(ExchangeError::BodyTooLarge(_))) => {
+            Err(ExchangeError::BodyTooLarge(_)) => {
                 return Outcome::local(StatusCode::PAYLOAD_TOO_LARGE, Some(route.clone()));
             }
-            Ok(Err(ExchangeError::RequestBody(e))) => {
+            Err(ExchangeError::RequestBody(e)) => {
                 tracing::debug!(error = %e, "client request body failed");
                 return Outcome::local(StatusCode::BAD_REQUEST, Some(route.clone()));
             }
-            Ok(Err(e)) => {
+            Err(ExchangeError::TimedOut) => {
+                upstream.errors.inc();
+                upstream.record_failure(&ep);
+                return Outcome {
+                    endpoint: Some(ep.addr),
+                    ..Outcome::local(StatusCode::GATEWAY_TIMEOUT, Some(route.clone()))
+                };
+            }
+            Err(e) => {
                 tracing::debug!(endpoint = %ep.addr, error = %e, "upstream exchange failed");
                 upstream.errors.inc();
                 upstream.record_failure(&ep);
@@ -1069,15 +1180,8 @@ async fn exchange(state: &State, f: &mut Forward) -> Outcome {
                     ..Outcome::local(StatusCode::BAD_GATEWAY, Some(route.clone()))
                 };
             }
-            Err(_) => {
-                upstream.errors.inc();
-                upstream.record_failure(&ep);
-                return Outcome {
-                    endpoint: Some(ep.addr),
-                    ..Outcome::local(StatusCode::GATEWAY_TIMEOUT, Some(route.clone()))
-                };
-            }
         };
+        f.upstream_date = head.has_date;
         if head.status.is_server_error() {
             upstream.record_failure(&ep);
         } else {
@@ -1087,7 +1191,7 @@ async fn exchange(state: &State, f: &mut Forward) -> Outcome {
         if head.status == StatusCode::SWITCHING_PROTOCOLS
             && let Some(client_upgrade) = f.upgrade.take()
         {
-            let resp = tunnel(conn, head, client_upgrade, in_flight);
+            let resp = tunnel(*conn, head, client_upgrade, in_flight);
             return Outcome {
                 resp,
                 route: Some(route.clone()),
@@ -1113,7 +1217,7 @@ async fn connection_for(
     connect_timeout: Duration,
     upgrade: bool,
     probe: bool,
-) -> std::io::Result<(UpstreamConn, bool)> {
+) -> std::io::Result<(Box<UpstreamConn>, bool)> {
     if !upgrade {
         // Bounded by the pool size; dead connections are dropped as they are found.
         while let Some(mut c) = ep.checkout() {
@@ -1122,8 +1226,10 @@ async fn connection_for(
             }
         }
     }
+    // Boxed: connecting is rare once pools are warm, and its future would otherwise make
+    // every request's future (moved by hyper when it takes the request) a third larger.
     Ok((
-        UpstreamConn::connect(ep.addr, connect_timeout).await?,
+        Box::pin(UpstreamConn::connect(ep.addr, connect_timeout)).await?,
         false,
     ))
 }
@@ -1160,12 +1266,7 @@ fn tunnel(
     resp
 }
 
-fn redirect_to_https(
-    req: &Request<Incoming>,
-    host: &str,
-    port: Option<u16>,
-    route: Arc<Route>,
-) -> Outcome {
+fn redirect_to_https(pq: &str, host: &str, port: Option<u16>, route: Arc<Route>) -> Outcome {
     let bare = match host.strip_prefix('[') {
         Some(rest) => rest
             .split(']')
@@ -1173,7 +1274,6 @@ fn redirect_to_https(
             .map_or(host.to_owned(), |h| format!("[{h}]")),
         None => host.rsplit_once(':').map_or(host, |(h, _)| h).to_owned(),
     };
-    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let location = match port {
         Some(p) if p != 443 => format!("https://{bare}:{p}{pq}"),
         _ => format!("https://{bare}{pq}"),

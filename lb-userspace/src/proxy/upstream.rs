@@ -11,13 +11,13 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use http::{HeaderMap, HeaderName};
+use http::HeaderName;
 use prometheus_client::metrics::counter::Counter;
 use rand::Rng;
 
 use super::client::UpstreamConn;
 use super::config::{Balance, PassiveHealth, Service};
-use super::head::SetValues;
+use super::head::{Headers, SetValues};
 use super::metrics::Metrics;
 
 /// Idle upstream connections kept per endpoint and worker.
@@ -58,7 +58,10 @@ pub struct Endpoint {
     /// `now_ms()` until which the endpoint is ejected (0 = admitted).
     ejected_until: AtomicU64,
     /// Idle connections, one list per worker (no cross-thread wakeups on the hot path).
-    idle: Box<[Mutex<Vec<UpstreamConn>>]>,
+    /// Boxed: a connection moves between the pool, the exchange and the response body for
+    /// every request, and a pointer moves faster than the connection.
+    #[allow(clippy::vec_box)]
+    idle: Box<[Mutex<Vec<Box<UpstreamConn>>>]>,
 }
 
 impl Endpoint {
@@ -84,12 +87,13 @@ impl Endpoint {
         !self.admitted(now_ms())
     }
 
-    fn idle_list(&self) -> &Mutex<Vec<UpstreamConn>> {
+    #[allow(clippy::vec_box)] // see `idle`
+    fn idle_list(&self) -> &Mutex<Vec<Box<UpstreamConn>>> {
         &self.idle[worker_index() % self.idle.len()]
     }
 
     /// The most recently used idle connection (LIFO: the likeliest to be still open).
-    pub(crate) fn checkout(&self) -> Option<UpstreamConn> {
+    pub(crate) fn checkout(&self) -> Option<Box<UpstreamConn>> {
         self.idle_list()
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -97,7 +101,7 @@ impl Endpoint {
     }
 
     /// Returns a connection whose last response has been read completely.
-    pub(crate) fn checkin(&self, s: UpstreamConn) {
+    pub(crate) fn checkin(&self, s: Box<UpstreamConn>) {
         let mut idle = self.idle_list().lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < MAX_IDLE_PER_WORKER {
             idle.push(s);
@@ -127,7 +131,7 @@ pub struct PickContext<'a> {
     /// The downstream client's address.
     pub client_ip: IpAddr,
     /// The request headers.
-    pub headers: &'a HeaderMap,
+    pub(crate) headers: Headers<'a>,
     /// The encoded upstream head and where the values the proxy sets (Host, X-Forwarded-*,
     /// Forwarded) are in it: a hash header among those hashes what the upstream gets.
     pub(crate) set: Option<(&'a [u8], &'a SetValues)>,
@@ -140,7 +144,7 @@ impl PickContext<'_> {
         {
             return Some(v);
         }
-        self.headers.get(name).map(|v| v.as_bytes())
+        self.headers.get(name)
     }
 }
 
@@ -242,9 +246,14 @@ impl Upstream {
         if self.endpoints.is_empty() {
             return None;
         }
-        let now = now_ms();
+        // The clock is read only if some endpoint has been ejected (0: never, or re-admitted
+        // by a success).
+        let now = std::cell::OnceCell::new();
         let usable = |e: &Endpoint, respect_ejection: bool| {
-            exclude.is_none_or(|x| !std::ptr::eq(x, e)) && (!respect_ejection || e.admitted(now))
+            exclude.is_none_or(|x| !std::ptr::eq(x, e))
+                && (!respect_ejection
+                    || e.ejected_until.load(Ordering::Relaxed) == 0
+                    || e.admitted(*now.get_or_init(now_ms)))
         };
         self.pick_with(affinity, |e| usable(e, true))
             .or_else(|| self.pick_with(affinity, |e| usable(e, false)))
@@ -336,8 +345,14 @@ impl Upstream {
         if e.consecutive_failures.load(Ordering::Relaxed) != 0 {
             e.consecutive_failures.store(0, Ordering::Relaxed);
         }
-        if e.ejections.load(Ordering::Relaxed) != 0 && e.admitted(now_ms()) {
+        let until = e.ejected_until.load(Ordering::Relaxed);
+        if e.ejections.load(Ordering::Relaxed) != 0 && until <= now_ms() {
             e.ejections.store(0, Ordering::Relaxed);
+            // Past its ejection: 0 says so without a clock read in `pick` (unless another
+            // request has just ejected it again).
+            let _ =
+                e.ejected_until
+                    .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed);
         }
     }
 }
@@ -365,6 +380,7 @@ pub fn build_upstreams(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderMap;
 
     fn svc(balance: Balance, n: u16) -> Service {
         Service {
@@ -385,7 +401,7 @@ mod tests {
     fn ctx(h: &HeaderMap, last: u8) -> PickContext<'_> {
         PickContext {
             client_ip: IpAddr::from([10, 0, 0, last]),
-            headers: h,
+            headers: Headers::Map(h),
             set: None,
         }
     }

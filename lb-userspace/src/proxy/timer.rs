@@ -1,0 +1,175 @@
+//! Timers that cost nothing per request: [`LazySleep`], and hyper's timer for HTTP/1
+//! connections built on it with sleeps recycled per worker thread.
+//!
+//! A tokio `Sleep` per request (hyper-util's `TokioTimer` for the request-head timeout,
+//! `tokio::time::timeout` for the upstream response) means, every request, a timer entry
+//! registered in the runtime's wheel and removed again, and for hyper a boxed sleep. A
+//! [`LazySleep`] keeps one registered sleep and only records a later deadline; if the
+//! registered one comes first, it re-arms then. hyper's header-read sleeps are moreover
+//! recycled: a dropped one goes to a per-thread free list, still registered, and the next
+//! request head takes it (an entry that fires while in the list wakes its last task once,
+//! spuriously, which hyper tolerates).
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+use tokio::time::Instant as TokioInstant;
+
+/// A sleep whose deadline moves later for free.
+#[derive(Debug)]
+pub(crate) struct LazySleep {
+    inner: Pin<Box<tokio::time::Sleep>>,
+    /// The real deadline; the registered one is never later.
+    deadline: TokioInstant,
+}
+
+impl LazySleep {
+    pub(crate) fn new(deadline: TokioInstant) -> Self {
+        Self {
+            inner: Box::pin(tokio::time::sleep_until(deadline)),
+            deadline,
+        }
+    }
+
+    /// Sets the deadline. Only an earlier one than registered touches the timer wheel.
+    pub(crate) fn set(&mut self, deadline: TokioInstant) {
+        if deadline < self.inner.deadline() {
+            self.inner.as_mut().reset(deadline);
+        }
+        self.deadline = deadline;
+    }
+
+    /// Ready once the deadline has passed.
+    pub(crate) fn poll_elapsed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            ready!(self.inner.as_mut().poll(cx));
+            if TokioInstant::now() >= self.deadline {
+                return Poll::Ready(());
+            }
+            // The registered deadline was an older, earlier one: re-arm for the real one.
+            self.inner.as_mut().reset(self.deadline);
+        }
+    }
+}
+
+/// Sleeps kept per thread (one per connection waiting for a request head is the most that
+/// can be useful at once).
+const MAX_SPARE: usize = 4096;
+
+thread_local! {
+    static SPARE: RefCell<Vec<LazySleep>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Drops the current thread's spare sleeps (a worker does so once its runtime is gone).
+pub(crate) fn clear_spares() {
+    let spares = SPARE.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    drop(spares);
+}
+
+/// A `hyper::rt::Timer` of recycled [`LazySleep`]s; for the workers' current-thread runtimes.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct RecyclingTimer;
+
+impl hyper::rt::Timer for RecyclingTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        self.sleep_until(Instant::now() + duration)
+    }
+
+    fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        let deadline = TokioInstant::from_std(deadline);
+        let inner = match SPARE.with(|s| s.borrow_mut().pop()) {
+            Some(mut sleep) => {
+                sleep.set(deadline);
+                sleep
+            }
+            None => LazySleep::new(deadline),
+        };
+        Box::pin(RecycledSleep { inner: Some(inner) })
+    }
+
+    fn reset(&self, sleep: &mut Pin<Box<dyn hyper::rt::Sleep>>, new_deadline: Instant) {
+        match sleep.as_mut().downcast_mut_pin::<RecycledSleep>() {
+            Some(mut s) => {
+                if let Some(inner) = s.inner.as_mut() {
+                    inner.set(TokioInstant::from_std(new_deadline));
+                }
+            }
+            None => *sleep = self.sleep_until(new_deadline),
+        }
+    }
+}
+
+struct RecycledSleep {
+    inner: Option<LazySleep>,
+}
+
+impl Future for RecycledSleep {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        match self.inner.as_mut() {
+            Some(inner) => inner.poll_elapsed(cx),
+            None => Poll::Ready(()),
+        }
+    }
+}
+
+impl hyper::rt::Sleep for RecycledSleep {}
+
+impl Drop for RecycledSleep {
+    fn drop(&mut self) {
+        if let Some(inner) = self.inner.take() {
+            // `try_with`: during thread teardown the list may be gone; the sleep then just
+            // drops (deregistering itself).
+            let _ = SPARE.try_with(|s| {
+                if let Ok(mut s) = s.try_borrow_mut()
+                    && s.len() < MAX_SPARE
+                {
+                    s.push(inner);
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::rt::Timer as _;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn recycled_sleeps_fire_at_their_new_deadline() {
+        let t = RecyclingTimer;
+        let mut first = t.sleep(Duration::from_millis(20));
+        // Registered in the wheel (a first poll), then given back.
+        assert!(futures_poll_once(&mut first).await.is_pending());
+        drop(first);
+        assert_eq!(SPARE.with(|s| s.borrow().len()), 1);
+        // Reuses the spare with a later deadline (the registration is only extended).
+        let start = Instant::now();
+        let second = t.sleep(Duration::from_millis(100));
+        assert_eq!(SPARE.with(|s| s.borrow().len()), 0);
+        second.await;
+        let waited = start.elapsed();
+        assert!(waited >= Duration::from_millis(100), "{waited:?}");
+        assert!(waited < Duration::from_secs(5), "{waited:?}");
+        // An earlier deadline than the registered one is honoured too.
+        let mut third = t.sleep(Duration::from_secs(10));
+        assert!(futures_poll_once(&mut third).await.is_pending());
+        let start = Instant::now();
+        t.reset(&mut third, start + Duration::from_millis(30));
+        third.await;
+        let waited = start.elapsed();
+        assert!(waited >= Duration::from_millis(30), "{waited:?}");
+        assert!(waited < Duration::from_secs(5), "{waited:?}");
+        clear_spares();
+        assert_eq!(SPARE.with(|s| s.borrow().len()), 0);
+    }
+
+    async fn futures_poll_once(f: &mut Pin<Box<dyn hyper::rt::Sleep>>) -> Poll<()> {
+        std::future::poll_fn(|cx| Poll::Ready(f.as_mut().poll(cx))).await
+    }
+}
