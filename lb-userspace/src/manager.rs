@@ -116,8 +116,8 @@ pub struct Manager {
     grace_state: Grace,
     /// The desired state last applied completely, for incremental plans.
     baseline: Option<plan::Baseline>,
-    /// Backends whose next hop already has a managed neighbour entry (see `neighbours`).
-    resolved_backends: std::collections::BTreeSet<std::net::IpAddr>,
+    /// Keeps the next hops of backends resolved, off the apply path (see `neighbours`).
+    neighbours: crate::neighbours::Resolver,
 }
 
 impl Manager {
@@ -131,7 +131,7 @@ impl Manager {
                 running: Vec::new(),
             },
             baseline: None,
-            resolved_backends: Default::default(),
+            neighbours: crate::neighbours::Resolver::start(),
         })
     }
 
@@ -265,14 +265,14 @@ impl Manager {
         // of every new backend resolved by the kernel. After an incremental plan every
         // other listed address was listed (and resolved) before.
         if incremental {
-            crate::neighbours::keep_resolved(new_addresses, &mut self.resolved_backends);
+            self.neighbours.submit(new_addresses);
         } else {
-            crate::neighbours::keep_resolved(
+            self.neighbours.submit(
                 desired
                     .vips
                     .iter()
-                    .flat_map(|v| v.backends.iter().map(|b| b.address)),
-                &mut self.resolved_backends,
+                    .flat_map(|v| v.backends.iter().map(|b| b.address))
+                    .collect(),
             );
         }
         Ok(report)

@@ -7,6 +7,11 @@
 //! for the route (`ip route get`; all new backends in one `ip -batch`) and creates a
 //! *managed* neighbour entry for each distinct next hop (`ip neigh replace … managed`, Linux
 //! 5.16+), which the kernel resolves and keeps fresh on its own.
+//!
+//! This runs on a [`Resolver`] thread, not on the apply path: a first sync of 100,000
+//! backends spends about two seconds in `ip`, which would otherwise delay the next change by
+//! as much. Resolution is asynchronous anyway (the kernel sends the ARP/ND probe after the
+//! entry exists), so the datapath never relied on it having finished when maps are written.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -52,6 +57,73 @@ fn ip_batch(commands: &str) -> std::io::Result<std::process::Output> {
     let out = child.wait_with_output()?;
     let _ = writer.join();
     Ok(out)
+}
+
+/// Backends looked up per `ip -batch` run: bounds the memory a first sync of 100,000
+/// backends spends on `ip`'s answers (~100 bytes each) to about a megabyte at a time.
+const ADDRESSES_PER_BATCH: usize = 10_000;
+
+/// Keeps next hops resolved on a thread of its own; it remembers which backends it handled.
+pub struct Resolver {
+    to_thread: Option<std::sync::mpsc::Sender<Vec<IpAddr>>>,
+    /// Used when the thread could not be started: resolution runs on the caller.
+    inline_done: BTreeSet<IpAddr>,
+}
+
+impl Resolver {
+    /// Starts the thread (named `xlb-neighbours`). It stops once the resolver is dropped and
+    /// the work already handed over is done.
+    pub fn start() -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<IpAddr>>();
+        let spawned = std::thread::Builder::new()
+            .name("xlb-neighbours".into())
+            .spawn(move || {
+                let mut done = BTreeSet::new();
+                while let Ok(mut addresses) = rx.recv() {
+                    // Whatever queued up meanwhile goes in the same runs of `ip`.
+                    while let Ok(more) = rx.try_recv() {
+                        addresses.extend(more);
+                    }
+                    for chunk in addresses.chunks(ADDRESSES_PER_BATCH) {
+                        keep_resolved(chunk.iter().copied(), &mut done);
+                    }
+                }
+            });
+        match spawned {
+            Ok(_) => Resolver {
+                to_thread: Some(tx),
+                inline_done: BTreeSet::new(),
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the neighbour thread: resolving inline");
+                Resolver {
+                    to_thread: None,
+                    inline_done: BTreeSet::new(),
+                }
+            }
+        }
+    }
+
+    /// Has the next hops of `backends` resolved (those not handled before), without waiting.
+    pub fn submit(&mut self, backends: Vec<IpAddr>) {
+        if backends.is_empty() {
+            return;
+        }
+        let backends = match &self.to_thread {
+            Some(tx) => match tx.send(backends) {
+                Ok(()) => return,
+                // The thread is gone (it panicked): carry on here.
+                Err(std::sync::mpsc::SendError(backends)) => {
+                    self.to_thread = None;
+                    backends
+                }
+            },
+            None => backends,
+        };
+        for chunk in backends.chunks(ADDRESSES_PER_BATCH) {
+            keep_resolved(chunk.iter().copied(), &mut self.inline_done);
+        }
+    }
 }
 
 /// Creates managed neighbour entries for the next hops of `backends` not seen before;
