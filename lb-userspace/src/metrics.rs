@@ -153,11 +153,11 @@ fn counter<L: prometheus_client::encoding::EncodeLabelSet>(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
-    series: &[(L, u64)],
+    series: impl IntoIterator<Item = (L, u64)>,
 ) -> Result<(), std::fmt::Error> {
     let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
     for (labels, value) in series {
-        ConstCounter::new(*value).encode(metric.encode_family(labels)?)?;
+        ConstCounter::new(value).encode(metric.encode_family(&labels)?)?;
     }
     Ok(())
 }
@@ -172,7 +172,8 @@ fn plain_counter(
     ConstCounter::new(value).encode(metric)
 }
 
-type Labels = Vec<(String, String)>;
+/// A counter family read from one stats struct: name, help, which field.
+type Family<S> = (&'static str, &'static str, fn(&S) -> u64);
 
 impl Collector for DatapathCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
@@ -182,72 +183,74 @@ impl Collector for DatapathCollector {
         let state = self.vips.read().ok().and_then(|v| v.clone());
         let vips: &[std::sync::Arc<PersistedVip>] = state.as_deref().map_or(&[], |s| &s.vips);
 
-        let mut vip_series: [Vec<(Labels, u64)>; 3] = Default::default();
-        let mut backend_series: [Vec<(Labels, u64)>; 2] = Default::default();
-        let mut seen_backends = std::collections::BTreeSet::new();
+        // Every counter is read once into compact rows; label strings are made while a
+        // series is encoded and dropped right after. (Label vectors built up front for
+        // 10,000 VIPs and 100,000 backends held ~25 MB for the length of a scrape.)
+        let mut vip_rows: Vec<(&PersistedVip, VipStats)> = Vec::with_capacity(vips.len());
+        let mut backend_rows: Vec<(u32, std::net::IpAddr)> = vips
+            .iter()
+            .flat_map(|vip| vip.backends.iter().map(|b| (b.id, b.address)))
+            .collect();
+        // A backend shared by several VIPs is one series.
+        backend_rows.sort_unstable_by_key(|(id, _)| *id);
+        backend_rows.dedup_by_key(|(id, _)| *id);
+        let backend_rows: Vec<(std::net::IpAddr, BackendStats)> = backend_rows
+            .into_iter()
+            .filter_map(|(id, address)| Some((address, maps.backend_stats(id).ok()?)))
+            .collect();
         for vip in vips {
-            let Ok(stats) = maps.vip_stats(vip.vip_id) else {
-                continue;
-            };
+            if let Ok(stats) = maps.vip_stats(vip.vip_id) {
+                vip_rows.push((vip, stats));
+            }
+        }
+        let vip_labels = |vip: &PersistedVip| {
             let service = crate::model::ServiceKey {
                 address: vip.address,
                 protocol: vip.protocol,
                 port: vip.port,
             }
             .to_string();
-            let labels = vec![
-                ("vip".to_owned(), vip.name.clone()),
-                ("service".to_owned(), service),
-            ];
-            for (series, value) in
-                vip_series
-                    .iter_mut()
-                    .zip([stats.packets, stats.bytes, stats.new_conns])
-            {
-                series.push((labels.clone(), value));
-            }
-            for backend in &vip.backends {
-                if !seen_backends.insert(backend.id) {
-                    continue;
-                }
-                let Ok(stats) = maps.backend_stats(backend.id) else {
-                    continue;
-                };
-                let labels = vec![("backend".to_owned(), backend.address.to_string())];
-                backend_series[0].push((labels.clone(), stats.packets));
-                backend_series[1].push((labels, stats.bytes));
-            }
+            [("vip", vip.name.clone()), ("service", service)]
+        };
+        let vip_families: [Family<VipStats>; 3] = [
+            ("xlb_vip_packets", "Packets forwarded for a VIP", |s| {
+                s.packets
+            }),
+            ("xlb_vip_bytes", "L3 bytes forwarded for a VIP", |s| s.bytes),
+            (
+                "xlb_vip_new_connections",
+                "New connections (Maglev picks) of a VIP",
+                |s| s.new_conns,
+            ),
+        ];
+        for (name, help, value) in vip_families {
+            counter(
+                &mut encoder,
+                name,
+                help,
+                vip_rows
+                    .iter()
+                    .map(|(vip, stats)| (vip_labels(vip), value(stats))),
+            )?;
         }
-        counter(
-            &mut encoder,
-            "xlb_vip_packets",
-            "Packets forwarded for a VIP",
-            &vip_series[0],
-        )?;
-        counter(
-            &mut encoder,
-            "xlb_vip_bytes",
-            "L3 bytes forwarded for a VIP",
-            &vip_series[1],
-        )?;
-        counter(
-            &mut encoder,
-            "xlb_vip_new_connections",
-            "New connections (Maglev picks) of a VIP",
-            &vip_series[2],
-        )?;
-        counter(
-            &mut encoder,
-            "xlb_backend_packets",
-            "Packets sent to a backend",
-            &backend_series[0],
-        )?;
-        counter(
-            &mut encoder,
-            "xlb_backend_bytes",
-            "Inner bytes sent to a backend",
-            &backend_series[1],
-        )?;
+        let backend_families: [Family<BackendStats>; 2] = [
+            ("xlb_backend_packets", "Packets sent to a backend", |s| {
+                s.packets
+            }),
+            ("xlb_backend_bytes", "Inner bytes sent to a backend", |s| {
+                s.bytes
+            }),
+        ];
+        for (name, help, value) in backend_families {
+            counter(
+                &mut encoder,
+                name,
+                help,
+                backend_rows
+                    .iter()
+                    .map(|(address, stats)| ([("backend", address.to_string())], value(stats))),
+            )?;
+        }
 
         if let Ok(stats) = maps.stats() {
             let fields = stats.fields();
@@ -271,7 +274,7 @@ impl Collector for DatapathCollector {
                 &mut encoder,
                 "xlb_packets",
                 "Packets by outcome (each packet has exactly one)",
-                &outcomes,
+                outcomes,
             )?;
             let events: Vec<([(&str, &str); 1], u64)> = [
                 ("hit", "conntrack_hit"),
@@ -288,7 +291,7 @@ impl Collector for DatapathCollector {
                 "xlb_conntrack_events",
                 "Connection-table events; insert_skipped counts inserts skipped by the \
                  new-connection rate guard",
-                &events,
+                events,
             )?;
             plain_counter(
                 &mut encoder,
@@ -333,11 +336,16 @@ pub fn registry(agent: &AgentMetrics, datapath: DatapathCollector) -> Registry {
 
 /// Renders the registry in the text format.
 pub fn render(registry: &Registry) -> String {
-    let mut text = String::new();
+    // The text of 100,000 backends is ~13 MB: reserving what the last scrape needed (plus
+    // some growth) spares the copies, and the doubled capacity, of growing a string to it.
+    static LAST_LEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let last = LAST_LEN.load(std::sync::atomic::Ordering::Relaxed);
+    let mut text = String::with_capacity(last + last / 8);
     if prometheus_client::encoding::text::encode(&mut text, registry).is_err() {
         text.clear();
         let _ = writeln!(text, "# encoding failed");
     }
+    LAST_LEN.store(text.len(), std::sync::atomic::Ordering::Relaxed);
     text
 }
 
@@ -367,25 +375,30 @@ pub async fn serve(listener: tokio::net::TcpListener, registry: Arc<Registry>) {
             }
             let line = String::from_utf8_lossy(&request);
             let path = line.split_whitespace().nth(1).unwrap_or("");
-            let response = if path == "/metrics" || path.starts_with("/metrics?") {
+            // Head and body are written separately: the body is not copied behind the head.
+            let (head, body) = if path == "/metrics" || path.starts_with("/metrics?") {
                 let body = tokio::task::spawn_blocking(move || render(&registry))
                     .await
                     .unwrap_or_default();
-                format!(
+                let head = format!(
                     "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; \
                      version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: \
-                     close\r\n\r\n{body}",
+                     close\r\n\r\n",
                     body.len()
-                )
+                );
+                (head, body)
             } else {
-                let body = "see /metrics\n";
-                format!(
+                let body = "see /metrics\n".to_owned();
+                let head = format!(
                     "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: \
-                     {}\r\nConnection: close\r\n\r\n{body}",
+                     {}\r\nConnection: close\r\n\r\n",
                     body.len()
-                )
+                );
+                (head, body)
             };
-            let _ = stream.write_all(response.as_bytes()).await;
+            if stream.write_all(head.as_bytes()).await.is_ok() {
+                let _ = stream.write_all(body.as_bytes()).await;
+            }
             let _ = stream.shutdown().await;
         });
     }
