@@ -332,11 +332,16 @@ pub fn write(pin_dir: &Path, state_dir: &Path, state: &PersistedState) -> Result
     let tmp = path.with_extension("json.tmp");
     // Compact: with 100,000 backends the pretty form is twice the bytes and the time, on
     // a thread that shares the node's cores with the change path (`jq .` reads it well).
-    let text = serde_json::to_vec(state).map_err(|e| StateError::File {
-        path: path.clone(),
+    // Streamed to the file: with 100,000 backends the text is ~10 MB, which a buffer
+    // growing to it would hold (twice, while it doubles) at the agent's busiest moment.
+    let file = std::fs::File::create(&tmp).map_err(file_err(&tmp))?;
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, file);
+    serde_json::to_writer(&mut out, state).map_err(|e| StateError::File {
+        path: tmp.clone(),
         reason: e.to_string(),
     })?;
-    std::fs::write(&tmp, text).map_err(file_err(&tmp))?;
+    std::io::Write::flush(&mut out).map_err(file_err(&tmp))?;
+    drop(out);
     std::fs::rename(&tmp, &path).map_err(file_err(&path))?;
     let link = pin_dir.join(datapath::STATE_LINK_NAME);
     if std::fs::read_link(&link).ok().as_deref() != Some(path.as_path()) {
