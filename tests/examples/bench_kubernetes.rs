@@ -18,6 +18,10 @@
 //!    backend id appearing in / leaving the VIP's active ring in the pinned map.
 //! 5. The agent's peak RSS (`VmHWM`), read before any metrics scrape (rendering the metrics
 //!    of 10,000 VIPs and 100,000 backends is itself a large allocation, reported apart).
+//!
+//! Profiling: `XLB_BENCH_AGENT_BINARY` runs another build of `xlb` (say one built with
+//! `--no-default-features`, without jemalloc) and `XLB_BENCH_AGENT_WRAPPER` a command in front
+//! of it (`heaptrack`); see docs/agent.md ("Memory").
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -154,6 +158,10 @@ fn tail(text: &str) -> String {
 }
 
 fn xlb_binary() -> Result<PathBuf> {
+    // Profiling another build (e.g. one without jemalloc, for heaptrack).
+    if let Some(path) = std::env::var_os("XLB_BENCH_AGENT_BINARY") {
+        return Ok(PathBuf::from(path));
+    }
     // target/release/examples/bench_kubernetes → target/release/xlb
     let exe = std::env::current_exe()?;
     let path = exe
@@ -303,7 +311,19 @@ fn main() -> Result<()> {
         ),
     )?;
     let log = scratch.path.join("agent.log");
-    let mut command = Command::new(&xlb);
+    // `XLB_BENCH_AGENT_WRAPPER="heaptrack"` (words split on spaces) runs the agent under a
+    // profiler; the figures are then the profiler's, not the agent's.
+    let wrapper: Vec<String> = std::env::var("XLB_BENCH_AGENT_WRAPPER")
+        .map(|w| w.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default();
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(&xlb);
+            c
+        }
+        None => Command::new(&xlb),
+    };
     // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec. The
     // agent dies with the bench even if the bench is killed before its guards run.
     unsafe {
