@@ -262,8 +262,8 @@ impl Manager {
             }
         }
         // XDP's FIB lookup reads the neighbour table but never fills it: keep the next hop
-        // of every new backend resolved by the kernel. After an incremental plan every
-        // other listed address was listed (and resolved) before.
+        // of every new backend resolved by the kernel (on the resolver's thread). After an
+        // incremental plan every other listed address was handed over before.
         if incremental {
             self.neighbours.submit(new_addresses);
         } else {

@@ -84,23 +84,19 @@ impl Resolver {
                     while let Ok(more) = rx.try_recv() {
                         addresses.extend(more);
                     }
-                    for chunk in addresses.chunks(ADDRESSES_PER_BATCH) {
-                        keep_resolved(chunk.iter().copied(), &mut done);
-                    }
+                    keep_resolved_in_batches(&addresses, &mut done);
                 }
             });
-        match spawned {
-            Ok(_) => Resolver {
-                to_thread: Some(tx),
-                inline_done: BTreeSet::new(),
-            },
+        let to_thread = match spawned {
+            Ok(_) => Some(tx),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot start the neighbour thread: resolving inline");
-                Resolver {
-                    to_thread: None,
-                    inline_done: BTreeSet::new(),
-                }
+                None
             }
+        };
+        Resolver {
+            to_thread,
+            inline_done: BTreeSet::new(),
         }
     }
 
@@ -109,20 +105,21 @@ impl Resolver {
         if backends.is_empty() {
             return;
         }
-        let backends = match &self.to_thread {
-            Some(tx) => match tx.send(backends) {
-                Ok(()) => return,
-                // The thread is gone (it panicked): carry on here.
-                Err(std::sync::mpsc::SendError(backends)) => {
-                    self.to_thread = None;
-                    backends
-                }
-            },
-            None => backends,
+        let Some(tx) = &self.to_thread else {
+            return keep_resolved_in_batches(&backends, &mut self.inline_done);
         };
-        for chunk in backends.chunks(ADDRESSES_PER_BATCH) {
-            keep_resolved(chunk.iter().copied(), &mut self.inline_done);
+        // The thread is gone (it panicked) when the send fails: carry on here.
+        if let Err(std::sync::mpsc::SendError(returned)) = tx.send(backends) {
+            self.to_thread = None;
+            keep_resolved_in_batches(&returned, &mut self.inline_done);
         }
+    }
+}
+
+/// [`keep_resolved`] over `addresses`, [`ADDRESSES_PER_BATCH`] at a time.
+fn keep_resolved_in_batches(addresses: &[IpAddr], done: &mut BTreeSet<IpAddr>) {
+    for chunk in addresses.chunks(ADDRESSES_PER_BATCH) {
+        keep_resolved(chunk.iter().copied(), done);
     }
 }
 
