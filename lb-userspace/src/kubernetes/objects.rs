@@ -78,6 +78,27 @@ impl Service {
     pub fn annotation(&self, key: &str) -> Option<&str> {
         kept_value(&SERVICE_KEPT, &self.kept, Map::Annotations, key)
     }
+
+    /// The `ip`s of `status.loadBalancer.ingress`, in order (entries without one left out).
+    pub fn ingress_ips(&self) -> impl Iterator<Item = &str> {
+        self.status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_deref())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|i| i.ip.as_deref())
+    }
+
+    /// True if `other` is this Service with at most its status (and resourceVersion)
+    /// changed: the same object for everything translation reads but the status.
+    pub fn same_but_status(&self, other: &Service) -> bool {
+        let meta = |s: &Service| ObjectMeta {
+            resource_version: None,
+            ..s.metadata.clone()
+        };
+        self.spec == other.spec && self.kept == other.kept && meta(self) == meta(other)
+    }
 }
 
 /// The part of a Service's spec translation reads.

@@ -29,7 +29,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
@@ -41,8 +41,8 @@ use tokio::sync::mpsc;
 
 use super::objects::{EndpointSlice, Service};
 use super::translate::{
-    Index, Patch as SlicePatch, Skipped, SliceChange, TranslateOptions, Translation, patch_slices,
-    translate_indexed,
+    Index, Patch as SlicePatch, Skipped, SliceChange, TranslateOptions, Translation,
+    is_status_echo, patch_slices, translate_indexed,
 };
 
 /// How the Kubernetes source runs.
@@ -149,13 +149,21 @@ async fn run(client: kube::Client, opts: SourceOptions, tx: mpsc::Sender<Update>
     let config = watcher::Config::default();
     // The caches hold slim views ([`super::objects`]): what translation and status writes
     // do not read is skipped while parsing, so there is nothing left to strip here.
-    let svc_stream = reflector::reflector(
-        svc_writer,
-        watcher(Api::<Service>::all(client.clone()), config.clone()),
-    )
-    .default_backoff()
-    .map(|r| r.map(|_| Touched::Full).map_err(|e| ("Service", e)))
-    .boxed();
+    // `reflector::reflector` by hand: each Service event is compared with the cached
+    // version it replaces, so the Lease holder's own status writes coming back (one per
+    // Service after a first sync) need no translation at all.
+    let svc_stream = {
+        let (cache, mut writer) = (services.clone(), svc_writer);
+        watcher(Api::<Service>::all(client.clone()), config.clone())
+            .map_ok(move |event| {
+                let touched = service_touched(&cache, &event);
+                writer.apply_watcher_event(&event);
+                touched
+            })
+            .default_backoff()
+            .map(|r| r.map_err(|e| ("Service", e)))
+            .boxed()
+    };
     let slice_stream = reflector::reflector(
         slice_writer,
         watcher(Api::<EndpointSlice>::all(client.clone()), config),
@@ -209,7 +217,15 @@ async fn run(client: kube::Client, opts: SourceOptions, tx: mpsc::Sender<Update>
                 match (change, touched.as_mut()) {
                     (Touched::Slice(change), Some(changes)) => changes.push(change),
                     (Touched::Slice(_), None) => {}
-                    (Touched::Full, _) => touched = None,
+                    (Touched::Service { before, after }, _)
+                        if last.as_deref().zip(index.as_ref()).is_some_and(
+                            |(previous, index)| is_status_echo(previous, index, &before, &after),
+                        ) =>
+                    {
+                        // The translation of the caches as they are now is `last`.
+                        continue;
+                    }
+                    (Touched::Service { .. } | Touched::Full, _) => touched = None,
                 }
                 let now = Instant::now();
                 pending = Some(pending.map_or((now, now), |(first, _)| (first, now)));
@@ -325,8 +341,28 @@ async fn run(client: kube::Client, opts: SourceOptions, tx: mpsc::Sender<Update>
 enum Touched {
     /// An EndpointSlice was created, changed or deleted.
     Slice(SliceChange),
-    /// A Service changed, or a watch (re)listed: translate everything.
+    /// A cached Service changed: translate everything, unless only its status did, to
+    /// what the last translation decided ([`is_status_echo`]).
+    Service {
+        before: std::sync::Arc<Service>,
+        after: Box<Service>,
+    },
+    /// A Service was created or deleted, or a watch (re)listed: translate everything.
     Full,
+}
+
+/// Classifies a Service event against the cache before the event is applied to it.
+fn service_touched(cache: &Store<Service>, event: &watcher::Event<Service>) -> Touched {
+    match event {
+        watcher::Event::Apply(after) => match cache.get(&reflector::ObjectRef::from_obj(after)) {
+            Some(before) => Touched::Service {
+                before,
+                after: Box::new(after.clone()),
+            },
+            None => Touched::Full,
+        },
+        _ => Touched::Full,
+    }
 }
 
 fn slice_touched(event: watcher::Event<EndpointSlice>) -> Touched {
@@ -460,15 +496,10 @@ async fn write_status(
     let due: Vec<(String, String, Vec<String>)> = addresses
         .iter()
         .filter_map(|((namespace, name), addresses)| {
-            let current: Vec<String> = services
-                .get(&reflector::ObjectRef::new(name).within(namespace))
-                .and_then(|s| s.status.clone())
-                .and_then(|s| s.load_balancer)
-                .and_then(|lb| lb.ingress)
-                .map(|i| i.into_iter().filter_map(|i| i.ip).collect())
-                .unwrap_or_default();
             let wanted: Vec<String> = addresses.iter().map(ToString::to_string).collect();
-            (current != wanted).then(|| (namespace.clone(), name.clone(), wanted))
+            let current = services.get(&reflector::ObjectRef::new(name).within(namespace));
+            let written = current.is_some_and(|s| s.ingress_ips().eq(wanted.iter()));
+            (!written).then(|| (namespace.clone(), name.clone(), wanted))
         })
         .collect();
     if due.is_empty() {

@@ -483,3 +483,165 @@ fn patching_slice_changes_equals_translating_everything() {
     // Most steps touch only served Services: the patch path is what was tested.
     assert!(patched_steps > 200, "only {patched_steps} steps patched");
 }
+
+/// The Lease holder's status writes come back as Service events; [`is_status_echo`] lets
+/// the source skip translating them. Whenever it says so, translating everything again
+/// must give the same translation and index, on random clusters: requested, status-held
+/// and allocated addresses, dual stack, exhausted pools, conflicts, Services not ours, and
+/// statuses rewritten to the decided addresses, to others, or cleared, step after step.
+#[test]
+fn status_echo_translates_the_same() {
+    use rand::rngs::StdRng;
+    use rand::seq::IndexedRandom;
+    use rand::{Rng, SeedableRng};
+
+    // Small pools, so that allocation order matters and pools run out.
+    let opts = TranslateOptions {
+        pools: vec![
+            "192.0.2.1-192.0.2.4".parse().unwrap(),
+            "198.51.100.8/30".parse().unwrap(),
+            "2001:db8::/126".parse().unwrap(),
+        ],
+        ..TranslateOptions::default()
+    };
+    let addresses = [
+        "192.0.2.1",
+        "192.0.2.2",
+        "192.0.2.3",
+        "198.51.100.9",
+        "203.0.113.5",
+        "2001:db8::1",
+        "2001:db8::2",
+        "not-an-ip",
+    ];
+    let status = |ips: &[&str]| -> Option<crate::kubernetes::objects::ServiceStatus> {
+        let ingress: Vec<Value> = ips.iter().map(|ip| json!({"ip": ip})).collect();
+        Some(serde_json::from_value(json!({"loadBalancer": {"ingress": ingress}})).unwrap())
+    };
+    let random_service = |rng: &mut StdRng, i: usize| -> Service {
+        let mut extra = json!({"metadata": {
+            // Ties on purpose: then the name orders.
+            "creationTimestamp": format!("2024-01-01T00:00:0{}Z", rng.random_range(0..4))}});
+        match rng.random_range(0..10) {
+            0 => merge(
+                &mut extra,
+                json!({"spec": {"loadBalancerIP": addresses.choose(rng).unwrap()}}),
+            ),
+            1 => merge(
+                &mut extra,
+                json!({"spec": {"ipFamilies": ["IPv4", "IPv6"]}}),
+            ),
+            2 => merge(&mut extra, json!({"spec": {"ipFamilies": ["IPv6"]}})),
+            3 => merge(
+                &mut extra,
+                json!({"metadata": {"annotations": {CLASS_ANNOTATION: "other"}}}),
+            ),
+            _ => {}
+        }
+        if rng.random_bool(0.3) {
+            // Another port number: two Services on one address conflict only on the same port.
+            merge(
+                &mut extra,
+                json!({"spec": {"ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]}}),
+            );
+        }
+        let mut svc = service(&format!("svc{i}"), extra);
+        if rng.random_bool(0.3) {
+            svc.status = status(&[addresses.choose(rng).unwrap()]);
+        }
+        svc
+    };
+    let endpoints = json!([{"addresses": ["10.0.0.1"], "conditions": {"ready": true}},
+                           {"addresses": ["fd00::1"], "conditions": {"ready": true}}]);
+    let mut echoes = 0;
+    for seed in 0..40u64 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let count = rng.random_range(3..9);
+        let mut services: Vec<Service> = (0..count).map(|i| random_service(&mut rng, i)).collect();
+        let slices: Vec<EndpointSlice> = (0..count)
+            .flat_map(|i| {
+                let name = format!("svc{i}");
+                [
+                    slice(&format!("{name}-v4"), &name, "IPv4", endpoints.clone()),
+                    slice(&format!("{name}-v6"), &name, "IPv6", endpoints.clone()),
+                ]
+            })
+            .collect();
+        for step in 0..40 {
+            let (previous, index) = translate_indexed(&services, &slices, &opts);
+            let j = rng.random_range(0..services.len());
+            let before = services[j].clone();
+            let id = ("default".to_string(), format!("svc{j}"));
+            let decided: Option<Vec<String>> = previous
+                .addresses
+                .get(&id)
+                .map(|a| a.iter().map(ToString::to_string).collect());
+            let mut after = before.clone();
+            after.metadata.resource_version = Some(format!("{step}"));
+            match rng.random_range(0..6) {
+                // What the status writer writes.
+                0..=2 => {
+                    if let Some(decided) = &decided {
+                        let ips: Vec<&str> = decided.iter().map(String::as_str).collect();
+                        after.status = status(&ips);
+                    }
+                }
+                3 => after.status = status(&[addresses.choose(&mut rng).unwrap()]),
+                4 => after.status = None,
+                // The spec changes too.
+                _ => after = random_service(&mut rng, j),
+            }
+            let echo = is_status_echo(&previous, &index, &before, &after);
+            let written = decided
+                .as_ref()
+                .is_some_and(|d| after.ingress_ips().eq(d.iter()));
+            if before.same_but_status(&after) && written && index.patchable {
+                assert!(
+                    echo,
+                    "seed {seed} step {step}: the status writer's own write"
+                );
+            }
+            services[j] = after;
+            if echo {
+                echoes += 1;
+                let (again, again_index) = translate_indexed(&services, &slices, &opts);
+                assert_eq!(again, previous, "seed {seed} step {step}");
+                assert_eq!(again_index, index, "seed {seed} step {step}");
+            }
+        }
+    }
+    assert!(echoes > 300, "only {echoes} echoes were checked");
+}
+
+#[test]
+fn status_echo_is_only_the_decided_addresses() {
+    let opts = opts();
+    let a = service("a", json!({}));
+    let (previous, index) = translate_indexed(std::slice::from_ref(&a), &[], &opts);
+    let with_status = |ips: Value| {
+        let mut s = a.clone();
+        s.status = serde_json::from_value(json!({"loadBalancer": {"ingress": ips}})).unwrap();
+        s
+    };
+    assert_eq!(
+        previous.addresses.values().next(),
+        Some(&vec![ip("192.0.2.1")])
+    );
+    assert!(is_status_echo(
+        &previous,
+        &index,
+        &a,
+        &with_status(json!([{"ip": "192.0.2.1"}]))
+    ));
+    // Another address, one more, none, or a changed spec: translate again.
+    for ips in [
+        json!([{"ip": "192.0.2.2"}]),
+        json!([{"ip": "192.0.2.1"}, {"ip": "192.0.2.2"}]),
+        json!([]),
+    ] {
+        assert!(!is_status_echo(&previous, &index, &a, &with_status(ips)));
+    }
+    let mut moved = with_status(json!([{"ip": "192.0.2.1"}]));
+    moved.spec.as_mut().unwrap().session_affinity = Some("ClientIP".into());
+    assert!(!is_status_echo(&previous, &index, &a, &moved));
+}
