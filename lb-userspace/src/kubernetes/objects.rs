@@ -11,13 +11,16 @@
 //! xlb does not read while parsing (serde ignores unknown fields without allocating); the
 //! same run takes 14.7 MB and 10.1 MB (~67 bytes per endpoint). See `docs/kubernetes.md`.
 //!
-//! **Metadata.** [`kube::Resource`] hands the watcher and the reflector a k8s-openapi
-//! `ObjectMeta` by reference, so `metadata` is one (360 bytes even when nearly empty, the
-//! largest part of a cached object now), but only name, namespace, resourceVersion (the
-//! watcher resumes from it) and creationTimestamp (allocation order) are ever set. The two
-//! annotations and the one label xlb reads are kept beside it ([`Service::annotation`],
-//! [`EndpointSlice::label`]): in the metadata's `BTreeMap`s, which allocate a ~550-byte node
-//! for even one entry, they took 12.1 MB of the same run.
+//! **Metadata.** [`kube::Resource`] hands the watcher a k8s-openapi `ObjectMeta` by
+//! reference, so the watched objects ([`ServiceObject`], [`EndpointSliceObject`]) carry one
+//! (360 bytes even when nearly empty) with name, namespace, resourceVersion (the watcher
+//! resumes from it) and creationTimestamp set. The cached [`Service`] and [`EndpointSlice`]
+//! keep a [`Meta`] instead (name, namespace, creationTimestamp: 72 bytes) and implement the
+//! reflector's [`Lookup`] themselves, without a resourceVersion: with 10,000 Services and
+//! 10,000 EndpointSlices that is ~6 MB less (the cache keys carried the version too). The
+//! two annotations and the one label xlb reads are kept beside it
+//! ([`Service::annotation`], [`EndpointSlice::label`]): in the metadata's `BTreeMap`s, which
+//! allocate a ~550-byte node for even one entry, they took 12.1 MB of the same run.
 //!
 //! **Read-only.** They are views: they cannot be serialised, and writing one back (PUT)
 //! would drop every field they leave out. Status is written with a merge patch of
@@ -36,7 +39,30 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 
+use kube::runtime::reflector::Lookup;
+
 use super::translate::{CLASS_ANNOTATION, IPS_ANNOTATION, SERVICE_NAME_LABEL};
+
+/// What xlb keeps of a cached object's metadata.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Meta {
+    /// `metadata.name`.
+    pub name: Option<String>,
+    /// `metadata.namespace`.
+    pub namespace: Option<String>,
+    /// `metadata.creationTimestamp` (VIP allocation goes oldest first).
+    pub creation_timestamp: Option<Time>,
+}
+
+impl From<ObjectMeta> for Meta {
+    fn from(meta: ObjectMeta) -> Self {
+        Meta {
+            name: meta.name,
+            namespace: meta.namespace,
+            creation_timestamp: meta.creation_timestamp,
+        }
+    }
+}
 
 /// The metadata map a kept entry is read from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,11 +85,10 @@ type Kept<const N: usize> = [Option<Box<str>>; N];
 /// A Service (`v1`): metadata, the spec fields translation reads, and the load-balancer
 /// status.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(from = "ServiceWire")]
+#[serde(from = "ServiceObject")]
 pub struct Service {
-    /// Name, namespace, resourceVersion and creationTimestamp only (no annotations or
-    /// labels: see [`Service::annotation`]).
-    pub metadata: ObjectMeta,
+    /// Name, namespace and creationTimestamp (annotations: see [`Service::annotation`]).
+    pub metadata: Meta,
     /// The values of the annotations in [`SERVICE_KEPT`].
     kept: Kept<2>,
     /// What translation reads of the spec.
@@ -90,14 +115,10 @@ impl Service {
             .filter_map(|i| i.ip.as_deref())
     }
 
-    /// True if `other` is this Service with at most its status (and resourceVersion)
-    /// changed: the same object for everything translation reads but the status.
+    /// True if `other` is this Service with at most its status changed: the same object
+    /// for everything translation reads but the status.
     pub fn same_but_status(&self, other: &Service) -> bool {
-        let meta = |s: &Service| ObjectMeta {
-            resource_version: None,
-            ..s.metadata.clone()
-        };
-        self.spec == other.spec && self.kept == other.kept && meta(self) == meta(other)
+        self.spec == other.spec && self.kept == other.kept && self.metadata == other.metadata
     }
 }
 
@@ -131,11 +152,10 @@ pub struct ServiceStatus {
 
 /// An EndpointSlice (`discovery.k8s.io/v1`).
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(from = "SliceWire")]
+#[serde(from = "EndpointSliceObject")]
 pub struct EndpointSlice {
-    /// Name, namespace, resourceVersion and creationTimestamp only (no annotations or
-    /// labels: see [`EndpointSlice::label`]).
-    pub metadata: ObjectMeta,
+    /// Name, namespace and creationTimestamp (labels: see [`EndpointSlice::label`]).
+    pub metadata: Meta,
     /// The values of the labels in [`SLICE_KEPT`].
     kept: Kept<1>,
     /// `IPv4`, `IPv6` or `FQDN` (required by the API; empty if absent, which matches no
@@ -178,12 +198,42 @@ fn kept_value<'a, const N: usize>(
     values[position?].as_deref()
 }
 
-/// Implements [`kube::Resource`] for a namespaced slim type, with the API coordinates of the
-/// k8s-openapi type it views (so `Api::all`, `watcher` and `reflector` address the same
-/// resource).
+/// Implements [`kube::Resource`] for a watched slim type and the reflector's [`Lookup`] for
+/// its cached form, with the API coordinates of the k8s-openapi type they view (so
+/// `Api::all`, `watcher` and the cache address the same resource).
 macro_rules! resource {
-    ($slim:ty, $full:ty) => {
-        impl kube::Resource for $slim {
+    ($watched:ty, $cached:ty, $full:ty) => {
+        impl Lookup for $cached {
+            type DynamicType = ();
+
+            fn kind(_: &()) -> Cow<'_, str> {
+                Cow::Borrowed(<$full as k8s_openapi::Resource>::KIND)
+            }
+            fn group(_: &()) -> Cow<'_, str> {
+                Cow::Borrowed(<$full as k8s_openapi::Resource>::GROUP)
+            }
+            fn version(_: &()) -> Cow<'_, str> {
+                Cow::Borrowed(<$full as k8s_openapi::Resource>::VERSION)
+            }
+            fn plural(_: &()) -> Cow<'_, str> {
+                Cow::Borrowed(<$full as k8s_openapi::Resource>::URL_PATH_SEGMENT)
+            }
+            fn name(&self) -> Option<Cow<'_, str>> {
+                self.metadata.name.as_deref().map(Cow::Borrowed)
+            }
+            fn namespace(&self) -> Option<Cow<'_, str>> {
+                self.metadata.namespace.as_deref().map(Cow::Borrowed)
+            }
+            // Not kept: the watcher tracks versions itself, and a cache key ignores them.
+            fn resource_version(&self) -> Option<Cow<'_, str>> {
+                None
+            }
+            fn uid(&self) -> Option<Cow<'_, str>> {
+                None
+            }
+        }
+
+        impl kube::Resource for $watched {
             type DynamicType = ();
             type Scope = k8s_openapi::NamespaceResourceScope;
 
@@ -203,24 +253,26 @@ macro_rules! resource {
                 Cow::Borrowed(<$full as k8s_openapi::Resource>::URL_PATH_SEGMENT)
             }
             fn meta(&self) -> &ObjectMeta {
-                &self.metadata
+                &self.metadata.0
             }
             fn meta_mut(&mut self) -> &mut ObjectMeta {
-                &mut self.metadata
+                &mut self.metadata.0
             }
         }
     };
 }
 
-resource!(Service, k8s_openapi::api::core::v1::Service);
+resource!(ServiceObject, Service, k8s_openapi::api::core::v1::Service);
 resource!(
+    EndpointSliceObject,
     EndpointSlice,
     k8s_openapi::api::discovery::v1::EndpointSlice
 );
 
-/// A Service as parsed; becomes a [`Service`].
-#[derive(Deserialize)]
-struct ServiceWire {
+/// A Service as watched: the parts of [`Service`], with an `ObjectMeta` for the watcher
+/// (name, namespace, resourceVersion, creationTimestamp). Cached as a [`Service`].
+#[derive(Clone, Debug, Deserialize)]
+pub struct ServiceObject {
     #[serde(default, deserialize_with = "service_meta")]
     metadata: (ObjectMeta, Kept<2>),
     #[serde(default)]
@@ -229,11 +281,11 @@ struct ServiceWire {
     status: Option<ServiceStatus>,
 }
 
-impl From<ServiceWire> for Service {
-    fn from(wire: ServiceWire) -> Self {
+impl From<ServiceObject> for Service {
+    fn from(wire: ServiceObject) -> Self {
         let (metadata, kept) = wire.metadata;
         Service {
-            metadata,
+            metadata: metadata.into(),
             kept,
             spec: wire.spec,
             status: wire.status,
@@ -245,10 +297,11 @@ fn service_meta<'de, D: Deserializer<'de>>(d: D) -> Result<(ObjectMeta, Kept<2>)
     MetaSeed(&SERVICE_KEPT).deserialize(d)
 }
 
-/// An EndpointSlice as parsed; becomes an [`EndpointSlice`].
-#[derive(Deserialize)]
+/// An EndpointSlice as watched: the parts of [`EndpointSlice`], with an `ObjectMeta` for
+/// the watcher. Cached as an [`EndpointSlice`].
+#[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct SliceWire {
+pub struct EndpointSliceObject {
     #[serde(default, deserialize_with = "slice_meta")]
     metadata: (ObjectMeta, Kept<1>),
     #[serde(default)]
@@ -259,11 +312,11 @@ struct SliceWire {
     ports: Option<Vec<EndpointPort>>,
 }
 
-impl From<SliceWire> for EndpointSlice {
-    fn from(wire: SliceWire) -> Self {
+impl From<EndpointSliceObject> for EndpointSlice {
+    fn from(wire: EndpointSliceObject) -> Self {
         let (metadata, kept) = wire.metadata;
         EndpointSlice {
-            metadata,
+            metadata: metadata.into(),
             kept,
             address_type: wire.address_type,
             endpoints: wire.endpoints,
@@ -589,8 +642,8 @@ mod tests {
 
     #[test]
     fn full_service_keeps_what_translation_reads() {
-        let svc: Service = serde_json::from_value(full_service()).unwrap();
-        let m = &svc.metadata;
+        let watched: ServiceObject = serde_json::from_value(full_service()).unwrap();
+        let m = &watched.metadata.0;
         assert_eq!(m.name.as_deref(), Some("web"));
         assert_eq!(m.namespace.as_deref(), Some("shop"));
         assert_eq!(m.resource_version.as_deref(), Some("184467"));
@@ -601,11 +654,6 @@ mod tests {
                 .as_deref(),
             Some("2025-11-02T09:15:27Z")
         );
-        assert_eq!(svc.annotation(CLASS_ANNOTATION), Some("xlb.dev/xlb"));
-        assert_eq!(
-            svc.annotation(IPS_ANNOTATION),
-            Some("198.51.100.7,2001:db8::7")
-        );
         // Nothing else of the metadata is allocated.
         let bare = ObjectMeta {
             name: m.name.clone(),
@@ -615,6 +663,21 @@ mod tests {
             ..ObjectMeta::default()
         };
         assert_eq!(*m, bare);
+        // Cached without the resourceVersion.
+        let svc = Service::from(watched);
+        assert_eq!(
+            svc.metadata,
+            Meta {
+                name: Some("web".into()),
+                namespace: Some("shop".into()),
+                creation_timestamp: bare.creation_timestamp,
+            }
+        );
+        assert_eq!(svc.annotation(CLASS_ANNOTATION), Some("xlb.dev/xlb"));
+        assert_eq!(
+            svc.annotation(IPS_ANNOTATION),
+            Some("198.51.100.7,2001:db8::7")
+        );
 
         let spec = svc.spec.as_ref().unwrap();
         assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
@@ -656,12 +719,11 @@ mod tests {
 
     #[test]
     fn full_slice_keeps_what_translation_reads() {
-        let slice: EndpointSlice = serde_json::from_value(full_slice()).unwrap();
-        let m = &slice.metadata;
+        let watched: EndpointSliceObject = serde_json::from_value(full_slice()).unwrap();
+        let m = &watched.metadata.0;
         assert_eq!(m.name.as_deref(), Some("web-7xk2q"));
         assert_eq!(m.namespace.as_deref(), Some("shop"));
         assert_eq!(m.resource_version.as_deref(), Some("184470"));
-        assert_eq!(slice.label(SERVICE_NAME_LABEL), Some("web"));
         let bare = ObjectMeta {
             name: m.name.clone(),
             namespace: m.namespace.clone(),
@@ -670,6 +732,10 @@ mod tests {
             ..ObjectMeta::default()
         };
         assert_eq!(*m, bare);
+        let slice = EndpointSlice::from(watched);
+        assert_eq!(slice.metadata.name.as_deref(), Some("web-7xk2q"));
+        assert_eq!(slice.metadata.namespace.as_deref(), Some("shop"));
+        assert_eq!(slice.label(SERVICE_NAME_LABEL), Some("web"));
 
         assert_eq!(slice.address_type, "IPv4");
         let ports: Vec<_> = slice
@@ -755,22 +821,24 @@ mod tests {
     /// Sparse objects (what tests and odd clients write): absent or null maps and fields.
     #[test]
     fn sparse_and_null_fields() {
-        let svc: Service = serde_json::from_value(json!({
+        let watched: ServiceObject = serde_json::from_value(json!({
             "metadata": {"name": "a", "annotations": null, "labels": {"x": "y"}},
             "spec": null,
         }))
         .unwrap();
+        assert_eq!(watched.metadata.0.labels, None);
+        let svc = Service::from(watched);
         assert_eq!(svc.metadata.name.as_deref(), Some("a"));
         assert_eq!(svc.annotation(CLASS_ANNOTATION), None);
-        assert_eq!(svc.metadata.labels, None);
         assert_eq!(svc.spec, None);
-        let svc: Service = serde_json::from_value(json!({
+        let watched: ServiceObject = serde_json::from_value(json!({
             "metadata": {"name": "b", "annotations": {"other": "1", IPS_ANNOTATION: "192.0.2.1"}},
         }))
         .unwrap();
+        assert_eq!(watched.metadata.0.annotations, None);
+        let svc = Service::from(watched);
         assert_eq!(svc.annotation(IPS_ANNOTATION), Some("192.0.2.1"));
         assert_eq!(svc.annotation(CLASS_ANNOTATION), None);
-        assert_eq!(svc.metadata.annotations, None);
         // Labels are not annotations: a Service's label of the same key is not kept.
         let svc: Service = serde_json::from_value(json!({
             "metadata": {"labels": {CLASS_ANNOTATION: "xlb.dev/xlb"}},
@@ -832,10 +900,28 @@ mod tests {
         assert_eq!(list[0].label(SERVICE_NAME_LABEL), Some("web"));
     }
 
-    /// `Api::<T>` addresses the same resource as k8s-openapi's type.
+    /// `Api::<T>` addresses the same resource as k8s-openapi's type, and the cache names
+    /// it the same way.
     #[test]
     fn same_api_coordinates_as_k8s_openapi() {
         use kube::Resource;
+        fn cached<K: Lookup<DynamicType = ()>>() -> [String; 5] {
+            [
+                K::kind(&()).into(),
+                K::group(&()).into(),
+                K::version(&()).into(),
+                K::api_version(&()).into(),
+                K::plural(&()).into(),
+            ]
+        }
+        assert_eq!(
+            cached::<Service>(),
+            cached::<k8s_openapi::api::core::v1::Service>()
+        );
+        assert_eq!(
+            cached::<EndpointSlice>(),
+            cached::<k8s_openapi::api::discovery::v1::EndpointSlice>()
+        );
         fn coordinates<K: Resource<DynamicType = ()>>() -> [String; 6] {
             [
                 K::kind(&()).into(),
@@ -847,19 +933,19 @@ mod tests {
             ]
         }
         assert_eq!(
-            coordinates::<Service>(),
+            coordinates::<ServiceObject>(),
             coordinates::<k8s_openapi::api::core::v1::Service>()
         );
         assert_eq!(
-            coordinates::<EndpointSlice>(),
+            coordinates::<EndpointSliceObject>(),
             coordinates::<k8s_openapi::api::discovery::v1::EndpointSlice>()
         );
         assert_eq!(
-            EndpointSlice::url_path(&(), None),
+            EndpointSliceObject::url_path(&(), None),
             "/apis/discovery.k8s.io/v1/endpointslices"
         );
         assert_eq!(
-            Service::url_path(&(), Some("shop")),
+            ServiceObject::url_path(&(), Some("shop")),
             "/api/v1/namespaces/shop/services"
         );
     }

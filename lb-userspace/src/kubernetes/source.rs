@@ -39,7 +39,7 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::mpsc;
 
-use super::objects::{EndpointSlice, Service};
+use super::objects::{EndpointSlice, EndpointSliceObject, Service, ServiceObject};
 use super::translate::{
     Index, Patch as SlicePatch, Skipped, SliceChange, TranslateOptions, Translation,
     is_status_echo, patch_slices, translate_indexed,
@@ -148,17 +148,30 @@ async fn run(client: kube::Client, opts: SourceOptions, tx: mpsc::Sender<Update>
     let (slices, slice_writer) = reflector::store::<EndpointSlice>();
     let config = watcher::Config::default();
     // The caches hold slim views ([`super::objects`]): what translation and status writes
-    // do not read is skipped while parsing, so there is nothing left to strip here.
+    // do not read is skipped while parsing, and the watched objects' metadata is dropped
+    // for a smaller one before they are cached.
     // `reflector::reflector` by hand: each Service event is compared with the cached
     // version it replaces, so the Lease holder's own status writes coming back (one per
     // Service after a first sync) need no translation at all.
     let svc_stream = {
         let (cache, mut writer) = (services.clone(), svc_writer);
-        watcher(Api::<Service>::all(client.clone()), config.clone())
+        watcher(Api::<ServiceObject>::all(client.clone()), config.clone())
             .map_ok(move |event| {
-                let touched = service_touched(&cache, &event);
+                let event = cached(event);
+                let before = match &event {
+                    watcher::Event::Apply(after) => {
+                        cache.get(&reflector::ObjectRef::from_obj(after))
+                    }
+                    _ => None,
+                };
                 writer.apply_watcher_event(&event);
-                touched
+                match (event, before) {
+                    (watcher::Event::Apply(after), Some(before)) => Touched::Service {
+                        before,
+                        after: Box::new(after),
+                    },
+                    _ => Touched::Full,
+                }
             })
             .default_backoff()
             .map(|r| r.map_err(|e| ("Service", e)))
@@ -166,7 +179,7 @@ async fn run(client: kube::Client, opts: SourceOptions, tx: mpsc::Sender<Update>
     };
     let slice_stream = reflector::reflector(
         slice_writer,
-        watcher(Api::<EndpointSlice>::all(client.clone()), config),
+        watcher(Api::<EndpointSliceObject>::all(client.clone()), config).map_ok(cached),
     )
     .default_backoff()
     .map(|r| r.map(slice_touched).map_err(|e| ("EndpointSlice", e)))
@@ -351,17 +364,14 @@ enum Touched {
     Full,
 }
 
-/// Classifies a Service event against the cache before the event is applied to it.
-fn service_touched(cache: &Store<Service>, event: &watcher::Event<Service>) -> Touched {
+/// A watched object's event, with the object in its cached form.
+fn cached<W, K: From<W>>(event: watcher::Event<W>) -> watcher::Event<K> {
     match event {
-        watcher::Event::Apply(after) => match cache.get(&reflector::ObjectRef::from_obj(after)) {
-            Some(before) => Touched::Service {
-                before,
-                after: Box::new(after.clone()),
-            },
-            None => Touched::Full,
-        },
-        _ => Touched::Full,
+        watcher::Event::Apply(object) => watcher::Event::Apply(object.into()),
+        watcher::Event::Delete(object) => watcher::Event::Delete(object.into()),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitApply(object) => watcher::Event::InitApply(object.into()),
+        watcher::Event::InitDone => watcher::Event::InitDone,
     }
 }
 
@@ -396,7 +406,7 @@ fn slice_touched(event: watcher::Event<EndpointSlice>) -> Touched {
 }
 
 /// True once the store finished its first list (without waiting).
-fn ready<K: kube::Resource + Clone + 'static>(store: &Store<K>) -> bool
+fn ready<K: reflector::Lookup + Clone + 'static>(store: &Store<K>) -> bool
 where
     K::DynamicType: Eq + std::hash::Hash + Clone,
 {
@@ -509,7 +519,7 @@ async fn write_status(
     // Owned futures (no borrows across the stream): the task must be 'static.
     let writes = due.into_iter().map(|(namespace, name, wanted)| {
         let params = params.clone();
-        let api = Api::<Service>::namespaced(client.clone(), &namespace);
+        let api = Api::<ServiceObject>::namespaced(client.clone(), &namespace);
         async move {
             let ingress: Vec<_> = wanted
                 .iter()

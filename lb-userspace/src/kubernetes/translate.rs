@@ -205,7 +205,7 @@ struct Candidate<'a> {
     allocate: Vec<bool>,
 }
 
-fn ns_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
+fn ns_name(meta: &super::objects::Meta) -> (String, String) {
     (
         meta.namespace.clone().unwrap_or_else(|| "default".into()),
         meta.name.clone().unwrap_or_default(),
