@@ -364,8 +364,8 @@ impl Running {
 impl Running {
     /// Applies a state from the Kubernetes source; the previous state keeps serving if the
     /// apply fails.
-    fn apply_kubernetes(&mut self, update: crate::kubernetes::source::Update) {
-        let translation = update.translation;
+    fn apply_kubernetes(&mut self, mut update: crate::kubernetes::source::Update) {
+        let translation = update.translation.clone();
         let desired = &translation.desired;
         if let Some(listed) = update.listed {
             let at = std::time::SystemTime::now()
@@ -404,6 +404,9 @@ impl Running {
                 tracing::error!("kubernetes state not applied, previous state keeps serving: {e}");
             }
         }
+        // Statuses name the VIPs the translation decided, for every node alike: written
+        // after this node's maps, applied or not.
+        update.applied();
         if let Err(e) = self.persist(desired) {
             tracing::warn!("{e}");
         }

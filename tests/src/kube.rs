@@ -580,7 +580,10 @@ pub mod source {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, rx.recv()).await {
-                Ok(Some(update)) => {
+                Ok(Some(mut update)) => {
+                    // What the agent does once it has applied an update: the source may
+                    // write the statuses it decided.
+                    update.applied();
                     if check(&update) {
                         return update;
                     }

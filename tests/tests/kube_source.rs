@@ -306,6 +306,12 @@ fn kube_lease_fails_over_when_the_holder_goes_away() {
     // Agent A in a runtime of its own: dropping that runtime is the agent dying.
     let rt_a = runtime();
     let mut a = rt_a.block_on(async { start(server.client().await, short("node-a")) });
+    // A's agent: applies every update (which releases its status writes).
+    rt_a.spawn(async move {
+        while let Some(mut update) = a.recv().await {
+            update.applied();
+        }
+    });
     let rt = runtime();
     rt.block_on(async {
         let client = server.client().await;
@@ -322,8 +328,7 @@ fn kube_lease_fails_over_when_the_holder_goes_away() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
-    // A's channel is drained by nobody from here on; it goes away with its runtime.
-    a.close();
+    // A goes away with its runtime.
     drop(rt_a);
     rt.block_on(async {
         let client = server.client().await;
@@ -358,5 +363,59 @@ fn kube_lease_fails_over_when_the_holder_goes_away() {
         }
         delete(&services, "first").await;
         delete(&services, "second").await;
+    });
+}
+
+/// The Lease holder writes a Service's status once its update was applied: until the
+/// consumer (the agent) says so, the VIP it decided stays out of the status.
+#[test]
+fn kube_status_is_written_after_the_update_is_applied() {
+    let server = KubeServer::shared();
+    runtime().block_on(async {
+        let client = server.client().await;
+        let class = "test.xlb.dev/after-apply";
+        let mut rx = start(client.clone(), options(class, "node-a"));
+        let services: Api<Service> = Api::namespaced(client.clone(), "default");
+        put(&services, &service("default", "held", class, json!({}))).await;
+        // Received but not applied.
+        let deadline = std::time::Instant::now() + WAIT;
+        let mut held = loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let update = tokio::time::timeout(left, rx.recv())
+                .await
+                .expect("no update with the Service")
+                .expect("the source ended");
+            if vip(&update, "default/held:http").is_some() {
+                break update;
+            }
+        };
+        let status = || async {
+            let svc = services.get("held").await.expect("get held");
+            svc.status
+                .and_then(|s| s.load_balancer)
+                .and_then(|lb| lb.ingress)
+                .and_then(|i| i.first().and_then(|i| i.ip.clone()))
+        };
+        // The Lease is taken within its first attempt; give the writer time it would use.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(
+            status().await,
+            None,
+            "status written before the update was applied"
+        );
+        held.applied();
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if let Some(ip) = status().await {
+                assert_eq!(ip, "192.0.2.1");
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "status never written after the update was applied"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        delete(&services, "held").await;
     });
 }

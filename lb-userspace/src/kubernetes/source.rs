@@ -94,6 +94,44 @@ pub struct Update {
     pub relists: u64,
     /// On the first update only: when both caches had finished their initial list.
     pub listed: Option<Instant>,
+    /// The status writes this update decided, released by [`Update::applied`] (or when
+    /// the update is dropped).
+    status: Option<StatusRelease>,
+}
+
+impl Update {
+    /// Tells the source that this update was applied (or given up): the Lease holder may
+    /// write the Service statuses it decided. Writing them after the maps are updated
+    /// keeps the thousands of status writes of a first sync (and their watch events) from
+    /// competing with that sync for the CPU, and a status names a VIP once the Lease
+    /// holder's own node serves it.
+    pub fn applied(&mut self) {
+        if let Some(mut status) = self.status.take() {
+            status.release();
+        }
+    }
+}
+
+/// Addresses for the status writer, handed over once released (at the latest when
+/// dropped).
+#[derive(Debug)]
+struct StatusRelease {
+    to: std::sync::Arc<tokio::sync::watch::Sender<Option<Addresses>>>,
+    addresses: Option<Addresses>,
+}
+
+impl StatusRelease {
+    fn release(&mut self) {
+        if let Some(addresses) = self.addresses.take() {
+            self.to.send_replace(Some(addresses));
+        }
+    }
+}
+
+impl Drop for StatusRelease {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 /// Why the source could not start.
@@ -189,6 +227,7 @@ async fn run(client: kube::Client, opts: SourceOptions, tx: mpsc::Sender<Update>
     let leader = Leader::new(client.clone(), &opts);
     let leader_task = tokio::spawn(leader.clone().run());
     let (status_tx, status_rx) = tokio::sync::watch::channel(None);
+    let status_tx = std::sync::Arc::new(status_tx);
     let status_task = tokio::spawn(write_status_loop(
         client.clone(),
         services.clone(),
@@ -324,21 +363,23 @@ async fn run(client: kube::Client, opts: SourceOptions, tx: mpsc::Sender<Update>
         if full && last.as_deref() == Some(&translation) {
             continue;
         }
-        // The status writer wants the addresses only (unchanged by EndpointSlices); the
-        // agent takes the translation.
-        if full
+        // The status writer wants the addresses only (unchanged by EndpointSlices), once
+        // the agent applied the translation.
+        let status = (full
             && last
                 .as_ref()
-                .is_none_or(|l| l.addresses != translation.addresses)
-        {
-            status_tx.send_replace(Some(translation.addresses.clone()));
-        }
+                .is_none_or(|l| l.addresses != translation.addresses))
+        .then(|| StatusRelease {
+            to: status_tx.clone(),
+            addresses: Some(translation.addresses.clone()),
+        });
         let translation = std::sync::Arc::new(translation);
         let update = Update {
             translation: translation.clone(),
             since,
             relists,
             listed: if listed_sent { None } else { listed },
+            status,
         };
         last = Some(translation);
         listed_sent = true;
