@@ -24,7 +24,6 @@
 //! of it (`heaptrack`); see docs/agent.md ("Memory").
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -179,18 +178,7 @@ fn xlb_binary() -> Result<PathBuf> {
 
 /// Scrapes the agent's metrics on the namespace's loopback (the bench is inside it).
 fn scrape() -> Option<String> {
-    use std::io::Read as _;
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], METRICS_PORT));
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .ok()?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .ok()?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).ok()?;
-    Some(text)
+    xlb_tests::agent_support::fetch_metrics(METRICS_PORT, Duration::from_secs(30))
 }
 
 fn unix_now() -> f64 {

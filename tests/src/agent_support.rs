@@ -305,31 +305,62 @@ impl Drop for Scratch {
     }
 }
 
-/// Fetches `http://127.0.0.1:PORT/metrics` from inside `ns` (bounded by timeouts).
+/// Fetches `http://127.0.0.1:PORT/metrics` from inside `ns` (bounded by timeouts): the
+/// body, `None` if it did not come whole.
 pub fn scrape_metrics(ns: &NetNs, port: u16) -> Option<String> {
     let name = ns.name.clone();
     std::thread::spawn(move || {
-        use std::io::{Read, Write};
         let file = std::fs::File::open(format!("/run/netns/{name}")).ok()?;
         // SAFETY: setns on a valid namespace fd affects only this short-lived thread.
         let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
         if rc != 0 {
             return None;
         }
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        let mut stream =
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
-            .ok()?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text).ok()?;
-        Some(text)
+        fetch_metrics(port, Duration::from_secs(5))
     })
     .join()
     .ok()
     .flatten()
+}
+
+/// `GET /metrics` on `127.0.0.1:PORT` of the calling thread's namespace: the body (chunked
+/// transfer coding decoded), `None` on a failure or a body cut short.
+pub fn fetch_metrics(port: u16, read_timeout: Duration) -> Option<String> {
+    use std::io::{Read, Write};
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(read_timeout)).ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .ok()?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).ok()?;
+    http_body(&raw)
+}
+
+/// The body of a raw HTTP/1.1 response read to its end (`Connection: close`): chunked
+/// transfer coding decoded; `None` if malformed or if a chunked body lacks its last chunk.
+pub fn http_body(raw: &[u8]) -> Option<String> {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&raw[..split])
+        .ok()?
+        .to_ascii_lowercase();
+    let mut rest = &raw[split + 4..];
+    if !head.contains("\r\ntransfer-encoding: chunked") {
+        return String::from_utf8(rest.to_vec()).ok();
+    }
+    let mut body = Vec::new();
+    loop {
+        let line_end = rest.windows(2).position(|w| w == b"\r\n")?;
+        let size_text = std::str::from_utf8(&rest[..line_end]).ok()?;
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        rest = &rest[line_end + 2..];
+        if size == 0 {
+            return String::from_utf8(body).ok();
+        }
+        body.extend_from_slice(rest.get(..size)?);
+        rest = rest.get(size..)?.strip_prefix(b"\r\n")?;
+    }
 }
 
 /// The value of a metric line `name{labels} value` (exact series text before the value).
