@@ -294,6 +294,23 @@ async fn status_writers(services: &Api<Service>, name: &str) -> Option<(String, 
     Some((ip, managers))
 }
 
+/// Waits (bounded by [`WAIT`]) for a Service's status to be written; its first ingress
+/// address and the `xlb/…` field managers.
+async fn wait_status_writers(
+    services: &Api<Service>,
+    name: &str,
+    what: &str,
+) -> (String, Vec<String>) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if let Some(written) = status_writers(services, name).await {
+            return written;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[test]
 fn kube_lease_fails_over_when_the_holder_goes_away() {
     let server = KubeServer::shared();
@@ -317,16 +334,9 @@ fn kube_lease_fails_over_when_the_holder_goes_away() {
         let client = server.client().await;
         let services: Api<Service> = Api::namespaced(client.clone(), "default");
         put(&services, &service("default", "first", class, json!({}))).await;
-        let deadline = std::time::Instant::now() + WAIT;
-        loop {
-            if let Some((ip, managers)) = status_writers(&services, "first").await {
-                assert_eq!(ip, "192.0.2.1");
-                assert_eq!(managers, ["xlb/node-a"]);
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "A never wrote status");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let (ip, managers) = wait_status_writers(&services, "first", "A never wrote status").await;
+        assert_eq!(ip, "192.0.2.1");
+        assert_eq!(managers, ["xlb/node-a"]);
     });
     // A goes away with its runtime.
     drop(rt_a);
@@ -348,19 +358,10 @@ fn kube_lease_fails_over_when_the_holder_goes_away() {
             "192.0.2.2:80/tcp"
         );
         // … and takes the Lease over once A's expires, then writes the new Service's status.
-        let deadline = std::time::Instant::now() + WAIT;
-        loop {
-            if let Some((ip, managers)) = status_writers(&services, "second").await {
-                assert_eq!(ip, "192.0.2.2");
-                assert_eq!(managers, ["xlb/node-b"]);
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "B never took over the status writes"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let (ip, managers) =
+            wait_status_writers(&services, "second", "B never took over the status writes").await;
+        assert_eq!(ip, "192.0.2.2");
+        assert_eq!(managers, ["xlb/node-b"]);
         delete(&services, "first").await;
         delete(&services, "second").await;
     });
@@ -389,33 +390,22 @@ fn kube_status_is_written_after_the_update_is_applied() {
                 break update;
             }
         };
-        let status = || async {
-            let svc = services.get("held").await.expect("get held");
-            svc.status
-                .and_then(|s| s.load_balancer)
-                .and_then(|lb| lb.ingress)
-                .and_then(|i| i.first().and_then(|i| i.ip.clone()))
-        };
         // The Lease is taken within its first attempt; give the writer time it would use.
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert_eq!(
-            status().await,
+            status_writers(&services, "held").await,
             None,
             "status written before the update was applied"
         );
         held.applied();
-        let deadline = std::time::Instant::now() + WAIT;
-        loop {
-            if let Some(ip) = status().await {
-                assert_eq!(ip, "192.0.2.1");
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "status never written after the update was applied"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let (ip, managers) = wait_status_writers(
+            &services,
+            "held",
+            "status never written after the update was applied",
+        )
+        .await;
+        assert_eq!(ip, "192.0.2.1");
+        assert_eq!(managers, ["xlb/node-a"]);
         delete(&services, "held").await;
     });
 }

@@ -198,6 +198,28 @@ fn kept_value<'a, const N: usize>(
     values[position?].as_deref()
 }
 
+/// The API coordinates of k8s-openapi type `$full`, as the functions `kind`, `group`,
+/// `version`, `api_version` and `plural` of [`kube::Resource`] and [`Lookup`].
+macro_rules! coordinates {
+    ($full:ty) => {
+        fn kind(_: &()) -> Cow<'_, str> {
+            Cow::Borrowed(<$full as k8s_openapi::Resource>::KIND)
+        }
+        fn group(_: &()) -> Cow<'_, str> {
+            Cow::Borrowed(<$full as k8s_openapi::Resource>::GROUP)
+        }
+        fn version(_: &()) -> Cow<'_, str> {
+            Cow::Borrowed(<$full as k8s_openapi::Resource>::VERSION)
+        }
+        fn api_version(_: &()) -> Cow<'_, str> {
+            Cow::Borrowed(<$full as k8s_openapi::Resource>::API_VERSION)
+        }
+        fn plural(_: &()) -> Cow<'_, str> {
+            Cow::Borrowed(<$full as k8s_openapi::Resource>::URL_PATH_SEGMENT)
+        }
+    };
+}
+
 /// Implements [`kube::Resource`] for a watched slim type and the reflector's [`Lookup`] for
 /// its cached form, with the API coordinates of the k8s-openapi type they view (so
 /// `Api::all`, `watcher` and the cache address the same resource).
@@ -206,18 +228,8 @@ macro_rules! resource {
         impl Lookup for $cached {
             type DynamicType = ();
 
-            fn kind(_: &()) -> Cow<'_, str> {
-                Cow::Borrowed(<$full as k8s_openapi::Resource>::KIND)
-            }
-            fn group(_: &()) -> Cow<'_, str> {
-                Cow::Borrowed(<$full as k8s_openapi::Resource>::GROUP)
-            }
-            fn version(_: &()) -> Cow<'_, str> {
-                Cow::Borrowed(<$full as k8s_openapi::Resource>::VERSION)
-            }
-            fn plural(_: &()) -> Cow<'_, str> {
-                Cow::Borrowed(<$full as k8s_openapi::Resource>::URL_PATH_SEGMENT)
-            }
+            coordinates!($full);
+
             fn name(&self) -> Option<Cow<'_, str>> {
                 self.metadata.name.as_deref().map(Cow::Borrowed)
             }
@@ -237,21 +249,8 @@ macro_rules! resource {
             type DynamicType = ();
             type Scope = k8s_openapi::NamespaceResourceScope;
 
-            fn kind(_: &()) -> Cow<'_, str> {
-                Cow::Borrowed(<$full as k8s_openapi::Resource>::KIND)
-            }
-            fn group(_: &()) -> Cow<'_, str> {
-                Cow::Borrowed(<$full as k8s_openapi::Resource>::GROUP)
-            }
-            fn version(_: &()) -> Cow<'_, str> {
-                Cow::Borrowed(<$full as k8s_openapi::Resource>::VERSION)
-            }
-            fn api_version(_: &()) -> Cow<'_, str> {
-                Cow::Borrowed(<$full as k8s_openapi::Resource>::API_VERSION)
-            }
-            fn plural(_: &()) -> Cow<'_, str> {
-                Cow::Borrowed(<$full as k8s_openapi::Resource>::URL_PATH_SEGMENT)
-            }
+            coordinates!($full);
+
             fn meta(&self) -> &ObjectMeta {
                 &self.metadata.0
             }
