@@ -186,6 +186,8 @@ struct Running {
     persister: Option<Persister>,
     /// Describes each applied state for the state file and metrics, reusing unchanged VIPs.
     describer: crate::state::Describer,
+    /// Set once a state is in the maps (`/readyz`).
+    ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 type FloatGauge = prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>;
@@ -377,6 +379,7 @@ impl Running {
         }
         match self.manager.apply(&mut self.datapath.maps, desired) {
             Ok(report) => {
+                self.ready.store(true, std::sync::atomic::Ordering::Relaxed);
                 let elapsed = update.since.elapsed();
                 self.metrics.applies.inc();
                 self.kube_latency.observe(elapsed.as_secs_f64());
@@ -573,6 +576,10 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             .is_some()
             .then(|| Persister::start(node.pin_dir.clone(), opts.state_dir.clone())),
         describer: crate::state::Describer::default(),
+        // A config file's state is in the maps by now; Kubernetes' after the first sync.
+        ready: Arc::new(std::sync::atomic::AtomicBool::new(
+            opts.kubernetes.is_none(),
+        )),
     };
     running.persist(&resolved.desired)?;
 
@@ -600,7 +607,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     }
     let registry = Arc::new(registry);
     tracing::info!(listen = %node.metrics_listen, "metrics at /metrics");
-    let metrics_task = tokio::spawn(metrics::serve(listener, registry));
+    let metrics_task = tokio::spawn(metrics::serve(listener, registry, running.ready.clone()));
 
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let _watcher = match &opts.config_path {

@@ -306,9 +306,15 @@ impl Drop for Scratch {
 }
 
 /// Fetches `http://127.0.0.1:PORT/metrics` from inside `ns` (bounded by timeouts): the
-/// body, `None` if it did not come whole.
+/// body, `None` if it did not come whole with status 200.
 pub fn scrape_metrics(ns: &NetNs, port: u16) -> Option<String> {
+    get_in(ns, port, "/metrics").and_then(|(status, body)| (status == 200).then_some(body))
+}
+
+/// `GET PATH` on `127.0.0.1:PORT` from inside `ns` (bounded by timeouts): status and body.
+pub fn get_in(ns: &NetNs, port: u16, path: &str) -> Option<(u16, String)> {
     let name = ns.name.clone();
+    let path = path.to_owned();
     std::thread::spawn(move || {
         let file = std::fs::File::open(format!("/run/netns/{name}")).ok()?;
         // SAFETY: setns on a valid namespace fd affects only this short-lived thread.
@@ -316,7 +322,7 @@ pub fn scrape_metrics(ns: &NetNs, port: u16) -> Option<String> {
         if rc != 0 {
             return None;
         }
-        fetch_metrics(port, Duration::from_secs(5))
+        get(port, &path, Duration::from_secs(5))
     })
     .join()
     .ok()
@@ -324,18 +330,25 @@ pub fn scrape_metrics(ns: &NetNs, port: u16) -> Option<String> {
 }
 
 /// `GET /metrics` on `127.0.0.1:PORT` of the calling thread's namespace: the body (chunked
-/// transfer coding decoded), `None` on a failure or a body cut short.
+/// transfer coding decoded), `None` on a failure, another status or a body cut short.
 pub fn fetch_metrics(port: u16, read_timeout: Duration) -> Option<String> {
+    get(port, "/metrics", read_timeout).and_then(|(status, body)| (status == 200).then_some(body))
+}
+
+/// `GET PATH` on `127.0.0.1:PORT` of the calling thread's namespace, one request per
+/// connection: status and body ([`http_body`]).
+pub fn get(port: u16, path: &str, read_timeout: Duration) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     stream.set_read_timeout(Some(read_timeout)).ok()?;
     stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
         .ok()?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).ok()?;
-    http_body(&raw)
+    let status = std::str::from_utf8(raw.get(9..12)?).ok()?.parse().ok()?;
+    Some((status, http_body(&raw)?))
 }
 
 /// The body of a raw HTTP/1.1 response read to its end (`Connection: close`): chunked

@@ -129,6 +129,11 @@ fn kube_agent_programs_services_into_the_maps() {
         "{got:?}"
     );
 
+    // The first sync is in the maps: ready.
+    assert_eq!(
+        get_in(&node.ns, 9430, "/readyz"),
+        Some((200, "ready\n".to_owned()))
+    );
     // API event → maps updated is measured.
     let text = scrape_metrics(&node.ns, 9430).expect("metrics served");
     let observed = metric_value(&text, "xlb_kubernetes_event_to_maps_seconds_count");

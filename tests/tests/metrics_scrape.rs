@@ -1,7 +1,8 @@
 //! The agent's `/metrics` endpoint over real loopback sockets, read by a real HTTP client
 //! (hyper): the text is streamed chunked as it is encoded, arrives whole and equal to the
 //! registry rendered in one piece, and a scraper that goes away mid-response neither
-//! wedges the endpoint nor stops the next scrape. No root needed.
+//! wedges the endpoint nor stops the next scrape; the probes `/healthz` and `/readyz`
+//! answer without a scrape. No root needed.
 
 use std::time::Duration;
 
@@ -67,7 +68,7 @@ async fn get(port: u16, path: &str) -> (u16, Option<String>, String) {
 }
 
 #[test]
-fn metrics_are_streamed_whole_and_survive_a_scraper_that_leaves() {
+fn metrics_are_streamed_whole_survive_a_scraper_that_leaves_and_probes_are_cheap() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -82,7 +83,8 @@ fn metrics_are_streamed_whole_and_survive_a_scraper_that_leaves() {
             .await
             .expect("bind");
         let port = listener.local_addr().expect("addr").port();
-        let server = tokio::spawn(serve(listener, registry.clone()));
+        let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let server = tokio::spawn(serve(listener, registry.clone(), ready.clone()));
 
         let (status, coding, body) =
             tokio::time::timeout(Duration::from_secs(60), get(port, "/metrics"))
@@ -135,7 +137,24 @@ fn metrics_are_streamed_whole_and_survive_a_scraper_that_leaves() {
             .await
             .expect("a 404 within 60 s");
         assert_eq!(status, 404);
-        assert_eq!(body, "see /metrics\n");
+        assert_eq!(body, "see /metrics, /healthz, /readyz\n");
+
+        // Probes: alive at once, ready once the agent says so.
+        let probe = |path: &'static str| async move {
+            let (status, coding, body) =
+                tokio::time::timeout(Duration::from_secs(60), get(port, path))
+                    .await
+                    .expect("a probe within 60 s");
+            assert_eq!(coding, None, "{path} has a Content-Length");
+            (status, body)
+        };
+        assert_eq!(probe("/healthz").await, (200, "ok\n".to_owned()));
+        assert_eq!(
+            probe("/readyz").await,
+            (503, "not ready: no state applied yet\n".to_owned())
+        );
+        ready.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(probe("/readyz").await, (200, "ready\n".to_owned()));
         server.abort();
     });
 }
