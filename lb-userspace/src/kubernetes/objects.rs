@@ -639,6 +639,19 @@ mod tests {
         })
     }
 
+    /// Nothing of the metadata but name, namespace, resourceVersion and creationTimestamp
+    /// is allocated.
+    fn assert_only_read_fields(m: &ObjectMeta) {
+        let bare = ObjectMeta {
+            name: m.name.clone(),
+            namespace: m.namespace.clone(),
+            resource_version: m.resource_version.clone(),
+            creation_timestamp: m.creation_timestamp.clone(),
+            ..ObjectMeta::default()
+        };
+        assert_eq!(*m, bare);
+    }
+
     #[test]
     fn full_service_keeps_what_translation_reads() {
         let watched: ServiceObject = serde_json::from_value(full_service()).unwrap();
@@ -653,15 +666,8 @@ mod tests {
                 .as_deref(),
             Some("2025-11-02T09:15:27Z")
         );
-        // Nothing else of the metadata is allocated.
-        let bare = ObjectMeta {
-            name: m.name.clone(),
-            namespace: m.namespace.clone(),
-            resource_version: m.resource_version.clone(),
-            creation_timestamp: m.creation_timestamp.clone(),
-            ..ObjectMeta::default()
-        };
-        assert_eq!(*m, bare);
+        assert_only_read_fields(m);
+        let created = m.creation_timestamp.clone();
         // Cached without the resourceVersion.
         let svc = Service::from(watched);
         assert_eq!(
@@ -669,7 +675,7 @@ mod tests {
             Meta {
                 name: Some("web".into()),
                 namespace: Some("shop".into()),
-                creation_timestamp: bare.creation_timestamp,
+                creation_timestamp: created,
             }
         );
         assert_eq!(svc.annotation(CLASS_ANNOTATION), Some("xlb.dev/xlb"));
@@ -723,14 +729,7 @@ mod tests {
         assert_eq!(m.name.as_deref(), Some("web-7xk2q"));
         assert_eq!(m.namespace.as_deref(), Some("shop"));
         assert_eq!(m.resource_version.as_deref(), Some("184470"));
-        let bare = ObjectMeta {
-            name: m.name.clone(),
-            namespace: m.namespace.clone(),
-            resource_version: m.resource_version.clone(),
-            creation_timestamp: m.creation_timestamp.clone(),
-            ..ObjectMeta::default()
-        };
-        assert_eq!(*m, bare);
+        assert_only_read_fields(m);
         let slice = EndpointSlice::from(watched);
         assert_eq!(slice.metadata.name.as_deref(), Some("web-7xk2q"));
         assert_eq!(slice.metadata.namespace.as_deref(), Some("shop"));
