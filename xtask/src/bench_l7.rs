@@ -6,6 +6,11 @@
 //! interleaved rounds of `seconds` each; per proxy and scheme the medians of requests/s, p50,
 //! p99 and the proxy's CPU time per request (utime+stime of its processes from
 //! /proc/PID/stat over the run) are reported.
+//!
+//! The text output also shows how busy each CPU was (from /proc/stat, steal excluded) and the
+//! load side's CPU time per request (everything on CPU 0: wrk, the upstream, their softirqs).
+//! When the proxy's CPU is not saturated, requests/s is set by the load side, and that column
+//! shows whether a proxy makes the load side's work per request dearer.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -58,6 +63,11 @@ struct Sample {
     p50_ms: f64,
     p99_ms: f64,
     cpu_us_per_req: f64,
+    /// Share of CPU 0 (load side) and CPU 1 (proxy) that was busy over the run, 0..=1.
+    load_busy: f64,
+    proxy_busy: f64,
+    /// CPU 0's busy time per request, µs.
+    load_us_per_req: f64,
 }
 
 /// Children killed (by their own pid) when dropped.
@@ -191,26 +201,40 @@ pub fn run(json: bool, seconds: u32, rounds: u32) -> Result<()> {
             let (p, scheme, _) = samples[i];
             let pids = process_tree(running.pid_of(p));
             let cpu0 = cpu_ticks(&pids)?;
+            let stat0 = cpu_times()?;
             let out = wrk(p, scheme, seconds)?;
+            let stat1 = cpu_times()?;
             let cpu1 = cpu_ticks(&pids)?;
             let ticks_per_s = clock_ticks_per_second();
             let cpu_us = (cpu1.saturating_sub(cpu0)) as f64 * 1e6 / ticks_per_s;
+            let requests = out.requests.max(1) as f64;
+            let (load, proxy) = (
+                stat1.cpu(LOAD_CPU)?.since(stat0.cpu(LOAD_CPU)?),
+                stat1.cpu(PROXY_CPU)?.since(stat0.cpu(PROXY_CPU)?),
+            );
             let sample = Sample {
                 rps: out.rps,
                 p50_ms: out.p50_ms,
                 p99_ms: out.p99_ms,
-                cpu_us_per_req: cpu_us / out.requests.max(1) as f64,
+                cpu_us_per_req: cpu_us / requests,
+                load_busy: load.busy_share(),
+                proxy_busy: proxy.busy_share(),
+                load_us_per_req: load.busy as f64 * 1e6 / ticks_per_s / requests,
             };
             if !json {
                 eprintln!(
-                    "round {}/{rounds} {:7} {:5}: {:>9.0} req/s  p50 {:.3} ms  p99 {:.3} ms  {:.1} µs CPU/req",
+                    "round {}/{rounds} {:7} {:5}: {:>9.0} req/s  p50 {:.3} ms  p99 {:.3} ms  {:.1} µs CPU/req  \
+                     busy load {:.0}% proxy {:.0}%  load {:.1} µs/req",
                     round + 1,
                     p.name(),
                     scheme,
                     sample.rps,
                     sample.p50_ms,
                     sample.p99_ms,
-                    sample.cpu_us_per_req
+                    sample.cpu_us_per_req,
+                    sample.load_busy * 100.0,
+                    sample.proxy_busy * 100.0,
+                    sample.load_us_per_req,
                 );
             }
             samples[i].2.push(sample);
@@ -221,8 +245,16 @@ pub fn run(json: bool, seconds: u32, rounds: u32) -> Result<()> {
     if !json {
         writeln!(
             table,
-            "{:8} {:6} {:>10} {:>8} {:>8} {:>12}",
-            "proxy", "scheme", "req/s", "p50 ms", "p99 ms", "CPU µs/req"
+            "{:8} {:6} {:>10} {:>8} {:>8} {:>12} {:>10} {:>11} {:>13}",
+            "proxy",
+            "scheme",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "CPU µs/req",
+            "load busy",
+            "proxy busy",
+            "load µs/req"
         )?;
     }
     for (p, scheme, s) in &samples {
@@ -244,13 +276,16 @@ pub fn run(json: bool, seconds: u32, rounds: u32) -> Result<()> {
         } else {
             writeln!(
                 table,
-                "{:8} {:6} {:>10.0} {:>8.3} {:>8.3} {:>12.2}",
+                "{:8} {:6} {:>10.0} {:>8.3} {:>8.3} {:>12.2} {:>9.0}% {:>10.0}% {:>13.2}",
                 p.name(),
                 scheme,
                 rps,
                 p50,
                 p99,
-                cpu
+                cpu,
+                m(|s| s.load_busy) * 100.0,
+                m(|s| s.proxy_busy) * 100.0,
+                m(|s| s.load_us_per_req),
             )?;
         }
     }
@@ -543,6 +578,60 @@ fn cpu_ticks(pids: &[u32]) -> Result<u64> {
         total += utime + stime;
     }
     Ok(total)
+}
+
+/// One CPU's time from /proc/stat, in clock ticks.
+#[derive(Debug, Clone, Copy)]
+struct CpuTime {
+    /// user + nice + system + irq + softirq
+    busy: u64,
+    /// idle + iowait
+    idle: u64,
+}
+
+impl CpuTime {
+    fn since(self, earlier: CpuTime) -> CpuTime {
+        CpuTime {
+            busy: self.busy.saturating_sub(earlier.busy),
+            idle: self.idle.saturating_sub(earlier.idle),
+        }
+    }
+
+    /// Busy share of the time the CPU was ours (steal, taken by the hypervisor, is left out).
+    fn busy_share(self) -> f64 {
+        self.busy as f64 / (self.busy + self.idle).max(1) as f64
+    }
+}
+
+/// The per-CPU lines of /proc/stat.
+struct CpuTimes(String);
+
+impl CpuTimes {
+    fn cpu(&self, cpu: &str) -> Result<CpuTime> {
+        let prefix = format!("cpu{cpu} ");
+        let line = self
+            .0
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .with_context(|| format!("no cpu{cpu} line in /proc/stat"))?;
+        let f: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|v| v.parse().context("/proc/stat field"))
+            .collect::<Result<_>>()?;
+        ensure!(f.len() >= 7, "short /proc/stat line {line:?}");
+        // user nice system idle iowait irq softirq [steal guest guest_nice]
+        Ok(CpuTime {
+            busy: f[0] + f[1] + f[2] + f[5] + f[6],
+            idle: f[3] + f[4],
+        })
+    }
+}
+
+fn cpu_times() -> Result<CpuTimes> {
+    Ok(CpuTimes(
+        fs::read_to_string("/proc/stat").context("reading /proc/stat")?,
+    ))
 }
 
 fn clock_ticks_per_second() -> f64 {
