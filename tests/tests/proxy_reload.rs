@@ -289,6 +289,14 @@ async fn drain_finishes_requests_in_flight_and_refuses_new_connections() {
     cfg.ingresses = vec![ingress("i", vec![(None, vec![path("/", Prefix, "up")])])];
     let proxy = start(cfg);
     let addr = proxy.http_addr.expect("http");
+    let admin = proxy.metrics_addr.expect("metrics");
+    for (path, status) in [
+        ("/healthz", StatusCode::OK),
+        ("/readyz", StatusCode::OK),
+        ("/metricz", StatusCode::NOT_FOUND),
+    ] {
+        assert_eq!(get(admin, "127.0.0.1", path).await.status, status, "{path}");
+    }
 
     // HTTP/1.1 with a slow request in flight, and an idle HTTP/2 connection.
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
@@ -325,6 +333,20 @@ async fn drain_finishes_requests_in_flight_and_refuses_new_connections() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(refused, "listeners stay open while draining");
+    // While it drains (the slow request holds it open), readiness fails and liveness holds.
+    let mut unready = false;
+    for _ in 0..20 {
+        if get(admin, "127.0.0.1", "/readyz").await.status == StatusCode::SERVICE_UNAVAILABLE {
+            unready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(unready, "/readyz still 200 while draining");
+    assert_eq!(
+        get(admin, "127.0.0.1", "/healthz").await.status,
+        StatusCode::OK
+    );
     let got = within("slow request", slow).await.expect("request task");
     assert_eq!(
         got.status,

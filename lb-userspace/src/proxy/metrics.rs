@@ -218,36 +218,31 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` (anything else: 404) until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
-    use super::body::RespBody;
+/// Serves, until the task is dropped:
+/// - `GET /metrics`: the text exposition;
+/// - `GET /healthz`: 200 while the worker serving it runs (a liveness probe);
+/// - `GET /readyz`: 200 while `ready()` says so, 503 otherwise (a readiness probe: the proxy
+///   answers 503 once it drains, so a load balancer stops sending before its listeners close);
+/// - anything else: 404.
+///
+/// Probes get their own paths so they cost nothing as rules grow (`/metrics` encodes every
+/// rule's series).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    ready: Arc<dyn Fn() -> bool + Send + Sync>,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let metrics = metrics.clone();
+        let ready = ready.clone();
         tokio::spawn(async move {
             let svc =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let metrics = metrics.clone();
-                    async move {
-                        let mut resp = if req.uri().path() == "/metrics" {
-                            let mut r = hyper::Response::new(RespBody::full(metrics.encode()));
-                            r.headers_mut().insert(
-                                http::header::CONTENT_TYPE,
-                                http::HeaderValue::from_static(
-                                    "text/plain; version=0.0.4; charset=utf-8",
-                                ),
-                            );
-                            r
-                        } else {
-                            hyper::Response::new(RespBody::full("not found\n"))
-                        };
-                        if req.uri().path() != "/metrics" {
-                            *resp.status_mut() = http::StatusCode::NOT_FOUND;
-                        }
-                        Ok::<_, std::convert::Infallible>(resp)
-                    }
+                    let resp = answer(req.uri().path(), &metrics, &*ready);
+                    async move { Ok::<_, std::convert::Infallible>(resp) }
                 });
             let io = hyper_util::rt::TokioIo::new(stream);
             if let Err(e) = hyper::server::conn::http1::Builder::new()
@@ -258,6 +253,37 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
             }
         });
     }
+}
+
+fn answer(
+    path: &str,
+    metrics: &Metrics,
+    ready: &(dyn Fn() -> bool + Send + Sync),
+) -> hyper::Response<super::body::RespBody> {
+    use super::body::RespBody;
+    use http::StatusCode;
+    let (status, body): (StatusCode, RespBody) = match path {
+        "/metrics" => (StatusCode::OK, RespBody::full(metrics.encode())),
+        "/healthz" => (StatusCode::OK, RespBody::full("ok\n")),
+        "/readyz" if ready() => (StatusCode::OK, RespBody::full("ready\n")),
+        "/readyz" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            RespBody::full("draining\n"),
+        ),
+        _ => (StatusCode::NOT_FOUND, RespBody::full("not found\n")),
+    };
+    let mut resp = hyper::Response::new(body);
+    *resp.status_mut() = status;
+    let content_type = if path == "/metrics" && status == StatusCode::OK {
+        "text/plain; version=0.0.4; charset=utf-8"
+    } else {
+        "text/plain; charset=utf-8"
+    };
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    resp
 }
 
 /// Binds the metrics listener.

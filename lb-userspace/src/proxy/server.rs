@@ -437,9 +437,11 @@ pub fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
                     if let Some(l) = metrics_l {
                         match tokio::net::TcpListener::from_std(l) {
                             Ok(l) => {
+                                let serving = shared.clone();
                                 metrics_task = Some(tokio::spawn(super::metrics::serve(
                                     l,
                                     shared.metrics.clone(),
+                                    Arc::new(move || !serving.draining.load(Ordering::Relaxed)),
                                 )))
                             }
                             Err(e) => tracing::error!(error = %e, "metrics listener"),
