@@ -7,6 +7,14 @@
 //! p99 and the proxy's CPU time per request (utime+stime of its processes from
 //! /proc/PID/stat over the run) are reported.
 //!
+//! Idle CPUs: by default the run holds a PM QoS request for a 0 µs wake-up latency
+//! (/dev/cpu_dma_latency, the interface tuned's latency-performance profile and cyclictest
+//! use), so idle CPUs poll instead of halting. In these VMs a halted vCPU goes back to the
+//! host (cpuidle haltpoll with `guest_halt_poll_ns=0`), and waking it can take milliseconds
+//! when the host is busy: that charged the proxy that leaves its CPU idle between requests —
+//! the cheaper one — with the host's scheduling, not its own. Polling idle time is still idle
+//! time in /proc, so the CPU figures are unchanged. `--idle-states` measures without it.
+//!
 //! The text output also shows how busy each CPU was (from /proc/stat, steal excluded) and the
 //! load side's CPU time per request (everything on CPU 0: wrk, the upstream, their softirqs).
 //! When the proxy's CPU is not saturated, requests/s is set by the load side, and that column
@@ -109,12 +117,23 @@ impl Drop for Running {
     }
 }
 
-pub fn run(json: bool, seconds: u32, rounds: u32) -> Result<()> {
+pub fn run(json: bool, seconds: u32, rounds: u32, idle_states: bool) -> Result<()> {
     ensure!(
         seconds >= 1 && rounds >= 1,
         "--seconds and --rounds must be at least 1"
     );
     ensure_packages()?;
+    // Held until the run ends: closing the file withdraws the request.
+    let _no_halt = if idle_states {
+        None
+    } else {
+        Some(hold_zero_wakeup_latency()?)
+    };
+    let idle_mode = if idle_states {
+        "idle CPUs may halt (--idle-states)"
+    } else {
+        "idle CPUs poll (0 µs wake-up latency held on /dev/cpu_dma_latency)"
+    };
     // The xlb binary embeds the eBPF object; build it first on a fresh checkout.
     if !crate::ebpf::target_dir()
         .join("bpfel-unknown-none/release/lb-ebpf")
@@ -290,6 +309,9 @@ pub fn run(json: bool, seconds: u32, rounds: u32) -> Result<()> {
         }
     }
     print!("{table}");
+    if !json {
+        println!("{idle_mode}");
+    }
     drop(running);
     Ok(())
 }
@@ -578,6 +600,18 @@ fn cpu_ticks(pids: &[u32]) -> Result<u64> {
         total += utime + stime;
     }
     Ok(total)
+}
+
+/// Asks the kernel for a 0 µs CPU wake-up latency (idle CPUs poll) while the file is open.
+fn hold_zero_wakeup_latency() -> Result<fs::File> {
+    use std::io::Write as _;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/cpu_dma_latency")
+        .context("opening /dev/cpu_dma_latency (run as root, or pass --idle-states)")?;
+    f.write_all(&0i32.to_ne_bytes())
+        .context("writing the latency request to /dev/cpu_dma_latency")?;
+    Ok(f)
 }
 
 /// One CPU's time from /proc/stat, in clock ticks.

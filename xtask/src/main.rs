@@ -104,6 +104,11 @@ enum Bench {
         /// Interleaved rounds per proxy and scheme.
         #[arg(long, default_value_t = 5)]
         rounds: u32,
+        /// Let idle CPUs halt. By default the bench holds a 0 µs CPU wake-up latency request
+        /// (/dev/cpu_dma_latency, as tuned's latency-performance profile does), so a proxy
+        /// that leaves its CPU idle is not timed waking a halted vCPU.
+        #[arg(long)]
+        idle_states: bool,
     },
 }
 
@@ -219,7 +224,8 @@ fn main() -> Result<()> {
                     json,
                     seconds,
                     rounds,
-                } => bench_l7::run(json, seconds, rounds),
+                    idle_states,
+                } => bench_l7::run(json, seconds, rounds, idle_states),
             }
         }
     }
