@@ -7,6 +7,11 @@
 //! reported. A trivial `return XDP_PASS` program is measured the same way, interleaved in the
 //! same rounds, as the floor; each run also checks the verdict so a class that fell off its
 //! path would be reported, not timed.
+//!
+//! A table-only row, `kernel_lru_insert`, times `bench_lru_insert` from the `xlb_bench`
+//! object: a program that only inserts a never-seen IPv4 flow into a twin of the connection
+//! table (same types, flags and size). It is the part of `tcp4_new` no program can avoid
+//! while its connection table is a kernel LRU map and every SYN is inserted.
 
 use aya::programs::{TestRun, TestRunOptions};
 use lb_common::{PROTO_TCP, PROTO_UDP, program_names};
@@ -67,6 +72,8 @@ struct Class {
     program: String,
     /// From the `--variants` object rather than the embedded one.
     variant: bool,
+    /// From [`BENCH_OBJECT`] rather than the embedded one.
+    bench_object: bool,
     /// Packets cycled through (one per run).
     packets: Vec<Vec<u8>>,
     verdict: u32,
@@ -77,6 +84,12 @@ struct Class {
     /// Shown in the table only (not part of the JSON classes).
     table_only: bool,
 }
+
+/// The benchmark-only programs (`lb-ebpf/src/bin/xlb_bench.rs`), built by `build-ebpf`.
+const BENCH_OBJECT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../target/ebpf/bpfel-unknown-none/release/xlb_bench"
+);
 
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
@@ -127,6 +140,7 @@ fn main() {
             name: name.to_owned(),
             program: program.to_owned(),
             variant: false,
+            bench_object: false,
             packets,
             verdict,
             fresh_flows: false,
@@ -178,8 +192,36 @@ fn main() {
             ),
             class("udp4", program_names::BALANCER, vec![udp4.clone()], XDP_TX),
             class("tcp6", program_names::BALANCER, vec![est6.clone()], XDP_TX),
-            class("pass", program_names::BALANCER, vec![other], XDP_PASS),
+            class(
+                "pass",
+                program_names::BALANCER,
+                vec![other.clone()],
+                XDP_PASS,
+            ),
+            // The kernel's LRU insert of a never-seen flow, alone (the program makes its keys).
+            Class {
+                bench_object: true,
+                table_only: true,
+                ..class(
+                    "kernel_lru_insert",
+                    "bench_lru_insert",
+                    vec![other],
+                    XDP_PASS,
+                )
+            },
         ];
+        let mut bench_ebpf = aya::EbpfLoader::new()
+            .map_max_entries("BENCH_LRU4", args.conntrack_entries)
+            .load_file(BENCH_OBJECT)
+            .expect("load xlb_bench (cargo xtask build-ebpf builds it)");
+        {
+            let prog: &mut aya::programs::Xdp = bench_ebpf
+                .program_mut("bench_lru_insert")
+                .expect("bench_lru_insert")
+                .try_into()
+                .expect("an XDP program");
+            prog.load().expect("load bench_lru_insert");
+        }
         // Profiling variants: loaded on the same pinned maps, so they see the same VIPs,
         // backends and flows.
         let mut variants = args.variants.as_ref().map(|path| {
@@ -261,6 +303,12 @@ fn main() {
                         .expect("variant program")
                         .try_into()
                         .expect("an XDP program")
+                } else if class.bench_object {
+                    bench_ebpf
+                        .program(&class.program)
+                        .expect("bench program")
+                        .try_into()
+                        .expect("an XDP program")
                 } else {
                     let name = if class.program == program_names::PASS {
                         program_names::PASS
@@ -330,6 +378,24 @@ fn main() {
             println!(
                 "floor (return XDP_PASS): {floor:.1} ns; Katran measured here the same way: 203 / 242 / 402 ns against a 66 ns floor"
             );
+            let median_of = |name: &str| {
+                classes
+                    .iter()
+                    .position(|c| c.name == name)
+                    .map(|i| medians[i])
+            };
+            if let (Some(new), Some(insert)) =
+                (median_of("tcp4_new"), median_of("kernel_lru_insert"))
+            {
+                let insert_net = insert - floor;
+                println!(
+                    "the kernel's LRU insert alone: {insert_net:.1} ns net = {:.2}x the floor; \
+                     tcp4_new without it: {:.1} ns = {:.2}x",
+                    insert_net / floor,
+                    new - insert_net,
+                    (new - insert_net) / floor
+                );
+            }
         }
     });
 }

@@ -19,18 +19,23 @@
 //!   backends that any load balancer pays. Reads the UDP header, nothing else.
 //! * `bench_pass` — `return XDP_PASS` on the LB node for the kernel-forwarding case (native
 //!   XDP_TX into a veth is delivered only when the peer runs an XDP program).
+//! * `bench_lru_insert` — for `cargo xtask bench datapath`: the kernel's LRU insert of a
+//!   never-seen IPv4 flow and nothing else, into a twin of the IPv4 connection table (same
+//!   key and value types, same `BPF_F_NO_COMMON_LRU`; the harness gives it the real table's
+//!   size). It is what any balancer with a kernel LRU connection table pays per new flow.
 //!
 //! Self-contained on purpose: its own header offsets, no shared maps, nothing pinned.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::xdp_action,
-    btf_maps::{Array, PerCpuArray},
-    helpers::generated::bpf_redirect,
+    bindings::{BPF_F_NO_COMMON_LRU, xdp_action},
+    btf_maps::{Array, LruHashMap, PerCpuArray},
+    helpers::generated::{bpf_get_smp_processor_id, bpf_redirect},
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
+use lb_common::{FlowKeyV4, FlowState, limits};
 
 const ETH_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -220,4 +225,43 @@ pub fn bench_fanout(ctx: XdpContext) -> u32 {
     write_macs(data, cfg);
     // SAFETY: plain helper call.
     unsafe { bpf_redirect(cfg.ifindex, 0) as u32 }
+}
+
+/// Twin of the IPv4 connection table (`XLB_CONNTRACK4`) for `bench_lru_insert`.
+#[btf_map]
+static BENCH_LRU4: LruHashMap<
+    FlowKeyV4,
+    FlowState,
+    { limits::CONNTRACK_ENTRIES as usize },
+    { BPF_F_NO_COMMON_LRU as usize },
+> = LruHashMap::new();
+
+/// Keys inserted so far, per CPU.
+#[btf_map]
+static BENCH_LRU_NEXT: PerCpuArray<u64, 1> = PerCpuArray::new();
+
+/// Inserts the next never-seen key (the CPU's counter, and the CPU in the key so two CPUs
+/// never insert the same one). `XDP_PASS` when the kernel took it, `XDP_ABORTED` if not.
+#[xdp]
+pub fn bench_lru_insert(_ctx: XdpContext) -> u32 {
+    let n = bump(&BENCH_LRU_NEXT);
+    // SAFETY: a helper without arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let key = FlowKeyV4 {
+        src_be: n as u32,
+        dst_be: cpu,
+        sport_be: (n >> 32) as u16,
+        dport_be: 80u16.to_be(),
+        proto: 6,
+        _pad: [0; 3],
+    };
+    let value = FlowState {
+        backend_id: 1,
+        vip_id: 1,
+        last_seen_ns: 0,
+    };
+    match BENCH_LRU4.insert(&key, &value, 0) {
+        Ok(()) => xdp_action::XDP_PASS,
+        Err(_) => xdp_action::XDP_ABORTED,
+    }
 }
