@@ -212,10 +212,20 @@ pub fn run(json: bool, seconds: u32, rounds: u32, idle_states: bool) -> Result<(
         .iter()
         .flat_map(|p| schemes.iter().map(move |s| (*p, *s, Vec::new())))
         .collect();
-    for round in 0..rounds {
-        // Interleave, and rotate the order per round so no proxy always runs first.
-        let mut order: Vec<usize> = (0..samples.len()).collect();
-        order.rotate_left(round as usize % samples.len());
+    for round in 0..rounds as usize {
+        // Interleaved: per round, each scheme's proxies run back to back (so the same-round
+        // comparison below sees the machine in one state), the schemes alternate which goes
+        // first, and the proxies' order rotates so none always runs first.
+        let mut order = Vec::with_capacity(samples.len());
+        let mut round_schemes = schemes;
+        round_schemes.rotate_left(round % schemes.len());
+        for scheme in round_schemes {
+            let mut proxies = Proxy::ALL;
+            proxies.rotate_left(round % Proxy::ALL.len());
+            for p in proxies {
+                order.extend(samples.iter().position(|(q, s, _)| *q == p && *s == scheme));
+            }
+        }
         for i in order {
             let (p, scheme, _) = samples[i];
             let pids = process_tree(running.pid_of(p));
@@ -311,9 +321,46 @@ pub fn run(json: bool, seconds: u32, rounds: u32, idle_states: bool) -> Result<(
     print!("{table}");
     if !json {
         println!("{idle_mode}");
+        print!("{}", same_round_ratios(&samples, Proxy::Xlb, Proxy::Nginx));
     }
     drop(running);
     Ok(())
+}
+
+/// xlb against a peer round by round: the machine's speed drifts between rounds by more
+/// than the proxies differ, and a proxy's runs in one round are seconds apart.
+fn same_round_ratios(samples: &[(Proxy, &str, Vec<Sample>)], a: Proxy, b: Proxy) -> String {
+    let mut out = String::new();
+    let of = |p: Proxy, scheme: &str| {
+        samples
+            .iter()
+            .find(|(q, s, _)| *q == p && *s == scheme)
+            .map(|(_, _, v)| v.as_slice())
+            .unwrap_or_default()
+    };
+    for scheme in ["http", "https"] {
+        let (xs, ys) = (of(a, scheme), of(b, scheme));
+        let ratios = |f: fn(&Sample) -> f64| -> String {
+            let r: Vec<f64> = xs.iter().zip(ys).map(|(x, y)| f(x) / f(y)).collect();
+            if r.is_empty() {
+                return "-".into();
+            }
+            let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let n = r.len();
+            format!("{:.3} ({lo:.2}–{hi:.2}, n={n})", median(r))
+        };
+        let _ = writeln!(
+            out,
+            "{} / {} {scheme:5} same-round ratio, median (range): req/s {}  p99 {}  CPU/req {}",
+            a.name(),
+            b.name(),
+            ratios(|s| s.rps),
+            ratios(|s| s.p99_ms),
+            ratios(|s| s.cpu_us_per_req),
+        );
+    }
+    out
 }
 
 impl Running {
