@@ -264,14 +264,8 @@ async fn config_file_changes_are_watched_and_applied() {
     let tmp = dir.join(".proxy.yaml.tmp");
     std::fs::write(&tmp, yaml("/two")).expect("write config");
     std::fs::rename(&tmp, &file).expect("rename");
-    let mut applied = false;
-    for _ in 0..100 {
-        if get(http, "w.test", "/two").await.status == StatusCode::OK {
-            applied = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let pause = Duration::from_millis(50);
+    let applied = answers_within(http, "w.test", "/two", StatusCode::OK, 100, pause).await;
     assert!(applied, "the watched change was not applied within 5 s");
     assert_eq!(
         get(http, "w.test", "/one").await.status,
@@ -334,14 +328,9 @@ async fn drain_finishes_requests_in_flight_and_refuses_new_connections() {
     }
     assert!(refused, "listeners stay open while draining");
     // While it drains (the slow request holds it open), readiness fails and liveness holds.
-    let mut unready = false;
-    for _ in 0..20 {
-        if get(admin, "127.0.0.1", "/readyz").await.status == StatusCode::SERVICE_UNAVAILABLE {
-            unready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let unavailable = StatusCode::SERVICE_UNAVAILABLE;
+    let pause = Duration::from_millis(10);
+    let unready = answers_within(admin, "127.0.0.1", "/readyz", unavailable, 20, pause).await;
     assert!(unready, "/readyz still 200 while draining");
     assert_eq!(
         get(admin, "127.0.0.1", "/healthz").await.status,

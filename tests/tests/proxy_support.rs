@@ -323,6 +323,25 @@ pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Got {
     send1(&mut s, get_req(host, path)).await
 }
 
+/// Asks `GET path` of `host` up to `tries` times, `pause` apart, until the answer is
+/// `status`; whether it came.
+pub async fn answers_within(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    status: StatusCode,
+    tries: u32,
+    pause: Duration,
+) -> bool {
+    for _ in 0..tries {
+        if get(addr, host, path).await.status == status {
+            return true;
+        }
+        tokio::time::sleep(pause).await;
+    }
+    false
+}
+
 /// Writes raw bytes and reads until the proxy closes the connection (or [`STEP`] passes).
 pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
     let mut tcp = within("connect", TcpStream::connect(addr))
