@@ -84,6 +84,105 @@ async fn host_and_path_rules_follow_ingress_semantics() {
     );
 }
 
+/// `/public/../admin` must not reach the `/public` rule's backend (which would resolve the
+/// dots itself and serve `/admin`): routing and the upstream both see the normalised path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_are_normalised_before_routing_and_forwarding() {
+    let public = upstream("public").await;
+    let admin = upstream("admin").await;
+    let mut cfg = base_config();
+    cfg.services = vec![
+        service("public", &[public.addr]),
+        service("admin", &[admin.addr]),
+    ];
+    cfg.ingresses = vec![ingress(
+        "i",
+        vec![(
+            Some("n.test"),
+            vec![
+                path("/public", Prefix, "public"),
+                path("/admin", Prefix, "admin"),
+                path("/caf%C3%A9", Exact, "public"),
+            ],
+        )],
+    )];
+    let proxy = start(cfg);
+    let addr = proxy.http_addr.expect("http listener");
+    let request = |method: &str, target: &str| {
+        let body = if method == "POST" { "abc" } else { "" };
+        format!(
+            "{method} {target} HTTP/1.1\r\nHost: n.test\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    // (request target, backend, path and query the backend saw)
+    let cases = [
+        ("/public/../admin/x", "admin", "/admin/x"),
+        (
+            "/public/%2e%2e/admin?q=/../%2e",
+            "admin",
+            "/admin?q=/../%2e",
+        ),
+        ("/public/%2E./admin", "admin", "/admin"),
+        ("//public///a/./b/", "public", "/public/a/b/"),
+        (
+            "/admin/..//public/%7Euser/a%2fb",
+            "public",
+            "/public/~user/a%2Fb",
+        ),
+        ("/caf%c3%a9", "public", "/caf%C3%A9"),
+        ("/public/x", "public", "/public/x"),
+    ];
+    // GET without a body takes the HTTP/1 fast path; POST with one goes through hyper.
+    for method in ["GET", "POST"] {
+        for (target, backend, seen) in cases {
+            let got = raw(addr, request(method, target).as_bytes()).await;
+            assert!(got.starts_with("HTTP/1.1 200 "), "{method} {target}: {got}");
+            assert!(
+                got.contains(&format!("backend={backend}\n")),
+                "{method} {target} goes to {backend}: {got}"
+            );
+            assert!(
+                got.contains(&format!("path={seen}\n")),
+                "{method} {target} arrives as {seen}: {got}"
+            );
+        }
+    }
+    // HTTP/2 (hyper's path, and a request target hyper's URI parser keeps as sent).
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut c = h2(tcp).await;
+    let got = send2(
+        &mut c,
+        get_req("n.test", "http://n.test/public/%2e%2e/admin/y"),
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.backend(), Some("admin"));
+    assert!(got.body.contains("path=/admin/y\n"), "{}", got.body);
+
+    // Unusable paths are refused without a trip upstream.
+    let hits = public.hits() + admin.hits();
+    for target in [
+        "/..",
+        "/public/../../admin",
+        "/public/%2e%2e/%2E%2E/admin",
+        "/public/%zz",
+        "/public/a%4",
+        "/public/%00",
+    ] {
+        for method in ["GET", "POST"] {
+            let got = raw(addr, request(method, target).as_bytes()).await;
+            assert!(got.starts_with("HTTP/1.1 400 "), "{method} {target}: {got}");
+        }
+    }
+    assert_eq!(
+        public.hits() + admin.hits(),
+        hits,
+        "nothing refused went upstream"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unmatched_requests_get_a_bare_404() {
     let up = upstream("up").await;

@@ -386,6 +386,8 @@ fn each_bad_ingress_is_rejected_alone_with_a_reason() {
                  "backend": {"service": {"name": "web", "port": {"number": 80}}}}]}}]}}),
         ),
         ingress("bad-path", t0, path("/a?b")),
+        // ImplementationSpecific paths skip the API server's segment checks.
+        ingress("dot-path", t0, path("/a/../b")),
         ingress(
             "resource",
             t0,
@@ -407,7 +409,13 @@ fn each_bad_ingress_is_rejected_alone_with_a_reason() {
             .unwrap_or_else(|| panic!("{name} not rejected: {reasons:?}"))
             .1
     };
-    assert_eq!(reasons.len(), 7, "{reasons:?}");
+    assert_eq!(reasons.len(), 8, "{reasons:?}");
+    assert!(
+        reason("dot-path").starts_with("rules[0].paths[0].path:")
+            && reason("dot-path").contains("did you mean \"/b\""),
+        "{}",
+        reason("dot-path")
+    );
     assert!(reason("missing-secret").contains("secret default/nope not found"));
     assert!(
         reason("bad-cert").contains("default/garbage"),

@@ -73,6 +73,8 @@ pub struct ProxyConfig {
     pub timeouts: Timeouts,
     /// Size and concurrency limits.
     pub limits: Limits,
+    /// How request paths are normalised before routing.
+    pub paths: PathSettings,
     /// Proxy-wide TLS settings.
     pub tls: TlsSettings,
     /// Emit one access log line per request (tracing target `xlb::access`).
@@ -190,6 +192,25 @@ impl Default for Limits {
             h2_max_concurrent_streams: 128,
             h2_max_pending_reset_streams: 20,
             h2_max_local_error_reset_streams: 256,
+        }
+    }
+}
+
+/// Request path normalisation (see `proxy::path`): escapes of unreserved characters are
+/// decoded and `.`/`..` segments removed before routing, always; the upstream gets the same
+/// normalised path.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PathSettings {
+    /// Merge runs of `/` into one (nginx's `merge_slashes`). Turn off only for backends whose
+    /// paths carry meaningful empty segments.
+    pub merge_slashes: bool,
+}
+
+impl Default for PathSettings {
+    fn default() -> Self {
+        Self {
+            merge_slashes: true,
         }
     }
 }
@@ -713,6 +734,11 @@ impl ProxyConfig {
                             format!("{:?} contains whitespace, '?' or '#'", p.path),
                         ));
                     }
+                    if let Some(problem) =
+                        super::path::rule_path_problem(&p.path, self.paths.merge_slashes)
+                    {
+                        return Err(invalid(format!("{pf}.path"), problem));
+                    }
                     if !service_exists(&p.backend) {
                         return Err(invalid(
                             format!("{pf}.backend"),
@@ -933,6 +959,20 @@ ingresses:
             field_of(c.validate().unwrap_err()),
             "ingresses[0].rules[0].paths[0].path"
         );
+
+        // A path requests can never match once normalised.
+        let mut c = base();
+        c.ingresses[0].rules[0].paths[0].path = "/web/../api".into();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("ingresses[0].rules[0].paths[0].path") && err.contains("\"/api\""),
+            "{err}"
+        );
+        c.ingresses[0].rules[0].paths[0].path = "/web//api".into();
+        assert!(c.validate().is_err());
+        c.paths.merge_slashes = false;
+        c.validate()
+            .expect("empty segments can match when slashes are kept");
 
         let mut c = base();
         c.ingresses[0].rules[0].paths[0].backend.port = 81;

@@ -2,7 +2,7 @@
 //! HTTP/1.1 and HTTP/2 downstream, pooled HTTP/1.1 upstream, WebSocket/Upgrade tunnelling,
 //! load balancing with passive health, and live reconfiguration. See docs/proxy.md.
 //!
-//! Layout: [`config`] (model + validation), [`routing`], [`tls`], [`upstream`] (balancing,
+//! Layout: [`config`] (model + validation), [`path`] (request path normalisation), [`routing`], [`tls`], [`upstream`] (balancing,
 //! health, pools), [`client`] (inline upstream HTTP/1.1), [`server`] (workers, the forwarding
 //! path and its HTTP/1.1 fast path), [`head`] (upstream request heads), [`timer`], [`h1guard`]
 //! (request smuggling guard), [`body`], [`metrics`], [`access_log`] and [`watch`] (config file
@@ -15,6 +15,7 @@ pub mod config;
 pub mod h1guard;
 pub mod head;
 pub mod metrics;
+pub mod path;
 pub mod routing;
 pub mod server;
 pub mod timer;

@@ -6,6 +6,7 @@
 //! read the configuration through one `ArcSwap` load, so a reload never disturbs requests or
 //! upgraded connections already running.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::pin;
@@ -31,6 +32,7 @@ use super::config::{Annotations, ConfigError, ProxyConfig};
 use super::h1guard::GuardedIo;
 use super::head::{ClientText, Headers, RequestHead, encode_request};
 use super::metrics::{Metrics, RuleCounters};
+use super::path;
 use super::routing::RouteTable;
 use super::tls::{CertStore, TlsError};
 use super::upstream::{self, Endpoint, PickContext, Upstream, UpstreamMap};
@@ -85,6 +87,7 @@ struct Settings {
     h2_local_resets: usize,
     access_log: bool,
     https_redirect_port: Option<u16>,
+    merge_slashes: bool,
 }
 
 /// Everything a request reads, swapped as one unit on reload.
@@ -152,7 +155,11 @@ impl State {
                         p.path
                     );
                     if let Some(r) = route(label, &p.backend.service, p.backend.port) {
-                        routes.add(rule.host.as_deref(), &p.path, p.path_type, r);
+                        // Requests are matched in normal form (upper-case escapes); so
+                        // are rules. Validation refused paths that cannot normalise.
+                        let path = path::normalise(&p.path, cfg.paths.merge_slashes)
+                            .unwrap_or(Cow::Borrowed(&p.path));
+                        routes.add(rule.host.as_deref(), &path, p.path_type, r);
                     }
                 }
             }
@@ -169,6 +176,7 @@ impl State {
             h2_local_resets: cfg.limits.h2_max_local_error_reset_streams,
             access_log: cfg.access_log,
             https_redirect_port: cfg.listen.https_redirect_port,
+            merge_slashes: cfg.paths.merge_slashes,
         };
         Ok(Self {
             no_match: metrics.rule("-"),
@@ -975,7 +983,11 @@ fn route_view(
     let Some(host) = v.host else {
         return Err(Box::new(Outcome::local(StatusCode::BAD_REQUEST, None)));
     };
-    let Some(route) = state.routes.lookup(Some(host), v.path).cloned() else {
+    // Routing and the upstream see the normalised path (see `proxy::path`).
+    let Ok(path) = path::normalise(v.path, s.merge_slashes) else {
+        return Err(Box::new(Outcome::local(StatusCode::BAD_REQUEST, None)));
+    };
+    let Some(route) = state.routes.lookup(Some(host), &path).cloned() else {
         return Err(Box::new(Outcome::local(StatusCode::NOT_FOUND, None)));
     };
     if route.ssl_redirect && !ctx.https {
@@ -995,11 +1007,19 @@ fn route_view(
     // A body of unknown length is sent chunked; one with a declared length keeps its
     // Content-Length header.
     let chunked = v.has_body && v.declared_len.is_none();
+    let target = match path {
+        Cow::Borrowed(_) => Cow::Borrowed(v.target),
+        // The query (everything after the path) is passed on as the client sent it.
+        Cow::Owned(mut p) => {
+            p.push_str(v.target.get(v.path.len()..).unwrap_or_default());
+            Cow::Owned(p)
+        }
+    };
     let encoded = encode_request(
         head,
         &RequestHead {
             method: v.method,
-            target: v.target,
+            target: &target,
             host,
             headers: v.headers,
             may_upgrade: v.http11,
