@@ -7,7 +7,7 @@ mod support;
 use std::collections::HashMap;
 
 use hyper::StatusCode;
-use lb_userspace::proxy::config::{Backend, Balance, PassiveHealth, PathType::*};
+use lb_userspace::proxy::config::{ActiveHealth, Backend, Balance, PassiveHealth, PathType::*};
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -387,6 +387,192 @@ async fn connect_failures_are_retried_and_the_endpoint_ejected() {
     let mut req = get_req("x.test", "/");
     *req.method_mut() = hyper::Method::POST;
     assert_eq!(send1(&mut c, req).await.status, StatusCode::OK);
+}
+
+/// An upstream that answers every request with the status in `status` (and `x-backend:
+/// sick`), counting health checks (`/healthz`) and other requests apart.
+struct SickUpstream {
+    addr: std::net::SocketAddr,
+    status: std::sync::Arc<std::sync::atomic::AtomicU16>,
+    checks: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for SickUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn sick_upstream(status: u16) -> SickUpstream {
+    use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let status = std::sync::Arc::new(AtomicU16::new(status));
+    let checks = std::sync::Arc::new(AtomicUsize::new(0));
+    let requests = std::sync::Arc::new(AtomicUsize::new(0));
+    let (st, ch, rq) = (status.clone(), checks.clone(), requests.clone());
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let (st, ch, rq) = (st.clone(), ch.clone(), rq.clone());
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if head.starts_with(b"GET /healthz ") {
+                    ch.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    rq.fetch_add(1, Ordering::SeqCst);
+                }
+                let code = st.load(Ordering::SeqCst);
+                let resp = format!(
+                    "HTTP/1.1 {code} X\r\nx-backend: sick\r\ncontent-length: 0\r\n\
+                     connection: close\r\n\r\n"
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    SickUpstream {
+        addr,
+        status,
+        checks,
+        requests,
+        task,
+    }
+}
+
+/// Who answered a GET: the `backend=` line of a support upstream, else `x-backend`.
+async fn answered_by(addr: std::net::SocketAddr) -> (StatusCode, String) {
+    let got = get(addr, "x.test", "/").await;
+    let who = got
+        .backend()
+        .map(str::to_owned)
+        .or_else(|| {
+            got.headers
+                .get("x-backend")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    (got.status, who)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_health_checks_take_endpoints_out_and_bring_them_back() {
+    use std::sync::atomic::Ordering;
+    let healthy = upstream("healthy").await;
+    let sick = sick_upstream(503).await;
+    let dead = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let mut cfg = base_config();
+    let mut s = service("s", &[healthy.addr, sick.addr, dead]);
+    // Passive ejection off: only the active checks keep traffic away.
+    s.health.consecutive_failures = 0;
+    s.active_health = ActiveHealth {
+        path: Some("/healthz".into()),
+        interval_ms: 100,
+        timeout_ms: 100,
+        unhealthy_threshold: 2,
+        healthy_threshold: 2,
+        ..ActiveHealth::default()
+    };
+    cfg.services = vec![s];
+    cfg.ingresses = vec![ingress("i", vec![(None, vec![path("/", Prefix, "s")])])];
+    let proxy = start(cfg.clone());
+    let addr = proxy.http_addr.expect("http listener");
+
+    // The first failed check of each takes the sick and the dead endpoint out.
+    let mut clean_run = 0;
+    for _ in 0..200 {
+        if clean_run == 30 {
+            break;
+        }
+        clean_run = if answered_by(addr).await == (StatusCode::OK, "healthy".into()) {
+            clean_run + 1
+        } else {
+            0
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        clean_run, 30,
+        "30 requests in a row answered by the healthy endpoint"
+    );
+    let before = sick.requests.load(Ordering::SeqCst);
+    for _ in 0..20 {
+        assert_eq!(answered_by(addr).await, (StatusCode::OK, "healthy".into()));
+    }
+    assert_eq!(
+        sick.requests.load(Ordering::SeqCst),
+        before,
+        "nothing reaches the sick one"
+    );
+    assert!(sick.checks.load(Ordering::SeqCst) >= 1);
+
+    // Recovered: two passed checks bring it back into the rotation.
+    sick.status.store(200, Ordering::SeqCst);
+    let mut back = false;
+    for _ in 0..200 {
+        if answered_by(addr).await.1 == "sick" {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(back, "the recovered endpoint gets requests again");
+    let m = metrics(proxy.metrics_addr.expect("metrics")).await;
+    let failures = m
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                "xlb_proxy_upstream_health_check_failures_total{upstream=\"default/s:80\"} ",
+            )
+        })
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(
+        failures.is_some_and(|n| n >= 2),
+        "failed checks counted: {m}"
+    );
+
+    // Sick again, then a reload that switches checks off: the verdict no longer applies.
+    sick.status.store(503, Ordering::SeqCst);
+    let mut out = false;
+    for _ in 0..200 {
+        let before = sick.requests.load(Ordering::SeqCst);
+        for _ in 0..6 {
+            answered_by(addr).await;
+        }
+        if sick.requests.load(Ordering::SeqCst) == before {
+            out = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(out, "the endpoint is taken out again");
+    cfg.services[0].active_health.path = None;
+    proxy.apply(cfg).expect("reload without checks");
+    let before = sick.requests.load(Ordering::SeqCst);
+    for _ in 0..6 {
+        answered_by(addr).await;
+    }
+    assert!(
+        sick.requests.load(Ordering::SeqCst) > before,
+        "without checks the endpoint is in the rotation again"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

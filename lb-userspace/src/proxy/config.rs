@@ -396,6 +396,8 @@ pub struct Service {
     pub hash_header: Option<String>,
     /// Passive health checking.
     pub health: PassiveHealth,
+    /// Active health checking (off unless `path` is set).
+    pub active_health: ActiveHealth,
 }
 
 impl Default for Service {
@@ -408,6 +410,7 @@ impl Default for Service {
             balance: Balance::RoundRobin,
             hash_header: None,
             health: PassiveHealth::default(),
+            active_health: ActiveHealth::default(),
         }
     }
 }
@@ -425,6 +428,71 @@ pub enum Balance {
     Random,
     /// Consistent hash (ring) of `hash_header` or the client address: affinity.
     ConsistentHash,
+}
+
+/// Active health: every endpoint is asked `GET path` on its own connection every
+/// `interval_ms`; a 2xx or 3xx answer within `timeout_ms` passes. An endpoint that fails
+/// `unhealthy_threshold` checks in a row (or its very first check) gets no requests until it
+/// passes `healthy_threshold` in a row. As with passive ejection, when every endpoint is down
+/// they are all used ("panic mode").
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ActiveHealth {
+    /// Path (and query) to ask for; absent disables active checks.
+    pub path: Option<String>,
+    /// Host header of the check; absent = the endpoint's address.
+    pub host: Option<String>,
+    /// Time between the end of one check and the start of the next.
+    pub interval_ms: u64,
+    /// Connect plus response status line.
+    pub timeout_ms: u64,
+    /// Consecutive failed checks that take an endpoint out.
+    pub unhealthy_threshold: u32,
+    /// Consecutive passed checks that bring it back.
+    pub healthy_threshold: u32,
+}
+
+impl Default for ActiveHealth {
+    fn default() -> Self {
+        Self {
+            path: None,
+            host: None,
+            interval_ms: 5_000,
+            timeout_ms: 2_000,
+            unhealthy_threshold: 3,
+            healthy_threshold: 2,
+        }
+    }
+}
+
+impl ActiveHealth {
+    fn validate(&self, f: &str) -> Result<(), ConfigError> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        // Written into a request line: a visible-ASCII origin-form target only.
+        if !path.starts_with('/') || !path.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(invalid(
+                format!("{f}.path"),
+                format!("{path:?} must start with '/' and hold visible ASCII only"),
+            ));
+        }
+        if let Some(h) = &self.host
+            && (h.is_empty() || !h.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(invalid(format!("{f}.host"), format!("{h:?} is not a host")));
+        }
+        if self.interval_ms < 100 || self.timeout_ms == 0 || self.timeout_ms > self.interval_ms {
+            return Err(invalid(
+                f.to_owned(),
+                "need interval_ms >= 100 and 0 < timeout_ms <= interval_ms",
+            ));
+        }
+        if self.unhealthy_threshold == 0 || self.healthy_threshold == 0 {
+            return Err(invalid(f.to_owned(), "thresholds must be at least 1"));
+        }
+        Ok(())
+    }
 }
 
 /// Passive health: ejection after consecutive failures, re-admission after a backoff.
@@ -651,6 +719,7 @@ impl ProxyConfig {
                     "need 0 < base_ejection_ms <= max_ejection_ms",
                 ));
             }
+            s.active_health.validate(&format!("{f}.active_health"))?;
         }
 
         let mut ingresses = HashSet::new();
@@ -958,6 +1027,20 @@ ingresses:
         assert_eq!(
             field_of(c.validate().unwrap_err()),
             "ingresses[0].rules[0].paths[0].path"
+        );
+
+        let mut c = base();
+        c.services[0].active_health.path = Some("healthz".into());
+        assert_eq!(
+            field_of(c.validate().unwrap_err()),
+            "services[0].active_health.path"
+        );
+        c.services[0].active_health.path = Some("/healthz".into());
+        c.validate().expect("valid active check");
+        c.services[0].active_health.timeout_ms = 10_000;
+        assert_eq!(
+            field_of(c.validate().unwrap_err()),
+            "services[0].active_health"
         );
 
         // A path requests can never match once normalised.

@@ -82,6 +82,7 @@ pub struct Metrics {
     latency: Histogram,
     upstream_errors: Family<UpstreamLabels, Counter>,
     upstream_ejections: Family<UpstreamLabels, Counter>,
+    upstream_check_failures: Family<UpstreamLabels, Counter>,
     open_connections: Family<ListenerLabels, Gauge>,
     reloads: Family<ResultLabels, Counter>,
 }
@@ -121,6 +122,12 @@ impl Metrics {
             "Endpoints ejected by passive health checking",
             upstream_ejections.clone(),
         );
+        let upstream_check_failures = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "upstream_health_check_failures",
+            "Failed active health checks",
+            upstream_check_failures.clone(),
+        );
         let open_connections = Family::<ListenerLabels, Gauge>::default();
         registry.register(
             "open_connections",
@@ -139,6 +146,7 @@ impl Metrics {
             latency,
             upstream_errors,
             upstream_ejections,
+            upstream_check_failures,
             open_connections,
             reloads,
         }
@@ -178,6 +186,15 @@ impl Metrics {
     /// The ejection counter of an upstream.
     pub fn upstream_ejections(&self, upstream: &str) -> Counter {
         self.upstream_ejections
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_owned(),
+            })
+            .clone()
+    }
+
+    /// The failed-active-health-checks counter of an upstream.
+    pub fn upstream_health_check_failures(&self, upstream: &str) -> Counter {
+        self.upstream_check_failures
             .get_or_create(&UpstreamLabels {
                 upstream: upstream.to_owned(),
             })

@@ -1,9 +1,11 @@
 //! The L7 proxy (`xlb proxy`): HTTP host/path routing with Ingress semantics, TLS termination,
 //! HTTP/1.1 and HTTP/2 downstream, pooled HTTP/1.1 upstream, WebSocket/Upgrade tunnelling,
-//! load balancing with passive health, and live reconfiguration. See docs/proxy.md.
+//! load balancing with passive and active health, and live reconfiguration. See
+//! docs/proxy.md.
 //!
-//! Layout: [`config`] (model + validation), [`path`] (request path normalisation), [`routing`], [`tls`], [`upstream`] (balancing,
-//! health, pools), [`client`] (inline upstream HTTP/1.1), [`server`] (workers, the forwarding
+//! Layout: [`config`] (model + validation), [`path`] (request path normalisation),
+//! [`routing`], [`tls`], [`upstream`] (balancing, passive health, pools), [`health`] (active
+//! health checks), [`client`] (inline upstream HTTP/1.1), [`server`] (workers, the forwarding
 //! path and its HTTP/1.1 fast path), [`head`] (upstream request heads), [`timer`], [`h1guard`]
 //! (request smuggling guard), [`body`], [`metrics`], [`access_log`] and [`watch`] (config file
 //! watcher).
@@ -14,6 +16,7 @@ pub mod client;
 pub mod config;
 pub mod h1guard;
 pub mod head;
+pub mod health;
 pub mod metrics;
 pub mod path;
 pub mod routing;

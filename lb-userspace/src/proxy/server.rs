@@ -441,6 +441,19 @@ pub fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
                             Err(e) => tracing::error!(error = %e, "https listener"),
                         }
                     }
+                    // Active health checks: one task for all workers, on the first.
+                    let health_task = (w == 0).then(|| {
+                        let s = shared.clone();
+                        tokio::spawn(super::health::run(move || {
+                            s.state
+                                .load()
+                                .upstreams
+                                .values()
+                                .filter(|u| u.active_health().path.is_some())
+                                .cloned()
+                                .collect()
+                        }))
+                    });
                     let mut metrics_task = None;
                     if let Some(l) = metrics_l {
                         match tokio::net::TcpListener::from_std(l) {
@@ -464,7 +477,7 @@ pub fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
                     // Stopped (or the handle dropped): returning drops the runtime and with it
                     // every connection still open.
                     let _ = stop_rx.wait_for(|p| *p >= STOPPED).await;
-                    if let Some(t) = metrics_task {
+                    for t in metrics_task.into_iter().chain(health_task) {
                         t.abort();
                     }
                 });

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
@@ -16,7 +16,7 @@ use prometheus_client::metrics::counter::Counter;
 use rand::Rng;
 
 use super::client::UpstreamConn;
-use super::config::{Balance, PassiveHealth, Service};
+use super::config::{ActiveHealth, Balance, PassiveHealth, Service};
 use super::head::{Headers, SetValues};
 use super::metrics::Metrics;
 
@@ -57,6 +57,8 @@ pub struct Endpoint {
     ejections: AtomicU32,
     /// `now_ms()` until which the endpoint is ejected (0 = admitted).
     ejected_until: AtomicU64,
+    /// Active health checks say it is down (see `proxy::health`).
+    check_down: AtomicBool,
     /// Idle connections, one list per worker (no cross-thread wakeups on the hot path).
     /// Boxed: a connection moves between the pool, the exchange and the response body for
     /// every request, and a pointer moves faster than the connection.
@@ -72,6 +74,7 @@ impl Endpoint {
             consecutive_failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
+            check_down: AtomicBool::new(false),
             idle: (0..workers.max(1))
                 .map(|_| Mutex::new(Vec::new()))
                 .collect(),
@@ -85,6 +88,15 @@ impl Endpoint {
     /// Whether the endpoint is currently ejected.
     pub fn is_ejected(&self) -> bool {
         !self.admitted(now_ms())
+    }
+
+    /// Whether active health checks currently keep it out.
+    pub fn is_checked_down(&self) -> bool {
+        self.check_down.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_checked_down(&self, down: bool) {
+        self.check_down.store(down, Ordering::Relaxed);
     }
 
     #[allow(clippy::vec_box)] // see `idle`
@@ -159,10 +171,12 @@ pub struct Upstream {
     /// (hash, endpoint index), sorted by hash.
     ring: Vec<(u64, usize)>,
     health: PassiveHealth,
+    active: ActiveHealth,
     next: AtomicUsize,
     /// Pre-resolved metric handles (no label lookups per request).
     pub(crate) errors: Counter,
     ejections: Counter,
+    pub(crate) check_failures: Counter,
 }
 
 fn hash_of(v: impl Hash) -> u64 {
@@ -191,6 +205,12 @@ impl Upstream {
                     .unwrap_or_else(|| Arc::new(Endpoint::new(*addr, workers)))
             })
             .collect();
+        if svc.active_health.path.is_none() {
+            // Checks switched off by this config: their verdicts no longer apply.
+            for e in &endpoints {
+                e.set_checked_down(false);
+            }
+        }
         let mut ring = Vec::new();
         if svc.balance == Balance::ConsistentHash {
             for (i, e) in endpoints.iter().enumerate() {
@@ -203,6 +223,7 @@ impl Upstream {
         Self {
             errors: metrics.upstream_errors(&name),
             ejections: metrics.upstream_ejections(&name),
+            check_failures: metrics.upstream_health_check_failures(&name),
             name,
             endpoints,
             balance: svc.balance,
@@ -212,6 +233,7 @@ impl Upstream {
                 .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
             ring,
             health: svc.health.clone(),
+            active: svc.active_health.clone(),
             next: AtomicUsize::new(0),
         }
     }
@@ -221,8 +243,14 @@ impl Upstream {
         &self.endpoints
     }
 
-    /// Chooses an endpoint, skipping ejected ones and `exclude` (the endpoint of a failed
-    /// first attempt). When every endpoint is ejected, ejection is ignored ("panic mode"):
+    /// Active health check settings (`path` None: off).
+    pub fn active_health(&self) -> &ActiveHealth {
+        &self.active
+    }
+
+    /// Chooses an endpoint, skipping ejected ones, ones active checks hold down, and
+    /// `exclude` (the endpoint of a failed first attempt). When every endpoint is out,
+    /// ejection and checks are ignored ("panic mode"):
     /// trying a possibly-recovered endpoint beats failing every request.
     pub fn pick(&self, ctx: &PickContext<'_>, exclude: Option<&Endpoint>) -> Option<Arc<Endpoint>> {
         self.pick_by(self.affinity(ctx), exclude)
@@ -252,8 +280,9 @@ impl Upstream {
         let usable = |e: &Endpoint, respect_ejection: bool| {
             exclude.is_none_or(|x| !std::ptr::eq(x, e))
                 && (!respect_ejection
-                    || e.ejected_until.load(Ordering::Relaxed) == 0
-                    || e.admitted(*now.get_or_init(now_ms)))
+                    || (!e.check_down.load(Ordering::Relaxed)
+                        && (e.ejected_until.load(Ordering::Relaxed) == 0
+                            || e.admitted(*now.get_or_init(now_ms)))))
         };
         self.pick_with(affinity, |e| usable(e, true))
             .or_else(|| self.pick_with(affinity, |e| usable(e, false)))

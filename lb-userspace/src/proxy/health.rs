@@ -1,0 +1,263 @@
+//! Active health checks (a Service's `active_health`): each endpoint is asked `GET path` on
+//! a fresh connection, one check at a time per endpoint, `interval_ms` after the previous one
+//! ended. The verdict is a flag on the endpoint that `Upstream::pick` reads; passive ejection
+//! works alongside.
+//!
+//! One task (on worker 0) runs every check. It reads the current configuration on each tick,
+//! so reloads that add, change or remove checks need no bookkeeping, and endpoints that a
+//! reload keeps keep their verdict (the endpoint objects carry over).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use super::config::ActiveHealth;
+use super::upstream::{Endpoint, Upstream};
+
+/// How often due checks are looked for; intervals are rounded up to it.
+const TICK: Duration = Duration::from_millis(50);
+/// Checks in flight at once, over all upstreams (a check holds a socket).
+const MAX_CONCURRENT: usize = 256;
+/// Bytes read looking for the status line.
+const MAX_STATUS_LINE: usize = 1024;
+
+/// An endpoint's run of results. Only the checker task touches it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Streak {
+    passes: u32,
+    failures: u32,
+    /// A result has been recorded.
+    checked: bool,
+}
+
+impl Streak {
+    /// Records one result for an endpoint that is currently `down`; returns the new state
+    /// when it changes. An endpoint's first check decides at once (a dead endpoint is not
+    /// given `unhealthy_threshold` intervals of traffic after a start or reload); later
+    /// ones need the thresholds.
+    pub(crate) fn record(&mut self, passed: bool, down: bool, cfg: &ActiveHealth) -> Option<bool> {
+        let first = !self.checked;
+        self.checked = true;
+        if passed {
+            self.passes = self.passes.saturating_add(1);
+            self.failures = 0;
+            (down && self.passes >= cfg.healthy_threshold).then_some(false)
+        } else {
+            self.failures = self.failures.saturating_add(1);
+            self.passes = 0;
+            (!down && (first || self.failures >= cfg.unhealthy_threshold)).then_some(true)
+        }
+    }
+}
+
+struct Tracked {
+    endpoint: Weak<Endpoint>,
+    /// The upstream the endpoint was last seen in (its settings and metric handles).
+    upstream: Arc<Upstream>,
+    streak: Streak,
+    running: bool,
+    /// When the next check may start (None: now).
+    due: Option<Instant>,
+}
+
+/// Runs checks for the upstreams `current()` returns (those with `active_health.path` set),
+/// until the task is aborted.
+pub(crate) async fn run(current: impl Fn() -> Vec<Arc<Upstream>>) {
+    // Keyed by the endpoint's address in memory: the Weak held here keeps that allocation
+    // from being reused while the entry exists.
+    let mut tracked: HashMap<usize, Tracked> = HashMap::new();
+    let mut checks: JoinSet<(usize, Result<u16, String>)> = JoinSet::new();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => start_due(&current(), &mut tracked, &mut checks),
+            Some(Ok((key, result))) = checks.join_next() => finish(&mut tracked, key, result),
+        }
+    }
+}
+
+fn start_due(
+    upstreams: &[Arc<Upstream>],
+    tracked: &mut HashMap<usize, Tracked>,
+    checks: &mut JoinSet<(usize, Result<u16, String>)>,
+) {
+    let now = Instant::now();
+    let mut seen = std::collections::HashSet::new();
+    for up in upstreams {
+        let cfg = up.active_health();
+        let Some(path) = &cfg.path else { continue };
+        for ep in up.endpoints() {
+            let key = Arc::as_ptr(ep) as usize;
+            seen.insert(key);
+            let t = tracked.entry(key).or_insert_with(|| Tracked {
+                endpoint: Arc::downgrade(ep),
+                upstream: up.clone(),
+                streak: Streak::default(),
+                running: false,
+                due: None,
+            });
+            t.upstream = up.clone();
+            if t.running || t.due.is_some_and(|d| d > now) || checks.len() >= MAX_CONCURRENT {
+                continue;
+            }
+            t.running = true;
+            let host = cfg.host.clone().unwrap_or_else(|| ep.addr.to_string());
+            let request = format!(
+                "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: xlb-health-check\r\n\
+                 Accept: */*\r\nConnection: close\r\n\r\n"
+            );
+            let (addr, timeout) = (ep.addr, Duration::from_millis(cfg.timeout_ms));
+            checks.spawn(async move { (key, check(addr, request.as_bytes(), timeout).await) });
+        }
+    }
+    // Endpoints no longer checked (removed, or their Service's checks switched off).
+    tracked.retain(|k, t| seen.contains(k) || t.running);
+}
+
+fn finish(tracked: &mut HashMap<usize, Tracked>, key: usize, result: Result<u16, String>) {
+    let Some(t) = tracked.get_mut(&key) else {
+        return;
+    };
+    t.running = false;
+    let cfg = t.upstream.active_health();
+    t.due = Some(Instant::now() + Duration::from_millis(cfg.interval_ms));
+    let Some(ep) = t.endpoint.upgrade() else {
+        return;
+    };
+    let passed = matches!(result, Ok(200..=399));
+    if !passed {
+        t.upstream.check_failures.inc();
+    }
+    let verdict = match &result {
+        Ok(status) => format!("status {status}"),
+        Err(e) => e.clone(),
+    };
+    match t.streak.record(passed, ep.is_checked_down(), cfg) {
+        Some(true) => {
+            ep.set_checked_down(true);
+            tracing::warn!(upstream = %t.upstream.name, endpoint = %ep.addr, %verdict,
+                "endpoint failed its health check: taken out");
+        }
+        Some(false) => {
+            ep.set_checked_down(false);
+            tracing::info!(upstream = %t.upstream.name, endpoint = %ep.addr, %verdict,
+                "endpoint passes its health check again: back in");
+        }
+        None => tracing::debug!(upstream = %t.upstream.name, endpoint = %ep.addr, %verdict,
+            "health check"),
+    }
+}
+
+/// One check: connect, send `request`, read the status line. The status code, or why there
+/// is none.
+async fn check(addr: SocketAddr, request: &[u8], timeout: Duration) -> Result<u16, String> {
+    let exchange = async {
+        let mut s = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        s.write_all(request)
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        let mut buf = Vec::with_capacity(256);
+        let mut chunk = [0u8; 256];
+        while !buf.windows(2).any(|w| w == b"\r\n") {
+            if buf.len() >= MAX_STATUS_LINE {
+                return Err("no status line".to_owned());
+            }
+            let n = s.read(&mut chunk).await.map_err(|e| format!("read: {e}"))?;
+            if n == 0 {
+                return Err("closed before a status line".to_owned());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        status_code(&buf).ok_or_else(|| "malformed status line".to_owned())
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {} ms", timeout.as_millis())))
+}
+
+/// The code of an `HTTP/1.x NNN ...` status line.
+fn status_code(head: &[u8]) -> Option<u16> {
+    let rest = head
+        .strip_prefix(b"HTTP/1.1 ")
+        .or_else(|| head.strip_prefix(b"HTTP/1.0 "))?;
+    let digits = rest.get(..3)?;
+    if !digits.iter().all(u8::is_ascii_digit) || !matches!(rest.get(3), Some(b' ' | b'\r')) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(unhealthy: u32, healthy: u32) -> ActiveHealth {
+        ActiveHealth {
+            path: Some("/healthz".into()),
+            unhealthy_threshold: unhealthy,
+            healthy_threshold: healthy,
+            ..ActiveHealth::default()
+        }
+    }
+
+    #[test]
+    fn the_first_failure_decides_then_thresholds_apply() {
+        let c = cfg(3, 2);
+        let mut s = Streak::default();
+        assert_eq!(
+            s.record(false, false, &c),
+            Some(true),
+            "first check fails: out"
+        );
+        assert_eq!(s.record(true, true, &c), None);
+        assert_eq!(s.record(true, true, &c), Some(false), "two passes: back");
+        assert_eq!(s.record(false, false, &c), None);
+        assert_eq!(s.record(false, false, &c), None);
+        assert_eq!(
+            s.record(true, false, &c),
+            None,
+            "a pass resets the failures"
+        );
+        assert_eq!(s.record(false, false, &c), None);
+        assert_eq!(s.record(false, false, &c), None);
+        assert_eq!(
+            s.record(false, false, &c),
+            Some(true),
+            "three in a row: out"
+        );
+        assert_eq!(s.record(true, true, &c), None);
+        assert_eq!(
+            s.record(false, true, &c),
+            None,
+            "a failure resets the passes"
+        );
+        assert_eq!(s.record(true, true, &c), None);
+        assert_eq!(s.record(true, true, &c), Some(false));
+    }
+
+    #[test]
+    fn a_healthy_first_check_changes_nothing() {
+        let mut s = Streak::default();
+        assert_eq!(s.record(true, false, &cfg(1, 1)), None);
+        assert_eq!(s.record(false, false, &cfg(2, 1)), None);
+    }
+
+    #[test]
+    fn status_lines_are_parsed_strictly() {
+        assert_eq!(status_code(b"HTTP/1.1 200 OK\r\n"), Some(200));
+        assert_eq!(status_code(b"HTTP/1.0 503\r\n"), Some(503));
+        assert_eq!(status_code(b"HTTP/1.1 20 OK\r\n"), None);
+        assert_eq!(status_code(b"HTTP/1.1 2000 OK\r\n"), None);
+        assert_eq!(status_code(b"SSH-2.0-OpenSSH\r\n"), None);
+        assert_eq!(status_code(b"HTTP/2 200\r\n"), None);
+    }
+}
