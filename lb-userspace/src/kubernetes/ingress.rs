@@ -20,6 +20,9 @@
 //!   [`IngressTranslation::degraded`]: the Ingress's other paths keep serving, as with
 //!   ingress-nginx, instead of one missing Service taking all of them down. Resource
 //!   backends and ExternalName Services are refused.
+//! * **Per-Service policy** comes from the Service's `xlb.dev/proxy-*` annotations
+//!   ([`service_policy`]): balancing, the affinity header, passive and active health. An
+//!   invalid one rejects the Ingresses that use the Service, naming the annotation.
 //! * **Certificates.** Only Secrets named by a served Ingress's `spec.tls` (and the file's
 //!   `tls.default_secret`, read as `namespace/name` of a Secret) are put into the config;
 //!   each must be of type `kubernetes.io/tls` and its `tls.crt`/`tls.key` must load.
@@ -53,6 +56,77 @@ pub const DEFAULT_CLASS_ANNOTATION: &str = "ingressclass.kubernetes.io/is-defaul
 pub const LEGACY_CLASS_ANNOTATION: &str = "kubernetes.io/ingress.class";
 /// The Secret type carrying `tls.crt` and `tls.key`.
 pub const TLS_SECRET_TYPE: &str = "kubernetes.io/tls";
+
+/// Service annotation: `round_robin`, `least_request`, `random` or `consistent_hash`.
+pub const PROXY_LOAD_BALANCE: &str = "xlb.dev/proxy-load-balance";
+/// Service annotation: header whose value `consistent_hash` hashes (implies it).
+pub const PROXY_HASH_BY: &str = "xlb.dev/proxy-upstream-hash-by";
+/// Service annotation: consecutive failures that eject an endpoint (0: no passive health).
+pub const PROXY_MAX_FAILS: &str = "xlb.dev/proxy-max-fails";
+/// Service annotation: path of active health checks (switches them on).
+pub const PROXY_CHECK_PATH: &str = "xlb.dev/proxy-health-check-path";
+/// Service annotation: milliseconds between active checks.
+pub const PROXY_CHECK_INTERVAL: &str = "xlb.dev/proxy-health-check-interval-ms";
+/// Service annotation: milliseconds an active check may take.
+pub const PROXY_CHECK_TIMEOUT: &str = "xlb.dev/proxy-health-check-timeout-ms";
+
+/// The proxy policy a Service's `xlb.dev/proxy-*` annotations ask for, as a config Service
+/// template (name, port and endpoints left empty). Other annotations, `xlb.dev/` ones of the
+/// L4 agent included, are ignored; an unknown `xlb.dev/proxy-` one is an error.
+pub fn service_policy(svc: &Service) -> Result<pc::Service, String> {
+    let mut out = pc::Service::default();
+    let Some(annotations) = svc.metadata.annotations.as_ref() else {
+        return Ok(out);
+    };
+    let mut balance = None;
+    for (k, v) in annotations {
+        let bad = |what: &str| format!("annotation {k}: {v:?} is not {what}");
+        let number = || v.trim().parse::<u64>().map_err(|_| bad("a number"));
+        match k.as_str() {
+            PROXY_LOAD_BALANCE => {
+                balance = Some(match v.trim() {
+                    "round_robin" => pc::Balance::RoundRobin,
+                    "least_request" => pc::Balance::LeastRequest,
+                    "random" => pc::Balance::Random,
+                    "consistent_hash" => pc::Balance::ConsistentHash,
+                    _ => {
+                        return Err(bad("round_robin, least_request, random or consistent_hash"));
+                    }
+                });
+            }
+            PROXY_HASH_BY => {
+                if http::HeaderName::from_bytes(v.trim().as_bytes()).is_err() {
+                    return Err(bad("a header name"));
+                }
+                out.hash_header = Some(v.trim().to_owned());
+            }
+            PROXY_MAX_FAILS => {
+                out.health.consecutive_failures =
+                    u32::try_from(number()?).map_err(|_| bad("a count"))?;
+            }
+            PROXY_CHECK_PATH => out.active_health.path = Some(v.trim().to_owned()),
+            PROXY_CHECK_INTERVAL => out.active_health.interval_ms = number()?,
+            PROXY_CHECK_TIMEOUT => out.active_health.timeout_ms = number()?,
+            _ if k.starts_with("xlb.dev/proxy-") => {
+                return Err(format!("annotation {k}: unknown xlb.dev/proxy- annotation"));
+            }
+            _ => {}
+        }
+    }
+    out.balance = match (balance, &out.hash_header) {
+        (None, Some(_)) => pc::Balance::ConsistentHash,
+        (Some(b), Some(_)) if b != pc::Balance::ConsistentHash => {
+            return Err(format!(
+                "annotation {PROXY_HASH_BY} needs {PROXY_LOAD_BALANCE} consistent_hash (or none)"
+            ));
+        }
+        (b, _) => b.unwrap_or_default(),
+    };
+    out.active_health
+        .validate("xlb.dev/proxy-health-check-* annotations")
+        .map_err(|e| e.to_string())?;
+    Ok(out)
+}
 
 /// What this proxy serves.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -589,6 +663,7 @@ impl Index<'_> {
             .filter(|p| *p != 0)
             .ok_or_else(|| format!("service {id}: port {} out of range", port.port))?;
         let port_name = port.name.as_deref().unwrap_or("");
+        let policy = service_policy(svc).map_err(|e| format!("service {id}: {e}"))?;
         services
             .entry((sb.name.clone(), number))
             .or_insert_with(|| pc::Service {
@@ -596,7 +671,7 @@ impl Index<'_> {
                 namespace: namespace.to_owned(),
                 port: number,
                 endpoints: self.endpoints(namespace, &sb.name, port_name),
-                ..pc::Service::default()
+                ..policy
             });
         Ok(pc::Backend {
             service: sb.name.clone(),

@@ -355,6 +355,73 @@ fn tls_secrets_referenced_are_loaded_and_others_ignored() {
 }
 
 #[test]
+fn service_annotations_set_the_proxy_policy() {
+    let annotated = |annotations: Value| {
+        let mut w = World::new();
+        w.services[0].metadata.annotations = serde_json::from_value(annotations).unwrap();
+        w.ingresses
+            .push(ingress("a", "2024-01-01T00:00:00Z", json!({})));
+        w.run()
+    };
+    let t = annotated(json!({
+        PROXY_HASH_BY: "x-session",
+        PROXY_MAX_FAILS: "0",
+        PROXY_CHECK_PATH: "/healthz",
+        PROXY_CHECK_INTERVAL: "1000",
+        PROXY_CHECK_TIMEOUT: "500",
+        // The L4 agent's annotations are not the proxy's business.
+        "xlb.dev/load-balancer-ips": "198.51.100.1",
+    }));
+    assert_eq!(served(&t), ["a"], "{:?}", t.rejected);
+    let s = &t.config.services[0];
+    assert_eq!(
+        s.balance,
+        pc::Balance::ConsistentHash,
+        "implied by the hash header"
+    );
+    assert_eq!(s.hash_header.as_deref(), Some("x-session"));
+    assert_eq!(s.health.consecutive_failures, 0);
+    assert_eq!(s.active_health.path.as_deref(), Some("/healthz"));
+    assert_eq!(
+        (s.active_health.interval_ms, s.active_health.timeout_ms),
+        (1000, 500)
+    );
+    let t = annotated(json!({PROXY_LOAD_BALANCE: "least_request"}));
+    assert_eq!(t.config.services[0].balance, pc::Balance::LeastRequest);
+    assert_eq!(t.config.services[0].active_health.path, None);
+
+    // Each bad one rejects the Ingress using the Service, naming the annotation.
+    for (annotations, says) in [
+        (json!({PROXY_LOAD_BALANCE: "ewma"}), PROXY_LOAD_BALANCE),
+        (json!({PROXY_MAX_FAILS: "many"}), PROXY_MAX_FAILS),
+        (json!({PROXY_HASH_BY: "bad header"}), PROXY_HASH_BY),
+        (
+            json!({PROXY_HASH_BY: "x-a", PROXY_LOAD_BALANCE: "random"}),
+            PROXY_HASH_BY,
+        ),
+        (json!({PROXY_CHECK_PATH: "healthz"}), "health-check"),
+        (
+            json!({PROXY_CHECK_PATH: "/h", PROXY_CHECK_TIMEOUT: "60000"}),
+            "health-check",
+        ),
+        (
+            json!({"xlb.dev/proxy-retries": "3"}),
+            "xlb.dev/proxy-retries",
+        ),
+    ] {
+        let t = annotated(annotations.clone());
+        assert!(served(&t).is_empty(), "{annotations}");
+        let reasons = rejected(&t);
+        assert!(
+            reasons.len() == 1
+                && reasons[0].1.contains("service default/web")
+                && reasons[0].1.contains(says),
+            "{annotations}: {reasons:?}"
+        );
+    }
+}
+
+#[test]
 fn each_bad_ingress_is_rejected_alone_with_a_reason() {
     let mut w = World::new();
     w.secrets = vec![

@@ -466,7 +466,8 @@ impl Default for ActiveHealth {
 }
 
 impl ActiveHealth {
-    fn validate(&self, f: &str) -> Result<(), ConfigError> {
+    /// Checks the settings; `f` names them in the error.
+    pub(crate) fn validate(&self, f: &str) -> Result<(), ConfigError> {
         let Some(path) = &self.path else {
             return Ok(());
         };
