@@ -25,7 +25,7 @@ use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
-use kube::api::{Api, ListParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use rustls::version::{TLS12, TLS13};
@@ -575,6 +575,34 @@ fn kube_proxy_rejects_an_invalid_ingress_with_an_event_and_serves_the_others() {
         )
         .await;
 
+        // The addresses to publish come from a Service's status, as from the LoadBalancer
+        // Service in front of the proxies (ClusterIP here, so no L4 agent claims it).
+        let services: Api<Service> = Api::namespaced(client.clone(), ns);
+        put(
+            &services,
+            &obj(json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"namespace": ns, "name": "proxy-lb"},
+                "spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP"}]},
+            })),
+        )
+        .await;
+        let set_lb_status = |entry: Value| {
+            let services = services.clone();
+            async move {
+                services
+                    .patch_status(
+                        "proxy-lb",
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"status": {"loadBalancer": {"ingress": [entry]}}})),
+                    )
+                    .await
+                    .expect("set the Service's status");
+            }
+        };
+        set_lb_status(json!({"hostname": "proxy.example.test"})).await;
+        let publish = format!("{ns}/proxy-lb");
+
         let proxy = tokio::task::block_in_place(|| {
             ProxyProcess::start(
                 server,
@@ -583,8 +611,8 @@ fn kube_proxy_rejects_an_invalid_ingress_with_an_event_and_serves_the_others() {
                     controller,
                     "--kube-namespace",
                     ns,
-                    "--kube-publish-address",
-                    "proxy.example.test",
+                    "--kube-publish-service",
+                    &publish,
                     "--kube-identity",
                     "test-bad",
                 ],
@@ -715,6 +743,30 @@ fn kube_proxy_rejects_an_invalid_ingress_with_an_event_and_serves_the_others() {
             .await
             .expect("http");
         assert_eq!(status, StatusCode::OK);
+
+        // The published Service's address changes: served Ingresses follow.
+        set_lb_status(json!({"ip": "192.0.2.99"})).await;
+        eventually("good's status to follow the Service", WAIT, || async move {
+            (status_of(ingresses, "good").await == ["192.0.2.99"]).then_some(())
+        })
+        .await;
+        // An Ingress handed to another controller is no longer ours: its status is cleared.
+        put(
+            ingresses,
+            &ingress(
+                ns,
+                "good",
+                "someone-else",
+                plain("good.example.test"),
+                json!({}),
+            ),
+        )
+        .await;
+        eventually("good's status cleared", WAIT, || async move {
+            status_of(ingresses, "good").await.is_empty().then_some(())
+        })
+        .await;
+        assert_eq!(status_of(ingresses, "no-secret").await, ["192.0.2.99"]);
         drop(proxy);
     });
 }

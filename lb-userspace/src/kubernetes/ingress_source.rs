@@ -13,10 +13,13 @@
 //!   file's `tls.default_secret` are used. RBAC cannot narrow list/watch by name, so the
 //!   ServiceAccount can read every Secret in the watched namespaces; `--kube-namespace`
 //!   narrows that to one namespace (with a Role instead of the ClusterRole).
-//! * **Status.** With publish addresses configured, every served Ingress's
-//!   `status.loadBalancer.ingress` is set to them (merge patch, only when different). All
-//!   replicas are given the same addresses (the VIP in front of them), so their writes agree
-//!   and no election is needed.
+//! * **Status.** With publish addresses configured ([`Publish`]: fixed ones, or those of a
+//!   Service such as the LoadBalancer Service whose VIP the xlb agent serves in front of the
+//!   proxies), every served Ingress's `status.loadBalancer.ingress` is set to them (merge
+//!   patch, only when different). All replicas publish the same addresses, so their writes
+//!   agree and no election is needed. An Ingress that stops being served (another class,
+//!   rejected) has the status cleared if it holds our addresses or this process wrote it, so
+//!   tools that follow Ingress status (external-dns) stop pointing at us.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -46,9 +49,8 @@ pub struct IngressSourceOptions {
     pub node: ProxyConfig,
     /// Window that collects a burst of watch events into one translation.
     pub batch: Duration,
-    /// Written to `status.loadBalancer.ingress` of served Ingresses: IP addresses as `ip`,
-    /// anything else as `hostname`. Empty: status is not written.
-    pub publish: Vec<String>,
+    /// What is written to `status.loadBalancer.ingress` of served Ingresses.
+    pub publish: Publish,
     /// Watch only this namespace (IngressClasses are cluster-scoped and always watched).
     pub namespace: Option<String>,
     /// This proxy's identity in Events and as field manager.
@@ -64,11 +66,35 @@ impl IngressSourceOptions {
             ingress: IngressOptions::default(),
             node,
             batch: Duration::from_millis(50),
-            publish: Vec::new(),
+            publish: Publish::Off,
             namespace: None,
             identity,
             kubeconfig: None,
         }
+    }
+}
+
+/// Where the addresses written to Ingress status come from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Publish {
+    /// Status is not written.
+    #[default]
+    Off,
+    /// These addresses: IPs as `ip`, anything else as `hostname`.
+    Addresses(Vec<String>),
+    /// The `status.loadBalancer.ingress` of this Service, followed live (no address while it
+    /// has none). It must be in the watched namespace.
+    Service {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+    },
+}
+
+impl Publish {
+    fn is_off(&self) -> bool {
+        *self == Publish::Off
     }
 }
 
@@ -159,6 +185,8 @@ async fn run(client: kube::Client, opts: IngressSourceOptions, tx: mpsc::Sender<
     let mut reported: BTreeSet<String> = BTreeSet::new();
     let mut warned: BTreeSet<String> = BTreeSet::new();
     let mut last: Option<IngressTranslation> = None;
+    // Ingresses whose status this process wrote: cleared when they stop being served.
+    let mut written: BTreeSet<(String, String)> = BTreeSet::new();
     let mut pending: Option<Instant> = None;
     let mut relists = 0;
     loop {
@@ -172,9 +200,9 @@ async fn run(client: kube::Client, opts: IngressSourceOptions, tx: mpsc::Sender<
                 // Quiet period: retry status writes that failed (API server away, conflicts).
                 Err(_) => {
                     if let Some(t) = &last
-                        && !opts.publish.is_empty()
+                        && !opts.publish.is_off()
                     {
-                        write_status(&client, &ingresses, t, &opts).await;
+                        write_status(&client, &ingresses, &services, t, &opts, &mut written).await;
                     }
                     continue;
                 }
@@ -252,8 +280,16 @@ async fn run(client: kube::Client, opts: IngressSourceOptions, tx: mpsc::Sender<
             }
         }
         warned.retain(|w| translation.warnings.contains(w));
-        if !opts.publish.is_empty() {
-            write_status(&client, &ingresses, &translation, &opts).await;
+        if !opts.publish.is_off() {
+            write_status(
+                &client,
+                &ingresses,
+                &services,
+                &translation,
+                &opts,
+                &mut written,
+            )
+            .await;
         }
         if last.as_ref() == Some(&translation) {
             continue;
@@ -312,43 +348,90 @@ pub fn status_entries(publish: &[String]) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Writes `status.loadBalancer.ingress` of served Ingresses where it differs.
+/// The addresses to publish now, as status entries (None: status is not written).
+fn wanted_status(publish: &Publish, services: &Store<Service>) -> Option<Vec<serde_json::Value>> {
+    match publish {
+        Publish::Off => None,
+        Publish::Addresses(a) => Some(status_entries(a)),
+        Publish::Service { namespace, name } => Some(
+            services
+                .get(&reflector::ObjectRef::new(name).within(namespace))
+                .and_then(|s| s.status.clone())
+                .and_then(|s| s.load_balancer)
+                .and_then(|lb| lb.ingress)
+                .into_iter()
+                .flatten()
+                .map(|i| entry(i.ip, i.hostname))
+                .collect(),
+        ),
+    }
+}
+
+fn entry(ip: Option<String>, hostname: Option<String>) -> serde_json::Value {
+    match (ip, hostname) {
+        (Some(ip), _) => serde_json::json!({"ip": ip}),
+        (None, Some(h)) => serde_json::json!({"hostname": h}),
+        (None, None) => serde_json::json!({}),
+    }
+}
+
+/// Writes `status.loadBalancer.ingress` of served Ingresses where it differs, and clears it
+/// on Ingresses no longer served that hold our addresses or that this process wrote.
 async fn write_status(
     client: &kube::Client,
     ingresses: &Store<Ingress>,
+    services: &Store<Service>,
     translation: &IngressTranslation,
     opts: &IngressSourceOptions,
+    written: &mut BTreeSet<(String, String)>,
 ) {
-    let wanted = status_entries(&opts.publish);
+    let Some(wanted) = wanted_status(&opts.publish, services) else {
+        return;
+    };
     let params = PatchParams {
         field_manager: Some(format!("xlb-proxy/{}", opts.identity)),
         ..PatchParams::default()
     };
-    for (namespace, name) in &translation.served {
-        let current: Vec<serde_json::Value> = ingresses
-            .get(&reflector::ObjectRef::new(name).within(namespace))
-            .and_then(|i| i.status.clone())
+    let served: BTreeSet<&(String, String)> = translation.served.iter().collect();
+    for ing in ingresses.state() {
+        let (Some(namespace), Some(name)) = (&ing.metadata.namespace, &ing.metadata.name) else {
+            continue;
+        };
+        let key = (namespace.clone(), name.clone());
+        let current: Vec<serde_json::Value> = ing
+            .status
+            .clone()
             .and_then(|s| s.load_balancer)
             .and_then(|lb| lb.ingress)
             .into_iter()
             .flatten()
-            .map(|i| match (i.ip, i.hostname) {
-                (Some(ip), _) => serde_json::json!({"ip": ip}),
-                (None, Some(h)) => serde_json::json!({"hostname": h}),
-                (None, None) => serde_json::json!({}),
-            })
+            .map(|i| entry(i.ip, i.hostname))
             .collect();
-        if current == wanted {
+        let target = if served.contains(&key) {
+            &wanted
+        } else if !current.is_empty() && ((current == wanted) || written.contains(&key)) {
+            &Vec::new()
+        } else {
+            written.remove(&key);
+            continue;
+        };
+        if current == *target {
             continue;
         }
-        let patch = serde_json::json!({"status": {"loadBalancer": {"ingress": wanted}}});
+        let patch = serde_json::json!({"status": {"loadBalancer": {"ingress": target}}});
         let api = Api::<Ingress>::namespaced(client.clone(), namespace);
+        let what = format!("{namespace}/{name}");
         match api.patch_status(name, &params, &Patch::Merge(&patch)).await {
+            Ok(_) if target.is_empty() && !served.contains(&key) => {
+                written.remove(&key);
+                tracing::info!(ingress = %what, "no longer served: status cleared");
+            }
             Ok(_) => {
-                tracing::info!(ingress = %format!("{namespace}/{name}"), addresses = ?opts.publish, "status written")
+                written.insert(key);
+                tracing::info!(ingress = %what, addresses = ?target, "status written");
             }
             Err(e) => {
-                tracing::warn!(ingress = %format!("{namespace}/{name}"), error = %e, "status write failed; retried on the next change or within 10 s")
+                tracing::warn!(ingress = %what, error = %e, "status write failed; retried on the next change or within 10 s")
             }
         }
     }

@@ -95,8 +95,13 @@ pub struct ProxyKubeArgs {
     /// Address written to `status.loadBalancer.ingress` of served Ingresses: an IP or a
     /// hostname (repeatable). Give every replica the same (the address clients use, e.g.
     /// the VIP in front of the proxies). Default: status is not written.
-    #[arg(long = "kube-publish-address")]
+    #[arg(long = "kube-publish-address", conflicts_with = "kube_publish_service")]
     pub kube_publish: Vec<String>,
+    /// Publish the addresses of this Service (`namespace/name`) instead: its
+    /// `status.loadBalancer.ingress`, followed live. Typically the LoadBalancer Service in
+    /// front of the proxies, whose VIP the xlb agent serves.
+    #[arg(long)]
+    pub kube_publish_service: Option<String>,
     /// Watch Ingresses, Secrets, Services and EndpointSlices of this namespace only
     /// (default: all namespaces).
     #[arg(long)]
@@ -114,16 +119,93 @@ impl ProxyKubeArgs {
     pub fn options(
         &self,
         node: crate::proxy::ProxyConfig,
-    ) -> Option<ingress_source::IngressSourceOptions> {
+    ) -> Result<Option<ingress_source::IngressSourceOptions>, String> {
+        use ingress_source::Publish;
         if !self.kubernetes {
-            return None;
+            return Ok(None);
         }
+        let publish = match &self.kube_publish_service {
+            Some(id) => {
+                let Some((namespace, name)) = id
+                    .split_once('/')
+                    .filter(|(n, s)| !n.is_empty() && !s.is_empty() && !s.contains('/'))
+                else {
+                    return Err(format!(
+                        "--kube-publish-service {id:?}: expected namespace/name"
+                    ));
+                };
+                if self
+                    .kube_namespace
+                    .as_deref()
+                    .is_some_and(|ns| ns != namespace)
+                {
+                    return Err(format!(
+                        "--kube-publish-service {id:?} is outside --kube-namespace (only that \
+                         namespace's Services are watched)"
+                    ));
+                }
+                Publish::Service {
+                    namespace: namespace.to_owned(),
+                    name: name.to_owned(),
+                }
+            }
+            None if self.kube_publish.is_empty() => Publish::Off,
+            None => Publish::Addresses(self.kube_publish.clone()),
+        };
         let mut opts =
             ingress_source::IngressSourceOptions::new(node, identity(self.kube_identity.clone()));
         opts.ingress.controller = self.kube_controller.clone();
-        opts.publish = self.kube_publish.clone();
+        opts.publish = publish;
         opts.namespace = self.kube_namespace.clone();
         opts.kubeconfig = self.kubeconfig.clone();
-        Some(opts)
+        Ok(Some(opts))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ingress_source::Publish;
+    use super::*;
+
+    fn args(publish_service: Option<&str>, namespace: Option<&str>) -> ProxyKubeArgs {
+        ProxyKubeArgs {
+            kubernetes: true,
+            kube_controller: ingress::CONTROLLER_NAME.into(),
+            kube_publish: Vec::new(),
+            kube_publish_service: publish_service.map(Into::into),
+            kube_namespace: namespace.map(Into::into),
+            kube_identity: Some("t".into()),
+            kubeconfig: None,
+        }
+    }
+
+    fn publish(a: &ProxyKubeArgs) -> Result<Publish, String> {
+        a.options(crate::proxy::ProxyConfig::default())
+            .map(|o| o.expect("--kubernetes").publish)
+    }
+
+    #[test]
+    fn publish_service_names_a_watched_service() {
+        assert_eq!(
+            publish(&args(Some("ingress/xlb-proxy"), None)),
+            Ok(Publish::Service {
+                namespace: "ingress".into(),
+                name: "xlb-proxy".into()
+            })
+        );
+        assert!(publish(&args(Some("ingress/xlb-proxy"), Some("ingress"))).is_ok());
+        let e = publish(&args(Some("ingress/xlb-proxy"), Some("apps"))).unwrap_err();
+        assert!(e.contains("outside --kube-namespace"), "{e}");
+        for bad in ["xlb-proxy", "/x", "a/", "a/b/c"] {
+            let e = publish(&args(Some(bad), None)).unwrap_err();
+            assert!(e.contains("namespace/name"), "{bad}: {e}");
+        }
+        assert_eq!(publish(&args(None, None)), Ok(Publish::Off));
+        let mut a = args(None, None);
+        a.kube_publish = vec!["192.0.2.1".into()];
+        assert_eq!(
+            publish(&a),
+            Ok(Publish::Addresses(vec!["192.0.2.1".into()]))
+        );
     }
 }

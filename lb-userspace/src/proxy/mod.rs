@@ -111,7 +111,7 @@ async fn run_kubernetes(args: ProxyArgs) -> anyhow::Result<()> {
         println!("node settings are valid");
         return Ok(());
     }
-    let Some(opts) = args.kube.options(node) else {
+    let Some(opts) = args.kube.options(node).map_err(anyhow::Error::msg)? else {
         unreachable!("run_kubernetes is only called with --kubernetes");
     };
     crate::kubernetes::ingress_source::serve(opts).await
