@@ -69,6 +69,12 @@ pub const PROXY_CHECK_PATH: &str = "xlb.dev/proxy-health-check-path";
 pub const PROXY_CHECK_INTERVAL: &str = "xlb.dev/proxy-health-check-interval-ms";
 /// Service annotation: milliseconds an active check may take.
 pub const PROXY_CHECK_TIMEOUT: &str = "xlb.dev/proxy-health-check-timeout-ms";
+/// Service annotation: Host header of active checks.
+pub const PROXY_CHECK_HOST: &str = "xlb.dev/proxy-health-check-host";
+/// Service annotation: failed checks in a row that take an endpoint out.
+pub const PROXY_CHECK_UNHEALTHY: &str = "xlb.dev/proxy-health-check-unhealthy-threshold";
+/// Service annotation: passed checks in a row that bring it back.
+pub const PROXY_CHECK_HEALTHY: &str = "xlb.dev/proxy-health-check-healthy-threshold";
 
 /// The proxy policy a Service's `xlb.dev/proxy-*` annotations ask for, as a config Service
 /// template (name, port and endpoints left empty). Other annotations, `xlb.dev/` ones of the
@@ -82,6 +88,7 @@ pub fn service_policy(svc: &Service) -> Result<pc::Service, String> {
     for (k, v) in annotations {
         let bad = |what: &str| format!("annotation {k}: {v:?} is not {what}");
         let number = || v.trim().parse::<u64>().map_err(|_| bad("a number"));
+        let count = || v.trim().parse::<u32>().map_err(|_| bad("a count"));
         match k.as_str() {
             PROXY_LOAD_BALANCE => {
                 balance = Some(match v.trim() {
@@ -100,13 +107,13 @@ pub fn service_policy(svc: &Service) -> Result<pc::Service, String> {
                 }
                 out.hash_header = Some(v.trim().to_owned());
             }
-            PROXY_MAX_FAILS => {
-                out.health.consecutive_failures =
-                    u32::try_from(number()?).map_err(|_| bad("a count"))?;
-            }
+            PROXY_MAX_FAILS => out.health.consecutive_failures = count()?,
             PROXY_CHECK_PATH => out.active_health.path = Some(v.trim().to_owned()),
             PROXY_CHECK_INTERVAL => out.active_health.interval_ms = number()?,
             PROXY_CHECK_TIMEOUT => out.active_health.timeout_ms = number()?,
+            PROXY_CHECK_HOST => out.active_health.host = Some(v.trim().to_owned()),
+            PROXY_CHECK_UNHEALTHY => out.active_health.unhealthy_threshold = count()?,
+            PROXY_CHECK_HEALTHY => out.active_health.healthy_threshold = count()?,
             _ if k.starts_with("xlb.dev/proxy-") => {
                 return Err(format!("annotation {k}: unknown xlb.dev/proxy- annotation"));
             }
@@ -520,6 +527,11 @@ impl Index<'_> {
         }
         let mut secrets = Vec::new();
         for (i, tls) in spec.tls.iter().flatten().enumerate() {
+            // Without secretName the hosts are served with the default certificate (the API
+            // leaves it optional for exactly that; ingress-nginx does the same).
+            if tls.secret_name.is_none() {
+                continue;
+            }
             c.tls.push(
                 self.tls(&namespace, tls, &mut secrets)
                     .map_err(|e| format!("tls[{i}]: {e}"))?,
@@ -568,10 +580,7 @@ impl Index<'_> {
         tls: &IngressTLS,
         secrets: &mut Vec<pc::TlsSecret>,
     ) -> Result<pc::IngressTls, String> {
-        let name = tls
-            .secret_name
-            .clone()
-            .ok_or("no secretName (SNI without a certificate is not supported)")?;
+        let name = tls.secret_name.clone().ok_or("no secretName")?;
         let secret = self.secret(namespace, &name)?;
         if !secrets.iter().any(|s| s.name == name) {
             secrets.push(secret);

@@ -369,6 +369,9 @@ fn service_annotations_set_the_proxy_policy() {
         PROXY_CHECK_PATH: "/healthz",
         PROXY_CHECK_INTERVAL: "1000",
         PROXY_CHECK_TIMEOUT: "500",
+        PROXY_CHECK_HOST: "web.internal",
+        PROXY_CHECK_UNHEALTHY: "4",
+        PROXY_CHECK_HEALTHY: "1",
         // The L4 agent's annotations are not the proxy's business.
         "xlb.dev/load-balancer-ips": "198.51.100.1",
     }));
@@ -385,6 +388,14 @@ fn service_annotations_set_the_proxy_policy() {
     assert_eq!(
         (s.active_health.interval_ms, s.active_health.timeout_ms),
         (1000, 500)
+    );
+    assert_eq!(s.active_health.host.as_deref(), Some("web.internal"));
+    assert_eq!(
+        (
+            s.active_health.unhealthy_threshold,
+            s.active_health.healthy_threshold
+        ),
+        (4, 1)
     );
     let t = annotated(json!({PROXY_LOAD_BALANCE: "least_request"}));
     assert_eq!(t.config.services[0].balance, pc::Balance::LeastRequest);
@@ -408,6 +419,11 @@ fn service_annotations_set_the_proxy_policy() {
             json!({"xlb.dev/proxy-retries": "3"}),
             "xlb.dev/proxy-retries",
         ),
+        (
+            json!({PROXY_CHECK_PATH: "/h", PROXY_CHECK_HEALTHY: "0"}),
+            "health-check",
+        ),
+        (json!({PROXY_CHECK_UNHEALTHY: "-1"}), PROXY_CHECK_UNHEALTHY),
     ] {
         let t = annotated(annotations.clone());
         assert!(served(&t).is_empty(), "{annotations}");
@@ -419,6 +435,20 @@ fn service_annotations_set_the_proxy_policy() {
             "{annotations}: {reasons:?}"
         );
     }
+}
+
+#[test]
+fn tls_hosts_without_a_secret_use_the_default_certificate() {
+    let mut w = World::new();
+    w.ingresses.push(ingress(
+        "a",
+        "2024-01-01T00:00:00Z",
+        json!({"spec": {"tls": [{"hosts": ["a.example.com"]}]}}),
+    ));
+    let t = w.run();
+    assert_eq!(served(&t), ["a"], "{:?}", t.rejected);
+    assert!(t.config.ingresses[0].tls.is_empty());
+    assert!(t.config.secrets.is_empty());
 }
 
 #[test]
