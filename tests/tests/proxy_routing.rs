@@ -344,13 +344,7 @@ async fn round_robin_spreads_and_consistent_hash_sticks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_failures_are_retried_and_the_endpoint_ejected() {
     let live = upstream("live").await;
-    // A port nothing listens on (bound, then released).
-    let dead = {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        l.local_addr().expect("addr")
-    };
+    let dead = dead_address().await;
     let mut cfg = base_config();
     let mut s = service("s", &[dead, live.addr]);
     s.health = PassiveHealth {
@@ -472,12 +466,7 @@ async fn active_health_checks_take_endpoints_out_and_bring_them_back() {
     use std::sync::atomic::Ordering;
     let healthy = upstream("healthy").await;
     let sick = sick_upstream(503).await;
-    let dead = {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        l.local_addr().expect("addr")
-    };
+    let dead = dead_address().await;
     let mut cfg = base_config();
     let mut s = service("s", &[healthy.addr, sick.addr, dead]);
     // Passive ejection off: only the active checks keep traffic away.

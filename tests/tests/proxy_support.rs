@@ -208,6 +208,12 @@ pub fn base_config() -> ProxyConfig {
     c
 }
 
+/// A loopback address nothing listens on (bound, then released): connects are refused.
+pub async fn dead_address() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    l.local_addr().expect("addr")
+}
+
 /// A response with its body read.
 #[derive(Debug)]
 pub struct Got {

@@ -213,35 +213,28 @@ mod tests {
     fn the_first_failure_decides_then_thresholds_apply() {
         let c = cfg(3, 2);
         let mut s = Streak::default();
-        assert_eq!(
-            s.record(false, false, &c),
-            Some(true),
-            "first check fails: out"
-        );
-        assert_eq!(s.record(true, true, &c), None);
-        assert_eq!(s.record(true, true, &c), Some(false), "two passes: back");
-        assert_eq!(s.record(false, false, &c), None);
-        assert_eq!(s.record(false, false, &c), None);
-        assert_eq!(
-            s.record(true, false, &c),
-            None,
-            "a pass resets the failures"
-        );
-        assert_eq!(s.record(false, false, &c), None);
-        assert_eq!(s.record(false, false, &c), None);
-        assert_eq!(
-            s.record(false, false, &c),
-            Some(true),
-            "three in a row: out"
-        );
-        assert_eq!(s.record(true, true, &c), None);
-        assert_eq!(
-            s.record(false, true, &c),
-            None,
-            "a failure resets the passes"
-        );
-        assert_eq!(s.record(true, true, &c), None);
-        assert_eq!(s.record(true, true, &c), Some(false));
+        let mut down = false;
+        // (check passed, state change expected, why)
+        let steps = [
+            (false, Some(true), "the first check fails: out at once"),
+            (true, None, "one pass is not enough"),
+            (true, Some(false), "two passes in a row: back in"),
+            (false, None, "one failure of three"),
+            (false, None, "two of three"),
+            (true, None, "a pass resets the failures"),
+            (false, None, "one of three again"),
+            (false, None, "two of three"),
+            (false, Some(true), "three in a row: out"),
+            (true, None, "one pass"),
+            (false, None, "a failure resets the passes"),
+            (true, None, "one pass"),
+            (true, Some(false), "two in a row: back in"),
+        ];
+        for (i, (passed, want, why)) in steps.into_iter().enumerate() {
+            let got = s.record(passed, down, &c);
+            assert_eq!(got, want, "step {i}: {why}");
+            down = got.unwrap_or(down);
+        }
     }
 
     #[test]
