@@ -765,6 +765,11 @@ pub mod proxy {
             p
         }
 
+        /// Its config file (node settings: listeners, limits, …), re-read when it changes.
+        pub fn config_path(&self) -> PathBuf {
+            self.dir.join("proxy.toml")
+        }
+
         /// The log so far.
         pub fn log_text(&self) -> String {
             std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -603,7 +603,7 @@ fn kube_proxy_rejects_an_invalid_ingress_with_an_event_and_serves_the_others() {
         set_lb_status(json!({"hostname": "proxy.example.test"})).await;
         let publish = format!("{ns}/proxy-lb");
 
-        let proxy = tokio::task::block_in_place(|| {
+        let mut proxy = tokio::task::block_in_place(|| {
             ProxyProcess::start(
                 server,
                 &[
@@ -767,6 +767,35 @@ fn kube_proxy_rejects_an_invalid_ingress_with_an_event_and_serves_the_others() {
         })
         .await;
         assert_eq!(status_of(ingresses, "no-secret").await, ["192.0.2.99"]);
+
+        // The node settings file is re-read live: a lower body limit answers 413; a file
+        // that does not validate is refused and the last good settings keep serving.
+        let http = proxy.http;
+        let post = move |len: usize| async move {
+            let req = format!(
+                "POST / HTTP/1.1\r\nHost: nosecret.example.test\r\nContent-Length: {len}\r\n\
+                     Connection: close\r\n\r\n{}",
+                "x".repeat(len)
+            );
+            support::raw(http, req.as_bytes()).await
+        };
+        assert!(post(100).await.starts_with("HTTP/1.1 200 "));
+        let file = proxy.config_path();
+        let base = std::fs::read_to_string(&file).expect("read proxy.toml");
+        std::fs::write(&file, format!("{base}[limits]\nmax_body_bytes = 16\n")).expect("write");
+        eventually("the new body limit", WAIT, || async move {
+            post(100).await.starts_with("HTTP/1.1 413 ").then_some(())
+        })
+        .await;
+        std::fs::write(&file, format!("{base}[limits]\nmax_header_bytes = 10\n")).expect("write");
+        tokio::task::block_in_place(|| {
+            proxy.wait_log("node settings rejected", WAIT);
+        });
+        assert!(
+            post(100).await.starts_with("HTTP/1.1 413 "),
+            "last good settings serve"
+        );
+        assert!(post(10).await.starts_with("HTTP/1.1 200 "));
         drop(proxy);
     });
 }

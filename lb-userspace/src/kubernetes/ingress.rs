@@ -214,6 +214,24 @@ pub fn node_settings(mut file: ProxyConfig) -> (ProxyConfig, Vec<&'static str>) 
     (file, dropped)
 }
 
+/// Reads the node settings from `path` (the embedded default without one), warns about the
+/// objects the file holds (they come from the API), and checks them alone.
+pub fn load_node_settings(path: Option<&std::path::Path>) -> Result<ProxyConfig, ConfigError> {
+    let file = match path {
+        Some(p) => ProxyConfig::read(p)?,
+        None => ProxyConfig::embedded_default()?,
+    };
+    let (node, dropped) = node_settings(file);
+    if !dropped.is_empty() {
+        tracing::warn!(
+            ignored = ?dropped,
+            "with --kubernetes the config file supplies node settings only; its objects are ignored"
+        );
+    }
+    validate_node(&node)?;
+    Ok(node)
+}
+
 /// Checks the node settings alone (what can be checked before any object is known).
 pub fn validate_node(node: &ProxyConfig) -> Result<(), ConfigError> {
     let (mut bare, _) = node_settings(node.clone());

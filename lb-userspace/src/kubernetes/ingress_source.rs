@@ -13,6 +13,9 @@
 //!   file's `tls.default_secret` are used. RBAC cannot narrow list/watch by name, so the
 //!   ServiceAccount can read every Secret in the watched namespaces; `--kube-namespace`
 //!   narrows that to one namespace (with a Role instead of the ClusterRole).
+//! * **Node settings.** The `--config` file (listeners, timeouts, limits, TLS settings) is
+//!   watched and re-read on change and on SIGHUP; new settings go through the same batching
+//!   and translation as an API event. Invalid ones are logged and the previous ones kept.
 //! * **Status.** With publish addresses configured ([`Publish`]: fixed ones, or those of a
 //!   Service such as the LoadBalancer Service whose VIP the xlb agent serves in front of the
 //!   proxies), every served Ingress's `status.loadBalancer.ingress` is set to them (merge
@@ -34,7 +37,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::ingress::{IngressOptions, IngressTranslation, Rejected, TLS_SECRET_TYPE, translate};
 use super::source::SourceError;
@@ -110,17 +113,23 @@ pub struct IngressUpdate {
 }
 
 /// Starts the source with the configured client; translated configs arrive on the channel.
+/// Node settings sent on `node` later replace `opts.node` (and re-translate).
 pub async fn spawn(
     opts: IngressSourceOptions,
+    node: watch::Receiver<ProxyConfig>,
 ) -> Result<mpsc::Receiver<IngressUpdate>, SourceError> {
     let client = super::source::client(opts.kubeconfig.as_deref()).await?;
-    Ok(start(client, opts))
+    Ok(start(client, opts, node))
 }
 
 /// Starts the source on `client` (a tokio task; it ends when the receiver is dropped).
-pub fn start(client: kube::Client, opts: IngressSourceOptions) -> mpsc::Receiver<IngressUpdate> {
+pub fn start(
+    client: kube::Client,
+    opts: IngressSourceOptions,
+    node: watch::Receiver<ProxyConfig>,
+) -> mpsc::Receiver<IngressUpdate> {
     let (tx, rx) = mpsc::channel(4);
-    tokio::spawn(run(client, opts, tx));
+    tokio::spawn(run(client, opts, node, tx));
     rx
 }
 
@@ -157,7 +166,12 @@ where
     }
 }
 
-async fn run(client: kube::Client, opts: IngressSourceOptions, tx: mpsc::Sender<IngressUpdate>) {
+async fn run(
+    client: kube::Client,
+    opts: IngressSourceOptions,
+    node: watch::Receiver<ProxyConfig>,
+    tx: mpsc::Sender<IngressUpdate>,
+) {
     let ns = opts.namespace.as_deref();
     let all = watcher::Config::default();
     let (classes, s1) = reflect(
@@ -173,7 +187,13 @@ async fn run(client: kube::Client, opts: IngressSourceOptions, tx: mpsc::Sender<
     );
     let (services, s4) = reflect(api::<Service>(&client, ns), all.clone(), "Service");
     let (slices, s5) = reflect(api::<EndpointSlice>(&client, ns), all, "EndpointSlice");
-    let mut events = futures_util::stream::select_all([s1, s2, s3, s4, s5]);
+    // New node settings count as one more event: they go through the same batching.
+    let node_changes: Events = futures_util::stream::unfold(node.clone(), |mut rx| async move {
+        rx.changed().await.ok()?;
+        Some((Ok(()), rx))
+    })
+    .boxed();
+    let mut events = futures_util::stream::select_all([s1, s2, s3, s4, s5, node_changes]);
 
     let recorder = Recorder::new(
         client.clone(),
@@ -243,8 +263,9 @@ async fn run(client: kube::Client, opts: IngressSourceOptions, tx: mpsc::Sender<
             services.state(),
             slices.state(),
         );
+        let node_settings = node.borrow().clone();
         let translation = translate(
-            &opts.node,
+            &node_settings,
             c.iter().map(AsRef::as_ref),
             i.iter().map(AsRef::as_ref),
             s.iter().map(AsRef::as_ref),
@@ -439,12 +460,46 @@ async fn write_status(
 
 /// Runs the proxy from Kubernetes until SIGTERM/SIGINT: waits for the first complete
 /// translation, starts the listeners with it, then swaps every later one in live.
-pub async fn serve(opts: IngressSourceOptions) -> anyhow::Result<()> {
+pub async fn serve(
+    opts: IngressSourceOptions,
+    node_file: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
-    // SIGHUP would otherwise end the process; there is no file to re-read.
     let mut hup = signal(SignalKind::hangup())?;
-    let mut rx = spawn(opts)
+    let (node_tx, node_rx) = watch::channel(opts.node.clone());
+    // The node settings file is re-read when it changes and on SIGHUP; settings that do not
+    // validate are logged and the previous ones kept.
+    let reread_node = {
+        let file = node_file.clone();
+        std::sync::Arc::new(
+            move || match super::ingress::load_node_settings(file.as_deref()) {
+                Ok(n) => {
+                    if node_tx.send_if_modified(|cur| {
+                        let changed = *cur != n;
+                        *cur = n;
+                        changed
+                    }) {
+                        tracing::info!("node settings changed; re-translating");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "node settings rejected; keeping the previous ones")
+                }
+            },
+        )
+    };
+    let _node_watch = match &node_file {
+        Some(p) => {
+            let reread = reread_node.clone();
+            Some(
+                crate::proxy::watch::on_change(p.clone(), move || reread())
+                    .context("watching the node settings file")?,
+            )
+        }
+        None => None,
+    };
+    let mut rx = spawn(opts, node_rx)
         .await
         .context("connecting to the Kubernetes API")?;
     tracing::info!(
@@ -484,7 +539,7 @@ pub async fn serve(opts: IngressSourceOptions) -> anyhow::Result<()> {
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
-            _ = hup.recv() => tracing::info!("SIGHUP: nothing to reload (the configuration comes from Kubernetes)"),
+            _ = hup.recv() => reread_node(),
         }
     }
     tracing::info!("draining connections, then shutting down");

@@ -94,19 +94,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
 /// `xlb proxy --kubernetes`: node settings from the file (or the embedded default), objects
 /// from the API (see [`crate::kubernetes::ingress_source`]).
 async fn run_kubernetes(args: ProxyArgs) -> anyhow::Result<()> {
-    use crate::kubernetes::ingress::{node_settings, validate_node};
-    let file = match &args.config {
-        Some(p) => ProxyConfig::read(p)?,
-        None => ProxyConfig::embedded_default()?,
-    };
-    let (node, dropped) = node_settings(file);
-    if !dropped.is_empty() {
-        tracing::warn!(
-            ignored = ?dropped,
-            "with --kubernetes the config file supplies node settings only; its objects are ignored"
-        );
-    }
-    validate_node(&node)?;
+    let node = crate::kubernetes::ingress::load_node_settings(args.config.as_deref())?;
     if args.check {
         println!("node settings are valid");
         return Ok(());
@@ -114,5 +102,5 @@ async fn run_kubernetes(args: ProxyArgs) -> anyhow::Result<()> {
     let Some(opts) = args.kube.options(node).map_err(anyhow::Error::msg)? else {
         unreachable!("run_kubernetes is only called with --kubernetes");
     };
-    crate::kubernetes::ingress_source::serve(opts).await
+    crate::kubernetes::ingress_source::serve(opts, args.config).await
 }

@@ -42,9 +42,21 @@ pub fn reload_from(path: &Path, reloader: &Reloader) -> bool {
     }
 }
 
-/// Starts watching `path` (through its directory, so renames are seen). Must be called within
-/// a tokio runtime.
+/// Starts watching `path` (through its directory, so renames are seen) and applies it on
+/// every change. Must be called within a tokio runtime.
 pub fn watch(path: PathBuf, reloader: Reloader) -> notify::Result<ConfigWatch> {
+    let file = path.clone();
+    on_change(path, move || {
+        reload_from(&file, &reloader);
+    })
+}
+
+/// Calls `changed` after each burst of changes to `path` (watched through its directory, so
+/// renames are seen). Must be called within a tokio runtime.
+pub fn on_change(
+    path: PathBuf,
+    changed: impl Fn() + Send + 'static,
+) -> notify::Result<ConfigWatch> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let file_name = path.file_name().map(|n| n.to_owned());
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
@@ -68,7 +80,7 @@ pub fn watch(path: PathBuf, reloader: Reloader) -> notify::Result<ConfigWatch> {
         while rx.recv().await.is_some() {
             tokio::time::sleep(SETTLE).await;
             while rx.try_recv().is_ok() {}
-            reload_from(&path, &reloader);
+            changed();
         }
     });
     Ok(ConfigWatch {
