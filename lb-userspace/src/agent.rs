@@ -422,37 +422,13 @@ fn watch(
     path: &Path,
     tx: tokio::sync::mpsc::UnboundedSender<Instant>,
 ) -> Result<notify::RecommendedWatcher, AgentError> {
-    use notify::Watcher as _;
-    let io = |what: &str| {
-        let what = what.to_owned();
-        move |e: notify::Error| AgentError::Io {
-            what,
-            source: std::io::Error::other(e.to_string()),
-        }
-    };
-    let file_name = path.file_name().map(|n| n.to_os_string());
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let Ok(event) = event else { return };
-        if event.kind.is_access() {
-            return;
-        }
-        if event
-            .paths
-            .iter()
-            .any(|p| p.file_name().map(|n| n.to_os_string()) == file_name)
-        {
-            let _ = tx.send(Instant::now());
-        }
+    crate::filewatch::watch_file(path, move || {
+        let _ = tx.send(Instant::now());
     })
-    .map_err(io("starting the config watcher"))?;
-    watcher
-        .watch(&dir, notify::RecursiveMode::NonRecursive)
-        .map_err(io(&format!("watching {}", dir.display())))?;
-    Ok(watcher)
+    .map_err(|e| AgentError::Io {
+        what: format!("watching {}", path.display()),
+        source: std::io::Error::other(e.to_string()),
+    })
 }
 
 /// Runs the agent until SIGTERM or SIGINT.

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod datapath;
 pub mod decap;
+pub mod filewatch;
 pub mod kubernetes;
 pub mod maglev;
 pub mod manager;

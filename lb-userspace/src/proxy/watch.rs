@@ -3,8 +3,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use notify::{RecursiveMode, Watcher as _};
-
 use super::config::ProxyConfig;
 use super::server::Reloader;
 
@@ -51,31 +49,16 @@ pub fn watch(path: PathBuf, reloader: Reloader) -> notify::Result<ConfigWatch> {
     })
 }
 
-/// Calls `changed` after each burst of changes to `path` (watched through its directory, so
-/// renames are seen). Must be called within a tokio runtime.
+/// Calls `changed` after each burst of changes to `path` (see [`crate::filewatch`] for what
+/// counts as one). Must be called within a tokio runtime.
 pub fn on_change(
     path: PathBuf,
     changed: impl Fn() + Send + 'static,
 ) -> notify::Result<ConfigWatch> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let file_name = path.file_name().map(|n| n.to_owned());
-    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if let Ok(ev) = ev
-            && !ev.kind.is_access()
-            && ev
-                .paths
-                .iter()
-                .any(|p| p.file_name() == file_name.as_deref())
-        {
-            let _ = tx.send(());
-        }
+    let watcher = crate::filewatch::watch_file(&path, move || {
+        let _ = tx.send(());
     })?;
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .to_owned();
-    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
     let task = tokio::spawn(async move {
         while rx.recv().await.is_some() {
             tokio::time::sleep(SETTLE).await;
