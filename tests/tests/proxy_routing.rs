@@ -372,6 +372,10 @@ async fn connect_failures_are_retried_and_the_endpoint_ejected() {
         "{m}"
     );
     assert!(
+        m.contains("xlb_proxy_upstream_endpoints{upstream=\"default/s:80\",state=\"ejected\"} 1\n"),
+        "{m}"
+    );
+    assert!(
         m.contains("xlb_proxy_upstream_errors_total{upstream=\"default/s:80\"} 2"),
         "{m}"
     );
@@ -511,6 +515,13 @@ async fn active_health_checks_take_endpoints_out_and_bring_them_back() {
         "nothing reaches the sick one"
     );
     assert!(sick.checks.load(Ordering::SeqCst) >= 1);
+    let m = metrics(proxy.metrics_addr.expect("metrics")).await;
+    for (state, n) in [("available", 1), ("ejected", 0), ("check_failed", 2)] {
+        let line = format!(
+            "xlb_proxy_upstream_endpoints{{upstream=\"default/s:80\",state=\"{state}\"}} {n}\n"
+        );
+        assert!(m.contains(&line), "{line} in {m}");
+    }
 
     // Recovered: two passed checks bring it back into the rotation.
     sick.status.store(200, Ordering::SeqCst);
@@ -535,6 +546,12 @@ async fn active_health_checks_take_endpoints_out_and_bring_them_back() {
     assert!(
         failures.is_some_and(|n| n >= 2),
         "failed checks counted: {m}"
+    );
+    assert!(
+        m.contains(
+            "xlb_proxy_upstream_endpoints{upstream=\"default/s:80\",state=\"available\"} 2\n"
+        ),
+        "the recovered endpoint counts as available: {m}"
     );
 
     // Sick again, then a reload that switches checks off: the verdict no longer applies.

@@ -53,6 +53,23 @@ struct UpstreamLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointStateLabels {
+    upstream: String,
+    state: &'static str,
+}
+
+/// How many of an upstream's endpoints are in each state (for the endpoints gauge).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EndpointStates {
+    /// Usable: neither ejected nor failing active checks.
+    pub available: i64,
+    /// Ejected by passive health (its backoff has not run out).
+    pub ejected: i64,
+    /// Held out by failed active health checks.
+    pub check_failed: i64,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ListenerLabels {
     listener: String,
 }
@@ -83,6 +100,7 @@ pub struct Metrics {
     upstream_errors: Family<UpstreamLabels, Counter>,
     upstream_ejections: Family<UpstreamLabels, Counter>,
     upstream_check_failures: Family<UpstreamLabels, Counter>,
+    upstream_endpoints: Family<EndpointStateLabels, Gauge>,
     open_connections: Family<ListenerLabels, Gauge>,
     reloads: Family<ResultLabels, Counter>,
 }
@@ -128,6 +146,12 @@ impl Metrics {
             "Failed active health checks",
             upstream_check_failures.clone(),
         );
+        let upstream_endpoints = Family::<EndpointStateLabels, Gauge>::default();
+        registry.register(
+            "upstream_endpoints",
+            "Endpoints per upstream by state (available, ejected, check_failed), at scrape time",
+            upstream_endpoints.clone(),
+        );
         let open_connections = Family::<ListenerLabels, Gauge>::default();
         registry.register(
             "open_connections",
@@ -147,6 +171,7 @@ impl Metrics {
             upstream_errors,
             upstream_ejections,
             upstream_check_failures,
+            upstream_endpoints,
             open_connections,
             reloads,
         }
@@ -201,6 +226,29 @@ impl Metrics {
             .clone()
     }
 
+    /// Replaces the endpoints gauge with the current upstreams' counts (upstreams a reload
+    /// removed disappear from it).
+    pub fn set_upstream_endpoints<'a>(
+        &self,
+        upstreams: impl Iterator<Item = (&'a str, EndpointStates)>,
+    ) {
+        self.upstream_endpoints.clear();
+        for (upstream, n) in upstreams {
+            for (state, count) in [
+                ("available", n.available),
+                ("ejected", n.ejected),
+                ("check_failed", n.check_failed),
+            ] {
+                self.upstream_endpoints
+                    .get_or_create(&EndpointStateLabels {
+                        upstream: upstream.to_owned(),
+                        state,
+                    })
+                    .set(count);
+            }
+        }
+    }
+
     /// The open-connections gauge of a listener ("http" or "https").
     pub fn open_connections(&self, listener: &str) -> Gauge {
         self.open_connections
@@ -236,7 +284,8 @@ impl Metrics {
 }
 
 /// Serves, until the task is dropped:
-/// - `GET /metrics`: the text exposition;
+/// - `GET /metrics`: the text exposition, after `before_scrape` has updated what is computed
+///   at scrape time;
 /// - `GET /healthz`: 200 while the worker serving it runs (a liveness probe);
 /// - `GET /readyz`: 200 while `ready()` says so, 503 otherwise (a readiness probe: the proxy
 ///   answers 503 once it drains, so a load balancer stops sending before its listeners close);
@@ -248,6 +297,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     ready: Arc<dyn Fn() -> bool + Send + Sync>,
+    before_scrape: Arc<dyn Fn() + Send + Sync>,
 ) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -255,9 +305,13 @@ pub async fn serve(
         };
         let metrics = metrics.clone();
         let ready = ready.clone();
+        let before_scrape = before_scrape.clone();
         tokio::spawn(async move {
             let svc =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    if req.uri().path() == "/metrics" {
+                        before_scrape();
+                    }
                     let resp = answer(req.uri().path(), &metrics, &*ready);
                     async move { Ok::<_, std::convert::Infallible>(resp) }
                 });

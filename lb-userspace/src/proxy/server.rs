@@ -459,10 +459,20 @@ pub fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
                         match tokio::net::TcpListener::from_std(l) {
                             Ok(l) => {
                                 let serving = shared.clone();
+                                let scraped = shared.clone();
                                 metrics_task = Some(tokio::spawn(super::metrics::serve(
                                     l,
                                     shared.metrics.clone(),
                                     Arc::new(move || !serving.draining.load(Ordering::Relaxed)),
+                                    Arc::new(move || {
+                                        let state = scraped.state.load();
+                                        scraped.metrics.set_upstream_endpoints(
+                                            state
+                                                .upstreams
+                                                .values()
+                                                .map(|u| (&*u.name, u.endpoint_states())),
+                                        );
+                                    }),
                                 )))
                             }
                             Err(e) => tracing::error!(error = %e, "metrics listener"),

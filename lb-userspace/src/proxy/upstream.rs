@@ -18,7 +18,7 @@ use rand::Rng;
 use super::client::UpstreamConn;
 use super::config::{ActiveHealth, Balance, PassiveHealth, Service};
 use super::head::{Headers, SetValues};
-use super::metrics::Metrics;
+use super::metrics::{EndpointStates, Metrics};
 
 /// Idle upstream connections kept per endpoint and worker.
 const MAX_IDLE_PER_WORKER: usize = 512;
@@ -241,6 +241,22 @@ impl Upstream {
     /// The endpoints, in config order.
     pub fn endpoints(&self) -> &[Arc<Endpoint>] {
         &self.endpoints
+    }
+
+    /// How many endpoints are available, ejected, or held out by active checks now.
+    pub fn endpoint_states(&self) -> EndpointStates {
+        let now = now_ms();
+        let mut n = EndpointStates::default();
+        for e in &self.endpoints {
+            if e.is_checked_down() {
+                n.check_failed += 1;
+            } else if !e.admitted(now) {
+                n.ejected += 1;
+            } else {
+                n.available += 1;
+            }
+        }
+        n
     }
 
     /// Active health check settings (`path` None: off).
