@@ -73,12 +73,27 @@ pub(crate) async fn run(current: impl Fn() -> Vec<Arc<Upstream>>) {
     // from being reused while the entry exists.
     let mut tracked: HashMap<usize, Tracked> = HashMap::new();
     let mut checks: JoinSet<(usize, Result<u16, String>)> = JoinSet::new();
+    // Which endpoint a task checks, so a task that failed (it cannot, but if it did) still
+    // frees its endpoint for the next check instead of leaving it "running" for ever.
+    let mut keys: HashMap<tokio::task::Id, usize> = HashMap::new();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = tick.tick() => start_due(&current(), &mut tracked, &mut checks),
-            Some(Ok((key, result))) = checks.join_next() => finish(&mut tracked, key, result),
+            _ = tick.tick() => start_due(&current(), &mut tracked, &mut checks, &mut keys),
+            Some(joined) = checks.join_next_with_id() => {
+                let (key, result) = match joined {
+                    Ok((id, done)) => {
+                        keys.remove(&id);
+                        done
+                    }
+                    Err(e) => match keys.remove(&e.id()) {
+                        Some(key) => (key, Err(format!("check task failed: {e}"))),
+                        None => continue,
+                    },
+                };
+                finish(&mut tracked, key, result);
+            }
         }
     }
 }
@@ -87,6 +102,7 @@ fn start_due(
     upstreams: &[Arc<Upstream>],
     tracked: &mut HashMap<usize, Tracked>,
     checks: &mut JoinSet<(usize, Result<u16, String>)>,
+    keys: &mut HashMap<tokio::task::Id, usize>,
 ) {
     let now = Instant::now();
     let mut seen = std::collections::HashSet::new();
@@ -114,7 +130,9 @@ fn start_due(
                  Accept: */*\r\nConnection: close\r\n\r\n"
             );
             let (addr, timeout) = (ep.addr, Duration::from_millis(cfg.timeout_ms));
-            checks.spawn(async move { (key, check(addr, request.as_bytes(), timeout).await) });
+            let task =
+                checks.spawn(async move { (key, check(addr, request.as_bytes(), timeout).await) });
+            keys.insert(task.id(), key);
         }
     }
     // Endpoints no longer checked (removed, or their Service's checks switched off).
