@@ -18,6 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use lb_userspace::proxy::config::{
     Backend as IngressBackend, HttpPath, Ingress, IngressRule, PathType, ProxyConfig, Service,
 };
+use rustls::pki_types::pem::PemObject as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -59,31 +60,99 @@ impl Upstream {
 
 /// Starts an upstream named `name` on 127.0.0.1.
 pub async fn upstream(name: &'static str) -> Upstream {
+    serve_upstream(name, None).await.0
+}
+
+/// What a TLS upstream saw of its clients' handshakes.
+#[derive(Debug, Default)]
+pub struct Handshakes {
+    /// SNI of each completed handshake (None: no SNI), and whether it resumed a session.
+    pub completed: std::sync::Mutex<Vec<(Option<String>, bool)>>,
+    /// Handshakes that failed (the client refused the certificate, or spoke no TLS).
+    pub failed: AtomicUsize,
+}
+
+impl Handshakes {
+    /// The completed handshakes so far.
+    pub fn completed(&self) -> Vec<(Option<String>, bool)> {
+        self.completed.lock().expect("lock").clone()
+    }
+}
+
+/// Starts an upstream like [`upstream`] that speaks only TLS (1.2 and 1.3, ALPN http/1.1),
+/// with a certificate of `pki` for `hosts`.
+pub async fn tls_upstream(
+    name: &'static str,
+    pki: &Pki,
+    hosts: &[&str],
+) -> (Upstream, Arc<Handshakes>) {
+    let (crt, key) = pki.leaf(hosts);
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(crt.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .expect("leaf PEM");
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key PEM");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server cert");
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let (up, seen) = serve_upstream(name, Some(acceptor)).await;
+    (up, seen.expect("handshake log"))
+}
+
+async fn serve_upstream(
+    name: &'static str,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> (Upstream, Option<Arc<Handshakes>>) {
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind upstream");
     let addr = listener.local_addr().expect("upstream addr");
     let hits = Arc::new(AtomicUsize::new(0));
-    let h = hits.clone();
+    let seen = tls.as_ref().map(|_| Arc::new(Handshakes::default()));
+    let (h, log) = (hits.clone(), seen.clone());
     let task = tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
-            let h = h.clone();
+            let (h, tls, log) = (h.clone(), tls.clone(), log.clone());
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
                     h.fetch_add(1, Ordering::SeqCst);
                     answer(name, req)
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
+                let http = hyper::server::conn::http1::Builder::new();
+                let (Some(acceptor), Some(log)) = (tls, log) else {
+                    let _ = http
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .with_upgrades()
+                        .await;
+                    return;
+                };
+                let s = match acceptor.accept(stream).await {
+                    Ok(s) => s,
+                    Err(_) => {
+                        log.failed.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                };
+                let session = s.get_ref().1;
+                let resumed = session.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+                let sni = session.server_name().map(str::to_owned);
+                log.completed.lock().expect("lock").push((sni, resumed));
+                let _ = http
+                    .serve_connection(TokioIo::new(s), svc)
                     .with_upgrades()
                     .await;
             });
         }
     });
-    Upstream { addr, hits, task }
+    (Upstream { addr, hits, task }, seen)
 }
 
 async fn answer(
@@ -371,6 +440,8 @@ pub struct Pki {
     ca_params: rcgen::CertificateParams,
     ca_key: rcgen::KeyPair,
     pub ca_der: rustls::pki_types::CertificateDer<'static>,
+    /// The CA certificate as PEM (what a Secret's `ca.crt` holds).
+    pub ca_pem: String,
 }
 
 impl Default for Pki {
@@ -390,6 +461,7 @@ impl Pki {
         let cert = params.self_signed(&key).expect("ca cert");
         Self {
             ca_der: cert.der().clone(),
+            ca_pem: cert.pem(),
             ca_params: params,
             ca_key: key,
         }

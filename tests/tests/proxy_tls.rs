@@ -1,5 +1,7 @@
 //! `xlb proxy` TLS termination: SNI certificate selection, default certificate, ALPN h2 and
-//! http/1.1, TLS 1.2 and 1.3, HTTP→HTTPS redirects. Real rustls clients, rcgen certificates.
+//! http/1.1, TLS 1.2 and 1.3, HTTP→HTTPS redirects; and TLS to upstreams: verification,
+//! pooled and resumed sessions, bodies, WebSockets and health checks over it. Real rustls
+//! clients and servers, rcgen certificates.
 
 #[path = "proxy_support.rs"]
 mod support;
@@ -7,12 +9,15 @@ mod support;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use futures_util::{SinkExt as _, StreamExt as _};
 use hyper::StatusCode;
 use lb_userspace::proxy::config::{
-    ANNOTATION_SSL_REDIRECT, IngressTls, PathType::*, ProxyConfig, TlsSecret,
+    ANNOTATION_SSL_REDIRECT, ActiveHealth, IngressTls, PathType::*, ProxyConfig, TlsSecret,
+    UpstreamTls,
 };
 use rustls::version::{TLS12, TLS13};
 use support::*;
+use tokio_tungstenite::tungstenite::Message;
 
 struct Fixture {
     pki: Pki,
@@ -247,4 +252,222 @@ async fn ssl_redirect_sends_plain_http_to_https() {
     let mut c = h1(s).await;
     let got = send1(&mut c, get_req("shop.test", "/cart?id=7")).await;
     assert_eq!(got.status, StatusCode::OK);
+}
+
+/// A plain-HTTP proxy routing everything to Service `s` (endpoints `endpoints`, upstream TLS
+/// `tls`), one endpoint failure not ejecting anything.
+fn tls_upstream_config(endpoints: &[std::net::SocketAddr], tls: UpstreamTls) -> ProxyConfig {
+    let mut cfg = base_config();
+    let mut svc = service("s", endpoints);
+    svc.tls = tls;
+    svc.health.consecutive_failures = 0;
+    cfg.services = vec![svc];
+    cfg.ingresses = vec![ingress("i", vec![(None, vec![path("/", Prefix, "s")])])];
+    cfg
+}
+
+fn verified(pki: &Pki, server_name: Option<&str>) -> UpstreamTls {
+    UpstreamTls {
+        enabled: true,
+        server_name: server_name.map(str::to_owned),
+        ca_pem: Some(pki.ca_pem.clone()),
+        ..UpstreamTls::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_upstreams_are_verified_pooled_resumed_and_carry_bodies_and_websockets() {
+    let pki = Pki::new();
+    let (up, seen) = tls_upstream("secure", &pki, &["backend.test"]).await;
+    let proxy = start(tls_upstream_config(
+        &[up.addr],
+        verified(&pki, Some("backend.test")),
+    ));
+    let addr = proxy.http_addr.expect("http");
+
+    // One client connection: its requests share one pooled upstream session.
+    let tcp = within("connect", tokio::net::TcpStream::connect(addr))
+        .await
+        .expect("connect");
+    let mut s = h1(tcp).await;
+    for i in 0..10 {
+        let got = send1(&mut s, get_req("app.test", &format!("/n/{i}"))).await;
+        assert_eq!(got.status, StatusCode::OK, "{}", got.body);
+        assert_eq!(got.backend(), Some("secure"));
+        assert!(got.body.contains(&format!("path=/n/{i}\n")), "{}", got.body);
+    }
+    let first = seen.completed();
+    assert_eq!(
+        first,
+        [(Some("backend.test".to_owned()), false)],
+        "one full handshake, with SNI, for ten requests"
+    );
+
+    // A body goes through the session (hyper's path of the proxy).
+    let post = hyper::Request::post("/echo-body")
+        .header("host", "app.test")
+        .body(http_body_util::Full::new(bytes::Bytes::from(vec![
+            b'x';
+            100_000
+        ])))
+        .expect("request");
+    let got = send1(&mut s, post).await;
+    assert_eq!(
+        (got.status, got.body.as_str()),
+        (StatusCode::OK, "len=100000\n")
+    );
+
+    // Concurrent requests need more sessions; they resume the first one's.
+    let slow = (0..4).map(|_| get(addr, "app.test", "/sleep/300"));
+    for got in futures_util::future::join_all(slow).await {
+        assert_eq!(got.status, StatusCode::OK);
+    }
+    let all = seen.completed();
+    assert!(all.len() > first.len(), "{all:?}");
+    assert!(
+        all[first.len()..].iter().any(|(_, resumed)| *resumed),
+        "later sessions resume: {all:?}"
+    );
+
+    // A WebSocket tunnels through a TLS session of its own.
+    let tcp = within("connect", tokio::net::TcpStream::connect(addr))
+        .await
+        .expect("connect");
+    let (mut ws, resp) = within(
+        "ws handshake",
+        tokio_tungstenite::client_async("ws://app.test/chat", tcp),
+    )
+    .await
+    .expect("websocket through the proxy to a TLS upstream");
+    assert_eq!(resp.status(), 101);
+    for i in 0..5 {
+        let text = format!("hello {i}");
+        within("ws send", ws.send(Message::text(text.clone())))
+            .await
+            .expect("send");
+        let back = within("ws echo", ws.next())
+            .await
+            .expect("open")
+            .expect("message");
+        assert_eq!(back.into_text().expect("text").as_str(), text);
+    }
+    assert_eq!(seen.failed.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert!(
+        seen.completed()
+            .iter()
+            .all(|(sni, _)| sni.as_deref() == Some("backend.test"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_certificate_that_does_not_verify_is_a_502_and_nothing_is_sent() {
+    let pki = Pki::new();
+    let stranger = Pki::new();
+    let (up, seen) = tls_upstream("secure", &pki, &["backend.test", "127.0.0.1"]).await;
+    // (case, upstream TLS, status, request reaches the upstream, SNI the upstream sees)
+    let cases = [
+        (
+            "a CA the certificate does not chain to",
+            verified(&stranger, Some("backend.test")),
+            StatusCode::BAD_GATEWAY,
+            false,
+            None,
+        ),
+        (
+            "a name the certificate does not carry",
+            verified(&pki, Some("other.test")),
+            StatusCode::BAD_GATEWAY,
+            false,
+            None,
+        ),
+        (
+            "no name: the certificate must carry the endpoint's address",
+            verified(&pki, None),
+            StatusCode::OK,
+            true,
+            None,
+        ),
+        (
+            "verification off: any certificate",
+            UpstreamTls {
+                enabled: true,
+                verify: false,
+                server_name: Some("unrelated.test".into()),
+                ..UpstreamTls::default()
+            },
+            StatusCode::OK,
+            true,
+            Some("unrelated.test"),
+        ),
+    ];
+    for (case, tls, status, reaches, sni) in cases {
+        let proxy = start(tls_upstream_config(&[up.addr], tls));
+        let (hits, handshakes) = (up.hits(), seen.completed().len());
+        let got = get(proxy.http_addr.expect("http"), "app.test", "/x").await;
+        assert_eq!(got.status, status, "{case}: {}", got.body);
+        assert_eq!(up.hits() > hits, reaches, "{case}");
+        if reaches {
+            assert_eq!(
+                seen.completed()[handshakes..],
+                [(sni.map(str::to_owned), false)],
+                "{case}"
+            );
+        } else {
+            assert!(
+                !got.body.contains("certificate") && !got.body.contains("127.0.0.1"),
+                "{case}: the error page says nothing about internals: {}",
+                got.body
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_health_checks_speak_tls_to_tls_upstreams() {
+    let pki = Pki::new();
+    let (secure, seen) = tls_upstream("secure", &pki, &["backend.test"]).await;
+    // An endpoint that speaks plain HTTP only: its TLS check fails.
+    let plain = upstream("plain").await;
+    let mut tls = verified(&pki, Some("backend.test"));
+    tls.verify = true;
+    let mut cfg = tls_upstream_config(&[secure.addr, plain.addr], tls);
+    cfg.services[0].active_health = ActiveHealth {
+        path: Some("/status/200".into()),
+        interval_ms: 100,
+        timeout_ms: 100,
+        ..ActiveHealth::default()
+    };
+    let proxy = start(cfg);
+    let metrics_addr = proxy.metrics_addr.expect("metrics");
+    let states = |m: &str| {
+        ["available", "check_failed"].map(|state| {
+            m.contains(&format!(
+                "xlb_proxy_upstream_endpoints{{upstream=\"default/s:80\",state=\"{state}\"}} 1\n"
+            ))
+        })
+    };
+    let mut settled = false;
+    for _ in 0..50 {
+        if states(&metrics(metrics_addr).await) == [true, true] {
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(settled, "{}", metrics(metrics_addr).await);
+    assert!(secure.hits() > 0, "checks reached the TLS endpoint");
+    assert_eq!(
+        seen.failed.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "every check came over TLS"
+    );
+    let before = plain.hits();
+    for _ in 0..10 {
+        let got = get(proxy.http_addr.expect("http"), "app.test", "/x").await;
+        assert_eq!(
+            (got.status, got.backend()),
+            (StatusCode::OK, Some("secure"))
+        );
+    }
+    assert_eq!(plain.hits(), before, "the failed endpoint got no request");
 }

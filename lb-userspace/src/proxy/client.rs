@@ -17,13 +17,13 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use super::body::{BodyTooLarge, BoxError, ReqBody};
 use super::head;
 use super::timer::LazySleep;
 use super::upstream::Endpoint;
+use super::upstream_tls::{TlsOrigination, UpstreamIo};
 
 /// Largest upstream response head accepted.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -70,7 +70,7 @@ pub struct Exchange<'a> {
 /// An upstream HTTP/1.1 connection.
 #[derive(Debug)]
 pub struct UpstreamConn {
-    io: TcpStream,
+    io: UpstreamIo,
     /// Bytes read but not consumed yet.
     rbuf: BytesMut,
     /// Reused buffer for the header positions of response heads.
@@ -121,16 +121,15 @@ pub struct ResponseHead {
 }
 
 impl UpstreamConn {
-    /// Connects (with `TCP_NODELAY`). Boxed: a connection moves from the pool to the
-    /// exchange, the response body and back for every request, a pointer moves faster.
+    /// Connects (with `TCP_NODELAY`, and TLS if `tls`). Boxed: a connection moves from the
+    /// pool to the exchange, the response body and back for every request, a pointer moves
+    /// faster.
     pub async fn connect(
         addr: std::net::SocketAddr,
         timeout: std::time::Duration,
+        tls: Option<&TlsOrigination>,
     ) -> io::Result<Box<Self>> {
-        let io = tokio::time::timeout(timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
-        io.set_nodelay(true)?;
+        let io = UpstreamIo::connect(addr, timeout, tls).await?;
         Ok(Box::new(Self {
             io,
             rbuf: BytesMut::with_capacity(READ_CHUNK),
@@ -144,7 +143,18 @@ impl UpstreamConn {
     /// One non-blocking read; used before sending requests that cannot be re-sent.
     pub fn looks_alive(&mut self) -> bool {
         let mut probe = [0u8; 1];
-        matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        match &mut self.io {
+            UpstreamIo::Plain(s) => {
+                matches!(s.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+            // Through the session: records that carry no data (TLS 1.3 session tickets) are
+            // consumed and do not count, a close_notify reads as EOF.
+            UpstreamIo::Tls(s) => {
+                let mut buf = tokio::io::ReadBuf::new(&mut probe);
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                Pin::new(&mut **s).poll_read(&mut cx, &mut buf).is_pending()
+            }
+        }
     }
 
     /// Sends a request (`head` encoded by [`super::head::encode_request`], announcing a
@@ -207,6 +217,11 @@ impl UpstreamConn {
             *body_touched = true;
             self.send_body(body, chunked).await?;
         }
+        if let UpstreamIo::Tls(s) = &mut self.io {
+            // A TLS session may hold records back when the socket is full; a plain socket
+            // buffers nothing.
+            s.flush().await?;
+        }
         loop {
             let head = self
                 .read_head(
@@ -244,6 +259,9 @@ impl UpstreamConn {
             } else {
                 self.io.write_all(&data).await?;
             }
+            // Each piece goes out as it comes (a no-op on a plain socket): a slow upload must
+            // not leave bytes held in a TLS session while the next piece is awaited.
+            self.io.flush().await?;
         }
         if chunked {
             self.io.write_all(b"0\r\n\r\n").await?;
@@ -300,7 +318,7 @@ impl UpstreamConn {
     }
 
     /// The socket and any bytes already read past the response head (for upgrades).
-    pub fn into_parts(self) -> (TcpStream, BytesMut) {
+    pub fn into_parts(self) -> (UpstreamIo, BytesMut) {
         (self.io, self.rbuf)
     }
 }
@@ -650,12 +668,17 @@ impl UpstreamBody {
     /// Reads more bytes into the connection buffer; `Ok(0)` is EOF.
     fn poll_fill(conn: &mut UpstreamConn, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         conn.rbuf.reserve(READ_CHUNK);
-        loop {
-            ready!(conn.io.poll_read_ready(cx))?;
-            match conn.io.try_read_buf(&mut conn.rbuf) {
-                Ok(n) => return Poll::Ready(Ok(n)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
+        match &mut conn.io {
+            UpstreamIo::Plain(s) => loop {
+                ready!(s.poll_read_ready(cx))?;
+                match s.try_read_buf(&mut conn.rbuf) {
+                    Ok(n) => return Poll::Ready(Ok(n)),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            },
+            UpstreamIo::Tls(s) => {
+                tokio_util::io::poll_read_buf(Pin::new(&mut **s), cx, &mut conn.rbuf)
             }
         }
     }

@@ -398,6 +398,8 @@ pub struct Service {
     pub health: PassiveHealth,
     /// Active health checking (off unless `path` is set).
     pub active_health: ActiveHealth,
+    /// TLS to the endpoints (off unless `enabled`).
+    pub tls: UpstreamTls,
 }
 
 impl Default for Service {
@@ -411,6 +413,82 @@ impl Default for Service {
             hash_header: None,
             health: PassiveHealth::default(),
             active_health: ActiveHealth::default(),
+            tls: UpstreamTls::default(),
+        }
+    }
+}
+
+/// TLS from the proxy to a Service's endpoints (HTTPS upstreams; ingress-nginx's
+/// `backend-protocol: HTTPS`). Requests, active health checks and upgraded connections all go
+/// over TLS. The certificate is verified by default: against `ca_file` / `ca_pem`, for
+/// `server_name`, else for the endpoint's IP address.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// Speak TLS to the endpoints.
+    pub enabled: bool,
+    /// Sent as SNI and required in the endpoint's certificate; absent = no SNI, and the
+    /// certificate must carry the endpoint's IP address.
+    pub server_name: Option<String>,
+    /// Verify the endpoint's certificate chain and name. `false` encrypts without
+    /// authenticating the endpoint (for self-signed pod certificates): anyone on the path
+    /// can then read and change the traffic.
+    pub verify: bool,
+    /// PEM file of the CA certificates endpoint certificates must chain to; exclusive with
+    /// `ca_pem`.
+    pub ca_file: Option<PathBuf>,
+    /// The same, inline (a Secret's `ca.crt`).
+    pub ca_pem: Option<String>,
+}
+
+impl Default for UpstreamTls {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            server_name: None,
+            verify: true,
+            ca_file: None,
+            ca_pem: None,
+        }
+    }
+}
+
+impl UpstreamTls {
+    /// Checks the settings (not the CA's contents: they are loaded with the upstream); `f`
+    /// names them in the error.
+    pub(crate) fn validate(&self, f: &str) -> Result<(), ConfigError> {
+        if !self.enabled {
+            if self.server_name.is_some() || self.ca_file.is_some() || self.ca_pem.is_some() {
+                return Err(invalid(
+                    f.to_owned(),
+                    "settings given but enabled = false (set enabled = true to use TLS)",
+                ));
+            }
+            return Ok(());
+        }
+        if let Some(n) = &self.server_name
+            && rustls_pki_types::ServerName::try_from(n.as_str()).is_err()
+        {
+            return Err(invalid(
+                format!("{f}.server_name"),
+                format!("{n:?} is neither a DNS name nor an IP address"),
+            ));
+        }
+        match (&self.ca_file, &self.ca_pem, self.verify) {
+            (Some(_), Some(_), _) => Err(invalid(
+                f.to_owned(),
+                "set at most one of ca_file and ca_pem",
+            )),
+            (None, None, true) => Err(invalid(
+                f.to_owned(),
+                "verify = true needs the CA to verify against: set ca_file or ca_pem \
+                 (or verify = false to encrypt without authenticating the endpoints)",
+            )),
+            (Some(_), None, false) | (None, Some(_), false) => Err(invalid(
+                f.to_owned(),
+                "a CA is given but verify = false: it would not be used",
+            )),
+            _ => Ok(()),
         }
     }
 }
@@ -721,6 +799,7 @@ impl ProxyConfig {
                 ));
             }
             s.active_health.validate(&format!("{f}.active_health"))?;
+            s.tls.validate(&format!("{f}.tls"))?;
         }
 
         let mut ingresses = HashSet::new();
@@ -1099,6 +1178,91 @@ ingresses:
             field_of(c.validate().unwrap_err()),
             "services[0].hash_header"
         );
+    }
+
+    #[test]
+    fn upstream_tls_settings_are_validated() {
+        let on = UpstreamTls {
+            enabled: true,
+            ..UpstreamTls::default()
+        };
+        // (settings, the error's field and words; None: valid)
+        let cases = [
+            (UpstreamTls::default(), None),
+            (
+                UpstreamTls {
+                    verify: false,
+                    ..on.clone()
+                },
+                None,
+            ),
+            (
+                UpstreamTls {
+                    ca_pem: Some("pem".into()),
+                    server_name: Some("api.internal".into()),
+                    ..on.clone()
+                },
+                None,
+            ),
+            (
+                UpstreamTls {
+                    ca_file: Some("/etc/ca.pem".into()),
+                    server_name: Some("10.0.0.7".into()),
+                    ..on.clone()
+                },
+                None,
+            ),
+            (on.clone(), Some(("services[0].tls", "ca_file or ca_pem"))),
+            (
+                UpstreamTls {
+                    ca_pem: Some("pem".into()),
+                    ca_file: Some("/etc/ca.pem".into()),
+                    ..on.clone()
+                },
+                Some(("services[0].tls", "at most one")),
+            ),
+            (
+                UpstreamTls {
+                    ca_pem: Some("pem".into()),
+                    verify: false,
+                    ..on.clone()
+                },
+                Some(("services[0].tls", "not be used")),
+            ),
+            (
+                UpstreamTls {
+                    server_name: Some("bad name!".into()),
+                    verify: false,
+                    ..on.clone()
+                },
+                Some(("services[0].tls.server_name", "neither")),
+            ),
+            (
+                UpstreamTls {
+                    server_name: Some("api.internal".into()),
+                    ..UpstreamTls::default()
+                },
+                Some(("services[0].tls", "enabled = false")),
+            ),
+        ];
+        for (tls, want) in cases {
+            let mut c = base();
+            c.services[0].tls = tls.clone();
+            match (c.validate(), want) {
+                (Ok(()), None) => {}
+                (Err(ConfigError::Invalid { field, reason }), Some((f, words))) => {
+                    assert!(
+                        field == f && reason.contains(words),
+                        "{tls:?}: {field}: {reason}"
+                    );
+                }
+                (got, _) => panic!("{tls:?}: {got:?}, want {want:?}"),
+            }
+        }
+        let toml = "[[services]]\nname = \"api\"\nport = 443\n\
+                    [services.tls]\nenabled = true\nverify = false\n";
+        let c = ProxyConfig::from_toml_str(toml, "t").expect("parses");
+        assert!(c.services[0].tls.enabled && !c.services[0].tls.verify);
     }
 
     #[test]

@@ -8,17 +8,16 @@
 //! reload keeps keep their verdict (the endpoint objects carry over).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::config::ActiveHealth;
 use super::upstream::{Endpoint, Upstream};
+use super::upstream_tls::UpstreamIo;
 
 /// How often due checks are looked for; intervals are rounded up to it.
 const TICK: Duration = Duration::from_millis(50);
@@ -130,8 +129,11 @@ fn start_due(
                  Accept: */*\r\nConnection: close\r\n\r\n"
             );
             let (addr, timeout) = (ep.addr, Duration::from_millis(cfg.timeout_ms));
-            let task =
-                checks.spawn(async move { (key, check(addr, request.as_bytes(), timeout).await) });
+            let up = up.clone();
+            let task = checks.spawn(async move {
+                let connect = UpstreamIo::connect(addr, timeout, up.tls());
+                (key, check(connect, request.as_bytes(), timeout).await)
+            });
             keys.insert(task.id(), key);
         }
     }
@@ -173,16 +175,19 @@ fn finish(tracked: &mut HashMap<usize, Tracked>, key: usize, result: Result<u16,
     }
 }
 
-/// One check: connect, send `request`, read the status line. The status code, or why there
-/// is none.
-async fn check(addr: SocketAddr, request: &[u8], timeout: Duration) -> Result<u16, String> {
+/// One check: connect (with TLS if the Service's endpoints speak it), send `request`, read
+/// the status line. The status code, or why there is none.
+async fn check(
+    connect: impl Future<Output = std::io::Result<UpstreamIo>>,
+    request: &[u8],
+    timeout: Duration,
+) -> Result<u16, String> {
     let exchange = async {
-        let mut s = TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
+        let mut s = connect.await.map_err(|e| format!("connect: {e}"))?;
         s.write_all(request)
             .await
             .map_err(|e| format!("write: {e}"))?;
+        s.flush().await.map_err(|e| format!("write: {e}"))?;
         let mut buf = Vec::with_capacity(256);
         let mut chunk = [0u8; 256];
         while !buf.windows(2).any(|w| w == b"\r\n") {

@@ -24,6 +24,7 @@ pub mod server;
 pub mod timer;
 pub mod tls;
 pub mod upstream;
+pub mod upstream_tls;
 pub mod watch;
 
 use anyhow::Context as _;

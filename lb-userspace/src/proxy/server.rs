@@ -36,6 +36,7 @@ use super::path;
 use super::routing::RouteTable;
 use super::tls::{CertStore, TlsError};
 use super::upstream::{self, Endpoint, PickContext, Upstream, UpstreamMap};
+use super::upstream_tls::TlsOrigination;
 
 mod h1;
 
@@ -115,7 +116,7 @@ impl State {
             workers,
             previous.map(|p| &p.upstreams),
             metrics,
-        );
+        )?;
         let mut routes = RouteTable::default();
         for (i, ing) in cfg.ingresses.iter().enumerate() {
             if !cfg.serves(ing) {
@@ -1157,6 +1158,7 @@ async fn exchange(state: &State, f: &mut Forward) -> Outcome {
         let in_flight = ep.start_request();
         let (mut conn, reused) = match connection_for(
             &ep,
+            upstream.tls(),
             s.connect,
             upgrade,
             // Once the re-send budget is spent, every request probes.
@@ -1259,6 +1261,7 @@ async fn exchange(state: &State, f: &mut Forward) -> Outcome {
 /// always get a new connection: it becomes the tunnel. Returns whether it was pooled.
 async fn connection_for(
     ep: &Arc<Endpoint>,
+    tls: Option<&TlsOrigination>,
     connect_timeout: Duration,
     upgrade: bool,
     probe: bool,
@@ -1274,7 +1277,7 @@ async fn connection_for(
     // Boxed: connecting is rare once pools are warm, and its future would otherwise make
     // every request's future (moved by hyper when it takes the request) a third larger.
     Ok((
-        Box::pin(UpstreamConn::connect(ep.addr, connect_timeout)).await?,
+        Box::pin(UpstreamConn::connect(ep.addr, connect_timeout, tls)).await?,
         false,
     ))
 }

@@ -29,6 +29,14 @@ pub enum TlsError {
         /// Reader or parser message.
         message: String,
     },
+    /// A Service's upstream TLS settings (its CA) do not load.
+    #[error("service {service}: tls: {message}")]
+    UpstreamCa {
+        /// `namespace/name:port`.
+        service: String,
+        /// What failed.
+        message: String,
+    },
     /// rustls refused the key or the pair.
     #[error("secret {secret}: {message}")]
     Key {

@@ -19,6 +19,8 @@ use super::client::UpstreamConn;
 use super::config::{ActiveHealth, Balance, PassiveHealth, Service};
 use super::head::{Headers, SetValues};
 use super::metrics::{EndpointStates, Metrics};
+use super::tls::TlsError;
+use super::upstream_tls::TlsOrigination;
 
 /// Idle upstream connections kept per endpoint and worker.
 const MAX_IDLE_PER_WORKER: usize = 512;
@@ -172,6 +174,8 @@ pub struct Upstream {
     ring: Vec<(u64, usize)>,
     health: PassiveHealth,
     active: ActiveHealth,
+    /// TLS to the endpoints (None: plain HTTP).
+    tls: Option<Arc<TlsOrigination>>,
     next: AtomicUsize,
     /// Pre-resolved metric handles (no label lookups per request).
     pub(crate) errors: Counter,
@@ -188,14 +192,26 @@ fn hash_of(v: impl Hash) -> u64 {
 }
 
 impl Upstream {
-    /// Builds an upstream, reusing endpoint objects of `previous` with the same address.
+    /// Builds an upstream, reusing endpoint objects of `previous` with the same address
+    /// (and its TLS client) unless the TLS settings changed: pooled connections of the old
+    /// kind must not be reused. Fails when the TLS settings' CA does not load.
     pub fn new(
         svc: &Service,
         workers: usize,
         previous: Option<&Upstream>,
         metrics: &Metrics,
-    ) -> Self {
+    ) -> Result<Self, TlsError> {
         let name: Arc<str> = format!("{}/{}:{}", svc.namespace, svc.name, svc.port).into();
+        let same_transport = |p: &&Upstream| match (&p.tls, svc.tls.enabled) {
+            (None, false) => true,
+            (Some(t), true) => *t.settings() == svc.tls,
+            _ => false,
+        };
+        let previous = previous.filter(same_transport);
+        let tls = match previous {
+            Some(p) => p.tls.clone(),
+            None => TlsOrigination::from_config(&svc.tls, &name)?,
+        };
         let endpoints: Vec<Arc<Endpoint>> = svc
             .endpoints
             .iter()
@@ -220,7 +236,7 @@ impl Upstream {
             }
             ring.sort_unstable();
         }
-        Self {
+        Ok(Self {
             errors: metrics.upstream_errors(&name),
             ejections: metrics.upstream_ejections(&name),
             check_failures: metrics.upstream_health_check_failures(&name),
@@ -234,8 +250,14 @@ impl Upstream {
             ring,
             health: svc.health.clone(),
             active: svc.active_health.clone(),
+            tls,
             next: AtomicUsize::new(0),
-        }
+        })
+    }
+
+    /// TLS to the endpoints, if the Service asks for it.
+    pub fn tls(&self) -> Option<&TlsOrigination> {
+        self.tls.as_deref()
     }
 
     /// The endpoints, in config order.
@@ -411,13 +433,13 @@ pub fn build_upstreams(
     workers: usize,
     previous: Option<&UpstreamMap>,
     metrics: &Metrics,
-) -> UpstreamMap {
+) -> Result<UpstreamMap, TlsError> {
     services
         .iter()
         .map(|s| {
             let key = (s.namespace.clone(), s.name.clone(), s.port);
             let prev = previous.and_then(|p| p.get(&key)).map(|u| &**u);
-            (key, Arc::new(Upstream::new(s, workers, prev, metrics)))
+            Ok((key, Arc::new(Upstream::new(s, workers, prev, metrics)?)))
         })
         .collect()
 }
@@ -425,6 +447,7 @@ pub fn build_upstreams(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::config::UpstreamTls;
     use http::HeaderMap;
 
     fn svc(balance: Balance, n: u16) -> Service {
@@ -454,7 +477,7 @@ mod tests {
     #[test]
     fn round_robin_cycles() {
         let m = Metrics::new();
-        let u = Upstream::new(&svc(Balance::RoundRobin, 3), 1, None, &m);
+        let u = Upstream::new(&svc(Balance::RoundRobin, 3), 1, None, &m).expect("upstream");
         let h = HeaderMap::new();
         let picks: Vec<u16> = (0..6)
             .map(|_| u.pick(&ctx(&h, 1), None).unwrap().addr.port())
@@ -465,7 +488,7 @@ mod tests {
     #[test]
     fn ejection_skips_and_panic_mode_uses_all() {
         let m = Metrics::new();
-        let u = Upstream::new(&svc(Balance::RoundRobin, 2), 1, None, &m);
+        let u = Upstream::new(&svc(Balance::RoundRobin, 2), 1, None, &m).expect("upstream");
         let h = HeaderMap::new();
         let e0 = u.endpoints()[0].clone();
         u.record_failure(&e0);
@@ -494,7 +517,7 @@ mod tests {
             base_ejection_ms: 20,
             max_ejection_ms: 1_000,
         };
-        let u = Upstream::new(&s, 1, None, &m);
+        let u = Upstream::new(&s, 1, None, &m).expect("upstream");
         let e0 = u.endpoints()[0].clone();
         u.record_failure(&e0);
         assert!(e0.is_ejected());
@@ -524,7 +547,7 @@ mod tests {
     #[test]
     fn consistent_hash_is_sticky_and_spreads() {
         let m = Metrics::new();
-        let u = Upstream::new(&svc(Balance::ConsistentHash, 4), 1, None, &m);
+        let u = Upstream::new(&svc(Balance::ConsistentHash, 4), 1, None, &m).expect("upstream");
         let h = HeaderMap::new();
         let mut seen = std::collections::HashSet::new();
         for last in 0..64u8 {
@@ -543,7 +566,7 @@ mod tests {
         let m = Metrics::new();
         let mut s = svc(Balance::ConsistentHash, 4);
         s.hash_header = Some("x-user".into());
-        let u = Upstream::new(&s, 1, None, &m);
+        let u = Upstream::new(&s, 1, None, &m).expect("upstream");
         let mut h = HeaderMap::new();
         h.insert("x-user", "alice".parse().unwrap());
         let a = u.pick(&ctx(&h, 1), None).unwrap().addr;
@@ -559,7 +582,7 @@ mod tests {
     #[test]
     fn least_request_prefers_idle_endpoint() {
         let m = Metrics::new();
-        let u = Upstream::new(&svc(Balance::LeastRequest, 2), 1, None, &m);
+        let u = Upstream::new(&svc(Balance::LeastRequest, 2), 1, None, &m).expect("upstream");
         let h = HeaderMap::new();
         let _busy: Vec<InFlight> = (0..5).map(|_| u.endpoints()[0].start_request()).collect();
         for _ in 0..10 {
@@ -570,11 +593,49 @@ mod tests {
     #[test]
     fn endpoints_survive_rebuild() {
         let m = Metrics::new();
-        let a = Upstream::new(&svc(Balance::Random, 2), 1, None, &m);
-        let b = Upstream::new(&svc(Balance::Random, 3), 1, Some(&a), &m);
+        let a = Upstream::new(&svc(Balance::Random, 2), 1, None, &m).expect("upstream");
+        let b = Upstream::new(&svc(Balance::Random, 3), 1, Some(&a), &m).expect("upstream");
         assert!(Arc::ptr_eq(&a.endpoints()[1], &b.endpoints()[1]));
         for _ in 0..20 {
             assert!(b.pick(&ctx(&HeaderMap::new(), 1), None).is_some());
         }
+    }
+
+    #[test]
+    fn a_change_of_transport_starts_with_fresh_endpoints_and_pools() {
+        let m = Metrics::new();
+        let plain = svc(Balance::RoundRobin, 2);
+        let tls = |name: &str| Service {
+            tls: UpstreamTls {
+                enabled: true,
+                verify: false,
+                server_name: Some(name.to_owned()),
+                ..UpstreamTls::default()
+            },
+            ..svc(Balance::RoundRobin, 2)
+        };
+        let a = Upstream::new(&plain, 1, None, &m).expect("upstream");
+        let b = Upstream::new(&tls("a.internal"), 1, Some(&a), &m).expect("upstream");
+        let c = Upstream::new(&tls("a.internal"), 1, Some(&b), &m).expect("upstream");
+        let d = Upstream::new(&tls("b.internal"), 1, Some(&c), &m).expect("upstream");
+        let e = Upstream::new(&plain, 1, Some(&d), &m).expect("upstream");
+        let f = Upstream::new(&plain, 1, Some(&e), &m).expect("upstream");
+        let kept = |x: &Upstream, y: &Upstream| Arc::ptr_eq(&x.endpoints()[0], &y.endpoints()[0]);
+        // (before, after, endpoints (and pooled connections) kept, why)
+        let steps = [
+            (&a, &b, false, "plain → TLS"),
+            (&b, &c, true, "same TLS settings"),
+            (&c, &d, false, "another server name"),
+            (&d, &e, false, "TLS → plain"),
+            (&e, &f, true, "plain → plain"),
+        ];
+        for (x, y, want, why) in steps {
+            assert_eq!(kept(x, y), want, "{why}");
+        }
+        assert!(a.tls().is_none() && f.tls().is_none());
+        assert!(
+            std::ptr::eq(b.tls().expect("tls"), c.tls().expect("tls")),
+            "unchanged settings keep the client (and its session cache)"
+        );
     }
 }
