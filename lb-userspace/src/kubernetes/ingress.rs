@@ -21,8 +21,9 @@
 //!   ingress-nginx, instead of one missing Service taking all of them down. Resource
 //!   backends and ExternalName Services are refused.
 //! * **Per-Service policy** comes from the Service's `xlb.dev/proxy-*` annotations
-//!   ([`service_policy`]): balancing, the affinity header, passive and active health. An
-//!   invalid one rejects the Ingresses that use the Service, naming the annotation.
+//!   ([`service_policy`]): balancing, the affinity header, passive and active health, TLS to
+//!   the endpoints (its CA from a `kubernetes.io/tls` Secret's `ca.crt`). An invalid one
+//!   rejects the Ingresses that use the Service, naming the annotation.
 //! * **Certificates.** Only Secrets named by a served Ingress's `spec.tls` (and the file's
 //!   `tls.default_secret`, read as `namespace/name` of a Secret) are put into the config;
 //!   each must be of type `kubernetes.io/tls` and its `tls.crt`/`tls.key` must load.
@@ -47,6 +48,7 @@ use k8s_openapi::api::networking::v1::{
 use super::translate::SERVICE_NAME_LABEL;
 use crate::proxy::config::{self as pc, ConfigError, ProxyConfig};
 use crate::proxy::tls::CertStore;
+use crate::proxy::upstream_tls::TlsOrigination;
 
 pub use crate::proxy::config::CONTROLLER_NAME;
 
@@ -76,15 +78,38 @@ pub const PROXY_CHECK_UNHEALTHY: &str = "xlb.dev/proxy-health-check-unhealthy-th
 /// Service annotation: passed checks in a row that bring it back.
 pub const PROXY_CHECK_HEALTHY: &str = "xlb.dev/proxy-health-check-healthy-threshold";
 
-/// The proxy policy a Service's `xlb.dev/proxy-*` annotations ask for, as a config Service
-/// template (name, port and endpoints left empty). Other annotations, `xlb.dev/` ones of the
-/// L4 agent included, are ignored; an unknown `xlb.dev/proxy-` one is an error.
-pub fn service_policy(svc: &Service) -> Result<pc::Service, String> {
+/// Service annotation: `HTTP` (default) or `HTTPS`: the protocol spoken to the endpoints.
+pub const PROXY_BACKEND_PROTOCOL: &str = "xlb.dev/proxy-backend-protocol";
+/// Service annotation: `"true"` (default) or `"false"`: verify the endpoints' certificates.
+pub const PROXY_SSL_VERIFY: &str = "xlb.dev/proxy-ssl-verify";
+/// Service annotation: SNI and the name endpoint certificates must carry (default: none,
+/// the certificate must carry the endpoint's IP address).
+pub const PROXY_SSL_NAME: &str = "xlb.dev/proxy-ssl-name";
+/// Service annotation: a `kubernetes.io/tls` Secret in the Service's namespace whose
+/// `ca.crt` endpoint certificates must chain to (cert-manager writes it).
+pub const PROXY_SSL_SECRET: &str = "xlb.dev/proxy-ssl-secret";
+
+/// A Service's proxy policy from its annotations ([`service_policy`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServicePolicy {
+    /// A config Service template (name, port and endpoints left empty; the TLS CA not yet
+    /// filled in).
+    pub service: pc::Service,
+    /// [`PROXY_SSL_SECRET`]: the Secret holding the CA of the endpoints' certificates.
+    pub ca_secret: Option<String>,
+}
+
+/// The proxy policy a Service's `xlb.dev/proxy-*` annotations ask for. Other annotations,
+/// `xlb.dev/` ones of the L4 agent included, are ignored; an unknown `xlb.dev/proxy-` one
+/// is an error.
+pub fn service_policy(svc: &Service) -> Result<ServicePolicy, String> {
     let mut out = pc::Service::default();
     let Some(annotations) = svc.metadata.annotations.as_ref() else {
-        return Ok(out);
+        return Ok(ServicePolicy::default());
     };
     let mut balance = None;
+    let mut ca_secret = None;
+    let mut tls_detail = None;
     for (k, v) in annotations {
         let bad = |what: &str| format!("annotation {k}: {v:?} is not {what}");
         let number = || v.trim().parse::<u64>().map_err(|_| bad("a number"));
@@ -114,6 +139,42 @@ pub fn service_policy(svc: &Service) -> Result<pc::Service, String> {
             PROXY_CHECK_HOST => out.active_health.host = Some(v.trim().to_owned()),
             PROXY_CHECK_UNHEALTHY => out.active_health.unhealthy_threshold = count()?,
             PROXY_CHECK_HEALTHY => out.active_health.healthy_threshold = count()?,
+            PROXY_BACKEND_PROTOCOL => {
+                out.tls.enabled = match v.trim().to_ascii_uppercase().as_str() {
+                    "HTTP" => false,
+                    "HTTPS" => true,
+                    _ => return Err(bad("HTTP or HTTPS")),
+                };
+            }
+            PROXY_SSL_VERIFY => {
+                out.tls.verify = match v.trim() {
+                    "true" => true,
+                    "false" => false,
+                    _ => return Err(bad("\"true\" or \"false\"")),
+                };
+                tls_detail = Some(k.as_str());
+            }
+            PROXY_SSL_NAME => {
+                let name = v.trim();
+                if rustls_pki_types::ServerName::try_from(name).is_err() {
+                    return Err(bad("a DNS name or an IP address"));
+                }
+                out.tls.server_name = Some(name.to_owned());
+                tls_detail = Some(k.as_str());
+            }
+            PROXY_SSL_SECRET => {
+                let n = v.trim();
+                let dns_subdomain = !n.is_empty()
+                    && n.len() <= 253
+                    && n.bytes().all(|b| {
+                        b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b)
+                    });
+                if !dns_subdomain {
+                    return Err(bad("the name of a Secret in the Service's namespace"));
+                }
+                ca_secret = Some(v.trim().to_owned());
+                tls_detail = Some(k.as_str());
+            }
             _ if k.starts_with("xlb.dev/proxy-") => {
                 return Err(format!("annotation {k}: unknown xlb.dev/proxy- annotation"));
             }
@@ -132,7 +193,28 @@ pub fn service_policy(svc: &Service) -> Result<pc::Service, String> {
     out.active_health
         .validate("xlb.dev/proxy-health-check-* annotations")
         .map_err(|e| e.to_string())?;
-    Ok(out)
+    if !out.tls.enabled {
+        if let Some(k) = tls_detail {
+            return Err(format!(
+                "annotation {k}: the endpoints are spoken to in plain HTTP \
+                 (set {PROXY_BACKEND_PROTOCOL}: HTTPS)"
+            ));
+        }
+    } else if out.tls.verify && ca_secret.is_none() {
+        return Err(format!(
+            "annotation {PROXY_BACKEND_PROTOCOL}: HTTPS verifies the endpoints' certificates: \
+             set {PROXY_SSL_SECRET} to a Secret whose ca.crt they chain to, \
+             or {PROXY_SSL_VERIFY}: \"false\" to encrypt without authenticating them"
+        ));
+    } else if !out.tls.verify && ca_secret.is_some() {
+        return Err(format!(
+            "annotation {PROXY_SSL_SECRET}: not used with {PROXY_SSL_VERIFY}: \"false\""
+        ));
+    }
+    Ok(ServicePolicy {
+        service: out,
+        ca_secret,
+    })
 }
 
 /// What this proxy serves.
@@ -690,7 +772,17 @@ impl Index<'_> {
             .filter(|p| *p != 0)
             .ok_or_else(|| format!("service {id}: port {} out of range", port.port))?;
         let port_name = port.name.as_deref().unwrap_or("");
-        let policy = service_policy(svc).map_err(|e| format!("service {id}: {e}"))?;
+        let ServicePolicy {
+            service: mut policy,
+            ca_secret,
+        } = service_policy(svc).map_err(|e| format!("service {id}: {e}"))?;
+        if let Some(secret) = ca_secret {
+            let key = (namespace.to_owned(), secret.clone());
+            policy.tls.ca_pem = Some(
+                load_ca(self.secrets.get(&key).copied(), namespace, &secret)
+                    .map_err(|e| format!("service {id}: annotation {PROXY_SSL_SECRET}: {e}"))?,
+            );
+        }
         services
             .entry((sb.name.clone(), number))
             .or_insert_with(|| pc::Service {
@@ -743,6 +835,28 @@ impl Index<'_> {
         }
         out.into_iter().collect()
     }
+}
+
+/// The `ca.crt` of a `kubernetes.io/tls` Secret, loaded once to prove it works.
+fn load_ca(secret: Option<&Secret>, namespace: &str, name: &str) -> Result<String, String> {
+    let id = format!("{namespace}/{name}");
+    let secret = secret.ok_or_else(|| {
+        format!("secret {id} not found (only Secrets of type {TLS_SECRET_TYPE} are read)")
+    })?;
+    let pem = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get("ca.crt"))
+        .ok_or_else(|| format!("secret {id} has no ca.crt"))?;
+    let pem = String::from_utf8(pem.0.clone())
+        .map_err(|_| format!("secret {id}: ca.crt is not PEM text"))?;
+    let probe = pc::UpstreamTls {
+        enabled: true,
+        ca_pem: Some(pem.clone()),
+        ..pc::UpstreamTls::default()
+    };
+    TlsOrigination::from_config(&probe, &id).map_err(|e| e.to_string())?;
+    Ok(pem)
 }
 
 /// A `kubernetes.io/tls` Secret as the config's inline PEM, loaded once to prove it works.

@@ -438,6 +438,109 @@ fn service_annotations_set_the_proxy_policy() {
 }
 
 #[test]
+fn backend_protocol_annotations_set_tls_to_the_endpoints() {
+    let with = |annotations: Value, secrets: Vec<Secret>| {
+        let mut w = World::new();
+        w.services[0].metadata.annotations = serde_json::from_value(annotations).unwrap();
+        w.secrets = secrets;
+        w.ingresses
+            .push(ingress("a", "2024-01-01T00:00:00Z", json!({})));
+        w.run()
+    };
+    // A cert-manager style Secret: tls.crt, tls.key and the issuer's ca.crt.
+    let mut ca = tls_secret("web-ca", "web.internal");
+    let ca_pem = String::from_utf8(ca.data.as_ref().unwrap()["tls.crt"].0.clone()).unwrap();
+    ca.data.as_mut().unwrap().insert(
+        "ca.crt".into(),
+        k8s_openapi::ByteString(ca_pem.clone().into()),
+    );
+
+    let t = with(
+        json!({PROXY_BACKEND_PROTOCOL: "HTTPS", PROXY_SSL_SECRET: "web-ca",
+               PROXY_SSL_NAME: "web.internal"}),
+        vec![ca.clone()],
+    );
+    assert_eq!(served(&t), ["a"], "{:?}", t.rejected);
+    let tls = &t.config.services[0].tls;
+    assert!(tls.enabled && tls.verify);
+    assert_eq!(tls.server_name.as_deref(), Some("web.internal"));
+    assert_eq!(tls.ca_pem.as_deref(), Some(ca_pem.as_str()));
+    t.config.validate().expect("a valid config");
+
+    let t = with(
+        json!({PROXY_BACKEND_PROTOCOL: "https", PROXY_SSL_VERIFY: "false"}),
+        vec![],
+    );
+    assert_eq!(served(&t), ["a"], "{:?}", t.rejected);
+    let tls = &t.config.services[0].tls;
+    assert!(tls.enabled && !tls.verify && tls.ca_pem.is_none());
+
+    let t = with(json!({PROXY_BACKEND_PROTOCOL: "HTTP"}), vec![]);
+    assert!(!t.config.services[0].tls.enabled);
+
+    let no_ca = secret("plain", TLS_SECRET_TYPE, &ca_pem, "key");
+    // Each bad combination rejects the Ingress using the Service, naming the annotation.
+    for (annotations, secrets, says) in [
+        (
+            json!({PROXY_BACKEND_PROTOCOL: "h2"}),
+            vec![],
+            PROXY_BACKEND_PROTOCOL,
+        ),
+        (
+            json!({PROXY_BACKEND_PROTOCOL: "HTTPS"}),
+            vec![],
+            PROXY_SSL_SECRET,
+        ),
+        (
+            json!({PROXY_SSL_VERIFY: "false"}),
+            vec![],
+            "spoken to in plain HTTP",
+        ),
+        (
+            json!({PROXY_BACKEND_PROTOCOL: "HTTPS", PROXY_SSL_VERIFY: "no"}),
+            vec![],
+            PROXY_SSL_VERIFY,
+        ),
+        (
+            json!({PROXY_BACKEND_PROTOCOL: "HTTPS", PROXY_SSL_NAME: "not a name"}),
+            vec![],
+            PROXY_SSL_NAME,
+        ),
+        (
+            json!({PROXY_BACKEND_PROTOCOL: "HTTPS", PROXY_SSL_SECRET: "other/web-ca"}),
+            vec![ca.clone()],
+            PROXY_SSL_SECRET,
+        ),
+        (
+            json!({PROXY_BACKEND_PROTOCOL: "HTTPS", PROXY_SSL_SECRET: "missing"}),
+            vec![],
+            "secret default/missing not found",
+        ),
+        (
+            json!({PROXY_BACKEND_PROTOCOL: "HTTPS", PROXY_SSL_SECRET: "plain"}),
+            vec![no_ca],
+            "has no ca.crt",
+        ),
+        (
+            json!({PROXY_BACKEND_PROTOCOL: "HTTPS", PROXY_SSL_VERIFY: "false",
+                   PROXY_SSL_SECRET: "web-ca"}),
+            vec![ca.clone()],
+            PROXY_SSL_SECRET,
+        ),
+    ] {
+        let t = with(annotations.clone(), secrets);
+        assert!(served(&t).is_empty(), "{annotations}");
+        let reasons = rejected(&t);
+        assert!(
+            reasons.len() == 1
+                && reasons[0].1.contains("service default/web")
+                && reasons[0].1.contains(says),
+            "{annotations}: {reasons:?}"
+        );
+    }
+}
+
+#[test]
 fn tls_hosts_without_a_secret_use_the_default_certificate() {
     let mut w = World::new();
     w.ingresses.push(ingress(
