@@ -70,6 +70,8 @@ pub struct Handshakes {
     pub completed: std::sync::Mutex<Vec<(Option<String>, bool)>>,
     /// Handshakes that failed (the client refused the certificate, or spoke no TLS).
     pub failed: AtomicUsize,
+    /// The common name of each client certificate presented.
+    pub client_cns: std::sync::Mutex<Vec<String>>,
 }
 
 impl Handshakes {
@@ -86,18 +88,40 @@ pub async fn tls_upstream(
     pki: &Pki,
     hosts: &[&str],
 ) -> (Upstream, Arc<Handshakes>) {
+    tls_upstream_with(name, pki, hosts, None).await
+}
+
+/// [`tls_upstream`] that also requires a client certificate issued by `client_ca`, if given.
+pub async fn tls_upstream_with(
+    name: &'static str,
+    pki: &Pki,
+    hosts: &[&str],
+    client_ca: Option<&Pki>,
+) -> (Upstream, Arc<Handshakes>) {
     let (crt, key) = pki.leaf(hosts);
     let certs = rustls::pki_types::CertificateDer::pem_slice_iter(crt.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .expect("leaf PEM");
     let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key PEM");
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .expect("server cert");
+        .expect("versions");
+    let builder = match client_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(ca.ca_der.clone()).expect("client CA");
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .expect("client verifier");
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut cfg = builder.with_single_cert(certs, key).expect("server cert");
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
     let (up, seen) = serve_upstream(name, Some(acceptor)).await;
@@ -144,6 +168,10 @@ async fn serve_upstream(
                 let session = s.get_ref().1;
                 let resumed = session.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
                 let sni = session.server_name().map(str::to_owned);
+                if let Some(certs) = session.peer_certificates() {
+                    let cn = x509_cn(certs[0].as_ref()).1;
+                    log.client_cns.lock().expect("lock").push(cn);
+                }
                 log.completed.lock().expect("lock").push((sni, resumed));
                 let _ = http
                     .serve_connection(TokioIo::new(s), svc)

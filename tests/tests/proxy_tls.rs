@@ -471,3 +471,61 @@ async fn active_health_checks_speak_tls_to_tls_upstreams() {
     }
     assert_eq!(plain.hits(), before, "the failed endpoint got no request");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_is_presented_to_endpoints_that_require_one() {
+    let pki = Pki::new();
+    let clients = Pki::new();
+    let (up, seen) = tls_upstream_with("mtls", &pki, &["backend.test"], Some(&clients)).await;
+    let (crt, key) = clients.leaf(&["xlb-proxy.test"]);
+    let (stranger_crt, stranger_key) = Pki::new().leaf(&["xlb-proxy.test"]);
+    let client = |secret: &str| UpstreamTls {
+        client_secret: Some(format!("default/{secret}")),
+        ..verified(&pki, Some("backend.test"))
+    };
+    // (case, upstream TLS, status)
+    let cases = [
+        (
+            "a certificate the endpoint trusts",
+            client("proxy-client"),
+            StatusCode::OK,
+        ),
+        (
+            "no certificate",
+            verified(&pki, Some("backend.test")),
+            StatusCode::BAD_GATEWAY,
+        ),
+        (
+            "a certificate from another CA",
+            client("stranger"),
+            StatusCode::BAD_GATEWAY,
+        ),
+    ];
+    for (case, tls, status) in cases {
+        let mut cfg = tls_upstream_config(&[up.addr], tls);
+        cfg.secrets = vec![
+            TlsSecret {
+                name: "proxy-client".into(),
+                cert_pem: Some(crt.clone()),
+                key_pem: Some(key.clone()),
+                ..Default::default()
+            },
+            TlsSecret {
+                name: "stranger".into(),
+                cert_pem: Some(stranger_crt.clone()),
+                key_pem: Some(stranger_key.clone()),
+                ..Default::default()
+            },
+        ];
+        let proxy = start(cfg);
+        let hits = up.hits();
+        let got = get(proxy.http_addr.expect("http"), "app.test", "/x").await;
+        assert_eq!(got.status, status, "{case}: {}", got.body);
+        assert_eq!(up.hits() > hits, status == StatusCode::OK, "{case}");
+    }
+    assert_eq!(
+        *seen.client_cns.lock().expect("lock"),
+        ["xlb-proxy.test"],
+        "only the trusted certificate completed a handshake"
+    );
+}

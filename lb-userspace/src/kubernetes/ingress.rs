@@ -22,7 +22,8 @@
 //!   backends and ExternalName Services are refused.
 //! * **Per-Service policy** comes from the Service's `xlb.dev/proxy-*` annotations
 //!   ([`service_policy`]): balancing, the affinity header, passive and active health, TLS to
-//!   the endpoints (its CA from a `kubernetes.io/tls` Secret's `ca.crt`). An invalid one
+//!   the endpoints (its CA from a `kubernetes.io/tls` Secret's `ca.crt`, a client
+//!   certificate from another's `tls.crt`/`tls.key`). An invalid one
 //!   rejects the Ingresses that use the Service, naming the annotation.
 //! * **Certificates.** Only Secrets named by a served Ingress's `spec.tls` (and the file's
 //!   `tls.default_secret`, read as `namespace/name` of a Secret) are put into the config;
@@ -88,6 +89,9 @@ pub const PROXY_SSL_NAME: &str = "xlb.dev/proxy-ssl-name";
 /// Service annotation: a `kubernetes.io/tls` Secret in the Service's namespace whose
 /// `ca.crt` endpoint certificates must chain to (cert-manager writes it).
 pub const PROXY_SSL_SECRET: &str = "xlb.dev/proxy-ssl-secret";
+/// Service annotation: a `kubernetes.io/tls` Secret in the Service's namespace whose
+/// `tls.crt`/`tls.key` are presented to endpoints that ask for a client certificate.
+pub const PROXY_SSL_CLIENT_SECRET: &str = "xlb.dev/proxy-ssl-client-secret";
 
 /// A Service's proxy policy from its annotations ([`service_policy`]).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -97,6 +101,8 @@ pub struct ServicePolicy {
     pub service: pc::Service,
     /// [`PROXY_SSL_SECRET`]: the Secret holding the CA of the endpoints' certificates.
     pub ca_secret: Option<String>,
+    /// [`PROXY_SSL_CLIENT_SECRET`]: the Secret holding the client certificate.
+    pub client_secret: Option<String>,
 }
 
 /// The proxy policy a Service's `xlb.dev/proxy-*` annotations ask for. Other annotations,
@@ -109,6 +115,7 @@ pub fn service_policy(svc: &Service) -> Result<ServicePolicy, String> {
     };
     let mut balance = None;
     let mut ca_secret = None;
+    let mut client_secret = None;
     let mut tls_detail = None;
     for (k, v) in annotations {
         let bad = |what: &str| format!("annotation {k}: {v:?} is not {what}");
@@ -162,7 +169,7 @@ pub fn service_policy(svc: &Service) -> Result<ServicePolicy, String> {
                 out.tls.server_name = Some(name.to_owned());
                 tls_detail = Some(k.as_str());
             }
-            PROXY_SSL_SECRET => {
+            PROXY_SSL_SECRET | PROXY_SSL_CLIENT_SECRET => {
                 let n = v.trim();
                 let dns_subdomain = !n.is_empty()
                     && n.len() <= 253
@@ -172,7 +179,12 @@ pub fn service_policy(svc: &Service) -> Result<ServicePolicy, String> {
                 if !dns_subdomain {
                     return Err(bad("the name of a Secret in the Service's namespace"));
                 }
-                ca_secret = Some(v.trim().to_owned());
+                let slot = if k == PROXY_SSL_SECRET {
+                    &mut ca_secret
+                } else {
+                    &mut client_secret
+                };
+                *slot = Some(n.to_owned());
                 tls_detail = Some(k.as_str());
             }
             _ if k.starts_with("xlb.dev/proxy-") => {
@@ -214,6 +226,7 @@ pub fn service_policy(svc: &Service) -> Result<ServicePolicy, String> {
     Ok(ServicePolicy {
         service: out,
         ca_secret,
+        client_secret,
     })
 }
 
@@ -617,15 +630,15 @@ impl Index<'_> {
             class_name: class_of(ing).map(str::to_owned),
             ..pc::Ingress::default()
         };
+        let mut secrets = Vec::new();
         if let Some(b) = &spec.default_backend {
             c.default_backend = Some(
-                self.backend(&namespace, b, &mut services, &mut |m| {
+                self.backend(&namespace, b, &mut services, &mut secrets, &mut |m| {
                     missing.push(format!("defaultBackend: {m}"))
                 })
                 .map_err(|e| format!("defaultBackend: {e}"))?,
             );
         }
-        let mut secrets = Vec::new();
         for (i, tls) in spec.tls.iter().flatten().enumerate() {
             // Without secretName the hosts are served with the default certificate (the API
             // leaves it optional for exactly that; ingress-nginx does the same).
@@ -650,9 +663,13 @@ impl Index<'_> {
                     other => return Err(format!("{}: unknown pathType {other:?}", at())),
                 };
                 let backend = self
-                    .backend(&namespace, &p.backend, &mut services, &mut |m| {
-                        missing.push(format!("{}.backend: {m}", at()))
-                    })
+                    .backend(
+                        &namespace,
+                        &p.backend,
+                        &mut services,
+                        &mut secrets,
+                        &mut |m| missing.push(format!("{}.backend: {m}", at())),
+                    )
                     .map_err(|e| format!("{}.backend: {e}", at()))?;
                 paths.push(pc::HttpPath {
                     // Only ImplementationSpecific may leave the path out: it then means all.
@@ -709,6 +726,7 @@ impl Index<'_> {
         namespace: &str,
         backend: &IngressBackend,
         services: &mut BTreeMap<(String, u16), pc::Service>,
+        secrets: &mut Vec<pc::TlsSecret>,
         missing: &mut dyn FnMut(String),
     ) -> Result<pc::Backend, String> {
         if backend.resource.is_some() {
@@ -775,7 +793,17 @@ impl Index<'_> {
         let ServicePolicy {
             service: mut policy,
             ca_secret,
+            client_secret,
         } = service_policy(svc).map_err(|e| format!("service {id}: {e}"))?;
+        if let Some(name) = client_secret {
+            let key = (namespace.to_owned(), name.clone());
+            let secret = load_secret(self.secrets.get(&key).copied(), namespace, &name)
+                .map_err(|e| format!("service {id}: annotation {PROXY_SSL_CLIENT_SECRET}: {e}"))?;
+            policy.tls.client_secret = Some(format!("{namespace}/{name}"));
+            if !secrets.iter().any(|s| s.name == name) {
+                secrets.push(secret);
+            }
+        }
         if let Some(secret) = ca_secret {
             let key = (namespace.to_owned(), secret.clone());
             policy.tls.ca_pem = Some(
@@ -855,7 +883,7 @@ fn load_ca(secret: Option<&Secret>, namespace: &str, name: &str) -> Result<Strin
         ca_pem: Some(pem.clone()),
         ..pc::UpstreamTls::default()
     };
-    TlsOrigination::from_config(&probe, &id).map_err(|e| e.to_string())?;
+    TlsOrigination::from_config(&probe, None, &id).map_err(|e| e.to_string())?;
     Ok(pem)
 }
 

@@ -478,6 +478,21 @@ fn backend_protocol_annotations_set_tls_to_the_endpoints() {
     let t = with(json!({PROXY_BACKEND_PROTOCOL: "HTTP"}), vec![]);
     assert!(!t.config.services[0].tls.enabled);
 
+    // Mutual TLS: the client certificate's Secret goes into the config with the Service.
+    let t = with(
+        json!({PROXY_BACKEND_PROTOCOL: "HTTPS", PROXY_SSL_SECRET: "web-ca",
+               PROXY_SSL_CLIENT_SECRET: "proxy-client"}),
+        vec![ca.clone(), tls_secret("proxy-client", "xlb-proxy")],
+    );
+    assert_eq!(served(&t), ["a"], "{:?}", t.rejected);
+    assert_eq!(
+        t.config.services[0].tls.client_secret.as_deref(),
+        Some("default/proxy-client")
+    );
+    assert_eq!(t.config.secrets.len(), 1);
+    assert_eq!(t.config.secrets[0].name, "proxy-client");
+    t.config.validate().expect("a valid config");
+
     let no_ca = secret("plain", TLS_SECRET_TYPE, &ca_pem, "key");
     // Each bad combination rejects the Ingress using the Service, naming the annotation.
     for (annotations, secrets, says) in [
@@ -526,6 +541,17 @@ fn backend_protocol_annotations_set_tls_to_the_endpoints() {
                    PROXY_SSL_SECRET: "web-ca"}),
             vec![ca.clone()],
             PROXY_SSL_SECRET,
+        ),
+        (
+            json!({PROXY_BACKEND_PROTOCOL: "HTTPS", PROXY_SSL_VERIFY: "false",
+                   PROXY_SSL_CLIENT_SECRET: "gone"}),
+            vec![],
+            "secret default/gone not found",
+        ),
+        (
+            json!({PROXY_SSL_CLIENT_SECRET: "web-ca"}),
+            vec![ca.clone()],
+            "spoken to in plain HTTP",
         ),
     ] {
         let t = with(annotations.clone(), secrets);

@@ -439,6 +439,9 @@ pub struct UpstreamTls {
     pub ca_file: Option<PathBuf>,
     /// The same, inline (a Secret's `ca.crt`).
     pub ca_pem: Option<String>,
+    /// `namespace/name` of a `secrets[]` entry whose certificate and key are presented when
+    /// an endpoint asks for a client certificate (mutual TLS).
+    pub client_secret: Option<String>,
 }
 
 impl Default for UpstreamTls {
@@ -449,6 +452,7 @@ impl Default for UpstreamTls {
             verify: true,
             ca_file: None,
             ca_pem: None,
+            client_secret: None,
         }
     }
 }
@@ -458,7 +462,11 @@ impl UpstreamTls {
     /// names them in the error.
     pub(crate) fn validate(&self, f: &str) -> Result<(), ConfigError> {
         if !self.enabled {
-            if self.server_name.is_some() || self.ca_file.is_some() || self.ca_pem.is_some() {
+            if self.server_name.is_some()
+                || self.ca_file.is_some()
+                || self.ca_pem.is_some()
+                || self.client_secret.is_some()
+            {
                 return Err(invalid(
                     f.to_owned(),
                     "settings given but enabled = false (set enabled = true to use TLS)",
@@ -800,6 +808,17 @@ impl ProxyConfig {
             }
             s.active_health.validate(&format!("{f}.active_health"))?;
             s.tls.validate(&format!("{f}.tls"))?;
+            if let Some(c) = &s.tls.client_secret {
+                let found = c
+                    .split_once('/')
+                    .is_some_and(|(ns, name)| secrets.contains(&(ns, name)));
+                if !found {
+                    return Err(invalid(
+                        format!("{f}.tls.client_secret"),
+                        format!("{c:?} does not name a secret as namespace/name"),
+                    ));
+                }
+            }
         }
 
         let mut ingresses = HashSet::new();
@@ -1243,6 +1262,14 @@ ingresses:
                     ..UpstreamTls::default()
                 },
                 Some(("services[0].tls", "enabled = false")),
+            ),
+            (
+                UpstreamTls {
+                    client_secret: Some("default/missing".into()),
+                    verify: false,
+                    ..on.clone()
+                },
+                Some(("services[0].tls.client_secret", "does not name a secret")),
             ),
         ];
         for (tls, want) in cases {

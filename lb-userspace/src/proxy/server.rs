@@ -113,6 +113,7 @@ impl State {
         let certs = CertStore::from_config(&cfg)?;
         let upstreams = upstream::build_upstreams(
             &cfg.services,
+            &cfg.secrets,
             workers,
             previous.map(|p| &p.upstreams),
             metrics,

@@ -114,7 +114,8 @@ impl CertStore {
     }
 }
 
-fn load_secret(s: &TlsSecret) -> Result<CertifiedKey, TlsError> {
+/// A Secret's certificate chain and key, checked to match.
+pub(crate) fn load_secret(s: &TlsSecret) -> Result<CertifiedKey, TlsError> {
     let id = format!("{}/{}", s.namespace, s.name);
     let pem_err = |what, e: &dyn std::fmt::Display| TlsError::Pem {
         secret: id.clone(),

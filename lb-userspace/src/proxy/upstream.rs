@@ -16,7 +16,7 @@ use prometheus_client::metrics::counter::Counter;
 use rand::Rng;
 
 use super::client::UpstreamConn;
-use super::config::{ActiveHealth, Balance, PassiveHealth, Service};
+use super::config::{ActiveHealth, Balance, PassiveHealth, Service, TlsSecret};
 use super::head::{Headers, SetValues};
 use super::metrics::{EndpointStates, Metrics};
 use super::tls::TlsError;
@@ -194,9 +194,11 @@ fn hash_of(v: impl Hash) -> u64 {
 impl Upstream {
     /// Builds an upstream, reusing endpoint objects of `previous` with the same address
     /// (and its TLS client) unless the TLS settings changed: pooled connections of the old
-    /// kind must not be reused. Fails when the TLS settings' CA does not load.
+    /// kind must not be reused. `client` is the Secret `svc.tls.client_secret` names. Fails
+    /// when the TLS settings' CA or client certificate does not load.
     pub fn new(
         svc: &Service,
+        client: Option<&TlsSecret>,
         workers: usize,
         previous: Option<&Upstream>,
         metrics: &Metrics,
@@ -204,13 +206,13 @@ impl Upstream {
         let name: Arc<str> = format!("{}/{}:{}", svc.namespace, svc.name, svc.port).into();
         let same_transport = |p: &&Upstream| match (&p.tls, svc.tls.enabled) {
             (None, false) => true,
-            (Some(t), true) => *t.settings() == svc.tls,
+            (Some(t), true) => t.built_from(&svc.tls, client),
             _ => false,
         };
         let previous = previous.filter(same_transport);
         let tls = match previous {
             Some(p) => p.tls.clone(),
-            None => TlsOrigination::from_config(&svc.tls, &name)?,
+            None => TlsOrigination::from_config(&svc.tls, client, &name)?,
         };
         let endpoints: Vec<Arc<Endpoint>> = svc
             .endpoints
@@ -428,8 +430,10 @@ impl Upstream {
 pub type UpstreamMap = HashMap<(String, String, u16), Arc<Upstream>>;
 
 /// Builds all upstreams of a config, carrying endpoint state over from `previous`.
+/// `secrets` holds the client certificates Services' `tls.client_secret` names.
 pub fn build_upstreams(
     services: &[Service],
+    secrets: &[TlsSecret],
     workers: usize,
     previous: Option<&UpstreamMap>,
     metrics: &Metrics,
@@ -439,7 +443,14 @@ pub fn build_upstreams(
         .map(|s| {
             let key = (s.namespace.clone(), s.name.clone(), s.port);
             let prev = previous.and_then(|p| p.get(&key)).map(|u| &**u);
-            Ok((key, Arc::new(Upstream::new(s, workers, prev, metrics)?)))
+            let client = s.tls.client_secret.as_deref().and_then(|c| {
+                let (ns, name) = c.split_once('/')?;
+                secrets.iter().find(|x| x.namespace == ns && x.name == name)
+            });
+            Ok((
+                key,
+                Arc::new(Upstream::new(s, client, workers, prev, metrics)?),
+            ))
         })
         .collect()
 }
@@ -477,7 +488,7 @@ mod tests {
     #[test]
     fn round_robin_cycles() {
         let m = Metrics::new();
-        let u = Upstream::new(&svc(Balance::RoundRobin, 3), 1, None, &m).expect("upstream");
+        let u = Upstream::new(&svc(Balance::RoundRobin, 3), None, 1, None, &m).expect("upstream");
         let h = HeaderMap::new();
         let picks: Vec<u16> = (0..6)
             .map(|_| u.pick(&ctx(&h, 1), None).unwrap().addr.port())
@@ -488,7 +499,7 @@ mod tests {
     #[test]
     fn ejection_skips_and_panic_mode_uses_all() {
         let m = Metrics::new();
-        let u = Upstream::new(&svc(Balance::RoundRobin, 2), 1, None, &m).expect("upstream");
+        let u = Upstream::new(&svc(Balance::RoundRobin, 2), None, 1, None, &m).expect("upstream");
         let h = HeaderMap::new();
         let e0 = u.endpoints()[0].clone();
         u.record_failure(&e0);
@@ -517,7 +528,7 @@ mod tests {
             base_ejection_ms: 20,
             max_ejection_ms: 1_000,
         };
-        let u = Upstream::new(&s, 1, None, &m).expect("upstream");
+        let u = Upstream::new(&s, None, 1, None, &m).expect("upstream");
         let e0 = u.endpoints()[0].clone();
         u.record_failure(&e0);
         assert!(e0.is_ejected());
@@ -547,7 +558,8 @@ mod tests {
     #[test]
     fn consistent_hash_is_sticky_and_spreads() {
         let m = Metrics::new();
-        let u = Upstream::new(&svc(Balance::ConsistentHash, 4), 1, None, &m).expect("upstream");
+        let u =
+            Upstream::new(&svc(Balance::ConsistentHash, 4), None, 1, None, &m).expect("upstream");
         let h = HeaderMap::new();
         let mut seen = std::collections::HashSet::new();
         for last in 0..64u8 {
@@ -566,7 +578,7 @@ mod tests {
         let m = Metrics::new();
         let mut s = svc(Balance::ConsistentHash, 4);
         s.hash_header = Some("x-user".into());
-        let u = Upstream::new(&s, 1, None, &m).expect("upstream");
+        let u = Upstream::new(&s, None, 1, None, &m).expect("upstream");
         let mut h = HeaderMap::new();
         h.insert("x-user", "alice".parse().unwrap());
         let a = u.pick(&ctx(&h, 1), None).unwrap().addr;
@@ -582,7 +594,7 @@ mod tests {
     #[test]
     fn least_request_prefers_idle_endpoint() {
         let m = Metrics::new();
-        let u = Upstream::new(&svc(Balance::LeastRequest, 2), 1, None, &m).expect("upstream");
+        let u = Upstream::new(&svc(Balance::LeastRequest, 2), None, 1, None, &m).expect("upstream");
         let h = HeaderMap::new();
         let _busy: Vec<InFlight> = (0..5).map(|_| u.endpoints()[0].start_request()).collect();
         for _ in 0..10 {
@@ -593,8 +605,8 @@ mod tests {
     #[test]
     fn endpoints_survive_rebuild() {
         let m = Metrics::new();
-        let a = Upstream::new(&svc(Balance::Random, 2), 1, None, &m).expect("upstream");
-        let b = Upstream::new(&svc(Balance::Random, 3), 1, Some(&a), &m).expect("upstream");
+        let a = Upstream::new(&svc(Balance::Random, 2), None, 1, None, &m).expect("upstream");
+        let b = Upstream::new(&svc(Balance::Random, 3), None, 1, Some(&a), &m).expect("upstream");
         assert!(Arc::ptr_eq(&a.endpoints()[1], &b.endpoints()[1]));
         for _ in 0..20 {
             assert!(b.pick(&ctx(&HeaderMap::new(), 1), None).is_some());
@@ -614,12 +626,12 @@ mod tests {
             },
             ..svc(Balance::RoundRobin, 2)
         };
-        let a = Upstream::new(&plain, 1, None, &m).expect("upstream");
-        let b = Upstream::new(&tls("a.internal"), 1, Some(&a), &m).expect("upstream");
-        let c = Upstream::new(&tls("a.internal"), 1, Some(&b), &m).expect("upstream");
-        let d = Upstream::new(&tls("b.internal"), 1, Some(&c), &m).expect("upstream");
-        let e = Upstream::new(&plain, 1, Some(&d), &m).expect("upstream");
-        let f = Upstream::new(&plain, 1, Some(&e), &m).expect("upstream");
+        let a = Upstream::new(&plain, None, 1, None, &m).expect("upstream");
+        let b = Upstream::new(&tls("a.internal"), None, 1, Some(&a), &m).expect("upstream");
+        let c = Upstream::new(&tls("a.internal"), None, 1, Some(&b), &m).expect("upstream");
+        let d = Upstream::new(&tls("b.internal"), None, 1, Some(&c), &m).expect("upstream");
+        let e = Upstream::new(&plain, None, 1, Some(&d), &m).expect("upstream");
+        let f = Upstream::new(&plain, None, 1, Some(&e), &m).expect("upstream");
         let kept = |x: &Upstream, y: &Upstream| Arc::ptr_eq(&x.endpoints()[0], &y.endpoints()[0]);
         // (before, after, endpoints (and pooled connections) kept, why)
         let steps = [

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
+use rustls::sign::SingleCertAndKey;
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
@@ -22,7 +23,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use super::config::UpstreamTls;
+use super::config::{TlsSecret, UpstreamTls};
 use super::tls::TlsError;
 
 /// How to open TLS sessions to one Service's endpoints.
@@ -32,6 +33,8 @@ pub struct TlsOrigination {
     server_name: Option<ServerName<'static>>,
     /// The settings this was built from (reused while a reload leaves them alone).
     settings: UpstreamTls,
+    /// The client certificate's Secret as it was loaded (its contents count too).
+    client: Option<TlsSecret>,
 }
 
 impl std::fmt::Debug for TlsOrigination {
@@ -43,10 +46,12 @@ impl std::fmt::Debug for TlsOrigination {
 }
 
 impl TlsOrigination {
-    /// The client side of `settings` (None when TLS is off), loading the CA. `service`
-    /// (`namespace/name:port`) names the Service in errors.
+    /// The client side of `settings` (None when TLS is off), loading the CA and `client`,
+    /// the Secret `settings.client_secret` names. `service` (`namespace/name:port`) names the
+    /// Service in errors.
     pub fn from_config(
         settings: &UpstreamTls,
+        client: Option<&TlsSecret>,
         service: &str,
     ) -> Result<Option<Arc<Self>>, TlsError> {
         if !settings.enabled {
@@ -60,7 +65,7 @@ impl TlsOrigination {
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| err(e.to_string()))?;
-        let mut cfg = if settings.verify {
+        let cfg = if settings.verify {
             let certs: Vec<CertificateDer<'static>> = match (&settings.ca_file, &settings.ca_pem) {
                 (Some(path), _) => CertificateDer::pem_file_iter(path)
                     .map_err(|e| err(format!("{}: {e}", path.display())))?
@@ -78,12 +83,19 @@ impl TlsOrigination {
                     format!("none of the {ignored} certificates parses")
                 }));
             }
-            builder.with_root_certificates(roots).with_no_client_auth()
+            builder.with_root_certificates(roots)
         } else {
             builder
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(NoVerification(provider)))
-                .with_no_client_auth()
+        };
+        // Offered only when the endpoint asks for a client certificate.
+        let mut cfg = match client {
+            Some(secret) => {
+                let key = super::tls::load_secret(secret)?;
+                cfg.with_client_cert_resolver(Arc::new(SingleCertAndKey::from(key)))
+            }
+            None => cfg.with_no_client_auth(),
         };
         // The exchange is HTTP/1.1; saying so lets a server that also speaks h2 pick right.
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -98,12 +110,13 @@ impl TlsOrigination {
             connector: TlsConnector::from(Arc::new(cfg)),
             server_name,
             settings: settings.clone(),
+            client: client.cloned(),
         })))
     }
 
-    /// The settings this was built from.
-    pub fn settings(&self) -> &UpstreamTls {
-        &self.settings
+    /// Whether this was built from `settings` and `client` (then it can be kept).
+    pub fn built_from(&self, settings: &UpstreamTls, client: Option<&TlsSecret>) -> bool {
+        self.settings == *settings && self.client.as_ref() == client
     }
 
     fn name_for(&self, addr: SocketAddr) -> ServerName<'static> {
@@ -276,7 +289,7 @@ mod tests {
     #[test]
     fn off_builds_nothing() {
         assert!(
-            TlsOrigination::from_config(&UpstreamTls::default(), "s")
+            TlsOrigination::from_config(&UpstreamTls::default(), None, "s")
                 .expect("off")
                 .is_none()
         );
@@ -299,7 +312,7 @@ mod tests {
                 ca_file: file.map(Into::into),
                 ..settings()
             };
-            let e = TlsOrigination::from_config(&s, "default/api:443")
+            let e = TlsOrigination::from_config(&s, None, "default/api:443")
                 .expect_err("bad CA")
                 .to_string();
             assert!(
@@ -316,6 +329,7 @@ mod tests {
                 verify: false,
                 ..settings()
             },
+            None,
             "s",
         )
         .expect("builds")
@@ -332,6 +346,7 @@ mod tests {
                 server_name: Some("api.internal".into()),
                 ..settings()
             },
+            None,
             "s",
         )
         .expect("builds")
