@@ -4,7 +4,8 @@
 //! EndpointSlices while a client drives requests loses none; an invalid Ingress among good
 //! ones is rejected with an Event naming it while the others keep serving; served Ingresses
 //! get the proxy's address in their status; a path whose Service is missing answers 503 while
-//! the rest of its Ingress serves; an API-server outage leaves the last rules serving.
+//! the rest of its Ingress serves; an API-server outage leaves the last rules serving; a
+//! Service annotated for TLS to its endpoints follows the CA in its Secret.
 //!
 //! Every test has its own namespace, IngressClass and controller name, so tests sharing one
 //! API server never see each other's objects.
@@ -871,6 +872,118 @@ fn kube_proxy_keeps_serving_while_the_api_server_is_down() {
         })
         .await;
         eventually("app still served", WAIT, || served("app.example.test")).await;
+        drop(proxy);
+    });
+}
+
+/// A Service whose endpoints speak TLS (the `xlb.dev/proxy-backend-protocol` annotation)
+/// with their CA in a Secret: refused while the Secret holds another CA, served once the
+/// Secret is rotated to the right one; no restart, nothing else touched.
+#[test]
+fn kube_proxy_speaks_tls_to_annotated_services_and_follows_their_ca_secret() {
+    let server = KubeServer::start(KubeOptions::default());
+    let server = &server;
+    runtime().block_on(async {
+        let client = server.client().await;
+        let scene = Scene::new(
+            &client,
+            "kproxy-upstream-tls",
+            "xlb-upstream-tls",
+            "test.xlb.dev/upstream-tls",
+        )
+        .await;
+        let (ns, class, controller) = (scene.ns, scene.class, scene.controller);
+        let pki = Pki::new();
+        let (secure, seen) = support::tls_upstream("secure", &pki, &["secure.internal"]).await;
+        let services: Api<Service> = Api::namespaced(client.clone(), ns);
+        put(
+            &services,
+            &obj(json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"namespace": ns, "name": "secure", "annotations": {
+                    "xlb.dev/proxy-backend-protocol": "HTTPS",
+                    "xlb.dev/proxy-ssl-secret": "secure-ca",
+                    "xlb.dev/proxy-ssl-name": "secure.internal",
+                }},
+                "spec": {"ports": [{"name": "https", "port": 443, "protocol": "TCP",
+                                    "targetPort": "https"}]},
+            })),
+        )
+        .await;
+        put(
+            &scene.slices,
+            &obj(json!({
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"namespace": ns, "name": "secure-1",
+                             "labels": {"kubernetes.io/service-name": "secure"}},
+                "addressType": "IPv4",
+                "ports": [{"name": "https", "port": secure.addr.port(), "protocol": "TCP"}],
+                "endpoints": [{"addresses": [secure.addr.ip().to_string()],
+                               "conditions": {"ready": true}}],
+            })),
+        )
+        .await;
+        // As cert-manager writes it: the leaf, its key and the issuing CA in ca.crt.
+        let ca_secret = |ca: &Pki| {
+            let mut s = tls_secret(ns, "secure-ca", &ca.leaf(&["secure.internal"]));
+            s.data.get_or_insert_default().insert(
+                "ca.crt".into(),
+                k8s_openapi::ByteString(ca.ca_pem.clone().into_bytes()),
+            );
+            s
+        };
+        put(&scene.secrets, &ca_secret(&Pki::new())).await;
+        let spec = json!({"rules": [{"host": "secure.example.test", "http": {"paths": [
+            {"path": "/", "pathType": "Prefix",
+             "backend": {"service": {"name": "secure", "port": {"name": "https"}}}}]}}]});
+        put(
+            &scene.ingresses,
+            &ingress(ns, "secure", class, spec, json!({})),
+        )
+        .await;
+        let proxy = tokio::task::block_in_place(|| {
+            ProxyProcess::start(
+                server,
+                &[
+                    "--kube-controller",
+                    controller,
+                    "--kube-identity",
+                    "test-upstream-tls",
+                ],
+            )
+        });
+        let http = proxy.http;
+        let answers = |want: StatusCode| async move {
+            matches!(try_get(http, "secure.example.test").await,
+                Ok((status, _)) if status == want)
+            .then_some(())
+        };
+        eventually(
+            "502 while the Secret holds a CA the endpoint's certificate does not chain to",
+            WAIT,
+            || answers(StatusCode::BAD_GATEWAY),
+        )
+        .await;
+        assert_eq!(
+            secure.hits(),
+            0,
+            "no request reached an unverified endpoint"
+        );
+
+        put(&scene.secrets, &ca_secret(&pki)).await;
+        eventually("served once the CA is right", WAIT, || {
+            answers(StatusCode::OK)
+        })
+        .await;
+        let (_, body) = try_get(http, "secure.example.test").await.expect("served");
+        assert_eq!(backend(&body), Some("secure"), "{body}");
+        assert!(
+            seen.completed()
+                .iter()
+                .all(|(sni, _)| sni.as_deref() == Some("secure.internal")),
+            "{:?}",
+            seen.completed()
+        );
         drop(proxy);
     });
 }
