@@ -145,6 +145,19 @@ impl Scene {
         put(&scene.slices, &web_slice(ns, "web-1", scene.v1.addr)).await;
         scene
     }
+
+    /// Starts `xlb proxy --kubernetes` for this scene's controller as `identity`, with
+    /// `extra` arguments.
+    fn proxy(&self, server: &KubeServer, identity: &str, extra: &[&str]) -> ProxyProcess {
+        let mut args = vec![
+            "--kube-controller",
+            self.controller,
+            "--kube-identity",
+            identity,
+        ];
+        args.extend_from_slice(extra);
+        tokio::task::block_in_place(|| ProxyProcess::start(server, &args))
+    }
 }
 
 /// One GET of `path` over a fresh plain connection; errors are returned, not panicked on.
@@ -391,7 +404,7 @@ fn kube_proxy_routes_and_swaps_ingress_secret_and_endpoints_without_failed_reque
     runtime().block_on(async {
         let client = server.client().await;
         let scene = Scene::new(&client, "kproxy-live", "xlb-live", "test.xlb.dev/live").await;
-        let (ns, class, controller) = (scene.ns, scene.class, scene.controller);
+        let (ns, class) = (scene.ns, scene.class);
         let (slices, secrets) = (&scene.slices, &scene.secrets);
         // References, so the polling closures below can copy them into their futures.
         let ingresses = &scene.ingresses;
@@ -412,17 +425,11 @@ fn kube_proxy_routes_and_swaps_ingress_secret_and_endpoints_without_failed_reque
         put(ingresses, &ingress(ns, "web", class, spec(vec![]), json!({}))).await;
 
         phase("objects created");
-        let proxy = tokio::task::block_in_place(|| {
-            ProxyProcess::start(
-                server,
-                &[
-                    "--kube-controller", controller,
-                    "--kube-namespace", ns,
-                    "--kube-publish-address", "192.0.2.80",
-                    "--kube-identity", "test-live",
-                ],
-            )
-        });
+        let proxy = scene.proxy(
+            server,
+            "test-live",
+            &["--kube-namespace", ns, "--kube-publish-address", "192.0.2.80"],
+        );
 
         phase("proxy serving");
         // HTTP by Host, HTTPS by SNI with the Secret's certificate; port by name and number.
@@ -516,7 +523,7 @@ fn kube_proxy_rejects_an_invalid_ingress_with_an_event_and_serves_the_others() {
     runtime().block_on(async {
         let client = server.client().await;
         let scene = Scene::new(&client, "kproxy-bad", "xlb-bad", "test.xlb.dev/bad").await;
-        let (ns, class, controller) = (scene.ns, scene.class, scene.controller);
+        let (ns, class) = (scene.ns, scene.class);
         let secrets = &scene.secrets;
         let events: Api<Event> = Api::namespaced(client.clone(), ns);
         let ingresses = &scene.ingresses;
@@ -604,21 +611,11 @@ fn kube_proxy_rejects_an_invalid_ingress_with_an_event_and_serves_the_others() {
         set_lb_status(json!({"hostname": "proxy.example.test"})).await;
         let publish = format!("{ns}/proxy-lb");
 
-        let mut proxy = tokio::task::block_in_place(|| {
-            ProxyProcess::start(
-                server,
-                &[
-                    "--kube-controller",
-                    controller,
-                    "--kube-namespace",
-                    ns,
-                    "--kube-publish-service",
-                    &publish,
-                    "--kube-identity",
-                    "test-bad",
-                ],
-            )
-        });
+        let mut proxy = scene.proxy(
+            server,
+            "test-bad",
+            &["--kube-namespace", ns, "--kube-publish-service", &publish],
+        );
 
         let (status, body) = try_get(proxy.http, "good.example.test")
             .await
@@ -816,7 +813,7 @@ fn kube_proxy_keeps_serving_while_the_api_server_is_down() {
             "test.xlb.dev/outage",
         )
         .await;
-        let (ns, class, controller) = (scene.ns, scene.class, scene.controller);
+        let (ns, class) = (scene.ns, scene.class);
         let ingresses = &scene.ingresses;
         let plain = |host: &str| json!({"rules": [rule(host, json!({"name": "http"}))]});
         put(
@@ -824,17 +821,7 @@ fn kube_proxy_keeps_serving_while_the_api_server_is_down() {
             &ingress(ns, "app", class, plain("app.example.test"), json!({})),
         )
         .await;
-        let proxy = tokio::task::block_in_place(|| {
-            ProxyProcess::start(
-                server,
-                &[
-                    "--kube-controller",
-                    controller,
-                    "--kube-identity",
-                    "test-outage",
-                ],
-            )
-        });
+        let proxy = scene.proxy(server, "test-outage", &[]);
         let http = proxy.http;
         let served = |host: &'static str| async move {
             matches!(try_get(http, host).await, Ok((StatusCode::OK, _))).then_some(())
@@ -881,8 +868,7 @@ fn kube_proxy_keeps_serving_while_the_api_server_is_down() {
 /// Secret is rotated to the right one; no restart, nothing else touched.
 #[test]
 fn kube_proxy_speaks_tls_to_annotated_services_and_follows_their_ca_secret() {
-    let server = KubeServer::start(KubeOptions::default());
-    let server = &server;
+    let server = KubeServer::shared();
     runtime().block_on(async {
         let client = server.client().await;
         let scene = Scene::new(
@@ -892,7 +878,7 @@ fn kube_proxy_speaks_tls_to_annotated_services_and_follows_their_ca_secret() {
             "test.xlb.dev/upstream-tls",
         )
         .await;
-        let (ns, class, controller) = (scene.ns, scene.class, scene.controller);
+        let (ns, class) = (scene.ns, scene.class);
         let pki = Pki::new();
         let (secure, seen) = support::tls_upstream("secure", &pki, &["secure.internal"]).await;
         let services: Api<Service> = Api::namespaced(client.clone(), ns);
@@ -941,17 +927,7 @@ fn kube_proxy_speaks_tls_to_annotated_services_and_follows_their_ca_secret() {
             &ingress(ns, "secure", class, spec, json!({})),
         )
         .await;
-        let proxy = tokio::task::block_in_place(|| {
-            ProxyProcess::start(
-                server,
-                &[
-                    "--kube-controller",
-                    controller,
-                    "--kube-identity",
-                    "test-upstream-tls",
-                ],
-            )
-        });
+        let proxy = scene.proxy(server, "test-upstream-tls", &[]);
         let http = proxy.http;
         let answers = |want: StatusCode| async move {
             matches!(try_get(http, "secure.example.test").await,

@@ -21,6 +21,7 @@ use lb_userspace::proxy::config::{
 use rustls::pki_types::pem::PemObject as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
 
 /// Upper bound for any single network step of a test.
 pub const STEP: Duration = Duration::from_secs(10);
@@ -461,6 +462,39 @@ pub async fn metrics(addr: SocketAddr) -> String {
     let got = get(addr, "127.0.0.1", "/metrics").await;
     assert_eq!(got.status, StatusCode::OK);
     got.body
+}
+
+/// A WebSocket to `url` through the proxy's plain listener at `addr` (answered 101).
+pub async fn websocket(
+    addr: SocketAddr,
+    url: &str,
+) -> tokio_tungstenite::WebSocketStream<TcpStream> {
+    let tcp = within("connect", TcpStream::connect(addr))
+        .await
+        .expect("connect to proxy");
+    let (ws, resp) = within("ws handshake", tokio_tungstenite::client_async(url, tcp))
+        .await
+        .expect("websocket handshake through the proxy");
+    assert_eq!(resp.status(), 101);
+    ws
+}
+
+/// Sends `n` text messages and expects each echoed back.
+pub async fn echo_round<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, tag: &str, n: usize)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    for i in 0..n {
+        let text = format!("{tag}-{i}");
+        within("ws send", ws.send(Message::text(text.clone())))
+            .await
+            .expect("send");
+        let back = within("ws echo", ws.next())
+            .await
+            .expect("stream open")
+            .expect("message");
+        assert_eq!(back, Message::text(text));
+    }
 }
 
 /// A throwaway CA and leaf certificates.

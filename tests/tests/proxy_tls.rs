@@ -9,7 +9,6 @@ mod support;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use futures_util::{SinkExt as _, StreamExt as _};
 use hyper::StatusCode;
 use lb_userspace::proxy::config::{
     ANNOTATION_SSL_REDIRECT, ActiveHealth, IngressTls, PathType::*, ProxyConfig, TlsSecret,
@@ -17,7 +16,6 @@ use lb_userspace::proxy::config::{
 };
 use rustls::version::{TLS12, TLS13};
 use support::*;
-use tokio_tungstenite::tungstenite::Message;
 
 struct Fixture {
     pki: Pki,
@@ -330,27 +328,8 @@ async fn tls_upstreams_are_verified_pooled_resumed_and_carry_bodies_and_websocke
     );
 
     // A WebSocket tunnels through a TLS session of its own.
-    let tcp = within("connect", tokio::net::TcpStream::connect(addr))
-        .await
-        .expect("connect");
-    let (mut ws, resp) = within(
-        "ws handshake",
-        tokio_tungstenite::client_async("ws://app.test/chat", tcp),
-    )
-    .await
-    .expect("websocket through the proxy to a TLS upstream");
-    assert_eq!(resp.status(), 101);
-    for i in 0..5 {
-        let text = format!("hello {i}");
-        within("ws send", ws.send(Message::text(text.clone())))
-            .await
-            .expect("send");
-        let back = within("ws echo", ws.next())
-            .await
-            .expect("open")
-            .expect("message");
-        assert_eq!(back.into_text().expect("text").as_str(), text);
-    }
+    let mut ws = websocket(addr, "ws://app.test/chat").await;
+    echo_round(&mut ws, "tls-upstream", 5).await;
     assert_eq!(seen.failed.load(std::sync::atomic::Ordering::SeqCst), 0);
     assert!(
         seen.completed()

@@ -9,24 +9,6 @@ use rustls::version::TLS13;
 use support::*;
 use tokio_tungstenite::tungstenite::Message;
 
-/// Sends `n` messages and expects each echoed back.
-async fn echo_round<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, tag: &str, n: usize)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    for i in 0..n {
-        let text = format!("{tag}-{i}");
-        within("ws send", ws.send(Message::text(text.clone())))
-            .await
-            .expect("send");
-        let back = within("ws echo", ws.next())
-            .await
-            .expect("stream open")
-            .expect("message");
-        assert_eq!(back, Message::text(text));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_is_tunnelled_over_http_and_https() {
     let pki = Pki::new();
@@ -52,16 +34,7 @@ async fn websocket_is_tunnelled_over_http_and_https() {
     cfg.ingresses = vec![ing];
     let proxy = start(cfg);
 
-    let tcp = tokio::net::TcpStream::connect(proxy.http_addr.expect("http"))
-        .await
-        .expect("connect");
-    let (mut ws, resp) = within(
-        "ws handshake",
-        tokio_tungstenite::client_async("ws://ws.test/chat/room1", tcp),
-    )
-    .await
-    .expect("websocket handshake through the proxy");
-    assert_eq!(resp.status(), 101);
+    let mut ws = websocket(proxy.http_addr.expect("http"), "ws://ws.test/chat/room1").await;
     echo_round(&mut ws, "plain", 20).await;
     // Large binary frames cross in both directions too.
     let blob = vec![7u8; 256 * 1024];

@@ -166,6 +166,17 @@ fn rejected(t: &IngressTranslation) -> Vec<(&str, &str)> {
         .collect()
 }
 
+/// The one rejection names Service `web` and says `says`.
+fn assert_web_rejected(t: &IngressTranslation, annotations: &Value, says: &str) {
+    let reasons = rejected(t);
+    assert!(
+        reasons.len() == 1
+            && reasons[0].1.contains("service default/web")
+            && reasons[0].1.contains(says),
+        "{annotations}: {reasons:?}"
+    );
+}
+
 fn addrs(list: &[&str]) -> Vec<SocketAddr> {
     list.iter().map(|a| a.parse().unwrap()).collect()
 }
@@ -427,13 +438,7 @@ fn service_annotations_set_the_proxy_policy() {
     ] {
         let t = annotated(annotations.clone());
         assert!(served(&t).is_empty(), "{annotations}");
-        let reasons = rejected(&t);
-        assert!(
-            reasons.len() == 1
-                && reasons[0].1.contains("service default/web")
-                && reasons[0].1.contains(says),
-            "{annotations}: {reasons:?}"
-        );
+        assert_web_rejected(&t, &annotations, says);
     }
 }
 
@@ -556,13 +561,7 @@ fn backend_protocol_annotations_set_tls_to_the_endpoints() {
     ] {
         let t = with(annotations.clone(), secrets);
         assert!(served(&t).is_empty(), "{annotations}");
-        let reasons = rejected(&t);
-        assert!(
-            reasons.len() == 1
-                && reasons[0].1.contains("service default/web")
-                && reasons[0].1.contains(says),
-            "{annotations}: {reasons:?}"
-        );
+        assert_web_rejected(&t, &annotations, says);
     }
 }
 
