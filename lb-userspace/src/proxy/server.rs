@@ -1169,7 +1169,7 @@ async fn exchange(state: &State, f: &mut Forward) -> Outcome {
         {
             Ok(x) => x,
             Err(e) => {
-                tracing::debug!(endpoint = %ep.addr, error = %e, "upstream connect failed");
+                upstream.log_connect_failure(&ep, &e);
                 upstream.errors.inc();
                 upstream.record_failure(&ep);
                 connect_attempts -= 1;

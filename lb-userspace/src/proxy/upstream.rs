@@ -42,6 +42,11 @@ fn worker_index() -> usize {
 }
 
 /// Milliseconds on a process-wide monotonic clock (for atomics).
+/// An upstream's connect failures (refused, timed out, TLS handshake refused) are logged at
+/// warn at most this often; the others at debug. A wrong CA or a dead Service is then seen
+/// in the log without a line per request.
+const CONNECT_WARN_INTERVAL_MS: u64 = 10_000;
+
 fn now_ms() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     let start = *START.get_or_init(Instant::now);
@@ -176,6 +181,8 @@ pub struct Upstream {
     active: ActiveHealth,
     /// TLS to the endpoints (None: plain HTTP).
     tls: Option<Arc<TlsOrigination>>,
+    /// When a connect failure was last logged at warn (`u64::MAX`: never).
+    last_connect_warn: AtomicU64,
     next: AtomicUsize,
     /// Pre-resolved metric handles (no label lookups per request).
     pub(crate) errors: Counter,
@@ -253,8 +260,30 @@ impl Upstream {
             health: svc.health.clone(),
             active: svc.active_health.clone(),
             tls,
+            last_connect_warn: AtomicU64::new(u64::MAX),
             next: AtomicUsize::new(0),
         })
+    }
+
+    /// Logs a failed connect to `e`: at warn for the first one in
+    /// [`CONNECT_WARN_INTERVAL_MS`] (over all workers), else at debug.
+    pub fn log_connect_failure(&self, e: &Endpoint, error: &dyn std::fmt::Display) {
+        if self.connect_warn_due(now_ms()) {
+            tracing::warn!(upstream = %self.name, endpoint = %e.addr, %error,
+                "upstream connect failed (further failures of this upstream within 10 s are logged at debug)");
+        } else {
+            tracing::debug!(upstream = %self.name, endpoint = %e.addr, %error,
+                "upstream connect failed");
+        }
+    }
+
+    fn connect_warn_due(&self, now: u64) -> bool {
+        let last = self.last_connect_warn.load(Ordering::Relaxed);
+        (last == u64::MAX || now.saturating_sub(last) >= CONNECT_WARN_INTERVAL_MS)
+            && self
+                .last_connect_warn
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     /// TLS to the endpoints, if the Service asks for it.
@@ -610,6 +639,24 @@ mod tests {
         assert!(Arc::ptr_eq(&a.endpoints()[1], &b.endpoints()[1]));
         for _ in 0..20 {
             assert!(b.pick(&ctx(&HeaderMap::new(), 1), None).is_some());
+        }
+    }
+
+    #[test]
+    fn connect_failures_are_warned_about_once_per_interval() {
+        let m = Metrics::new();
+        let u = Upstream::new(&svc(Balance::RoundRobin, 1), None, 1, None, &m).expect("upstream");
+        // (ms since start, warn due, why)
+        let steps = [
+            (0, true, "the first failure"),
+            (5_000, false, "within the interval"),
+            (9_999, false, "still within"),
+            (10_000, true, "the interval has passed"),
+            (10_001, false, "a new interval started"),
+            (25_000, true, "long after"),
+        ];
+        for (now, want, why) in steps {
+            assert_eq!(u.connect_warn_due(now), want, "{now} ms: {why}");
         }
     }
 
