@@ -8,12 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
 use hyper::StatusCode;
 use lb_userspace::proxy::config::{Balance, IngressTls, PathType::*, ProxyConfig, TlsSecret};
 use rustls::version::TLS13;
 use support::*;
-use tokio_tungstenite::tungstenite::Message;
 
 /// Change number `i`: endpoints, balancing policy, an extra route and the certificate vary.
 fn generation(i: usize, ups: &[std::net::SocketAddr], certs: &[(String, String)]) -> ProxyConfig {
@@ -67,14 +65,7 @@ async fn hundred_reloads_under_load_drop_nothing() {
     // Open WebSockets first; they must survive every change.
     let mut sockets = Vec::new();
     for _ in 0..4 {
-        let tcp = tokio::net::TcpStream::connect(http).await.expect("connect");
-        let (ws, _) = within(
-            "ws handshake",
-            tokio_tungstenite::client_async("ws://app.test/ws", tcp),
-        )
-        .await
-        .expect("websocket");
-        sockets.push(ws);
+        sockets.push(websocket(http, "ws://app.test/ws").await);
     }
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -155,15 +146,7 @@ async fn hundred_reloads_under_load_drop_nothing() {
         );
         if i % 10 == 0 {
             for (j, ws) in sockets.iter_mut().enumerate() {
-                let text = format!("change {i} socket {j}");
-                within("ws send", ws.send(Message::text(text.clone())))
-                    .await
-                    .expect("ws open");
-                let back = within("ws echo", ws.next())
-                    .await
-                    .expect("ws not closed")
-                    .expect("ws message");
-                assert_eq!(back, Message::text(text));
+                echo_round(ws, &format!("change {i} socket {j}"), 1).await;
             }
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
