@@ -98,6 +98,8 @@ pub(crate) enum BodyLength {
 
 enum Kind {
     Upstream(UpstreamBody),
+    /// From an HTTP/2 upstream (hyper's client): data and trailers.
+    Streamed(Incoming),
     Full(Option<Bytes>),
 }
 
@@ -138,6 +140,13 @@ impl RespBody {
         b
     }
 
+    /// An HTTP/2 upstream's body, counted in flight on its endpoint until dropped.
+    pub(crate) fn streamed(body: Incoming, in_flight: InFlight) -> Self {
+        let mut b = Self::new(Kind::Streamed(body));
+        b._in_flight = Some(in_flight);
+        b
+    }
+
     fn new(kind: Kind) -> Self {
         Self {
             kind,
@@ -159,6 +168,11 @@ impl RespBody {
             Kind::Full(b) => BodyLength::Known(b.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Upstream(up) if up.unknown_length() => BodyLength::Unknown,
             Kind::Upstream(_) => BodyLength::FromHead,
+            // HTTP/2 knows the length from content-length (then in the head) or from the
+            // stream ending with the head.
+            Kind::Streamed(b) if b.is_end_stream() => BodyLength::Known(0),
+            Kind::Streamed(b) if b.size_hint().exact().is_some() => BodyLength::FromHead,
+            Kind::Streamed(_) => BodyLength::Unknown,
         }
     }
 
@@ -180,6 +194,9 @@ impl Body for RespBody {
         let r = match &mut this.kind {
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream(up) => Pin::new(up).poll_frame(cx),
+            Kind::Streamed(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map_err(|e| Box::new(e) as BoxError),
         };
         if let Poll::Ready(Some(Ok(f))) = &r
             && let Some(d) = f.data_ref()
@@ -193,6 +210,7 @@ impl Body for RespBody {
         match &self.kind {
             Kind::Full(b) => b.is_none(),
             Kind::Upstream(inc) => inc.is_end_stream(),
+            Kind::Streamed(b) => b.is_end_stream(),
         }
     }
 
@@ -200,6 +218,7 @@ impl Body for RespBody {
         match &self.kind {
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Upstream(inc) => inc.size_hint(),
+            Kind::Streamed(b) => b.size_hint(),
         }
     }
 }

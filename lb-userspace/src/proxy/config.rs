@@ -388,8 +388,10 @@ pub struct Service {
     pub namespace: String,
     /// The Service port Ingress backends refer to.
     pub port: u16,
-    /// Ready endpoint addresses (spoken to in HTTP/1.1); empty = 503.
+    /// Ready endpoint addresses; empty = 503.
     pub endpoints: Vec<SocketAddr>,
+    /// The HTTP version spoken to the endpoints: `http1` (default) or `h2` (gRPC needs it).
+    pub protocol: UpstreamProtocol,
     /// Load-balancing policy across `endpoints`.
     pub balance: Balance,
     /// For `consistent_hash`: hash this request header; absent = hash the client address.
@@ -409,6 +411,7 @@ impl Default for Service {
             namespace: "default".to_owned(),
             port: 80,
             endpoints: Vec::new(),
+            protocol: UpstreamProtocol::Http1,
             balance: Balance::RoundRobin,
             hash_header: None,
             health: PassiveHealth::default(),
@@ -499,6 +502,20 @@ impl UpstreamTls {
             _ => Ok(()),
         }
     }
+}
+
+/// The HTTP version spoken to a Service's endpoints.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 over pooled connections, one request at a time per connection.
+    #[default]
+    Http1,
+    /// HTTP/2, requests multiplexed on one connection per endpoint and worker: with `tls`
+    /// the endpoint must pick `h2` by ALPN, without it the connection starts with the HTTP/2
+    /// preface (h2c "prior knowledge", as gRPC servers expect). Response trailers (gRPC's
+    /// status) are passed to HTTP/2 clients.
+    H2,
 }
 
 /// Load-balancing policy.

@@ -15,7 +15,11 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::config::ActiveHealth;
+use bytes::Bytes;
+use http_body_util::Empty;
+
+use super::config::{ActiveHealth, UpstreamProtocol};
+use super::h2_upstream;
 use super::upstream::{Endpoint, Upstream};
 use super::upstream_tls::UpstreamIo;
 
@@ -124,16 +128,28 @@ fn start_due(
             }
             t.running = true;
             let host = cfg.host.clone().unwrap_or_else(|| ep.addr.to_string());
-            let request = format!(
-                "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: xlb-health-check\r\n\
-                 Accept: */*\r\nConnection: close\r\n\r\n"
-            );
             let (addr, timeout) = (ep.addr, Duration::from_millis(cfg.timeout_ms));
             let up = up.clone();
-            let task = checks.spawn(async move {
-                let connect = UpstreamIo::connect(addr, timeout, up.tls());
-                (key, check(connect, request.as_bytes(), timeout).await)
-            });
+            let task = match up.protocol() {
+                UpstreamProtocol::Http1 => {
+                    let request = format!(
+                        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: xlb-health-check\r\n\
+                         Accept: */*\r\nConnection: close\r\n\r\n"
+                    );
+                    checks.spawn(async move {
+                        let connect = UpstreamIo::connect(addr, timeout, up.tls());
+                        (key, check(connect, request.as_bytes(), timeout).await)
+                    })
+                }
+                UpstreamProtocol::H2 => {
+                    let scheme = if up.tls().is_some() { "https" } else { "http" };
+                    let uri = format!("{scheme}://{host}{path}");
+                    checks.spawn(async move {
+                        let connect = UpstreamIo::connect(addr, timeout, up.tls());
+                        (key, check_h2(connect, &uri, timeout).await)
+                    })
+                }
+            };
             keys.insert(task.id(), key);
         }
     }
@@ -201,6 +217,32 @@ async fn check(
             buf.extend_from_slice(&chunk[..n]);
         }
         status_code(&buf).ok_or_else(|| "malformed status line".to_owned())
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {} ms", timeout.as_millis())))
+}
+
+/// [`check`] for an HTTP/2 endpoint: a `GET uri` on a connection of its own.
+async fn check_h2(
+    connect: impl Future<Output = std::io::Result<UpstreamIo>>,
+    uri: &str,
+    timeout: Duration,
+) -> Result<u16, String> {
+    let exchange = async {
+        let io = connect.await.map_err(|e| format!("connect: {e}"))?;
+        let mut sender = h2_upstream::handshake::<Empty<Bytes>>(io)
+            .await
+            .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+        let req = http::Request::get(uri)
+            .header(http::header::USER_AGENT, "xlb-health-check")
+            .body(Empty::new())
+            .map_err(|e| format!("request {uri}: {e}"))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("HTTP/2 request: {e}"))?;
+        Ok(resp.status().as_u16())
     };
     tokio::time::timeout(timeout, exchange)
         .await

@@ -15,6 +15,7 @@ pub mod body;
 pub mod client;
 pub mod config;
 pub mod h1guard;
+pub mod h2_upstream;
 pub mod head;
 pub mod health;
 pub mod metrics;

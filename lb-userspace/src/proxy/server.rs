@@ -28,9 +28,10 @@ use tokio::sync::watch;
 use super::access_log::LogRecord;
 use super::body::{ReqBody, RespBody};
 use super::client::{Exchange, ExchangeError, ResponseHead, UpstreamBody, UpstreamConn};
-use super::config::{Annotations, ConfigError, ProxyConfig};
+use super::config::{Annotations, ConfigError, ProxyConfig, UpstreamProtocol};
 use super::h1guard::GuardedIo;
-use super::head::{ClientText, Headers, RequestHead, encode_request};
+use super::h2_upstream::{self, BodyFault, WatchedBody};
+use super::head::{ClientText, Headers, RequestHead, encode_request, nominated};
 use super::metrics::{Metrics, RuleCounters};
 use super::path;
 use super::routing::RouteTable;
@@ -848,6 +849,8 @@ struct Forward {
     raw_lines: Option<Vec<u8>>,
     /// Set by the exchange: the upstream's response carried a Date header.
     upstream_date: bool,
+    /// See [`Routed::te_trailers`].
+    te_trailers: bool,
     upgrade: Option<hyper::upgrade::OnUpgrade>,
 }
 
@@ -994,6 +997,9 @@ struct Routed {
     chunked: bool,
     upgrade: bool,
     affinity: u64,
+    /// The client accepts trailers (`TE: trailers`) and the upstream speaks HTTP/2: the
+    /// hop-by-hop TE is sent on to it (gRPC servers require it).
+    te_trailers: bool,
 }
 
 /// Routes a request head and encodes its upstream head into `head`; the `Err` is the local
@@ -1058,11 +1064,16 @@ fn route_view(
         headers: v.headers,
         set: Some((head, &encoded.set)),
     });
+    let te_trailers = route.upstream.protocol() == UpstreamProtocol::H2
+        && v.headers
+            .get(&header::TE)
+            .is_some_and(|te| nominated(te).any(|t| t.eq_ignore_ascii_case(b"trailers")));
     Ok(Routed {
         route,
         chunked,
         upgrade: encoded.upgrade,
         affinity,
+        te_trailers,
     })
 }
 
@@ -1121,6 +1132,7 @@ fn route_request(state: &State, ctx: &ConnCtx, req: Request<Incoming>) -> Next {
         head,
         chunked: routed.chunked,
         affinity: routed.affinity,
+        te_trailers: routed.te_trailers,
         upgrade: client_upgrade,
     })
 }
@@ -1132,6 +1144,9 @@ async fn forward(state: &State, ctx: &ConnCtx, mut f: Forward) -> Outcome {
 }
 
 async fn exchange(state: &State, f: &mut Forward) -> Outcome {
+    if f.route.upstream.protocol() == UpstreamProtocol::H2 {
+        return exchange_h2(state, f).await;
+    }
     let s = &state.settings;
     let route = &f.route;
     let body = &mut f.body;
@@ -1254,6 +1269,123 @@ async fn exchange(state: &State, f: &mut Forward) -> Outcome {
             resp,
             route: Some(route.clone()),
             endpoint,
+        };
+    }
+}
+
+/// [`exchange`] with an HTTP/2 upstream: the request goes on this worker's multiplexed
+/// connection to the endpoint (see `h2_upstream`). Connect failures and 5xx count towards
+/// ejection as over HTTP/1.1, and idempotent requests are retried once on another endpoint
+/// after a connect failure; a request the connection closed before taking is sent again on
+/// a new one.
+async fn exchange_h2(state: &State, f: &mut Forward) -> Outcome {
+    let s = &state.settings;
+    let route = &f.route;
+    let upstream = &route.upstream;
+    let local = |status| Outcome::local(status, Some(route.clone()));
+    if f.upgrade.is_some() {
+        // Upgrades over HTTP/2 need extended CONNECT (RFC 8441) at both ends.
+        return local(StatusCode::NOT_IMPLEMENTED);
+    }
+    let https = upstream.tls().is_some();
+    let Some(req) = h2_upstream::request_from_head(&f.head, &f.method, https, f.te_trailers) else {
+        return local(StatusCode::BAD_REQUEST);
+    };
+    let has_body = !f.body.is_end_stream();
+    let (body, fault) = WatchedBody::new(std::mem::replace(&mut f.body, ReqBody::empty()));
+    let mut req = req.map(|()| body);
+    let idempotent = is_idempotent(&f.method);
+    let mut excluded: Option<Arc<Endpoint>> = None;
+    let mut connect_attempts = 2u8;
+    let mut resends = 2u8;
+    loop {
+        let Some(ep) = upstream.pick_by(f.affinity, excluded.as_deref()) else {
+            let status = if excluded.is_some() {
+                StatusCode::BAD_GATEWAY
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            return local(status);
+        };
+        let failed = |status| {
+            upstream.errors.inc();
+            upstream.record_failure(&ep);
+            Outcome {
+                endpoint: Some(ep.addr),
+                ..local(status)
+            }
+        };
+        let in_flight = ep.start_request();
+        let mut sender = match h2_upstream::sender_for(&ep, upstream.tls(), s.connect).await {
+            Ok(sender) => sender,
+            Err(e) => {
+                upstream.log_connect_failure(&ep, &e);
+                connect_attempts -= 1;
+                if idempotent && connect_attempts > 0 {
+                    upstream.errors.inc();
+                    upstream.record_failure(&ep);
+                    excluded = Some(ep);
+                    continue;
+                }
+                return failed(StatusCode::BAD_GATEWAY);
+            }
+        };
+        let resp = match tokio::time::timeout(s.response, sender.try_send_request(req)).await {
+            Err(_) => return failed(StatusCode::GATEWAY_TIMEOUT),
+            Ok(Ok(resp)) => resp,
+            Ok(Err(mut e)) => {
+                if let Some(back) = e.take_message()
+                    && resends > 0
+                {
+                    // The connection closed before the request went out (GOAWAY, reset):
+                    // nothing reached the endpoint; open a new one and send it again.
+                    ep.set_h2_sender(None);
+                    resends -= 1;
+                    req = back;
+                    continue;
+                }
+                return match fault.get() {
+                    Some(BodyFault::TooLarge) => local(StatusCode::PAYLOAD_TOO_LARGE),
+                    Some(BodyFault::Client) => local(StatusCode::BAD_REQUEST),
+                    // The connection broke under the request (an endpoint restarting closes
+                    // it without GOAWAY): one without a body that may be repeated is sent
+                    // again on a new connection, as a stale HTTP/1.1 connection's would be.
+                    None if idempotent && !has_body && resends > 0 => {
+                        tracing::debug!(endpoint = %ep.addr, error = %e.into_error(),
+                            "upstream HTTP/2 connection failed under a request; sending it again");
+                        ep.set_h2_sender(None);
+                        resends -= 1;
+                        let Some(again) = h2_upstream::request_from_head(
+                            &f.head,
+                            &f.method,
+                            https,
+                            f.te_trailers,
+                        ) else {
+                            return local(StatusCode::BAD_REQUEST);
+                        };
+                        req = again.map(|()| WatchedBody::new(ReqBody::empty()).0);
+                        continue;
+                    }
+                    None => {
+                        tracing::debug!(endpoint = %ep.addr, error = %e.into_error(),
+                            "upstream HTTP/2 exchange failed");
+                        failed(StatusCode::BAD_GATEWAY)
+                    }
+                };
+            }
+        };
+        let (mut parts, body) = resp.into_parts();
+        if parts.status.is_server_error() {
+            upstream.record_failure(&ep);
+        } else {
+            upstream.record_success(&ep);
+        }
+        f.upstream_date = parts.headers.contains_key(header::DATE);
+        parts.version = Version::HTTP_11;
+        return Outcome {
+            resp: Response::from_parts(parts, RespBody::streamed(body, in_flight)),
+            route: Some(route.clone()),
+            endpoint: Some(ep.addr),
         };
     }
 }

@@ -16,7 +16,8 @@ use prometheus_client::metrics::counter::Counter;
 use rand::Rng;
 
 use super::client::UpstreamConn;
-use super::config::{ActiveHealth, Balance, PassiveHealth, Service, TlsSecret};
+use super::config::{ActiveHealth, Balance, PassiveHealth, Service, TlsSecret, UpstreamProtocol};
+use super::h2_upstream::H2Sender;
 use super::head::{Headers, SetValues};
 use super::metrics::{EndpointStates, Metrics};
 use super::tls::TlsError;
@@ -71,6 +72,8 @@ pub struct Endpoint {
     /// every request, and a pointer moves faster than the connection.
     #[allow(clippy::vec_box)]
     idle: Box<[Mutex<Vec<Box<UpstreamConn>>>]>,
+    /// For HTTP/2 Services: the multiplexed connection of each worker (see `h2_upstream`).
+    h2: Box<[Mutex<Option<H2Sender>>]>,
 }
 
 impl Endpoint {
@@ -85,6 +88,7 @@ impl Endpoint {
             idle: (0..workers.max(1))
                 .map(|_| Mutex::new(Vec::new()))
                 .collect(),
+            h2: (0..workers.max(1)).map(|_| Mutex::new(None)).collect(),
         }
     }
 
@@ -125,6 +129,21 @@ impl Endpoint {
         if idle.len() < MAX_IDLE_PER_WORKER {
             idle.push(s);
         }
+    }
+
+    /// This worker's HTTP/2 connection, if it is open.
+    pub(crate) fn h2_sender(&self) -> Option<H2Sender> {
+        let slot = self.h2[worker_index() % self.h2.len()]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        slot.as_ref().filter(|s| !s.is_closed()).cloned()
+    }
+
+    /// Makes `s` this worker's HTTP/2 connection (None: forget the one there, it failed).
+    pub(crate) fn set_h2_sender(&self, s: Option<H2Sender>) {
+        *self.h2[worker_index() % self.h2.len()]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = s;
     }
 
     /// Counts a request in flight until the guard drops (least_request reads this).
@@ -181,6 +200,8 @@ pub struct Upstream {
     active: ActiveHealth,
     /// TLS to the endpoints (None: plain HTTP).
     tls: Option<Arc<TlsOrigination>>,
+    /// The HTTP version spoken to the endpoints.
+    protocol: UpstreamProtocol,
     /// When a connect failure was last logged at warn (`u64::MAX`: never).
     last_connect_warn: AtomicU64,
     next: AtomicUsize,
@@ -211,15 +232,18 @@ impl Upstream {
         metrics: &Metrics,
     ) -> Result<Self, TlsError> {
         let name: Arc<str> = format!("{}/{}:{}", svc.namespace, svc.name, svc.port).into();
-        let same_transport = |p: &&Upstream| match (&p.tls, svc.tls.enabled) {
-            (None, false) => true,
-            (Some(t), true) => t.built_from(&svc.tls, client),
-            _ => false,
+        let same_transport = |p: &&Upstream| {
+            p.protocol == svc.protocol
+                && match (&p.tls, svc.tls.enabled) {
+                    (None, false) => true,
+                    (Some(t), true) => t.built_from(&svc.tls, client, svc.protocol),
+                    _ => false,
+                }
         };
         let previous = previous.filter(same_transport);
         let tls = match previous {
             Some(p) => p.tls.clone(),
-            None => TlsOrigination::from_config(&svc.tls, client, &name)?,
+            None => TlsOrigination::for_protocol(&svc.tls, client, &name, svc.protocol)?,
         };
         let endpoints: Vec<Arc<Endpoint>> = svc
             .endpoints
@@ -260,6 +284,7 @@ impl Upstream {
             health: svc.health.clone(),
             active: svc.active_health.clone(),
             tls,
+            protocol: svc.protocol,
             last_connect_warn: AtomicU64::new(u64::MAX),
             next: AtomicUsize::new(0),
         })
@@ -289,6 +314,11 @@ impl Upstream {
     /// TLS to the endpoints, if the Service asks for it.
     pub fn tls(&self) -> Option<&TlsOrigination> {
         self.tls.as_deref()
+    }
+
+    /// The HTTP version spoken to the endpoints.
+    pub fn protocol(&self) -> UpstreamProtocol {
+        self.protocol
     }
 
     /// The endpoints, in config order.
@@ -679,6 +709,14 @@ mod tests {
         let d = Upstream::new(&tls("b.internal"), None, 1, Some(&c), &m).expect("upstream");
         let e = Upstream::new(&plain, None, 1, Some(&d), &m).expect("upstream");
         let f = Upstream::new(&plain, None, 1, Some(&e), &m).expect("upstream");
+        let h2 = |s: Service| Service {
+            protocol: UpstreamProtocol::H2,
+            ..s
+        };
+        let g = Upstream::new(&h2(plain.clone()), None, 1, Some(&f), &m).expect("upstream");
+        let h = Upstream::new(&h2(plain.clone()), None, 1, Some(&g), &m).expect("upstream");
+        let i = Upstream::new(&h2(tls("b.internal")), None, 1, Some(&h), &m).expect("upstream");
+        let j = Upstream::new(&tls("b.internal"), None, 1, Some(&i), &m).expect("upstream");
         let kept = |x: &Upstream, y: &Upstream| Arc::ptr_eq(&x.endpoints()[0], &y.endpoints()[0]);
         // (before, after, endpoints (and pooled connections) kept, why)
         let steps = [
@@ -687,6 +725,15 @@ mod tests {
             (&c, &d, false, "another server name"),
             (&d, &e, false, "TLS → plain"),
             (&e, &f, true, "plain → plain"),
+            (&f, &g, false, "HTTP/1.1 → HTTP/2"),
+            (&g, &h, true, "HTTP/2 → HTTP/2"),
+            (&h, &i, false, "h2c → h2 over TLS"),
+            (
+                &i,
+                &j,
+                false,
+                "HTTP/2 over TLS → HTTP/1.1 over TLS, same TLS settings",
+            ),
         ];
         for (x, y, want, why) in steps {
             assert_eq!(kept(x, y), want, "{why}");

@@ -23,7 +23,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use super::config::{TlsSecret, UpstreamTls};
+use super::config::{TlsSecret, UpstreamProtocol, UpstreamTls};
 use super::tls::TlsError;
 
 /// How to open TLS sessions to one Service's endpoints.
@@ -35,6 +35,8 @@ pub struct TlsOrigination {
     settings: UpstreamTls,
     /// The client certificate's Secret as it was loaded (its contents count too).
     client: Option<TlsSecret>,
+    /// The HTTP version offered by ALPN (and required of the endpoint for HTTP/2).
+    protocol: UpstreamProtocol,
 }
 
 impl std::fmt::Debug for TlsOrigination {
@@ -53,6 +55,17 @@ impl TlsOrigination {
         settings: &UpstreamTls,
         client: Option<&TlsSecret>,
         service: &str,
+    ) -> Result<Option<Arc<Self>>, TlsError> {
+        Self::for_protocol(settings, client, service, UpstreamProtocol::Http1)
+    }
+
+    /// [`TlsOrigination::from_config`] for endpoints spoken to in `protocol`: ALPN offers
+    /// only that protocol, and an HTTP/2 endpoint that does not pick `h2` is refused.
+    pub fn for_protocol(
+        settings: &UpstreamTls,
+        client: Option<&TlsSecret>,
+        service: &str,
+        protocol: UpstreamProtocol,
     ) -> Result<Option<Arc<Self>>, TlsError> {
         if !settings.enabled {
             return Ok(None);
@@ -97,8 +110,12 @@ impl TlsOrigination {
             }
             None => cfg.with_no_client_auth(),
         };
-        // The exchange is HTTP/1.1; saying so lets a server that also speaks h2 pick right.
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // Offering only the protocol the exchange speaks lets a server that speaks both pick
+        // right; one that picks nothing is still fine for HTTP/1.1 (the default then).
+        cfg.alpn_protocols = vec![match protocol {
+            UpstreamProtocol::Http1 => b"http/1.1".to_vec(),
+            UpstreamProtocol::H2 => b"h2".to_vec(),
+        }];
         let server_name = match &settings.server_name {
             Some(n) => Some(
                 ServerName::try_from(n.clone())
@@ -111,12 +128,18 @@ impl TlsOrigination {
             server_name,
             settings: settings.clone(),
             client: client.cloned(),
+            protocol,
         })))
     }
 
-    /// Whether this was built from `settings` and `client` (then it can be kept).
-    pub fn built_from(&self, settings: &UpstreamTls, client: Option<&TlsSecret>) -> bool {
-        self.settings == *settings && self.client.as_ref() == client
+    /// Whether this was built from `settings`, `client` and `protocol` (then it can be kept).
+    pub fn built_from(
+        &self,
+        settings: &UpstreamTls,
+        client: Option<&TlsSecret>,
+        protocol: UpstreamProtocol,
+    ) -> bool {
+        self.settings == *settings && self.client.as_ref() == client && self.protocol == protocol
     }
 
     fn name_for(&self, addr: SocketAddr) -> ServerName<'static> {
@@ -207,6 +230,14 @@ impl UpstreamIo {
                         .map_err(|e| {
                             io::Error::new(e.kind(), format!("TLS handshake with {addr}: {e}"))
                         })?;
+                    if t.protocol == UpstreamProtocol::H2
+                        && s.get_ref().1.alpn_protocol() != Some(b"h2")
+                    {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("{addr} did not pick HTTP/2 (ALPN h2) in the TLS handshake"),
+                        ));
+                    }
                     Ok(Self::Tls(Box::new(s)))
                 }
             }

@@ -309,6 +309,7 @@ where
                     headers: HeaderMap::new(),
                     raw_lines: Some(std::mem::take(&mut self.lines)),
                     upstream_date: false,
+                    te_trailers: routed.te_trailers,
                     upgrade: None,
                 };
                 let out =
