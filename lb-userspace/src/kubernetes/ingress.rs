@@ -79,7 +79,9 @@ pub const PROXY_CHECK_UNHEALTHY: &str = "xlb.dev/proxy-health-check-unhealthy-th
 /// Service annotation: passed checks in a row that bring it back.
 pub const PROXY_CHECK_HEALTHY: &str = "xlb.dev/proxy-health-check-healthy-threshold";
 
-/// Service annotation: `HTTP` (default) or `HTTPS`: the protocol spoken to the endpoints.
+/// Service annotation: the protocol spoken to the endpoints: `HTTP` (default) or `HTTPS`
+/// (HTTP/1.1), `GRPC` or `GRPCS` (HTTP/2 without or with TLS; any HTTP/2 service, not
+/// only gRPC).
 pub const PROXY_BACKEND_PROTOCOL: &str = "xlb.dev/proxy-backend-protocol";
 /// Service annotation: `"true"` (default) or `"false"`: verify the endpoints' certificates.
 pub const PROXY_SSL_VERIFY: &str = "xlb.dev/proxy-ssl-verify";
@@ -117,6 +119,7 @@ pub fn service_policy(svc: &Service) -> Result<ServicePolicy, String> {
     let mut ca_secret = None;
     let mut client_secret = None;
     let mut tls_detail = None;
+    let mut backend_protocol = String::from("HTTP");
     for (k, v) in annotations {
         let bad = |what: &str| format!("annotation {k}: {v:?} is not {what}");
         let number = || v.trim().parse::<u64>().map_err(|_| bad("a number"));
@@ -147,11 +150,15 @@ pub fn service_policy(svc: &Service) -> Result<ServicePolicy, String> {
             PROXY_CHECK_UNHEALTHY => out.active_health.unhealthy_threshold = count()?,
             PROXY_CHECK_HEALTHY => out.active_health.healthy_threshold = count()?,
             PROXY_BACKEND_PROTOCOL => {
-                out.tls.enabled = match v.trim().to_ascii_uppercase().as_str() {
-                    "HTTP" => false,
-                    "HTTPS" => true,
-                    _ => return Err(bad("HTTP or HTTPS")),
+                let named = v.trim().to_ascii_uppercase();
+                (out.tls.enabled, out.protocol) = match named.as_str() {
+                    "HTTP" => (false, pc::UpstreamProtocol::Http1),
+                    "HTTPS" => (true, pc::UpstreamProtocol::Http1),
+                    "GRPC" => (false, pc::UpstreamProtocol::H2),
+                    "GRPCS" => (true, pc::UpstreamProtocol::H2),
+                    _ => return Err(bad("HTTP, HTTPS, GRPC or GRPCS")),
                 };
+                backend_protocol = named;
             }
             PROXY_SSL_VERIFY => {
                 out.tls.verify = match v.trim() {
@@ -208,13 +215,13 @@ pub fn service_policy(svc: &Service) -> Result<ServicePolicy, String> {
     if !out.tls.enabled {
         if let Some(k) = tls_detail {
             return Err(format!(
-                "annotation {k}: the endpoints are spoken to in plain HTTP \
-                 (set {PROXY_BACKEND_PROTOCOL}: HTTPS)"
+                "annotation {k}: the endpoints are spoken to without TLS \
+                 (set {PROXY_BACKEND_PROTOCOL}: HTTPS or GRPCS)"
             ));
         }
     } else if out.tls.verify && ca_secret.is_none() {
         return Err(format!(
-            "annotation {PROXY_BACKEND_PROTOCOL}: HTTPS verifies the endpoints' certificates: \
+            "annotation {PROXY_BACKEND_PROTOCOL}: {backend_protocol} verifies the endpoints' certificates: \
              set {PROXY_SSL_SECRET} to a Secret whose ca.crt they chain to, \
              or {PROXY_SSL_VERIFY}: \"false\" to encrypt without authenticating them"
         ));

@@ -6,7 +6,7 @@ use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use serde_json::{Value, json};
 
 use super::*;
-use crate::proxy::config::{Backend, PathType};
+use crate::proxy::config::{Backend, PathType, UpstreamProtocol};
 
 fn class(name: &str, controller: &str, default: bool) -> IngressClass {
     let annotations = if default {
@@ -482,6 +482,21 @@ fn backend_protocol_annotations_set_tls_to_the_endpoints() {
 
     let t = with(json!({PROXY_BACKEND_PROTOCOL: "HTTP"}), vec![]);
     assert!(!t.config.services[0].tls.enabled);
+    assert_eq!(t.config.services[0].protocol, UpstreamProtocol::Http1);
+
+    // GRPC and GRPCS: HTTP/2 to the endpoints, without and with TLS (verified as HTTPS).
+    let t = with(json!({PROXY_BACKEND_PROTOCOL: "GRPC"}), vec![]);
+    assert_eq!(served(&t), ["a"], "{:?}", t.rejected);
+    assert_eq!(t.config.services[0].protocol, UpstreamProtocol::H2);
+    assert!(!t.config.services[0].tls.enabled);
+    let t = with(
+        json!({PROXY_BACKEND_PROTOCOL: "grpcs", PROXY_SSL_SECRET: "web-ca"}),
+        vec![ca.clone()],
+    );
+    assert_eq!(served(&t), ["a"], "{:?}", t.rejected);
+    assert_eq!(t.config.services[0].protocol, UpstreamProtocol::H2);
+    assert!(t.config.services[0].tls.enabled && t.config.services[0].tls.verify);
+    t.config.validate().expect("a valid config");
 
     // Mutual TLS: the client certificate's Secret goes into the config with the Service.
     let t = with(
@@ -512,9 +527,19 @@ fn backend_protocol_annotations_set_tls_to_the_endpoints() {
             PROXY_SSL_SECRET,
         ),
         (
+            json!({PROXY_BACKEND_PROTOCOL: "GRPCS"}),
+            vec![],
+            "GRPCS verifies",
+        ),
+        (
+            json!({PROXY_BACKEND_PROTOCOL: "GRPC", PROXY_SSL_NAME: "web.internal"}),
+            vec![],
+            "spoken to without TLS",
+        ),
+        (
             json!({PROXY_SSL_VERIFY: "false"}),
             vec![],
-            "spoken to in plain HTTP",
+            "spoken to without TLS",
         ),
         (
             json!({PROXY_BACKEND_PROTOCOL: "HTTPS", PROXY_SSL_VERIFY: "no"}),
@@ -556,7 +581,7 @@ fn backend_protocol_annotations_set_tls_to_the_endpoints() {
         (
             json!({PROXY_SSL_CLIENT_SECRET: "web-ca"}),
             vec![ca.clone()],
-            "spoken to in plain HTTP",
+            "spoken to without TLS",
         ),
     ] {
         let t = with(annotations.clone(), secrets);
