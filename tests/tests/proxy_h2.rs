@@ -1,0 +1,982 @@
+//! HTTP/2 to upstream endpoints (`Service.protocol = h2`): cleartext h2c with prior knowledge
+//! and TLS with ALPN `h2`, requests multiplexed on one connection per endpoint and worker,
+//! gRPC-shaped calls with response trailers, forwarding headers, HTTP/1.1 clients, upgrades
+//! refused with 501, connect failures (502), body limits (413) and reconnection after the
+//! upstream closes its connection. The upstreams are real HTTP/2 servers (the `h2` crate)
+//! that record what they receive.
+
+#[path = "proxy_support.rs"]
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::HeaderMap;
+use hyper::StatusCode;
+use lb_userspace::proxy::config::{
+    ANNOTATION_MAX_BODY, ActiveHealth, PathType::*, ProxyConfig, Service, UpstreamProtocol,
+    UpstreamTls,
+};
+use rustls::pki_types::pem::PemObject as _;
+use support::*;
+use tokio::net::{TcpListener, TcpStream};
+
+/// Requests the upstream holds until all of them have arrived (path ending in `/Together`).
+const TOGETHER: usize = 20;
+
+/// Time given to the proxy to notice that an upstream connection closed: the tests check
+/// that the *next* request reconnects, not a request racing the close.
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// One request as an upstream received it (recorded once its body has been read in full).
+#[derive(Debug, Clone)]
+struct Seen {
+    version: http::Version,
+    method: http::Method,
+    /// Path and query.
+    target: String,
+    /// `:authority`.
+    authority: Option<String>,
+    headers: HeaderMap,
+    body_len: usize,
+}
+
+impl Seen {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// What an upstream observed, shared with its connection tasks.
+struct State {
+    name: &'static str,
+    /// TCP connections accepted.
+    accepted: AtomicUsize,
+    /// Connections whose socket has been closed (by either side).
+    closed: AtomicUsize,
+    /// TLS handshakes that failed.
+    tls_failed: AtomicUsize,
+    /// ALPN protocol of each completed TLS handshake.
+    alpn: Mutex<Vec<Option<Vec<u8>>>>,
+    /// Requests whose body ended in an error (reset by the proxy).
+    body_errors: AtomicUsize,
+    seen: Mutex<Vec<Seen>>,
+    together: tokio::sync::Barrier,
+    /// This many requests whose path ends in `/Crash` close their connection at once, as a
+    /// restarting server does (no GOAWAY, no answer); later ones are answered.
+    crashes: AtomicUsize,
+}
+
+/// A loopback HTTP/2 server (h2c, or TLS with the given ALPN) answering every request 200
+/// with a body and the trailers `grpc-status: 0`, `grpc-message: ok`.
+///
+/// gRPC requests (`content-type: application/grpc…`) get a gRPC message `hello from NAME`;
+/// others get `backend=NAME\npath=TARGET\nlen=BODY_LENGTH\n` as text.
+struct H2Upstream {
+    addr: SocketAddr,
+    state: Arc<State>,
+    goaway: tokio::sync::watch::Sender<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for H2Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl H2Upstream {
+    fn accepted(&self) -> usize {
+        self.state.accepted.load(Ordering::SeqCst)
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().expect("lock").clone()
+    }
+
+    fn alpn(&self) -> Vec<Option<Vec<u8>>> {
+        self.state.alpn.lock().expect("lock").clone()
+    }
+
+    /// Shuts every open connection down gracefully (GOAWAY, then close once idle).
+    fn goaway(&self) {
+        self.goaway.send_modify(|g| *g += 1);
+    }
+
+    /// Waits until `n` connections have been closed.
+    async fn closed(&self, n: usize) {
+        within("upstream connections closed", async {
+            while self.state.closed.load(Ordering::SeqCst) < n {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+    }
+
+    /// Stops the server abruptly: the listener and every connection are closed (no GOAWAY).
+    async fn stop(&mut self) {
+        self.task.abort();
+        let _ = within("upstream stops", &mut self.task).await;
+        self.closed(self.accepted()).await;
+    }
+}
+
+/// Counts a connection closed when dropped; declared before the connection, dropped after it.
+struct Closed(Arc<State>);
+
+impl Drop for Closed {
+    fn drop(&mut self) {
+        self.0.closed.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Starts an h2c upstream on 127.0.0.1.
+async fn h2_upstream(name: &'static str) -> H2Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    serve(name, listener, None)
+}
+
+/// Starts an h2c upstream on `addr` (a port a stopped upstream used).
+fn h2_upstream_at(name: &'static str, addr: SocketAddr) -> H2Upstream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_reuseaddr(true).expect("SO_REUSEADDR");
+    socket.bind(addr).expect("bind the same port again");
+    serve(name, socket.listen(128).expect("listen"), None)
+}
+
+/// Starts an HTTP/2 upstream behind TLS with a certificate of `pki` for `hosts`, selecting
+/// among `alpn` (it speaks HTTP/2 whatever the handshake negotiated).
+async fn h2_tls_upstream(
+    name: &'static str,
+    pki: &Pki,
+    hosts: &[&str],
+    alpn: &[&[u8]],
+) -> H2Upstream {
+    let (crt, key) = pki.leaf(hosts);
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(crt.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .expect("leaf PEM");
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key PEM");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server cert");
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    serve(
+        name,
+        listener,
+        Some(tokio_rustls::TlsAcceptor::from(Arc::new(cfg))),
+    )
+}
+
+fn serve(
+    name: &'static str,
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> H2Upstream {
+    let addr = listener.local_addr().expect("addr");
+    let state = Arc::new(State {
+        name,
+        accepted: AtomicUsize::new(0),
+        closed: AtomicUsize::new(0),
+        tls_failed: AtomicUsize::new(0),
+        alpn: Mutex::new(Vec::new()),
+        body_errors: AtomicUsize::new(0),
+        seen: Mutex::new(Vec::new()),
+        together: tokio::sync::Barrier::new(TOGETHER),
+        crashes: AtomicUsize::new(0),
+    });
+    let (goaway, mut rx) = tokio::sync::watch::channel(0u64);
+    let st = state.clone();
+    let task = tokio::spawn(async move {
+        // Owned here: aborting this task drops the set, which aborts every connection.
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            while conns.try_join_next().is_some() {}
+            st.accepted.fetch_add(1, Ordering::SeqCst);
+            // A clone starts where `rx` is: mark past GOAWAYs seen, they were for older
+            // connections.
+            rx.borrow_and_update();
+            let (st, tls, rx) = (st.clone(), tls.clone(), rx.clone());
+            conns.spawn(async move {
+                let _closed = Closed(st.clone());
+                // Pinned in a named local so that it (and its socket) drops before `_closed`.
+                let mut conn = Box::pin(async move {
+                    match tls {
+                        None => serve_connection(tcp, st, rx).await,
+                        Some(acceptor) => match acceptor.accept(tcp).await {
+                            Ok(s) => {
+                                let alpn = s.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+                                st.alpn.lock().expect("lock").push(alpn);
+                                serve_connection(s, st, rx).await;
+                            }
+                            Err(_) => {
+                                st.tls_failed.fetch_add(1, Ordering::SeqCst);
+                            }
+                        },
+                    }
+                });
+                (&mut conn).await;
+                drop(conn);
+            });
+        }
+    });
+    H2Upstream {
+        addr,
+        state,
+        goaway,
+        task,
+    }
+}
+
+async fn serve_connection<IO>(
+    io: IO,
+    state: Arc<State>,
+    mut goaway: tokio::sync::watch::Receiver<u64>,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let Ok(mut conn) = h2::server::handshake(io).await else {
+        return;
+    };
+    let mut watching = true;
+    loop {
+        tokio::select! {
+            next = conn.accept() => match next {
+                Some(Ok((req, respond))) => {
+                    let crash = req.uri().path().ends_with("/Crash")
+                        && state
+                            .crashes
+                            .try_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                            .is_ok();
+                    if crash {
+                        // Dropping the connection closes the socket without a GOAWAY.
+                        break;
+                    }
+                    tokio::spawn(answer(state.clone(), req, respond));
+                }
+                _ => break,
+            },
+            changed = goaway.changed(), if watching => {
+                watching = false;
+                if changed.is_ok() {
+                    conn.graceful_shutdown();
+                }
+            }
+        }
+    }
+}
+
+async fn answer(
+    state: Arc<State>,
+    req: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+) {
+    let (parts, mut body) = req.into_parts();
+    let mut len = 0;
+    while let Some(chunk) = body.data().await {
+        match chunk {
+            Ok(c) => {
+                len += c.len();
+                let _ = body.flow_control().release_capacity(c.len());
+            }
+            Err(_) => {
+                state.body_errors.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
+        }
+    }
+    let target = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    state.seen.lock().expect("lock").push(Seen {
+        version: parts.version,
+        method: parts.method.clone(),
+        target: target.clone(),
+        authority: parts.uri.authority().map(|a| a.as_str().to_owned()),
+        headers: parts.headers.clone(),
+        body_len: len,
+    });
+    if parts.uri.path().ends_with("/Together") {
+        state.together.wait().await;
+    }
+    let grpc = parts
+        .headers
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let (content_type, payload) = if grpc {
+        (
+            "application/grpc",
+            grpc_frame(format!("hello from {}", state.name).as_bytes()),
+        )
+    } else {
+        (
+            "text/plain",
+            Bytes::from(format!(
+                "backend={}\npath={target}\nlen={len}\n",
+                state.name
+            )),
+        )
+    };
+    let resp = http::Response::builder()
+        .status(200)
+        .header("content-type", content_type)
+        .header("x-backend", state.name)
+        .body(())
+        .expect("response");
+    let Ok(mut send) = respond.send_response(resp, false) else {
+        return;
+    };
+    if send.send_data(payload, false).is_err() {
+        return;
+    }
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    trailers.insert("grpc-message", http::HeaderValue::from_static("ok"));
+    let _ = send.send_trailers(trailers);
+}
+
+/// A gRPC length-prefixed message (uncompressed).
+fn grpc_frame(msg: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(5 + msg.len());
+    out.push(0);
+    out.extend_from_slice(&u32::try_from(msg.len()).expect("small").to_be_bytes());
+    out.extend_from_slice(msg);
+    Bytes::from(out)
+}
+
+/// An h2c (prior knowledge) client connection to the proxy's plain listener.
+async fn h2c(addr: SocketAddr) -> h2::client::SendRequest<Bytes> {
+    let tcp = within("connect", TcpStream::connect(addr))
+        .await
+        .expect("connect to proxy");
+    let (send, conn) = within("h2c handshake", h2::client::handshake(tcp))
+        .await
+        .expect("h2c handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    send
+}
+
+/// A response as an HTTP/2 client got it, trailers included.
+#[derive(Debug)]
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+    trailers: Option<HeaderMap>,
+}
+
+impl Reply {
+    fn trailer(&self, name: &str) -> Option<&str> {
+        self.trailers
+            .as_ref()
+            .and_then(|t| t.get(name))
+            .and_then(|v| v.to_str().ok())
+    }
+}
+
+/// Sends `req` with `body` (as DATA frames, in these chunks, no content-length added) and
+/// returns the response head; a body the proxy stops reading is abandoned.
+async fn send_h2(
+    client: &h2::client::SendRequest<Bytes>,
+    req: http::Request<()>,
+    body: Vec<Bytes>,
+) -> http::Response<h2::RecvStream> {
+    let mut c = within("h2 ready", client.clone().ready())
+        .await
+        .expect("connection ready");
+    let (resp, mut send) = c.send_request(req, body.is_empty()).expect("send request");
+    let n = body.len();
+    for (i, chunk) in body.into_iter().enumerate() {
+        if send.send_data(chunk, i + 1 == n).is_err() {
+            break;
+        }
+    }
+    within("h2 response", resp).await.expect("response")
+}
+
+/// [`send_h2`], then reads the body and trailers.
+async fn exchange(
+    client: &h2::client::SendRequest<Bytes>,
+    req: http::Request<()>,
+    body: Vec<Bytes>,
+) -> Reply {
+    let (parts, mut recv) = send_h2(client, req, body).await.into_parts();
+    let mut data = Vec::new();
+    while let Some(chunk) = within("h2 body", recv.data()).await {
+        let chunk = chunk.expect("body chunk");
+        let _ = recv.flow_control().release_capacity(chunk.len());
+        data.extend_from_slice(&chunk);
+    }
+    let trailers = within("h2 trailers", recv.trailers())
+        .await
+        .expect("trailers");
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: Bytes::from(data),
+        trailers,
+    }
+}
+
+/// A unary gRPC-shaped call: POST, `content-type: application/grpc`, `te: trailers`.
+fn grpc_request(authority: &str, method: &str) -> http::Request<()> {
+    http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{authority}{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("user-agent", "xlb-test-grpc/1.0")
+        .body(())
+        .expect("request")
+}
+
+/// A Service port whose endpoints speak HTTP/2.
+fn h2_service(name: &str, endpoints: &[SocketAddr]) -> Service {
+    let mut s = service(name, endpoints);
+    s.protocol = UpstreamProtocol::H2;
+    s
+}
+
+/// A plain-HTTP proxy with one worker (so one upstream connection per endpoint), routing
+/// `host` to each Service.
+fn h2_config(routes: Vec<(&str, Service)>) -> ProxyConfig {
+    let mut cfg = base_config();
+    cfg.listen.workers = 1;
+    cfg.ingresses = vec![ingress(
+        "i",
+        routes
+            .iter()
+            .map(|(host, s)| (Some(*host), vec![path("/", Prefix, &s.name)]))
+            .collect(),
+    )];
+    cfg.services = routes.into_iter().map(|(_, s)| s).collect();
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_over_h2c_keeps_trailers_and_multiplexes_one_upstream_connection() {
+    let up = h2_upstream("g1").await;
+    let proxy = start(h2_config(vec![("grpc.test", h2_service("g", &[up.addr]))]));
+    let addr = proxy.http_addr.expect("http");
+
+    let client = h2c(addr).await;
+    let message = grpc_frame(&[b'x'; 100]);
+    let reply = exchange(
+        &client,
+        grpc_request("grpc.test", "/helloworld.Greeter/SayHello"),
+        vec![message.clone()],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        reply.headers.get("content-type").map(|v| v.as_bytes()),
+        Some(&b"application/grpc"[..])
+    );
+    assert_eq!(reply.body, grpc_frame(b"hello from g1"));
+    assert_eq!(
+        reply.trailer("grpc-status"),
+        Some("0"),
+        "trailers reach the client: {:?}",
+        reply.trailers
+    );
+    assert_eq!(reply.trailer("grpc-message"), Some("ok"));
+
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let s = &seen[0];
+    assert_eq!(s.version, http::Version::HTTP_2);
+    assert_eq!(s.method, http::Method::POST);
+    assert_eq!(s.target, "/helloworld.Greeter/SayHello");
+    assert_eq!(s.authority.as_deref(), Some("grpc.test"));
+    assert_eq!(s.header("te"), Some("trailers"), "{:?}", s.headers);
+    assert_eq!(s.header("content-type"), Some("application/grpc"));
+    assert_eq!(s.header("user-agent"), Some("xlb-test-grpc/1.0"));
+    assert_eq!(s.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(s.header("x-forwarded-proto"), Some("http"));
+    assert_eq!(s.header("x-forwarded-host"), Some("grpc.test"));
+    assert_eq!(
+        s.header("forwarded"),
+        Some("for=127.0.0.1;host=\"grpc.test\";proto=http")
+    );
+    assert_eq!(s.body_len, message.len());
+
+    // 20 calls from 20 client connections, all in flight at once: the upstream answers none
+    // of them before all have arrived, over the one connection of the one worker.
+    let calls = (0..TOGETHER).map(|i| async move {
+        let client = h2c(addr).await;
+        let reply = exchange(
+            &client,
+            grpc_request("grpc.test", "/helloworld.Greeter/Together"),
+            vec![grpc_frame(format!("call {i}").as_bytes())],
+        )
+        .await;
+        (i, reply)
+    });
+    for (i, reply) in futures_util::future::join_all(calls).await {
+        assert_eq!(reply.status, StatusCode::OK, "call {i}");
+        assert_eq!(reply.body, grpc_frame(b"hello from g1"), "call {i}");
+        assert_eq!(reply.trailer("grpc-status"), Some("0"), "call {i}");
+    }
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1 + TOGETHER);
+    assert!(
+        seen.iter()
+            .all(|s| s.version == http::Version::HTTP_2 && s.header("te") == Some("trailers")),
+        "{seen:?}"
+    );
+    assert_eq!(
+        up.accepted(),
+        1,
+        "one multiplexed upstream connection for the whole test"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http11_clients_reach_h2_upstreams_with_forwarding_headers_and_no_hop_by_hop_ones() {
+    let up = h2_upstream("g2").await;
+    let proxy = start(h2_config(vec![("grpc.test", h2_service("g", &[up.addr]))]));
+    let addr = proxy.http_addr.expect("http");
+
+    let tcp = within("connect", TcpStream::connect(addr))
+        .await
+        .expect("connect");
+    let mut c = h1(tcp).await;
+    let req = hyper::Request::builder()
+        .uri("/plain/page?x=1&y=two")
+        .header("host", "grpc.test")
+        .header("x-forwarded-for", "192.0.2.7")
+        .header("connection", "keep-alive, x-private")
+        .header("x-private", "secret")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-authorization", "Basic Zm9vOmJhcg==")
+        .header("x-kept", "yes")
+        .body(http_body_util::Full::new(Bytes::new()))
+        .expect("request");
+    let got = send1(&mut c, req).await;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.body);
+    assert_eq!(got.version, hyper::Version::HTTP_11);
+    assert_eq!(got.body, "backend=g2\npath=/plain/page?x=1&y=two\nlen=0\n");
+    assert_eq!(
+        got.headers.get("x-backend").map(|v| v.as_bytes()),
+        Some(&b"g2"[..])
+    );
+
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let s = &seen[0];
+    assert_eq!(s.version, http::Version::HTTP_2);
+    assert_eq!(s.method, http::Method::GET);
+    assert_eq!(s.target, "/plain/page?x=1&y=two");
+    assert_eq!(
+        s.authority.as_deref(),
+        Some("grpc.test"),
+        "Host → :authority"
+    );
+    assert_eq!(s.header("x-forwarded-for"), Some("192.0.2.7, 127.0.0.1"));
+    assert_eq!(s.header("x-forwarded-proto"), Some("http"));
+    assert_eq!(s.header("x-forwarded-host"), Some("grpc.test"));
+    assert_eq!(
+        s.header("forwarded"),
+        Some("for=127.0.0.1;host=\"grpc.test\";proto=http")
+    );
+    assert_eq!(s.header("x-kept"), Some("yes"));
+    for hop in [
+        "connection",
+        "x-private",
+        "keep-alive",
+        "proxy-authorization",
+        "upgrade",
+        "transfer-encoding",
+    ] {
+        assert_eq!(s.header(hop), None, "{hop} must not be forwarded");
+    }
+
+    // A body with Content-Length, on the same client connection.
+    let post = hyper::Request::post("/upload")
+        .header("host", "grpc.test")
+        .body(http_body_util::Full::new(Bytes::from(vec![b'y'; 10_000])))
+        .expect("request");
+    let got = send1(&mut c, post).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.body, "backend=g2\npath=/upload\nlen=10000\n");
+
+    // Fresh client connections share the upstream connection.
+    for i in 0..5 {
+        let got = get(addr, "grpc.test", &format!("/n/{i}")).await;
+        assert_eq!(got.status, StatusCode::OK);
+        assert_eq!(got.body, format!("backend=g2\npath=/n/{i}\nlen=0\n"));
+    }
+    assert_eq!(up.seen().len(), 7);
+    assert_eq!(up.accepted(), 1, "one upstream connection for every client");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_upstreams_must_select_h2_by_alpn() {
+    let pki = Pki::new();
+    let good = h2_tls_upstream("good", &pki, &["backend.test"], &[b"h2"]).await;
+    // Speaks HTTP/2 behind a handshake that offers only http/1.1: the proxy must not use it.
+    let bad = h2_tls_upstream("bad", &pki, &["backend.test"], &[b"http/1.1"]).await;
+    // Completes the handshake without selecting any protocol, then speaks HTTP/2: only the
+    // proxy's own ALPN check keeps requests from it.
+    let silent = h2_tls_upstream("silent", &pki, &["backend.test"], &[]).await;
+    let tls = UpstreamTls {
+        enabled: true,
+        server_name: Some("backend.test".into()),
+        ca_pem: Some(pki.ca_pem.clone()),
+        ..UpstreamTls::default()
+    };
+    let mut good_svc = h2_service("good", &[good.addr]);
+    good_svc.tls = tls.clone();
+    let mut bad_svc = h2_service("bad", &[bad.addr]);
+    bad_svc.tls = tls.clone();
+    bad_svc.health.consecutive_failures = 0;
+    let mut silent_svc = h2_service("silent", &[silent.addr]);
+    silent_svc.tls = tls;
+    silent_svc.health.consecutive_failures = 0;
+    let proxy = start(h2_config(vec![
+        ("good.test", good_svc),
+        ("bad.test", bad_svc),
+        ("silent.test", silent_svc),
+    ]));
+    let addr = proxy.http_addr.expect("http");
+
+    let got = get(addr, "good.test", "/secure?q=1").await;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.body);
+    assert_eq!(got.body, "backend=good\npath=/secure?q=1\nlen=0\n");
+    // And from an HTTP/2 client, with trailers.
+    let client = h2c(addr).await;
+    let reply = exchange(
+        &client,
+        grpc_request("good.test", "/svc.S/Call"),
+        vec![grpc_frame(b"ping")],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.body, grpc_frame(b"hello from good"));
+    assert_eq!(reply.trailer("grpc-status"), Some("0"));
+    let seen = good.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(
+        seen.iter()
+            .all(|s| s.version == http::Version::HTTP_2
+                && s.authority.as_deref() == Some("good.test")),
+        "{seen:?}"
+    );
+    assert_eq!(good.alpn(), [Some(b"h2".to_vec())], "one session, ALPN h2");
+
+    let got = get(addr, "bad.test", "/secure").await;
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{}", got.body);
+    assert!(bad.seen().is_empty(), "{:?}", bad.seen());
+    assert!(
+        bad.alpn().iter().all(|p| p.as_deref() != Some(&b"h2"[..])),
+        "{:?}",
+        bad.alpn()
+    );
+    eprintln!(
+        "bad upstream: {} handshakes failed, {:?} completed",
+        bad.state.tls_failed.load(Ordering::SeqCst),
+        bad.alpn()
+    );
+
+    let got = get(addr, "silent.test", "/secure").await;
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{}", got.body);
+    assert_eq!(
+        got.body, "502 Bad Gateway\n",
+        "error pages say nothing about internals"
+    );
+    // The proxy may answer before this end of the handshake has been recorded.
+    within("silent upstream's handshake", async {
+        while silent.alpn().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        silent.alpn(),
+        [None],
+        "the handshake completed, without ALPN"
+    );
+    assert!(silent.seen().is_empty(), "{:?}", silent.seen());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_upstream_connection_is_replaced_by_the_next_request() {
+    let mut up = h2_upstream("first").await;
+    let proxy = start(h2_config(vec![("grpc.test", h2_service("g", &[up.addr]))]));
+    let addr = proxy.http_addr.expect("http");
+
+    let got = get(addr, "grpc.test", "/one").await;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.body);
+    assert_eq!(up.accepted(), 1);
+
+    // Graceful shutdown: GOAWAY, then the upstream closes the idle connection.
+    up.goaway();
+    up.closed(1).await;
+    tokio::time::sleep(SETTLE).await;
+    let got = get(addr, "grpc.test", "/after-goaway").await;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.body);
+    assert_eq!(got.body, "backend=first\npath=/after-goaway\nlen=0\n");
+    assert_eq!(up.accepted(), 2, "a new connection after GOAWAY");
+    // The new connection is reused.
+    let client = h2c(addr).await;
+    let reply = exchange(
+        &client,
+        grpc_request("grpc.test", "/svc.S/Call"),
+        vec![grpc_frame(b"ping")],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.trailer("grpc-status"), Some("0"));
+    assert_eq!(up.accepted(), 2);
+
+    // The server goes away without a word and comes back on the same port.
+    let endpoint = up.addr;
+    up.stop().await;
+    tokio::time::sleep(SETTLE).await;
+    let again = h2_upstream_at("second", endpoint);
+    let got = get(addr, "grpc.test", "/after-restart").await;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.body);
+    assert_eq!(got.body, "backend=second\npath=/after-restart\nlen=0\n");
+    assert_eq!(again.accepted(), 1);
+    let reply = exchange(
+        &h2c(addr).await,
+        grpc_request("grpc.test", "/svc.S/Call"),
+        vec![grpc_frame(b"ping")],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.body, grpc_frame(b"hello from second"));
+    assert_eq!(again.seen().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_breaks_under_a_request_resends_it_only_when_safe() {
+    let up = h2_upstream("crashy").await;
+    let proxy = start(h2_config(vec![("grpc.test", h2_service("g", &[up.addr]))]));
+    let addr = proxy.http_addr.expect("http");
+    let got = get(addr, "grpc.test", "/warm").await;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.body);
+    assert_eq!(up.accepted(), 1);
+
+    // A GET (idempotent, no body) on the connection that breaks is sent again on a new one.
+    up.state.crashes.store(1, Ordering::SeqCst);
+    let got = get(addr, "grpc.test", "/a/Crash").await;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.body);
+    assert_eq!(got.body, "backend=crashy\npath=/a/Crash\nlen=0\n");
+    assert_eq!(
+        up.accepted(),
+        2,
+        "the request went again on a second connection"
+    );
+
+    // A POST might have been acted upon: it is answered 502, not repeated.
+    up.state.crashes.store(1, Ordering::SeqCst);
+    let client = h2c(addr).await;
+    let reply = exchange(
+        &client,
+        grpc_request("grpc.test", "/svc.S/Crash"),
+        vec![grpc_frame(b"once")],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    assert!(
+        up.seen().iter().all(|s| s.method != http::Method::POST),
+        "{:?}",
+        up.seen()
+    );
+    assert_eq!(up.accepted(), 2, "no second attempt");
+
+    // Resending is bounded: an endpoint that breaks every connection gets 502.
+    up.state.crashes.store(10, Ordering::SeqCst);
+    let got = get(addr, "grpc.test", "/b/Crash").await;
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{}", got.body);
+    assert_eq!(up.accepted(), 5, "the first try and two resends");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_health_checks_speak_http2_to_h2_services() {
+    let good = h2_upstream("h2-only").await;
+    // An endpoint that speaks HTTP/1.1 only: an HTTP/2 check of it fails.
+    let old = upstream("http1-only").await;
+    let mut svc = h2_service("g", &[good.addr, old.addr]);
+    svc.active_health = ActiveHealth {
+        path: Some("/healthz".into()),
+        interval_ms: 100,
+        timeout_ms: 100,
+        ..ActiveHealth::default()
+    };
+    let proxy = start(h2_config(vec![("grpc.test", svc)]));
+    let metrics_addr = proxy.metrics_addr.expect("metrics");
+    let settled = |m: &str| {
+        ["available", "check_failed"].iter().all(|state| {
+            m.contains(&format!(
+                "xlb_proxy_upstream_endpoints{{upstream=\"default/g:80\",state=\"{state}\"}} 1\n"
+            ))
+        })
+    };
+    within("checks settle", async {
+        while !settled(&metrics(metrics_addr).await) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let checks: Vec<Seen> = good
+        .seen()
+        .into_iter()
+        .filter(|s| s.target == "/healthz")
+        .collect();
+    assert!(!checks.is_empty(), "checks reached the h2 endpoint");
+    for c in &checks {
+        assert_eq!(c.version, http::Version::HTTP_2);
+        assert_eq!(c.method, http::Method::GET);
+        assert_eq!(c.header("user-agent"), Some("xlb-health-check"));
+    }
+    let before = old.hits();
+    for i in 0..10 {
+        let got = get(
+            proxy.http_addr.expect("http"),
+            "grpc.test",
+            &format!("/r{i}"),
+        )
+        .await;
+        assert_eq!(got.status, StatusCode::OK, "{}", got.body);
+        assert!(got.body.starts_with("backend=h2-only\n"), "{}", got.body);
+    }
+    assert_eq!(
+        old.hits(),
+        before,
+        "the endpoint that failed its check got no request"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrades_to_h2_services_get_501() {
+    let up = h2_upstream("g5").await;
+    let proxy = start(h2_config(vec![("grpc.test", h2_service("g", &[up.addr]))]));
+    let addr = proxy.http_addr.expect("http");
+    let tcp = within("connect", TcpStream::connect(addr))
+        .await
+        .expect("connect");
+    let err = within(
+        "ws handshake",
+        tokio_tungstenite::client_async("ws://grpc.test/chat", tcp),
+    )
+    .await
+    .expect_err("no upgrade over HTTP/2");
+    assert!(err.to_string().contains("501"), "{err}");
+    assert!(up.seen().is_empty(), "{:?}", up.seen());
+    // Ordinary requests to the Service still work.
+    assert_eq!(get(addr, "grpc.test", "/chat").await.status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_h2_endpoint_is_a_502() {
+    let mut svc = h2_service("g", &[dead_address().await]);
+    svc.health.consecutive_failures = 0;
+    let proxy = start(h2_config(vec![("grpc.test", svc)]));
+    let addr = proxy.http_addr.expect("http");
+    let got = get(addr, "grpc.test", "/").await;
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        got.body, "502 Bad Gateway\n",
+        "error pages say nothing about internals"
+    );
+    let reply = exchange(
+        &h2c(addr).await,
+        grpc_request("grpc.test", "/svc.S/Call"),
+        vec![grpc_frame(b"ping")],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_h2_bodies_over_the_route_limit_get_413() {
+    let up = h2_upstream("g7").await;
+    let mut cfg = h2_config(vec![("grpc.test", h2_service("g", &[up.addr]))]);
+    cfg.ingresses[0].annotations =
+        BTreeMap::from([(ANNOTATION_MAX_BODY.to_owned(), "1024".to_owned())]);
+    let proxy = start(cfg);
+    let addr = proxy.http_addr.expect("http");
+    let post = |path: &str| {
+        http::Request::builder()
+            .method("POST")
+            .uri(format!("http://grpc.test{path}"))
+            .body(())
+            .expect("request")
+    };
+    let chunks = |n: usize, size: usize| (0..n).map(|_| Bytes::from(vec![3u8; size])).collect();
+
+    // Under the limit, streamed without content-length: forwarded in full.
+    let client = h2c(addr).await;
+    let reply = exchange(&client, post("/small"), chunks(2, 500)).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.body, "backend=g7\npath=/small\nlen=1000\n");
+
+    // Over it, streamed without content-length: 413 once the stream passes the limit.
+    let client = h2c(addr).await;
+    let resp = send_h2(&client, post("/big"), chunks(8, 512)).await;
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+
+    // Over it, declared: 413.
+    let client = h2c(addr).await;
+    let mut req = post("/declared");
+    req.headers_mut()
+        .insert("content-length", http::HeaderValue::from_static("2000"));
+    let resp = send_h2(&client, req, vec![Bytes::from(vec![4u8; 2000])]).await;
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+
+    let seen = up.seen();
+    assert!(
+        seen.iter().all(|s| s.body_len <= 1024),
+        "no oversized body completed upstream: {seen:?}"
+    );
+    assert!(
+        seen.iter().all(|s| s.target != "/declared"),
+        "a declared oversized body is refused before any upstream: {seen:?}"
+    );
+    eprintln!(
+        "upstream saw {} reset bodies",
+        up.state.body_errors.load(Ordering::SeqCst)
+    );
+}
+
+#[test]
+fn protocol_is_spelled_h2_or_http1_in_toml() {
+    let toml = |protocol: &str| {
+        format!(
+            "[listen]\nhttp = \"127.0.0.1:0\"\nmetrics = \"off\"\n\n\
+             [[services]]\nname = \"grpc\"\nport = 80\nendpoints = [\"127.0.0.1:50051\"]\n{protocol}\n"
+        )
+    };
+    let parse = |text: String| ProxyConfig::from_toml_str(&text, "test");
+    assert_eq!(
+        parse(toml("protocol = \"h2\"")).expect("h2").services[0].protocol,
+        UpstreamProtocol::H2
+    );
+    assert_eq!(
+        parse(toml("protocol = \"http1\"")).expect("http1").services[0].protocol,
+        UpstreamProtocol::Http1
+    );
+    assert_eq!(
+        parse(toml("")).expect("default").services[0].protocol,
+        UpstreamProtocol::Http1
+    );
+    assert!(parse(toml("protocol = \"h3\"")).is_err());
+}
