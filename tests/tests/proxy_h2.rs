@@ -21,7 +21,6 @@ use lb_userspace::proxy::config::{
     ANNOTATION_MAX_BODY, ActiveHealth, PathType::*, ProxyConfig, Service, UpstreamProtocol,
     UpstreamTls,
 };
-use rustls::pki_types::pem::PemObject as _;
 use support::*;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -156,11 +155,7 @@ async fn h2_tls_upstream(
     hosts: &[&str],
     alpn: &[&[u8]],
 ) -> H2Upstream {
-    let (crt, key) = pki.leaf(hosts);
-    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(crt.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .expect("leaf PEM");
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key PEM");
+    let (certs, key) = pki.leaf_der(hosts);
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -18,7 +18,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use lb_userspace::proxy::config::{
     Backend as IngressBackend, HttpPath, Ingress, IngressRule, PathType, ProxyConfig, Service,
 };
-use rustls::pki_types::pem::PemObject as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
@@ -99,11 +98,7 @@ pub async fn tls_upstream_with(
     hosts: &[&str],
     client_ca: Option<&Pki>,
 ) -> (Upstream, Arc<Handshakes>) {
-    let (crt, key) = pki.leaf(hosts);
-    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(crt.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .expect("leaf PEM");
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key PEM");
+    let (certs, key) = pki.leaf_der(hosts);
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -542,6 +537,24 @@ impl Pki {
         let issuer = rcgen::Issuer::from_params(&self.ca_params, &self.ca_key);
         let cert = params.signed_by(&key, &issuer).expect("leaf cert");
         (cert.pem(), key.serialize_pem())
+    }
+
+    /// [`Pki::leaf`] parsed, as a rustls server takes it.
+    pub fn leaf_der(
+        &self,
+        hosts: &[&str],
+    ) -> (
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ) {
+        use rustls::pki_types::pem::PemObject as _;
+        let (crt, key) = self.leaf(hosts);
+        let certs = rustls::pki_types::CertificateDer::pem_slice_iter(crt.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .expect("leaf PEM");
+        let key =
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key PEM");
+        (certs, key)
     }
 
     /// A client trusting this CA, offering `alpn`, limited to `versions`.

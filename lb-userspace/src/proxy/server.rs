@@ -1161,15 +1161,9 @@ async fn exchange(state: &State, f: &mut Forward) -> Outcome {
     let mut connect_attempts = 2u8;
     let mut stale_resends = 4u8;
     loop {
-        let Some(ep) = upstream.pick_by(f.affinity, excluded.as_deref()) else {
-            // No endpoint at all is 503; no *other* endpoint to retry on is the 502 of the
-            // failed first attempt.
-            let status = if excluded.is_some() {
-                StatusCode::BAD_GATEWAY
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
-            return Outcome::local(status, Some(route.clone()));
+        let ep = match next_endpoint(upstream, f.affinity, excluded.as_ref()) {
+            Ok(ep) => ep,
+            Err(status) => return Outcome::local(status, Some(route.clone())),
         };
         let in_flight = ep.start_request();
         let (mut conn, reused) = match connection_for(
@@ -1273,6 +1267,23 @@ async fn exchange(state: &State, f: &mut Forward) -> Outcome {
     }
 }
 
+/// The endpoint for the next attempt, skipping `excluded` (that of a failed first attempt).
+/// Without one, the answer: 503 when the upstream has no endpoint at all, else the 502 of
+/// the failed attempt (there is no *other* endpoint to retry on).
+fn next_endpoint(
+    upstream: &Upstream,
+    affinity: u64,
+    excluded: Option<&Arc<Endpoint>>,
+) -> Result<Arc<Endpoint>, StatusCode> {
+    upstream
+        .pick_by(affinity, excluded.map(|e| &**e))
+        .ok_or(if excluded.is_some() {
+            StatusCode::BAD_GATEWAY
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        })
+}
+
 /// [`exchange`] with an HTTP/2 upstream: the request goes on this worker's multiplexed
 /// connection to the endpoint (see `h2_upstream`). Connect failures and 5xx count towards
 /// ejection as over HTTP/1.1, and idempotent requests are retried once on another endpoint
@@ -1299,13 +1310,9 @@ async fn exchange_h2(state: &State, f: &mut Forward) -> Outcome {
     let mut connect_attempts = 2u8;
     let mut resends = 2u8;
     loop {
-        let Some(ep) = upstream.pick_by(f.affinity, excluded.as_deref()) else {
-            let status = if excluded.is_some() {
-                StatusCode::BAD_GATEWAY
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
-            return local(status);
+        let ep = match next_endpoint(upstream, f.affinity, excluded.as_ref()) {
+            Ok(ep) => ep,
+            Err(status) => return local(status),
         };
         let failed = |status| {
             upstream.errors.inc();
