@@ -533,16 +533,21 @@ pub enum Balance {
     ConsistentHash,
 }
 
-/// Active health: every endpoint is asked `GET path` on its own connection every
-/// `interval_ms`; a 2xx or 3xx answer within `timeout_ms` passes. An endpoint that fails
+/// Active health: every endpoint is asked `GET path` (or, with `grpc_service`, the gRPC
+/// health checking protocol's `Check`) on its own connection every `interval_ms`; a 2xx or
+/// 3xx answer (`SERVING`) within `timeout_ms` passes. An endpoint that fails
 /// `unhealthy_threshold` checks in a row (or its very first check) gets no requests until it
 /// passes `healthy_threshold` in a row. As with passive ejection, when every endpoint is down
 /// they are all used ("panic mode").
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ActiveHealth {
-    /// Path (and query) to ask for; absent disables active checks.
+    /// Path (and query) to ask for; absent (and no `grpc_service`) disables active checks.
     pub path: Option<String>,
+    /// For HTTP/2 Services: check with `grpc.health.v1.Health/Check` for this service name
+    /// (`""`: the server as a whole) instead of `GET path`; only `SERVING` passes.
+    /// Exclusive with `path`.
+    pub grpc_service: Option<String>,
     /// Host header of the check; absent = the endpoint's address.
     pub host: Option<String>,
     /// Time between the end of one check and the start of the next.
@@ -559,6 +564,7 @@ impl Default for ActiveHealth {
     fn default() -> Self {
         Self {
             path: None,
+            grpc_service: None,
             host: None,
             interval_ms: 5_000,
             timeout_ms: 2_000,
@@ -569,17 +575,39 @@ impl Default for ActiveHealth {
 }
 
 impl ActiveHealth {
+    /// Whether checks are on.
+    pub fn enabled(&self) -> bool {
+        self.path.is_some() || self.grpc_service.is_some()
+    }
+
     /// Checks the settings; `f` names them in the error.
     pub(crate) fn validate(&self, f: &str) -> Result<(), ConfigError> {
-        let Some(path) = &self.path else {
-            return Ok(());
-        };
-        // Written into a request line: a visible-ASCII origin-form target only.
-        if !path.starts_with('/') || !path.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(invalid(
-                format!("{f}.path"),
-                format!("{path:?} must start with '/' and hold visible ASCII only"),
-            ));
+        match (&self.path, &self.grpc_service) {
+            (None, None) => return Ok(()),
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    format!("{f}.grpc_service"),
+                    "set either path (an HTTP check) or grpc_service (a gRPC one), not both",
+                ));
+            }
+            // Written into a request line: a visible-ASCII origin-form target only.
+            (Some(path), None)
+                if !path.starts_with('/') || !path.bytes().all(|b| b.is_ascii_graphic()) =>
+            {
+                return Err(invalid(
+                    format!("{f}.path"),
+                    format!("{path:?} must start with '/' and hold visible ASCII only"),
+                ));
+            }
+            (None, Some(name))
+                if name.len() > 255 || !name.bytes().all(|b| b.is_ascii_graphic()) =>
+            {
+                return Err(invalid(
+                    format!("{f}.grpc_service"),
+                    format!("{name:?} is not a gRPC service name"),
+                ));
+            }
+            _ => {}
         }
         if let Some(h) = &self.host
             && (h.is_empty() || !h.bytes().all(|b| b.is_ascii_graphic()))
@@ -824,6 +852,12 @@ impl ProxyConfig {
                 ));
             }
             s.active_health.validate(&format!("{f}.active_health"))?;
+            if s.active_health.grpc_service.is_some() && s.protocol != UpstreamProtocol::H2 {
+                return Err(invalid(
+                    format!("{f}.active_health.grpc_service"),
+                    "gRPC health checks need protocol = \"h2\"",
+                ));
+            }
             s.tls.validate(&format!("{f}.tls"))?;
             if let Some(c) = &s.tls.client_secret {
                 let found = c
@@ -1151,6 +1185,27 @@ ingresses:
             field_of(c.validate().unwrap_err()),
             "services[0].active_health.path"
         );
+        c.services[0].active_health.grpc_service = Some(String::new());
+        assert_eq!(
+            field_of(c.validate().unwrap_err()),
+            "services[0].active_health.grpc_service",
+            "path and grpc_service"
+        );
+        c.services[0].active_health.path = None;
+        assert_eq!(
+            field_of(c.validate().unwrap_err()),
+            "services[0].active_health.grpc_service",
+            "gRPC checks of an HTTP/1.1 Service"
+        );
+        c.services[0].protocol = UpstreamProtocol::H2;
+        c.validate().expect("valid gRPC check");
+        c.services[0].active_health.grpc_service = Some("bad name".into());
+        assert_eq!(
+            field_of(c.validate().unwrap_err()),
+            "services[0].active_health.grpc_service"
+        );
+        c.services[0].active_health.grpc_service = None;
+        c.services[0].protocol = UpstreamProtocol::Http1;
         c.services[0].active_health.path = Some("/healthz".into());
         c.validate().expect("valid active check");
         c.services[0].active_health.timeout_ms = 10_000;

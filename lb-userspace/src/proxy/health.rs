@@ -1,5 +1,6 @@
-//! Active health checks (a Service's `active_health`): each endpoint is asked `GET path` on
-//! a fresh connection, one check at a time per endpoint, `interval_ms` after the previous one
+//! Active health checks (a Service's `active_health`): each endpoint is asked `GET path`
+//! (in HTTP/2 for `h2` Services), or with `grpc_service` the gRPC health checking protocol's
+//! `grpc.health.v1.Health/Check`, on a fresh connection, one check at a time per endpoint, `interval_ms` after the previous one
 //! ended. The verdict is a flag on the endpoint that `Upstream::pick` reads; passive ejection
 //! works alongside.
 //!
@@ -16,7 +17,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use bytes::Bytes;
-use http_body_util::Empty;
+use http_body_util::{BodyExt as _, Full, Limited};
 
 use super::config::{ActiveHealth, UpstreamProtocol};
 use super::h2_upstream;
@@ -69,7 +70,7 @@ struct Tracked {
     due: Option<Instant>,
 }
 
-/// Runs checks for the upstreams `current()` returns (those with `active_health.path` set),
+/// Runs checks for the upstreams `current()` returns (those whose `active_health` is on),
 /// until the task is aborted.
 pub(crate) async fn run(current: impl Fn() -> Vec<Arc<Upstream>>) {
     // Keyed by the endpoint's address in memory: the Weak held here keeps that allocation
@@ -111,7 +112,9 @@ fn start_due(
     let mut seen = std::collections::HashSet::new();
     for up in upstreams {
         let cfg = up.active_health();
-        let Some(path) = &cfg.path else { continue };
+        if !cfg.enabled() {
+            continue;
+        }
         for ep in up.endpoints() {
             let key = Arc::as_ptr(ep) as usize;
             seen.insert(key);
@@ -130,8 +133,17 @@ fn start_due(
             let host = cfg.host.clone().unwrap_or_else(|| ep.addr.to_string());
             let (addr, timeout) = (ep.addr, Duration::from_millis(cfg.timeout_ms));
             let up = up.clone();
-            let task = match up.protocol() {
-                UpstreamProtocol::Http1 => {
+            let scheme = if up.tls().is_some() { "https" } else { "http" };
+            let task = match (&cfg.grpc_service, up.protocol()) {
+                (Some(service), _) => {
+                    let req = grpc_health_request(scheme, &host, service);
+                    checks.spawn(async move {
+                        let connect = UpstreamIo::connect(addr, timeout, up.tls());
+                        (key, check_h2(connect, req, true, timeout).await)
+                    })
+                }
+                (None, UpstreamProtocol::Http1) => {
+                    let path = cfg.path.as_deref().unwrap_or("/");
                     let request = format!(
                         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: xlb-health-check\r\n\
                          Accept: */*\r\nConnection: close\r\n\r\n"
@@ -141,12 +153,14 @@ fn start_due(
                         (key, check(connect, request.as_bytes(), timeout).await)
                     })
                 }
-                UpstreamProtocol::H2 => {
-                    let scheme = if up.tls().is_some() { "https" } else { "http" };
-                    let uri = format!("{scheme}://{host}{path}");
+                (None, UpstreamProtocol::H2) => {
+                    let path = cfg.path.as_deref().unwrap_or("/");
+                    let req = http::Request::get(format!("{scheme}://{host}{path}"))
+                        .header(http::header::USER_AGENT, "xlb-health-check")
+                        .body(Full::new(Bytes::new()));
                     checks.spawn(async move {
                         let connect = UpstreamIo::connect(addr, timeout, up.tls());
-                        (key, check_h2(connect, &uri, timeout).await)
+                        (key, check_h2(connect, req, false, timeout).await)
                     })
                 }
             };
@@ -223,30 +237,135 @@ async fn check(
         .unwrap_or_else(|_| Err(format!("no answer within {} ms", timeout.as_millis())))
 }
 
-/// [`check`] for an HTTP/2 endpoint: a `GET uri` on a connection of its own.
+/// [`check`] for an HTTP/2 endpoint: `req` on a connection of its own. With `grpc`, `req`
+/// is a gRPC health check and passes (as status 200) only if it answers `SERVING`.
 async fn check_h2(
     connect: impl Future<Output = std::io::Result<UpstreamIo>>,
-    uri: &str,
+    req: http::Result<http::Request<Full<Bytes>>>,
+    grpc: bool,
     timeout: Duration,
 ) -> Result<u16, String> {
     let exchange = async {
+        let req = req.map_err(|e| format!("request: {e}"))?;
         let io = connect.await.map_err(|e| format!("connect: {e}"))?;
-        let mut sender = h2_upstream::handshake::<Empty<Bytes>>(io)
+        let mut sender = h2_upstream::handshake::<Full<Bytes>>(io)
             .await
             .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
-        let req = http::Request::get(uri)
-            .header(http::header::USER_AGENT, "xlb-health-check")
-            .body(Empty::new())
-            .map_err(|e| format!("request {uri}: {e}"))?;
         let resp = sender
             .send_request(req)
             .await
             .map_err(|e| format!("HTTP/2 request: {e}"))?;
-        Ok(resp.status().as_u16())
+        let status = resp.status().as_u16();
+        if !grpc || status != 200 {
+            return Ok(status);
+        }
+        let (parts, body) = resp.into_parts();
+        let body = Limited::new(body, MAX_GRPC_ANSWER)
+            .collect()
+            .await
+            .map_err(|e| format!("gRPC answer: {e}"))?;
+        // A call that fails at once answers with headers only ("Trailers-Only").
+        let trailers = body.trailers().cloned().unwrap_or_default();
+        let grpc_status = trailers
+            .get("grpc-status")
+            .or_else(|| parts.headers.get("grpc-status"))
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        if grpc_status.as_deref() != Some("0") {
+            return Err(format!(
+                "grpc-status {}",
+                grpc_status.as_deref().unwrap_or("missing")
+            ));
+        }
+        match serving_status(&body.to_bytes()) {
+            Some(SERVING) => Ok(200),
+            Some(other) => Err(format!("gRPC health status {other} (1 is SERVING)")),
+            None => Err("malformed gRPC health answer".to_owned()),
+        }
     };
     tokio::time::timeout(timeout, exchange)
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {} ms", timeout.as_millis())))
+}
+
+/// Bytes of a gRPC health answer read at most (the message is a few bytes).
+const MAX_GRPC_ANSWER: usize = 4096;
+/// `grpc.health.v1.HealthCheckResponse.ServingStatus.SERVING`.
+const SERVING: u64 = 1;
+
+/// The gRPC health checking protocol's `Check` call for `service` ("" = the server).
+fn grpc_health_request(
+    scheme: &str,
+    host: &str,
+    service: &str,
+) -> http::Result<http::Request<Full<Bytes>>> {
+    // HealthCheckRequest { string service = 1; } as protobuf, in one uncompressed gRPC frame.
+    let mut message = Vec::with_capacity(service.len() + 3);
+    if !service.is_empty() {
+        message.push(0x0a); // field 1, length-delimited
+        put_varint(&mut message, service.len() as u64);
+        message.extend_from_slice(service.as_bytes());
+    }
+    let mut frame = Vec::with_capacity(5 + message.len());
+    frame.push(0);
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&message);
+    http::Request::post(format!("{scheme}://{host}/grpc.health.v1.Health/Check"))
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers")
+        .header(http::header::USER_AGENT, "xlb-health-check")
+        .body(Full::new(Bytes::from(frame)))
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn read_varint(b: &mut &[u8]) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&byte, rest) = b.split_first()?;
+        *b = rest;
+        v |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// The `status` of a gRPC-framed `HealthCheckResponse` (0, UNKNOWN, when absent, as in
+/// proto3); None if the frame or the message is malformed or compressed.
+fn serving_status(body: &[u8]) -> Option<u64> {
+    let (&compressed, rest) = body.split_first()?;
+    let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+    if compressed != 0 || rest.len() != 4 + len {
+        return None;
+    }
+    let mut m = &rest[4..];
+    let mut status = 0;
+    while !m.is_empty() {
+        let key = read_varint(&mut m)?;
+        match key & 7 {
+            0 => {
+                let v = read_varint(&mut m)?;
+                if key >> 3 == 1 {
+                    status = v;
+                }
+            }
+            1 => m = m.get(8..)?,
+            2 => {
+                let n = usize::try_from(read_varint(&mut m)?).ok()?;
+                m = m.get(n..)?;
+            }
+            5 => m = m.get(4..)?,
+            _ => return None,
+        }
+    }
+    Some(status)
 }
 
 /// The code of an `HTTP/1.x NNN ...` status line.
@@ -307,6 +426,52 @@ mod tests {
         let mut s = Streak::default();
         assert_eq!(s.record(true, false, &cfg(1, 1)), None);
         assert_eq!(s.record(false, false, &cfg(2, 1)), None);
+    }
+
+    #[test]
+    fn grpc_health_messages_are_encoded_and_decoded() {
+        let req = grpc_health_request("http", "10.0.0.9:50051", "demo.Greeter").expect("request");
+        assert_eq!(
+            req.uri(),
+            "http://10.0.0.9:50051/grpc.health.v1.Health/Check"
+        );
+        assert_eq!(req.headers()["te"], "trailers");
+        let body = futures_util::FutureExt::now_or_never(req.into_body().collect())
+            .expect("ready")
+            .expect("full body")
+            .to_bytes();
+        // The frame header, then field 1 (tag 0x0a), length 12, the name.
+        assert_eq!(&body[..], b"\0\0\0\0\x0e\x0a\x0cdemo.Greeter");
+        let whole = grpc_health_request("https", "h", "").expect("request");
+        let body = futures_util::FutureExt::now_or_never(whole.into_body().collect())
+            .expect("ready")
+            .expect("full body")
+            .to_bytes();
+        assert_eq!(
+            &body[..],
+            b"\0\0\0\0\0",
+            "the server as a whole: an empty message"
+        );
+
+        // (answer, status)
+        let cases: [(&[u8], Option<u64>); 8] = [
+            (b"\0\0\0\0\x02\x08\x01", Some(SERVING)),
+            (b"\0\0\0\0\x02\x08\x02", Some(2)),
+            (b"\0\0\0\0\0", Some(0)),
+            // An unknown length-delimited field before the status is skipped.
+            (b"\0\0\0\0\x06\x12\x02hi\x08\x01", Some(SERVING)),
+            (b"\x01\0\0\0\x02\x08\x01", None),
+            (b"\0\0\0\0\x03\x08\x01", None),
+            (b"\0\0\0\0\x02\x08\x81", None),
+            (b"\0\0\0", None),
+        ];
+        for (answer, want) in cases {
+            assert_eq!(serving_status(answer), want, "{answer:?}");
+        }
+        let mut long = Vec::new();
+        put_varint(&mut long, 300);
+        assert_eq!(long, [0xac, 0x02]);
+        assert_eq!(read_varint(&mut &long[..]), Some(300));
     }
 
     #[test]

@@ -452,7 +452,7 @@ pub fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
                                 .load()
                                 .upstreams
                                 .values()
-                                .filter(|u| u.active_health().path.is_some())
+                                .filter(|u| u.active_health().enabled())
                                 .cloned()
                                 .collect()
                         }))

@@ -254,7 +254,7 @@ impl Upstream {
                     .unwrap_or_else(|| Arc::new(Endpoint::new(*addr, workers)))
             })
             .collect();
-        if svc.active_health.path.is_none() {
+        if !svc.active_health.enabled() {
             // Checks switched off by this config: their verdicts no longer apply.
             for e in &endpoints {
                 e.set_checked_down(false);
