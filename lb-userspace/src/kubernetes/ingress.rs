@@ -72,6 +72,9 @@ pub const PROXY_CHECK_PATH: &str = "xlb.dev/proxy-health-check-path";
 pub const PROXY_CHECK_INTERVAL: &str = "xlb.dev/proxy-health-check-interval-ms";
 /// Service annotation: milliseconds an active check may take.
 pub const PROXY_CHECK_TIMEOUT: &str = "xlb.dev/proxy-health-check-timeout-ms";
+/// Service annotation: check with the gRPC health checking protocol for this service name
+/// (`""`: the server as a whole) instead of `GET path`; needs `GRPC` or `GRPCS`.
+pub const PROXY_CHECK_GRPC_SERVICE: &str = "xlb.dev/proxy-health-check-grpc-service";
 /// Service annotation: Host header of active checks.
 pub const PROXY_CHECK_HOST: &str = "xlb.dev/proxy-health-check-host";
 /// Service annotation: failed checks in a row that take an endpoint out.
@@ -147,6 +150,9 @@ pub fn service_policy(svc: &Service) -> Result<ServicePolicy, String> {
             PROXY_CHECK_INTERVAL => out.active_health.interval_ms = number()?,
             PROXY_CHECK_TIMEOUT => out.active_health.timeout_ms = number()?,
             PROXY_CHECK_HOST => out.active_health.host = Some(v.trim().to_owned()),
+            PROXY_CHECK_GRPC_SERVICE => {
+                out.active_health.grpc_service = Some(v.trim().to_owned());
+            }
             PROXY_CHECK_UNHEALTHY => out.active_health.unhealthy_threshold = count()?,
             PROXY_CHECK_HEALTHY => out.active_health.healthy_threshold = count()?,
             PROXY_BACKEND_PROTOCOL => {
@@ -212,6 +218,12 @@ pub fn service_policy(svc: &Service) -> Result<ServicePolicy, String> {
     out.active_health
         .validate("xlb.dev/proxy-health-check-* annotations")
         .map_err(|e| e.to_string())?;
+    if out.active_health.grpc_service.is_some() && out.protocol != pc::UpstreamProtocol::H2 {
+        return Err(format!(
+            "annotation {PROXY_CHECK_GRPC_SERVICE}: gRPC health checks need \
+             {PROXY_BACKEND_PROTOCOL}: GRPC or GRPCS"
+        ));
+    }
     if !out.tls.enabled {
         if let Some(k) = tls_detail {
             return Err(format!(

@@ -490,6 +490,16 @@ fn backend_protocol_annotations_set_tls_to_the_endpoints() {
     assert_eq!(t.config.services[0].protocol, UpstreamProtocol::H2);
     assert!(!t.config.services[0].tls.enabled);
     let t = with(
+        json!({PROXY_BACKEND_PROTOCOL: "GRPC", PROXY_CHECK_GRPC_SERVICE: "demo.Greeter"}),
+        vec![],
+    );
+    assert_eq!(served(&t), ["a"], "{:?}", t.rejected);
+    assert_eq!(
+        t.config.services[0].active_health.grpc_service.as_deref(),
+        Some("demo.Greeter")
+    );
+    t.config.validate().expect("a valid config");
+    let t = with(
         json!({PROXY_BACKEND_PROTOCOL: "grpcs", PROXY_SSL_SECRET: "web-ca"}),
         vec![ca.clone()],
     );
@@ -530,6 +540,17 @@ fn backend_protocol_annotations_set_tls_to_the_endpoints() {
             json!({PROXY_BACKEND_PROTOCOL: "GRPCS"}),
             vec![],
             "GRPCS verifies",
+        ),
+        (
+            json!({PROXY_CHECK_GRPC_SERVICE: ""}),
+            vec![],
+            "gRPC health checks need",
+        ),
+        (
+            json!({PROXY_BACKEND_PROTOCOL: "GRPC", PROXY_CHECK_GRPC_SERVICE: "",
+                   PROXY_CHECK_PATH: "/healthz"}),
+            vec![],
+            "not both",
         ),
         (
             json!({PROXY_BACKEND_PROTOCOL: "GRPC", PROXY_SSL_NAME: "web.internal"}),
