@@ -42,6 +42,7 @@ struct Seen {
     authority: Option<String>,
     headers: HeaderMap,
     body_len: usize,
+    body: Bytes,
 }
 
 impl Seen {
@@ -68,6 +69,9 @@ struct State {
     /// This many requests whose path ends in `/Crash` close their connection at once, as a
     /// restarting server does (no GOAWAY, no answer); later ones are answered.
     crashes: AtomicUsize,
+    /// What `grpc.health.v1.Health/Check` answers: a `ServingStatus` (1 SERVING,
+    /// 2 NOT_SERVING), or 0 for "not implemented" (grpc-status 12, trailers only).
+    health: AtomicUsize,
 }
 
 /// A loopback HTTP/2 server (h2c, or TLS with the given ALPN) answering every request 200
@@ -104,6 +108,11 @@ impl H2Upstream {
     /// Shuts every open connection down gracefully (GOAWAY, then close once idle).
     fn goaway(&self) {
         self.goaway.send_modify(|g| *g += 1);
+    }
+
+    /// Sets what the gRPC health service answers (see [`State::health`]).
+    fn set_health(&self, status: usize) {
+        self.state.health.store(status, Ordering::SeqCst);
     }
 
     /// Waits until `n` connections have been closed.
@@ -188,6 +197,7 @@ fn serve(
         seen: Mutex::new(Vec::new()),
         together: tokio::sync::Barrier::new(TOGETHER),
         crashes: AtomicUsize::new(0),
+        health: AtomicUsize::new(1),
     });
     let (goaway, mut rx) = tokio::sync::watch::channel(0u64);
     let st = state.clone();
@@ -280,11 +290,13 @@ async fn answer(
 ) {
     let (parts, mut body) = req.into_parts();
     let mut len = 0;
+    let mut received = Vec::new();
     while let Some(chunk) = body.data().await {
         match chunk {
             Ok(c) => {
                 len += c.len();
                 let _ = body.flow_control().release_capacity(c.len());
+                received.extend_from_slice(&c);
             }
             Err(_) => {
                 state.body_errors.fetch_add(1, Ordering::SeqCst);
@@ -304,7 +316,12 @@ async fn answer(
         authority: parts.uri.authority().map(|a| a.as_str().to_owned()),
         headers: parts.headers.clone(),
         body_len: len,
+        body: Bytes::from(received),
     });
+    if parts.uri.path() == "/grpc.health.v1.Health/Check" {
+        answer_health(&state, respond);
+        return;
+    }
     if parts.uri.path().ends_with("/Together") {
         state.together.wait().await;
     }
@@ -426,6 +443,29 @@ async fn exchange(
         headers: parts.headers,
         body: Bytes::from(data),
         trailers,
+    }
+}
+
+/// Answers a gRPC health check with [`State::health`].
+fn answer_health(state: &State, mut respond: h2::server::SendResponse<Bytes>) {
+    let status = state.health.load(Ordering::SeqCst);
+    let mut resp = http::Response::builder()
+        .status(200)
+        .header("content-type", "application/grpc");
+    if status == 0 {
+        resp = resp.header("grpc-status", "12");
+        let _ = respond.send_response(resp.body(()).expect("response"), true);
+        return;
+    }
+    let Ok(mut send) = respond.send_response(resp.body(()).expect("response"), false) else {
+        return;
+    };
+    // HealthCheckResponse { status = 1: varint }.
+    let message = [0x08, u8::try_from(status).expect("a small status")];
+    if send.send_data(grpc_frame(&message), false).is_ok() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        let _ = send.send_trailers(trailers);
     }
 }
 
@@ -858,6 +898,70 @@ async fn active_health_checks_speak_http2_to_h2_services() {
         before,
         "the endpoint that failed its check got no request"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_health_checks_take_out_endpoints_that_are_not_serving() {
+    let a = h2_upstream("a").await;
+    let b = h2_upstream("b").await;
+    b.set_health(2); // NOT_SERVING
+    let mut svc = h2_service("g", &[a.addr, b.addr]);
+    svc.active_health = ActiveHealth {
+        grpc_service: Some("demo.Greeter".into()),
+        interval_ms: 100,
+        timeout_ms: 100,
+        unhealthy_threshold: 1,
+        healthy_threshold: 1,
+        ..ActiveHealth::default()
+    };
+    let proxy = start(h2_config(vec![("grpc.test", svc)]));
+    let metrics_addr = proxy.metrics_addr.expect("metrics");
+    let states = |available: usize, failed: usize| async move {
+        let want = [("available", available), ("check_failed", failed)].map(|(state, n)| {
+            format!(
+                "xlb_proxy_upstream_endpoints{{upstream=\"default/g:80\",state=\"{state}\"}} {n}\n"
+            )
+        });
+        within("checks settle", async {
+            loop {
+                let m = metrics(metrics_addr).await;
+                if want.iter().all(|w| m.contains(w.as_str())) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+    };
+    states(1, 1).await;
+    let checks: Vec<Seen> = a
+        .seen()
+        .into_iter()
+        .filter(|s| s.target == "/grpc.health.v1.Health/Check")
+        .collect();
+    assert!(!checks.is_empty(), "checks reached a");
+    for c in &checks {
+        assert_eq!(c.version, http::Version::HTTP_2);
+        assert_eq!(c.method, http::Method::POST);
+        assert_eq!(c.header("content-type"), Some("application/grpc"));
+        assert_eq!(c.header("te"), Some("trailers"));
+        assert_eq!(c.header("user-agent"), Some("xlb-health-check"));
+        // HealthCheckRequest { service: "demo.Greeter" } in one gRPC frame.
+        assert_eq!(&c.body[..], b"\0\0\0\0\x0e\x0a\x0cdemo.Greeter");
+    }
+    let addr = proxy.http_addr.expect("http");
+    for i in 0..10 {
+        let got = get(addr, "grpc.test", &format!("/r{i}")).await;
+        assert_eq!(got.status, StatusCode::OK, "{}", got.body);
+        assert!(got.body.starts_with("backend=a\n"), "{}", got.body);
+    }
+
+    b.set_health(1); // SERVING again: back in.
+    states(2, 0).await;
+    a.set_health(0); // The health service is gone (grpc-status 12): out.
+    states(1, 1).await;
+    let got = get(addr, "grpc.test", "/after").await;
+    assert!(got.body.starts_with("backend=b\n"), "{}", got.body);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
