@@ -15,6 +15,12 @@
 //! the cheaper one — with the host's scheduling, not its own. Polling idle time is still idle
 //! time in /proc, so the CPU figures are unchanged. `--idle-states` measures without it.
 //!
+//! `--h2-upstream` adds a third scheme, `h2c-up`: plain HTTP/1.1 from wrk, and HTTP/2
+//! (cleartext, prior knowledge) from the proxy to the upstream, the same nginx `return 200`
+//! on a second, `http2` listener. It is selected by the Host header `bench-h2.test` on the
+//! proxies' HTTP ports: xlb's `protocol = "h2"` Service, nginx's `grpc_pass` (its only
+//! HTTP/2 upstream module) and HAProxy's `proto h2`, each with its connection kept.
+//!
 //! The text output also shows how busy each CPU was (from /proc/stat, steal excluded) and the
 //! load side's CPU time per request (everything on CPU 0: wrk, the upstream, their softirqs).
 //! When the proxy's CPU is not saturated, requests/s is set by the load side, and that column
@@ -33,6 +39,12 @@ use crate::util::{cargo, project_root, run_checked};
 
 const PACKAGES: [&str; 3] = ["nginx", "haproxy", "wrk"];
 const UPSTREAM_PORT: u16 = 18080;
+/// The upstream's HTTP/2 (h2c) listener, for `--h2-upstream`.
+const UPSTREAM_H2_PORT: u16 = 18180;
+/// The Host that routes to the HTTP/2 upstream.
+const H2_HOST: &str = "bench-h2.test";
+/// The scheme name of `--h2-upstream` rounds.
+const H2_UPSTREAM_SCHEME: &str = "h2c-up";
 const WRK_CONNECTIONS: u32 = 64;
 const LOAD_CPU: &str = "0";
 const PROXY_CPU: &str = "1";
@@ -117,7 +129,13 @@ impl Drop for Running {
     }
 }
 
-pub fn run(json: bool, seconds: u32, rounds: u32, idle_states: bool) -> Result<()> {
+pub fn run(
+    json: bool,
+    seconds: u32,
+    rounds: u32,
+    idle_states: bool,
+    h2_upstream: bool,
+) -> Result<()> {
     ensure!(
         seconds >= 1 && rounds >= 1,
         "--seconds and --rounds must be at least 1"
@@ -200,8 +218,13 @@ pub fn run(json: bool, seconds: u32, rounds: u32, idle_states: bool) -> Result<(
         wait_port(s)?;
     }
     wait_port(UPSTREAM_PORT)?;
+    wait_port(UPSTREAM_H2_PORT)?;
 
-    let schemes = ["http", "https"];
+    let schemes: &[&str] = if h2_upstream {
+        &["http", "https", H2_UPSTREAM_SCHEME]
+    } else {
+        &["http", "https"]
+    };
     // Warm-up: connections, pools, caches, TLS session state.
     for p in Proxy::ALL {
         for scheme in schemes {
@@ -217,7 +240,7 @@ pub fn run(json: bool, seconds: u32, rounds: u32, idle_states: bool) -> Result<(
         // comparison below sees the machine in one state), the schemes alternate which goes
         // first, and the proxies' order rotates so none always runs first.
         let mut order = Vec::with_capacity(samples.len());
-        let mut round_schemes = schemes;
+        let mut round_schemes = schemes.to_vec();
         round_schemes.rotate_left(round % schemes.len());
         for scheme in round_schemes {
             let mut proxies = Proxy::ALL;
@@ -321,7 +344,10 @@ pub fn run(json: bool, seconds: u32, rounds: u32, idle_states: bool) -> Result<(
     print!("{table}");
     if !json {
         println!("{idle_mode}");
-        print!("{}", same_round_ratios(&samples, Proxy::Xlb, Proxy::Nginx));
+        print!(
+            "{}",
+            same_round_ratios(&samples, schemes, Proxy::Xlb, Proxy::Nginx)
+        );
     }
     drop(running);
     Ok(())
@@ -329,7 +355,12 @@ pub fn run(json: bool, seconds: u32, rounds: u32, idle_states: bool) -> Result<(
 
 /// xlb against a peer round by round: the machine's speed drifts between rounds by more
 /// than the proxies differ, and a proxy's runs in one round are seconds apart.
-fn same_round_ratios(samples: &[(Proxy, &str, Vec<Sample>)], a: Proxy, b: Proxy) -> String {
+fn same_round_ratios(
+    samples: &[(Proxy, &str, Vec<Sample>)],
+    schemes: &[&str],
+    a: Proxy,
+    b: Proxy,
+) -> String {
     let mut out = String::new();
     let of = |p: Proxy, scheme: &str| {
         samples
@@ -338,7 +369,7 @@ fn same_round_ratios(samples: &[(Proxy, &str, Vec<Sample>)], a: Proxy, b: Proxy)
             .map(|(_, _, v)| v.as_slice())
             .unwrap_or_default()
     };
-    for scheme in ["http", "https"] {
+    for &scheme in schemes {
         let (xs, ys) = (of(a, scheme), of(b, scheme));
         let ratios = |f: fn(&Sample) -> f64| -> String {
             let r: Vec<f64> = xs.iter().zip(ys).map(|(x, y)| f(x) / f(y)).collect();
@@ -352,7 +383,7 @@ fn same_round_ratios(samples: &[(Proxy, &str, Vec<Sample>)], a: Proxy, b: Proxy)
         };
         let _ = writeln!(
             out,
-            "{} / {} {scheme:5} same-round ratio, median (range): req/s {}  p99 {}  CPU/req {}",
+            "{} / {} {scheme:6} same-round ratio, median (range): req/s {}  p99 {}  CPU/req {}",
             a.name(),
             b.name(),
             ratios(|s| s.rps),
@@ -447,7 +478,10 @@ fn write_configs(dir: &Path) -> Result<()> {
         common.replace("{name}", "upstream")
             + &format!(
                 "http {{ access_log off; {temp} keepalive_requests 10000000; keepalive_timeout 300s;\n\
+                 http2_max_concurrent_streams 1024;\n\
                  server {{ listen 127.0.0.1:{UPSTREAM_PORT} reuseport backlog=4096; \
+                 location / {{ default_type text/plain; return 200 \"ok\\n\"; }} }}\n\
+                 server {{ listen 127.0.0.1:{UPSTREAM_H2_PORT} http2 reuseport backlog=4096; \
                  location / {{ default_type text/plain; return 200 \"ok\\n\"; }} }} }}\n"
             ),
     )?;
@@ -460,7 +494,9 @@ fn write_configs(dir: &Path) -> Result<()> {
                  upstream up {{ server 127.0.0.1:{UPSTREAM_PORT}; keepalive 128; keepalive_requests 10000000; keepalive_timeout 300s; }}\n\
                  server {{ listen 127.0.0.1:{nh} backlog=4096; listen 127.0.0.1:{ns} ssl backlog=4096;\n\
                  ssl_certificate {d}/bench.crt; ssl_certificate_key {d}/bench.key; ssl_protocols TLSv1.3;\n\
-                 location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }} }}\n"
+                 location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n\
+                 upstream up2 {{ server 127.0.0.1:{UPSTREAM_H2_PORT}; keepalive 128; keepalive_requests 10000000; keepalive_timeout 300s; }}\n\
+                 server {{ listen 127.0.0.1:{nh}; server_name {H2_HOST}; location / {{ grpc_pass grpc://up2; }} }} }}\n"
             ),
     )?;
     let (hh, hs) = Proxy::Haproxy.ports();
@@ -471,8 +507,9 @@ fn write_configs(dir: &Path) -> Result<()> {
              defaults\n  mode http\n  timeout connect 5s\n  timeout client 300s\n  timeout server 300s\n  \
              timeout http-keep-alive 300s\n  http-reuse always\n\n\
              frontend fe\n  bind 127.0.0.1:{hh}\n  bind 127.0.0.1:{hs} ssl crt {d}/bench.pem ssl-min-ver TLSv1.3\n  \
-             default_backend be\n\n\
-             backend be\n  server up 127.0.0.1:{UPSTREAM_PORT}\n"
+             use_backend be2 if {{ hdr(host) -i {H2_HOST} }}\n  default_backend be\n\n\
+             backend be\n  server up 127.0.0.1:{UPSTREAM_PORT}\n\n\
+             backend be2\n  server up2 127.0.0.1:{UPSTREAM_H2_PORT} proto h2\n"
         ),
     )?;
     let (xh, xs) = Proxy::Xlb.ports();
@@ -484,8 +521,11 @@ fn write_configs(dir: &Path) -> Result<()> {
              [timeouts]\nidle_ms = 300000\nrequest_header_ms = 300000\n\n\
              [[secrets]]\nname = \"bench\"\ncert_file = \"{d}/bench.crt\"\nkey_file = \"{d}/bench.key\"\n\n\
              [[services]]\nname = \"up\"\nport = 80\nendpoints = [\"127.0.0.1:{UPSTREAM_PORT}\"]\n\n\
+             [[services]]\nname = \"up2\"\nport = 80\nendpoints = [\"127.0.0.1:{UPSTREAM_H2_PORT}\"]\nprotocol = \"h2\"\n\n\
              [[ingresses]]\nname = \"bench\"\n[[ingresses.rules]]\n[[ingresses.rules.paths]]\npath = \"/\"\n\
-             path_type = \"Prefix\"\nbackend = {{ service = \"up\", port = 80 }}\n"
+             path_type = \"Prefix\"\nbackend = {{ service = \"up\", port = 80 }}\n\
+             [[ingresses.rules]]\nhost = \"{H2_HOST}\"\n[[ingresses.rules.paths]]\npath = \"/\"\n\
+             path_type = \"Prefix\"\nbackend = {{ service = \"up2\", port = 80 }}\n"
         ),
     )?;
     Ok(())
@@ -536,12 +576,11 @@ struct WrkOut {
 }
 
 fn wrk(p: Proxy, scheme: &str, seconds: u32) -> Result<WrkOut> {
-    let port = if scheme == "http" {
-        p.ports().0
-    } else {
-        p.ports().1
+    let (url, host) = match scheme {
+        "https" => (format!("https://127.0.0.1:{}/", p.ports().1), "bench.test"),
+        H2_UPSTREAM_SCHEME => (format!("http://127.0.0.1:{}/", p.ports().0), H2_HOST),
+        _ => (format!("http://127.0.0.1:{}/", p.ports().0), "bench.test"),
     };
-    let url = format!("{scheme}://127.0.0.1:{port}/");
     let out = Command::new("taskset")
         .args([
             "-c",
@@ -552,7 +591,7 @@ fn wrk(p: Proxy, scheme: &str, seconds: u32) -> Result<WrkOut> {
             &format!("-d{seconds}s"),
             "--latency",
         ])
-        .args(["-H", "Host: bench.test", &url])
+        .args(["-H", &format!("Host: {host}"), &url])
         .output()
         .context("running wrk")?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();

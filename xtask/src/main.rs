@@ -109,6 +109,10 @@ enum Bench {
         /// that leaves its CPU idle is not timed waking a halted vCPU.
         #[arg(long)]
         idle_states: bool,
+        /// Also measure HTTP/2 to the upstream (scheme `h2c-up`: xlb `protocol = "h2"`,
+        /// nginx `grpc_pass`, HAProxy `proto h2`), with HTTP/1.1 clients.
+        #[arg(long)]
+        h2_upstream: bool,
     },
 }
 
@@ -225,7 +229,8 @@ fn main() -> Result<()> {
                     seconds,
                     rounds,
                     idle_states,
-                } => bench_l7::run(json, seconds, rounds, idle_states),
+                    h2_upstream,
+                } => bench_l7::run(json, seconds, rounds, idle_states, h2_upstream),
             }
         }
     }
