@@ -583,6 +583,42 @@ async fn grpc_over_h2c_keeps_trailers_and_multiplexes_one_upstream_connection() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_at_a_cold_endpoint_opens_one_connection() {
+    // Behind TLS, so that opening the connection takes several round trips.
+    let pki = Pki::new();
+    let up = h2_tls_upstream("cold", &pki, &["backend.test"], &[b"h2"]).await;
+    let mut svc = h2_service("g", &[up.addr]);
+    svc.tls = UpstreamTls {
+        enabled: true,
+        server_name: Some("backend.test".into()),
+        ca_pem: Some(pki.ca_pem.clone()),
+        ..UpstreamTls::default()
+    };
+    let proxy = start(h2_config(vec![("grpc.test", svc)]));
+    let addr = proxy.http_addr.expect("http");
+    // The clients connect first, then all call at once: every call finds no upstream
+    // connection yet, and they must share the one being opened.
+    let mut clients = Vec::new();
+    for _ in 0..TOGETHER {
+        clients.push(h2c(addr).await);
+    }
+    let calls = clients.iter().enumerate().map(|(i, client)| async move {
+        let reply = exchange(
+            client,
+            grpc_request("grpc.test", "/helloworld.Greeter/Together"),
+            vec![grpc_frame(format!("call {i}").as_bytes())],
+        )
+        .await;
+        (i, reply)
+    });
+    for (i, reply) in futures_util::future::join_all(calls).await {
+        assert_eq!(reply.status, StatusCode::OK, "call {i}");
+        assert_eq!(reply.trailer("grpc-status"), Some("0"), "call {i}");
+    }
+    assert_eq!(up.accepted(), 1, "no connection storm at a cold endpoint");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http11_clients_reach_h2_upstreams_with_forwarding_headers_and_no_hop_by_hop_ones() {
     let up = h2_upstream("g2").await;
     let proxy = start(h2_config(vec![("grpc.test", h2_service("g", &[up.addr]))]));

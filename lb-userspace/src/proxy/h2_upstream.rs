@@ -1,7 +1,9 @@
 //! HTTP/2 to upstream endpoints (a Service's `protocol = "h2"`, what gRPC servers speak).
 //!
 //! Requests are multiplexed on one connection per endpoint and worker, opened on first use
-//! (h2c prior knowledge, or TLS with ALPN `h2`) and replaced when it closes. Its driver runs
+//! (h2c prior knowledge, or TLS with ALPN `h2`) and replaced when it closes; requests that
+//! find it being opened wait for that connect instead of starting their own (a burst at a
+//! cold or restarted endpoint would otherwise open a connection per request). Its driver runs
 //! as a task of the worker that opened it, with HTTP/2 PINGs every
 //! [`KEEPALIVE_INTERVAL`] so a peer that vanished is noticed while the connection is idle.
 //!
@@ -17,6 +19,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt as _;
+use futures_util::future::Shared;
 use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Uri, Version};
@@ -58,23 +62,73 @@ where
     Ok(sender)
 }
 
+/// A connect in progress, awaited by every request that found no connection.
+type Connecting = Shared<Pin<Box<dyn Future<Output = Result<H2Sender, Arc<io::Error>>> + Send>>>;
+
+/// One worker's HTTP/2 connection to an endpoint.
+#[derive(Default)]
+pub(crate) struct H2Slot {
+    /// The open connection.
+    pub(crate) sender: Option<H2Sender>,
+    /// The connect under way, if any.
+    connecting: Option<Connecting>,
+}
+
+impl std::fmt::Debug for H2Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H2Slot")
+            .field("open", &self.sender.is_some())
+            .field("connecting", &self.connecting.is_some())
+            .finish()
+    }
+}
+
 /// This worker's connection to `ep`, opened (within `timeout`, TLS included) if there is
-/// none or it has closed. Two requests that find none at once both connect; the later
-/// connection stays, the other closes when its requests are done.
+/// none or it has closed; requests arriving meanwhile share that connect and its outcome.
 pub(crate) async fn sender_for(
     ep: &Endpoint,
-    tls: Option<&TlsOrigination>,
+    tls: Option<&Arc<TlsOrigination>>,
     timeout: Duration,
 ) -> io::Result<H2Sender> {
-    if let Some(s) = ep.h2_sender() {
-        return Ok(s);
+    let connecting = {
+        let mut slot = ep.h2_slot();
+        if let Some(s) = slot.sender.as_ref().filter(|s| !s.is_closed()) {
+            return Ok(s.clone());
+        }
+        match &slot.connecting {
+            Some(c) => c.clone(),
+            None => {
+                let (addr, tls) = (ep.addr, tls.cloned());
+                let connect = async move {
+                    let io = UpstreamIo::connect(addr, timeout, tls.as_deref()).await?;
+                    tokio::time::timeout(timeout, handshake(io))
+                        .await
+                        .map_err(|_| {
+                            io::Error::new(io::ErrorKind::TimedOut, "HTTP/2 handshake timed out")
+                        })?
+                };
+                let connect: Pin<Box<dyn Future<Output = _> + Send>> =
+                    Box::pin(connect.map(|r: io::Result<H2Sender>| r.map_err(Arc::new)));
+                let c = connect.shared();
+                slot.connecting = Some(c.clone());
+                c
+            }
+        }
+    };
+    let outcome = connecting.clone().await;
+    let mut slot = ep.h2_slot();
+    // The first request back installs the outcome; a newer connect is left alone.
+    if slot
+        .connecting
+        .as_ref()
+        .is_some_and(|c| c.ptr_eq(&connecting))
+    {
+        slot.connecting = None;
+        if let Ok(s) = &outcome {
+            slot.sender = Some(s.clone());
+        }
     }
-    let io = UpstreamIo::connect(ep.addr, timeout, tls).await?;
-    let sender = tokio::time::timeout(timeout, handshake(io))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "HTTP/2 handshake timed out"))??;
-    ep.set_h2_sender(Some(sender.clone()));
-    Ok(sender)
+    outcome.map_err(|e| io::Error::new(e.kind(), e.to_string()))
 }
 
 /// Why the request body failed, as [`WatchedBody`] saw it.

@@ -1323,7 +1323,8 @@ async fn exchange_h2(state: &State, f: &mut Forward) -> Outcome {
             }
         };
         let in_flight = ep.start_request();
-        let mut sender = match h2_upstream::sender_for(&ep, upstream.tls(), s.connect).await {
+        let mut sender = match h2_upstream::sender_for(&ep, upstream.tls_shared(), s.connect).await
+        {
             Ok(sender) => sender,
             Err(e) => {
                 upstream.log_connect_failure(&ep, &e);
@@ -1346,7 +1347,7 @@ async fn exchange_h2(state: &State, f: &mut Forward) -> Outcome {
                 {
                     // The connection closed before the request went out (GOAWAY, reset):
                     // nothing reached the endpoint; open a new one and send it again.
-                    ep.set_h2_sender(None);
+                    ep.forget_h2_sender();
                     resends -= 1;
                     req = back;
                     continue;
@@ -1360,7 +1361,7 @@ async fn exchange_h2(state: &State, f: &mut Forward) -> Outcome {
                     None if idempotent && !has_body && resends > 0 => {
                         tracing::debug!(endpoint = %ep.addr, error = %e.into_error(),
                             "upstream HTTP/2 connection failed under a request; sending it again");
-                        ep.set_h2_sender(None);
+                        ep.forget_h2_sender();
                         resends -= 1;
                         let Some(again) = h2_upstream::request_from_head(
                             &f.head,

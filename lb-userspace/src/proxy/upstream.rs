@@ -17,7 +17,7 @@ use rand::Rng;
 
 use super::client::UpstreamConn;
 use super::config::{ActiveHealth, Balance, PassiveHealth, Service, TlsSecret, UpstreamProtocol};
-use super::h2_upstream::H2Sender;
+use super::h2_upstream::H2Slot;
 use super::head::{Headers, SetValues};
 use super::metrics::{EndpointStates, Metrics};
 use super::tls::TlsError;
@@ -73,7 +73,7 @@ pub struct Endpoint {
     #[allow(clippy::vec_box)]
     idle: Box<[Mutex<Vec<Box<UpstreamConn>>>]>,
     /// For HTTP/2 Services: the multiplexed connection of each worker (see `h2_upstream`).
-    h2: Box<[Mutex<Option<H2Sender>>]>,
+    h2: Box<[Mutex<H2Slot>]>,
 }
 
 impl Endpoint {
@@ -88,7 +88,9 @@ impl Endpoint {
             idle: (0..workers.max(1))
                 .map(|_| Mutex::new(Vec::new()))
                 .collect(),
-            h2: (0..workers.max(1)).map(|_| Mutex::new(None)).collect(),
+            h2: (0..workers.max(1))
+                .map(|_| Mutex::new(H2Slot::default()))
+                .collect(),
         }
     }
 
@@ -131,19 +133,16 @@ impl Endpoint {
         }
     }
 
-    /// This worker's HTTP/2 connection, if it is open.
-    pub(crate) fn h2_sender(&self) -> Option<H2Sender> {
-        let slot = self.h2[worker_index() % self.h2.len()]
+    /// This worker's HTTP/2 connection state (see `h2_upstream::sender_for`).
+    pub(crate) fn h2_slot(&self) -> std::sync::MutexGuard<'_, H2Slot> {
+        self.h2[worker_index() % self.h2.len()]
             .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        slot.as_ref().filter(|s| !s.is_closed()).cloned()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Makes `s` this worker's HTTP/2 connection (None: forget the one there, it failed).
-    pub(crate) fn set_h2_sender(&self, s: Option<H2Sender>) {
-        *self.h2[worker_index() % self.h2.len()]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = s;
+    /// Forgets this worker's HTTP/2 connection (it failed under a request).
+    pub(crate) fn forget_h2_sender(&self) {
+        self.h2_slot().sender = None;
     }
 
     /// Counts a request in flight until the guard drops (least_request reads this).
@@ -314,6 +313,11 @@ impl Upstream {
     /// TLS to the endpoints, if the Service asks for it.
     pub fn tls(&self) -> Option<&TlsOrigination> {
         self.tls.as_deref()
+    }
+
+    /// [`Upstream::tls`], shared (for work that outlives the request).
+    pub(crate) fn tls_shared(&self) -> Option<&Arc<TlsOrigination>> {
+        self.tls.as_ref()
     }
 
     /// The HTTP version spoken to the endpoints.
