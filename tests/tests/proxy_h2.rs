@@ -1001,6 +1001,31 @@ async fn grpc_health_checks_take_out_endpoints_that_are_not_serving() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_to_an_unreachable_endpoint_go_to_another() {
+    let live = h2_upstream("live").await;
+    let mut svc = h2_service("g", &[dead_address().await, live.addr]);
+    // No ejection, so round robin keeps offering the dead endpoint.
+    svc.health.consecutive_failures = 0;
+    let proxy = start(h2_config(vec![("grpc.test", svc)]));
+    let client = h2c(proxy.http_addr.expect("http")).await;
+    for i in 0..4 {
+        let reply = exchange(
+            &client,
+            grpc_request("grpc.test", "/svc.S/Call"),
+            vec![grpc_frame(format!("call {i}").as_bytes())],
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::OK, "call {i}");
+        assert_eq!(reply.body, grpc_frame(b"hello from live"), "call {i}");
+    }
+    let m = metrics(proxy.metrics_addr.expect("metrics")).await;
+    assert!(
+        m.contains("xlb_proxy_upstream_errors_total{upstream=\"default/g:80\"} 4\n"),
+        "each call met the dead endpoint first (a call and its retry take a turn each): {m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_upgrades_to_h2_services_get_501() {
     let up = h2_upstream("g5").await;
     let proxy = start(h2_config(vec![("grpc.test", h2_service("g", &[up.addr]))]));

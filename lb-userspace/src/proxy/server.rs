@@ -1182,7 +1182,10 @@ async fn exchange(state: &State, f: &mut Forward) -> Outcome {
                 upstream.errors.inc();
                 upstream.record_failure(&ep);
                 connect_attempts -= 1;
-                if idempotent && connect_attempts > 0 {
+                // Nothing of the request has been sent (nor its body read): whatever its
+                // method, it may go to another endpoint, as nginx's `proxy_next_upstream
+                // error` does.
+                if connect_attempts > 0 {
                     excluded = Some(ep);
                     continue;
                 }
@@ -1286,9 +1289,9 @@ fn next_endpoint(
 
 /// [`exchange`] with an HTTP/2 upstream: the request goes on this worker's multiplexed
 /// connection to the endpoint (see `h2_upstream`). Connect failures and 5xx count towards
-/// ejection as over HTTP/1.1, and idempotent requests are retried once on another endpoint
-/// after a connect failure; a request the connection closed before taking is sent again on
-/// a new one.
+/// ejection as over HTTP/1.1, and a request is retried once on another endpoint after a
+/// connect failure; a request the connection closed before taking is sent again on a new
+/// one.
 async fn exchange_h2(state: &State, f: &mut Forward) -> Outcome {
     let s = &state.settings;
     let route = &f.route;
@@ -1329,7 +1332,8 @@ async fn exchange_h2(state: &State, f: &mut Forward) -> Outcome {
             Err(e) => {
                 upstream.log_connect_failure(&ep, &e);
                 connect_attempts -= 1;
-                if idempotent && connect_attempts > 0 {
+                // Nothing was sent: any request (a gRPC call is a POST) may go elsewhere.
+                if connect_attempts > 0 {
                     upstream.errors.inc();
                     upstream.record_failure(&ep);
                     excluded = Some(ep);
