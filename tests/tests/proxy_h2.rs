@@ -322,6 +322,21 @@ async fn answer(
         answer_health(&state, respond);
         return;
     }
+    // Answers that end with their head: a 204, and a 200 without content-length.
+    let bodiless = match parts.uri.path() {
+        p if p.ends_with("/NoContent") => Some(204),
+        p if p.ends_with("/Empty") => Some(200),
+        _ => None,
+    };
+    if let Some(status) = bodiless {
+        let resp = http::Response::builder()
+            .status(status)
+            .header("x-backend", state.name)
+            .body(())
+            .expect("response");
+        let _ = respond.send_response(resp, true);
+        return;
+    }
     if parts.uri.path().ends_with("/Together") {
         state.together.wait().await;
     }
@@ -1023,6 +1038,34 @@ async fn grpc_calls_to_an_unreachable_endpoint_go_to_another() {
         m.contains("xlb_proxy_upstream_errors_total{upstream=\"default/g:80\"} 4\n"),
         "each call met the dead endpoint first (a call and its retry take a turn each): {m}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_that_end_with_their_head_are_framed_for_http11_clients() {
+    let up = h2_upstream("heads").await;
+    let proxy = start(h2_config(vec![("grpc.test", h2_service("g", &[up.addr]))]));
+    // Pipelined on one connection: the second answer parses only if the first is framed right.
+    let out = raw(
+        proxy.http_addr.expect("http"),
+        b"GET /a/NoContent HTTP/1.1\r\nHost: grpc.test\r\n\r\n\
+          GET /b/Empty HTTP/1.1\r\nHost: grpc.test\r\n\r\n\
+          GET /c HTTP/1.1\r\nHost: grpc.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let heads: Vec<&str> = out.split("\r\n\r\n").collect();
+    assert!(heads.len() >= 3, "{out:?}");
+    assert!(heads[0].starts_with("HTTP/1.1 204 "), "{out:?}");
+    assert!(
+        !heads[0].to_ascii_lowercase().contains("content-length"),
+        "no Content-Length in a 204 (RFC 9110 §8.6): {out:?}"
+    );
+    assert!(heads[1].starts_with("HTTP/1.1 200 "), "{out:?}");
+    assert!(
+        heads[1].to_ascii_lowercase().contains("content-length: 0"),
+        "an empty 200 says so, or the client would wait for the connection to close: {out:?}"
+    );
+    assert!(heads[2].starts_with("HTTP/1.1 200 "), "{out:?}");
+    assert!(heads[3].contains("backend=heads\npath=/c\n"), "{out:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

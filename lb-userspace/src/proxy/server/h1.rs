@@ -345,10 +345,13 @@ where
     ) -> std::io::Result<()> {
         let (parts, mut body) = resp.into_parts();
         let status = parts.status;
-        let no_body = head_only
-            || status.is_informational()
+        // These statuses never have a body, and must not say a length for one (RFC 9110
+        // §8.6: no Content-Length in a 1xx or 204; in a 304 it would be the length of the
+        // representation, which is not known here).
+        let bodiless_status = status.is_informational()
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED;
+        let no_body = head_only || bodiless_status;
         let length = body.length();
         let chunked = length == BodyLength::Unknown && !no_body;
         let w = &mut self.wbuf;
@@ -363,7 +366,9 @@ where
         }
         w.extend_from_slice(&self.lines);
         match length {
-            BodyLength::Known(n) if !parts.headers.contains_key(header::CONTENT_LENGTH) => {
+            BodyLength::Known(n)
+                if !bodiless_status && !parts.headers.contains_key(header::CONTENT_LENGTH) =>
+            {
                 w.extend_from_slice(b"content-length: ");
                 let mut digits = itoa_buf(n);
                 w.extend_from_slice(digits.as_bytes_mut());
