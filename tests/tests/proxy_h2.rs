@@ -97,6 +97,17 @@ impl H2Upstream {
         self.state.accepted.load(Ordering::SeqCst)
     }
 
+    /// The health checks seen so far (requests for `target`); there must be some.
+    fn checks(&self, target: &str) -> Vec<Seen> {
+        let checks: Vec<Seen> = self
+            .seen()
+            .into_iter()
+            .filter(|s| s.target == target)
+            .collect();
+        assert!(!checks.is_empty(), "no check reached {}", self.state.name);
+        checks
+    }
+
     fn seen(&self) -> Vec<Seen> {
         self.state.seen.lock().expect("lock").clone()
     }
@@ -496,6 +507,39 @@ fn grpc_request(authority: &str, method: &str) -> http::Request<()> {
         .expect("request")
 }
 
+/// [`TOGETHER`] gRPC calls to `grpc.test` at once, from as many client connections to
+/// `addr` (all connected first); each must succeed with `grpc-status: 0`.
+async fn calls_together(addr: SocketAddr) -> Vec<Reply> {
+    let mut clients = Vec::new();
+    for _ in 0..TOGETHER {
+        clients.push(h2c(addr).await);
+    }
+    let calls = clients.iter().enumerate().map(|(i, client)| {
+        exchange(
+            client,
+            grpc_request("grpc.test", "/helloworld.Greeter/Together"),
+            vec![grpc_frame(format!("call {i}").as_bytes())],
+        )
+    });
+    let replies = futures_util::future::join_all(calls).await;
+    for (i, reply) in replies.iter().enumerate() {
+        assert_eq!(reply.status, StatusCode::OK, "call {i}");
+        assert_eq!(reply.trailer("grpc-status"), Some("0"), "call {i}");
+    }
+    replies
+}
+
+/// An h2c upstream called `name` behind a one-worker proxy routing `grpc.test` to it, and
+/// the proxy's plain-HTTP address.
+async fn h2_scene(
+    name: &'static str,
+) -> (H2Upstream, lb_userspace::proxy::ProxyHandle, SocketAddr) {
+    let up = h2_upstream(name).await;
+    let proxy = start(h2_config(vec![("grpc.test", h2_service("g", &[up.addr]))]));
+    let addr = proxy.http_addr.expect("http");
+    (up, proxy, addr)
+}
+
 /// A Service port whose endpoints speak HTTP/2.
 fn h2_service(name: &str, endpoints: &[SocketAddr]) -> Service {
     let mut s = service(name, endpoints);
@@ -521,9 +565,7 @@ fn h2_config(routes: Vec<(&str, Service)>) -> ProxyConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_over_h2c_keeps_trailers_and_multiplexes_one_upstream_connection() {
-    let up = h2_upstream("g1").await;
-    let proxy = start(h2_config(vec![("grpc.test", h2_service("g", &[up.addr]))]));
-    let addr = proxy.http_addr.expect("http");
+    let (up, _proxy, addr) = h2_scene("g1").await;
 
     let client = h2c(addr).await;
     let message = grpc_frame(&[b'x'; 100]);
@@ -568,20 +610,8 @@ async fn grpc_over_h2c_keeps_trailers_and_multiplexes_one_upstream_connection() 
 
     // 20 calls from 20 client connections, all in flight at once: the upstream answers none
     // of them before all have arrived, over the one connection of the one worker.
-    let calls = (0..TOGETHER).map(|i| async move {
-        let client = h2c(addr).await;
-        let reply = exchange(
-            &client,
-            grpc_request("grpc.test", "/helloworld.Greeter/Together"),
-            vec![grpc_frame(format!("call {i}").as_bytes())],
-        )
-        .await;
-        (i, reply)
-    });
-    for (i, reply) in futures_util::future::join_all(calls).await {
-        assert_eq!(reply.status, StatusCode::OK, "call {i}");
+    for (i, reply) in calls_together(addr).await.iter().enumerate() {
         assert_eq!(reply.body, grpc_frame(b"hello from g1"), "call {i}");
-        assert_eq!(reply.trailer("grpc-status"), Some("0"), "call {i}");
     }
     let seen = up.seen();
     assert_eq!(seen.len(), 1 + TOGETHER);
@@ -611,33 +641,14 @@ async fn a_burst_at_a_cold_endpoint_opens_one_connection() {
     };
     let proxy = start(h2_config(vec![("grpc.test", svc)]));
     let addr = proxy.http_addr.expect("http");
-    // The clients connect first, then all call at once: every call finds no upstream
-    // connection yet, and they must share the one being opened.
-    let mut clients = Vec::new();
-    for _ in 0..TOGETHER {
-        clients.push(h2c(addr).await);
-    }
-    let calls = clients.iter().enumerate().map(|(i, client)| async move {
-        let reply = exchange(
-            client,
-            grpc_request("grpc.test", "/helloworld.Greeter/Together"),
-            vec![grpc_frame(format!("call {i}").as_bytes())],
-        )
-        .await;
-        (i, reply)
-    });
-    for (i, reply) in futures_util::future::join_all(calls).await {
-        assert_eq!(reply.status, StatusCode::OK, "call {i}");
-        assert_eq!(reply.trailer("grpc-status"), Some("0"), "call {i}");
-    }
+    // Every call finds no upstream connection yet: they must share the one being opened.
+    calls_together(addr).await;
     assert_eq!(up.accepted(), 1, "no connection storm at a cold endpoint");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http11_clients_reach_h2_upstreams_with_forwarding_headers_and_no_hop_by_hop_ones() {
-    let up = h2_upstream("g2").await;
-    let proxy = start(h2_config(vec![("grpc.test", h2_service("g", &[up.addr]))]));
-    let addr = proxy.http_addr.expect("http");
+    let (up, _proxy, addr) = h2_scene("g2").await;
 
     let tcp = within("connect", TcpStream::connect(addr))
         .await
@@ -803,9 +814,7 @@ async fn tls_upstreams_must_select_h2_by_alpn() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_upstream_connection_is_replaced_by_the_next_request() {
-    let mut up = h2_upstream("first").await;
-    let proxy = start(h2_config(vec![("grpc.test", h2_service("g", &[up.addr]))]));
-    let addr = proxy.http_addr.expect("http");
+    let (mut up, _proxy, addr) = h2_scene("first").await;
 
     let got = get(addr, "grpc.test", "/one").await;
     assert_eq!(got.status, StatusCode::OK, "{}", got.body);
@@ -853,9 +862,7 @@ async fn a_closed_upstream_connection_is_replaced_by_the_next_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_breaks_under_a_request_resends_it_only_when_safe() {
-    let up = h2_upstream("crashy").await;
-    let proxy = start(h2_config(vec![("grpc.test", h2_service("g", &[up.addr]))]));
-    let addr = proxy.http_addr.expect("http");
+    let (up, _proxy, addr) = h2_scene("crashy").await;
     let got = get(addr, "grpc.test", "/warm").await;
     assert_eq!(got.status, StatusCode::OK, "{}", got.body);
     assert_eq!(up.accepted(), 1);
@@ -908,27 +915,8 @@ async fn active_health_checks_speak_http2_to_h2_services() {
         ..ActiveHealth::default()
     };
     let proxy = start(h2_config(vec![("grpc.test", svc)]));
-    let metrics_addr = proxy.metrics_addr.expect("metrics");
-    let settled = |m: &str| {
-        ["available", "check_failed"].iter().all(|state| {
-            m.contains(&format!(
-                "xlb_proxy_upstream_endpoints{{upstream=\"default/g:80\",state=\"{state}\"}} 1\n"
-            ))
-        })
-    };
-    within("checks settle", async {
-        while !settled(&metrics(metrics_addr).await) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    let checks: Vec<Seen> = good
-        .seen()
-        .into_iter()
-        .filter(|s| s.target == "/healthz")
-        .collect();
-    assert!(!checks.is_empty(), "checks reached the h2 endpoint");
-    for c in &checks {
+    endpoint_states(proxy.metrics_addr.expect("metrics"), "default/g:80", 1, 1).await;
+    for c in &good.checks("/healthz") {
         assert_eq!(c.version, http::Version::HTTP_2);
         assert_eq!(c.method, http::Method::GET);
         assert_eq!(c.header("user-agent"), Some("xlb-health-check"));
@@ -967,31 +955,10 @@ async fn grpc_health_checks_take_out_endpoints_that_are_not_serving() {
     };
     let proxy = start(h2_config(vec![("grpc.test", svc)]));
     let metrics_addr = proxy.metrics_addr.expect("metrics");
-    let states = |available: usize, failed: usize| async move {
-        let want = [("available", available), ("check_failed", failed)].map(|(state, n)| {
-            format!(
-                "xlb_proxy_upstream_endpoints{{upstream=\"default/g:80\",state=\"{state}\"}} {n}\n"
-            )
-        });
-        within("checks settle", async {
-            loop {
-                let m = metrics(metrics_addr).await;
-                if want.iter().all(|w| m.contains(w.as_str())) {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await;
-    };
+    let states =
+        |available, failed| endpoint_states(metrics_addr, "default/g:80", available, failed);
     states(1, 1).await;
-    let checks: Vec<Seen> = a
-        .seen()
-        .into_iter()
-        .filter(|s| s.target == "/grpc.health.v1.Health/Check")
-        .collect();
-    assert!(!checks.is_empty(), "checks reached a");
-    for c in &checks {
+    for c in &a.checks("/grpc.health.v1.Health/Check") {
         assert_eq!(c.version, http::Version::HTTP_2);
         assert_eq!(c.method, http::Method::POST);
         assert_eq!(c.header("content-type"), Some("application/grpc"));
@@ -1070,9 +1037,7 @@ async fn answers_that_end_with_their_head_are_framed_for_http11_clients() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_upgrades_to_h2_services_get_501() {
-    let up = h2_upstream("g5").await;
-    let proxy = start(h2_config(vec![("grpc.test", h2_service("g", &[up.addr]))]));
-    let addr = proxy.http_addr.expect("http");
+    let (up, _proxy, addr) = h2_scene("g5").await;
     let tcp = within("connect", TcpStream::connect(addr))
         .await
         .expect("connect");

@@ -452,6 +452,29 @@ pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Waits until the proxy's metrics count `available` and `check_failed` endpoints for
+/// `upstream` (`namespace/service:port`), as active health checks settle.
+pub async fn endpoint_states(
+    metrics_addr: SocketAddr,
+    upstream: &str,
+    available: usize,
+    check_failed: usize,
+) {
+    let want = [("available", available), ("check_failed", check_failed)].map(|(state, n)| {
+        format!("xlb_proxy_upstream_endpoints{{upstream=\"{upstream}\",state=\"{state}\"}} {n}\n")
+    });
+    within("endpoint states settle", async {
+        loop {
+            let m = metrics(metrics_addr).await;
+            if want.iter().all(|w| m.contains(w.as_str())) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
+
 /// The text of the proxy's `/metrics`.
 pub async fn metrics(addr: SocketAddr) -> String {
     let got = get(addr, "127.0.0.1", "/metrics").await;

@@ -417,23 +417,7 @@ async fn active_health_checks_speak_tls_to_tls_upstreams() {
         ..ActiveHealth::default()
     };
     let proxy = start(cfg);
-    let metrics_addr = proxy.metrics_addr.expect("metrics");
-    let states = |m: &str| {
-        ["available", "check_failed"].map(|state| {
-            m.contains(&format!(
-                "xlb_proxy_upstream_endpoints{{upstream=\"default/s:80\",state=\"{state}\"}} 1\n"
-            ))
-        })
-    };
-    let mut settled = false;
-    for _ in 0..50 {
-        if states(&metrics(metrics_addr).await) == [true, true] {
-            settled = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert!(settled, "{}", metrics(metrics_addr).await);
+    endpoint_states(proxy.metrics_addr.expect("metrics"), "default/s:80", 1, 1).await;
     assert!(secure.hits() > 0, "checks reached the TLS endpoint");
     assert_eq!(
         seen.failed.load(std::sync::atomic::Ordering::SeqCst),
