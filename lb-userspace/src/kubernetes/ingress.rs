@@ -98,6 +98,9 @@ pub const PROXY_SSL_SECRET: &str = "xlb.dev/proxy-ssl-secret";
 /// `tls.crt`/`tls.key` are presented to endpoints that ask for a client certificate.
 pub const PROXY_SSL_CLIENT_SECRET: &str = "xlb.dev/proxy-ssl-client-secret";
 
+/// A Service port's `appProtocol` that selects HTTP/2 without TLS to its endpoints.
+pub const APP_PROTOCOL_H2C: &str = "kubernetes.io/h2c";
+
 /// A Service's proxy policy from its annotations ([`service_policy`]).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ServicePolicy {
@@ -814,6 +817,16 @@ impl Index<'_> {
             ca_secret,
             client_secret,
         } = service_policy(svc).map_err(|e| format!("service {id}: {e}"))?;
+        // The standard application protocol `kubernetes.io/h2c` (KEP-3726) on the port asks
+        // for cleartext HTTP/2 unless the annotation decides the protocol.
+        let annotated = svc
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(PROXY_BACKEND_PROTOCOL));
+        if !annotated && port.app_protocol.as_deref() == Some(APP_PROTOCOL_H2C) {
+            policy.protocol = pc::UpstreamProtocol::H2;
+        }
         if let Some(name) = client_secret {
             let key = (namespace.to_owned(), name.clone());
             let secret = load_secret(self.secrets.get(&key).copied(), namespace, &name)

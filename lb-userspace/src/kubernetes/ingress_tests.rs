@@ -612,6 +612,40 @@ fn backend_protocol_annotations_set_tls_to_the_endpoints() {
 }
 
 #[test]
+fn app_protocol_h2c_selects_http2_unless_the_annotation_decides() {
+    let with = |annotations: Value| {
+        let mut w = World::new();
+        w.services[0] = service(
+            "web",
+            json!([{"name": "http", "port": 80, "protocol": "TCP", "targetPort": "web",
+                    "appProtocol": APP_PROTOCOL_H2C}]),
+        );
+        w.services[0].metadata.annotations = serde_json::from_value(annotations).unwrap();
+        w.ingresses
+            .push(ingress("a", "2024-01-01T00:00:00Z", json!({})));
+        let t = w.run();
+        assert_eq!(served(&t), ["a"], "{:?}", t.rejected);
+        t.config.services[0].protocol
+    };
+    assert_eq!(with(json!({})), UpstreamProtocol::H2);
+    assert_eq!(
+        with(json!({PROXY_BACKEND_PROTOCOL: "HTTP"})),
+        UpstreamProtocol::Http1,
+        "the annotation wins"
+    );
+    // Another appProtocol keeps HTTP/1.1.
+    let mut w = World::new();
+    w.services[0] = service(
+        "web",
+        json!([{"name": "http", "port": 80, "protocol": "TCP", "targetPort": "web",
+                "appProtocol": "http"}]),
+    );
+    w.ingresses
+        .push(ingress("a", "2024-01-01T00:00:00Z", json!({})));
+    assert_eq!(w.run().config.services[0].protocol, UpstreamProtocol::Http1);
+}
+
+#[test]
 fn tls_hosts_without_a_secret_use_the_default_certificate() {
     let mut w = World::new();
     w.ingresses.push(ingress(
