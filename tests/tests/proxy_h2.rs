@@ -69,6 +69,14 @@ struct State {
     /// This many requests whose path ends in `/Crash` close their connection at once, as a
     /// restarting server does (no GOAWAY, no answer); later ones are answered.
     crashes: AtomicUsize,
+    /// This many requests whose path ends in `/Refuse` are reset with REFUSED_STREAM once
+    /// [`State::refuse_after`] bytes of their body have arrived (or it ended).
+    refusals: AtomicUsize,
+    refuse_after: AtomicUsize,
+    /// Requests reset with REFUSED_STREAM so far.
+    refused: AtomicUsize,
+    /// This many new (cleartext) connections are served by [`goaway_on_first_request`].
+    goaway_connections: AtomicUsize,
     /// What `grpc.health.v1.Health/Check` answers: a `ServingStatus` (1 SERVING,
     /// 2 NOT_SERVING), or 0 for "not implemented" (grpc-status 12, trailers only).
     health: AtomicUsize,
@@ -208,6 +216,10 @@ fn serve(
         seen: Mutex::new(Vec::new()),
         together: tokio::sync::Barrier::new(TOGETHER),
         crashes: AtomicUsize::new(0),
+        refusals: AtomicUsize::new(0),
+        refuse_after: AtomicUsize::new(0),
+        refused: AtomicUsize::new(0),
+        goaway_connections: AtomicUsize::new(0),
         health: AtomicUsize::new(1),
     });
     let (goaway, mut rx) = tokio::sync::watch::channel(0u64);
@@ -230,6 +242,9 @@ fn serve(
                 // Pinned in a named local so that it (and its socket) drops before `_closed`.
                 let mut conn = Box::pin(async move {
                     match tls {
+                        None if take_one(&st.goaway_connections) => {
+                            goaway_on_first_request(tcp).await;
+                        }
                         None => serve_connection(tcp, st, rx).await,
                         Some(acceptor) => match acceptor.accept(tcp).await {
                             Ok(s) => {
@@ -271,14 +286,14 @@ async fn serve_connection<IO>(
         tokio::select! {
             next = conn.accept() => match next {
                 Some(Ok((req, respond))) => {
-                    let crash = req.uri().path().ends_with("/Crash")
-                        && state
-                            .crashes
-                            .try_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                            .is_ok();
-                    if crash {
+                    let path = req.uri().path();
+                    if path.ends_with("/Crash") && take_one(&state.crashes) {
                         // Dropping the connection closes the socket without a GOAWAY.
                         break;
+                    }
+                    if path.ends_with("/Refuse") && take_one(&state.refusals) {
+                        tokio::spawn(refuse(state.clone(), req, respond));
+                        continue;
                     }
                     tokio::spawn(answer(state.clone(), req, respond));
                 }
@@ -290,6 +305,76 @@ async fn serve_connection<IO>(
                     conn.graceful_shutdown();
                 }
             }
+        }
+    }
+}
+
+/// Takes one from a countdown; false at zero.
+fn take_one(n: &AtomicUsize) -> bool {
+    n.try_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+/// Resets the request's stream with REFUSED_STREAM (RFC 9113 §8.7: not processed, safe to
+/// retry) once [`State::refuse_after`] bytes of its body have arrived or it ended.
+async fn refuse(
+    state: Arc<State>,
+    req: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+) {
+    let after = state.refuse_after.load(Ordering::SeqCst);
+    let mut body = req.into_body();
+    let mut len = 0;
+    while len < after {
+        let Some(Ok(chunk)) = body.data().await else {
+            break;
+        };
+        len += chunk.len();
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    respond.send_reset(h2::Reason::REFUSED_STREAM);
+    state.refused.fetch_add(1, Ordering::SeqCst);
+}
+
+/// An HTTP/2 server that starts to shut down as the first request arrives, written frame by
+/// frame so the GOAWAY's last stream is exact: it answers the client's first HEADERS with
+/// GOAWAY (last stream 0, NO_ERROR), so that request was not processed, and closes.
+async fn goaway_on_first_request(mut tcp: TcpStream) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    const SETTINGS: u8 = 4;
+    const HEADERS: u8 = 1;
+    const GOAWAY: u8 = 7;
+    let mut preface = [0u8; 24];
+    if tcp.read_exact(&mut preface).await.is_err() {
+        return;
+    }
+    assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+    // Our SETTINGS: none, the defaults.
+    let _ = tcp.write_all(&[0, 0, 0, SETTINGS, 0, 0, 0, 0, 0]).await;
+    loop {
+        let mut head = [0u8; 9];
+        if tcp.read_exact(&mut head).await.is_err() {
+            return;
+        }
+        let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+        let mut payload = vec![0u8; len];
+        if tcp.read_exact(&mut payload).await.is_err() {
+            return;
+        }
+        match head[3] {
+            SETTINGS if head[4] & 1 == 0 => {
+                let _ = tcp.write_all(&[0, 0, 0, SETTINGS, 1, 0, 0, 0, 0]).await;
+            }
+            HEADERS => {
+                let mut goaway = vec![0, 0, 8, GOAWAY, 0, 0, 0, 0, 0];
+                goaway.extend_from_slice(&[0; 8]); // last stream 0, NO_ERROR
+                let _ = tcp.write_all(&goaway).await;
+                let _ = tcp.shutdown().await;
+                // Let the client read it all before the socket closes.
+                tokio::time::sleep(SETTLE).await;
+                return;
+            }
+            _ => {}
         }
     }
 }
@@ -900,6 +985,102 @@ async fn a_connection_that_breaks_under_a_request_resends_it_only_when_safe() {
     let got = get(addr, "grpc.test", "/b/Crash").await;
     assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{}", got.body);
     assert_eq!(up.accepted(), 5, "the first try and two resends");
+
+    // A PUT may be repeated: its body is sent again whole on a new connection.
+    up.state.crashes.store(1, Ordering::SeqCst);
+    let put = http::Request::builder()
+        .method("PUT")
+        .uri("http://grpc.test/c/Crash")
+        .body(())
+        .expect("request");
+    let reply = exchange(&client, put, message_chunks(20_000)).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.body, "backend=crashy\npath=/c/Crash\nlen=20005\n");
+    assert_eq!(up.accepted(), 7, "the broken connection and a new one");
+}
+
+/// A gRPC message of `n` bytes, sent in chunks of 8 KiB.
+fn message_chunks(n: usize) -> Vec<Bytes> {
+    let message = grpc_frame(&vec![b'm'; n]);
+    (0..message.len())
+        .step_by(8192)
+        .map(|at| message.slice(at..message.len().min(at + 8192)))
+        .collect()
+}
+
+/// The bytes of `chunks` in one piece.
+fn joined(chunks: &[Bytes]) -> Bytes {
+    Bytes::from(chunks.concat())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_an_endpoint_refuses_go_again_with_their_body_if_it_was_kept() {
+    let (up, _proxy, addr) = h2_scene("refusing").await;
+    let client = h2c(addr).await;
+    let call = |sent: Vec<Bytes>| {
+        let client = client.clone();
+        async move { exchange(&client, grpc_request("grpc.test", "/svc.S/Refuse"), sent).await }
+    };
+
+    // Refused at once (a POST): sent again, on the same connection, body and all.
+    up.state.refusals.store(1, Ordering::SeqCst);
+    let sent = message_chunks(10_000);
+    let reply = call(sent.clone()).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.trailer("grpc-status"), Some("0"));
+    assert_eq!(up.state.refused.load(Ordering::SeqCst), 1);
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].body, joined(&sent));
+    assert_eq!(
+        up.accepted(),
+        1,
+        "REFUSED_STREAM leaves the connection usable"
+    );
+
+    // Refused halfway through its body: the part already sent goes again, then the rest.
+    up.state.refuse_after.store(20_000, Ordering::SeqCst);
+    up.state.refusals.store(1, Ordering::SeqCst);
+    let sent = message_chunks(40_000);
+    let reply = call(sent.clone()).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(up.state.refused.load(Ordering::SeqCst), 2);
+    let seen = up.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[1].body, joined(&sent));
+
+    // Refused after more than the proxy keeps for a replay (64 KiB) had been sent: 502.
+    up.state.refuse_after.store(80_000, Ordering::SeqCst);
+    up.state.refusals.store(1, Ordering::SeqCst);
+    let reply = call(message_chunks(100_000)).await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(up.state.refused.load(Ordering::SeqCst), 3);
+    assert_eq!(up.seen().len(), 2, "not sent again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_an_endpoint_declines_with_goaway_goes_again_on_a_new_connection() {
+    let (up, _proxy, addr) = h2_scene("draining").await;
+    up.state.goaway_connections.store(1, Ordering::SeqCst);
+    let client = h2c(addr).await;
+    let sent = message_chunks(10_000);
+    let reply = exchange(
+        &client,
+        grpc_request("grpc.test", "/svc.S/Drain"),
+        sent.clone(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.trailer("grpc-status"), Some("0"));
+    assert_eq!(
+        up.accepted(),
+        2,
+        "the connection that went away, then a new one"
+    );
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].method, http::Method::POST);
+    assert_eq!(seen[0].body, joined(&sent));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,15 +13,14 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::FutureExt as _;
 use futures_util::future::Shared;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -131,6 +130,13 @@ pub(crate) async fn sender_for(
     outcome.map_err(|e| io::Error::new(e.kind(), e.to_string()))
 }
 
+/// Request body bytes kept for a replay. A request the endpoint did not process (a
+/// REFUSED_STREAM reset, or a GOAWAY below its stream) is sent again only if no more than
+/// this had been read from the client when it was refused: gRPC unary calls fit, long
+/// client streams do not. The bytes are shared with the client's buffers, not copied, and
+/// are let go when the response head arrives.
+pub(crate) const REPLAY_LIMIT: usize = 64 * 1024;
+
 /// Why the request body failed, as [`WatchedBody`] saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum BodyFault {
@@ -140,43 +146,123 @@ pub(crate) enum BodyFault {
     Client,
 }
 
-/// The request body on its way to an HTTP/2 upstream. hyper reports a failed request body
-/// to the exchange only as a reset stream, so the reason is noted here for the answer.
-pub(crate) struct WatchedBody {
-    body: ReqBody,
-    fault: Arc<AtomicU8>,
+/// A frame read from the client, kept for a replay.
+enum Kept {
+    Data(Bytes),
+    Trailers(HeaderMap),
 }
 
-const NO_FAULT: u8 = 0;
-const TOO_LARGE: u8 = 1;
-const CLIENT: u8 = 2;
+impl Kept {
+    fn frame(&self) -> Frame<Bytes> {
+        match self {
+            Kept::Data(d) => Frame::data(d.clone()),
+            Kept::Trailers(t) => Frame::trailers(t.clone()),
+        }
+    }
+
+    fn data_len(&self) -> u64 {
+        match self {
+            Kept::Data(d) => d.len() as u64,
+            Kept::Trailers(_) => 0,
+        }
+    }
+}
+
+/// The state one request's attempts share.
+struct Attempts {
+    /// The client's body.
+    source: ReqBody,
+    /// Set when `source` failed.
+    fault: Option<BodyFault>,
+    /// Every frame read from `source` so far, while a replay is possible.
+    kept: Vec<Kept>,
+    kept_bytes: usize,
+    /// False once more than [`REPLAY_LIMIT`] was read, `source` failed, or the request was
+    /// answered.
+    replayable: bool,
+    /// `source` returned its end.
+    ended: bool,
+    /// The attempt that may read; an older one (hyper may still poll the body of a refused
+    /// stream for a moment) gets an error instead of taking frames or the waker.
+    attempt: u32,
+}
+
+/// The request body on its way to an HTTP/2 upstream, as one attempt sends it: the frames
+/// an earlier attempt already read (see [`REPLAY_LIMIT`]), then the rest of the client's
+/// body. hyper reports a failed request body to the exchange only as a reset stream, so the
+/// reason is noted here for the answer.
+pub(crate) struct WatchedBody {
+    shared: Arc<Mutex<Attempts>>,
+    attempt: u32,
+    /// Index in `kept` of the next frame this attempt sends.
+    next: usize,
+}
+
+fn lock(shared: &Mutex<Attempts>) -> MutexGuard<'_, Attempts> {
+    // No code path panics while holding it; if one did, the state is still consistent.
+    shared.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 impl WatchedBody {
-    /// Wraps `body`; the returned handle tells what went wrong with it, if anything.
-    pub(crate) fn new(body: ReqBody) -> (Self, FaultHandle) {
-        let fault = Arc::new(AtomicU8::new(NO_FAULT));
+    /// Wraps `body`; the returned handle tells what went wrong with it and replays it.
+    pub(crate) fn new(body: ReqBody) -> (Self, BodyHandle) {
+        let shared = Arc::new(Mutex::new(Attempts {
+            source: body,
+            fault: None,
+            kept: Vec::new(),
+            kept_bytes: 0,
+            replayable: true,
+            ended: false,
+            attempt: 0,
+        }));
         (
             Self {
-                body,
-                fault: fault.clone(),
+                shared: shared.clone(),
+                attempt: 0,
+                next: 0,
             },
-            FaultHandle(fault),
+            BodyHandle(shared),
         )
     }
 }
 
-/// Reads the fault a [`WatchedBody`] recorded.
-pub(crate) struct FaultHandle(Arc<AtomicU8>);
+/// The exchange's side of a [`WatchedBody`].
+pub(crate) struct BodyHandle(Arc<Mutex<Attempts>>);
 
-impl FaultHandle {
-    pub(crate) fn get(&self) -> Option<BodyFault> {
-        match self.0.load(Ordering::Acquire) {
-            TOO_LARGE => Some(BodyFault::TooLarge),
-            CLIENT => Some(BodyFault::Client),
-            _ => None,
+impl BodyHandle {
+    /// What went wrong with the client's body, if anything.
+    pub(crate) fn fault(&self) -> Option<BodyFault> {
+        lock(&self.0).fault
+    }
+
+    /// The body for another attempt, from its first byte, if everything read so far was kept.
+    /// Earlier attempts stop reading.
+    pub(crate) fn replay(&self) -> Option<WatchedBody> {
+        let mut s = lock(&self.0);
+        if !s.replayable {
+            return None;
         }
+        s.attempt += 1;
+        Some(WatchedBody {
+            shared: self.0.clone(),
+            attempt: s.attempt,
+            next: 0,
+        })
+    }
+
+    /// The request was answered: nothing more is kept (a streaming body goes on).
+    pub(crate) fn answered(&self) {
+        let mut s = lock(&self.0);
+        s.replayable = false;
+        s.kept = Vec::new();
+        s.kept_bytes = 0;
     }
 }
+
+/// An older attempt's body was polled after a replay started.
+#[derive(Debug, thiserror::Error)]
+#[error("request body superseded by a replay")]
+struct Superseded;
 
 impl Body for WatchedBody {
     type Data = Bytes;
@@ -187,25 +273,105 @@ impl Body for WatchedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        let r = Pin::new(&mut this.body).poll_frame(cx);
-        if let Poll::Ready(Some(Err(e))) = &r {
-            let fault = if e.is::<BodyTooLarge>() {
-                TOO_LARGE
-            } else {
-                CLIENT
-            };
-            this.fault.store(fault, Ordering::Release);
+        let mut s = lock(&this.shared);
+        if s.attempt != this.attempt {
+            return Poll::Ready(Some(Err(Superseded.into())));
         }
-        r
+        if let Some(kept) = s.kept.get(this.next) {
+            this.next += 1;
+            return Poll::Ready(Some(Ok(kept.frame())));
+        }
+        if s.ended {
+            return Poll::Ready(None);
+        }
+        let r = ready!(Pin::new(&mut s.source).poll_frame(cx));
+        match &r {
+            None => s.ended = true,
+            Some(Ok(frame)) if s.replayable => {
+                let kept = if let Some(d) = frame.data_ref() {
+                    Some(Kept::Data(d.clone()))
+                } else {
+                    frame.trailers_ref().map(|t| Kept::Trailers(t.clone()))
+                };
+                if let Some(kept) = kept {
+                    s.kept_bytes += kept.data_len() as usize;
+                    s.kept.push(kept);
+                    this.next += 1;
+                }
+                if s.kept_bytes > REPLAY_LIMIT {
+                    s.replayable = false;
+                    s.kept = Vec::new();
+                    this.next = 0;
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                s.fault = Some(if e.is::<BodyTooLarge>() {
+                    BodyFault::TooLarge
+                } else {
+                    BodyFault::Client
+                });
+                s.replayable = false;
+            }
+        }
+        Poll::Ready(r)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        let s = lock(&self.shared);
+        s.attempt == self.attempt
+            && self.next >= s.kept.len()
+            && (s.ended || s.source.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        let s = lock(&self.shared);
+        let kept: u64 = s.kept.iter().skip(self.next).map(Kept::data_len).sum();
+        let rest = if s.ended {
+            SizeHint::with_exact(0)
+        } else {
+            s.source.size_hint()
+        };
+        let mut hint = SizeHint::new();
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + kept);
+        }
+        hint.set_lower(rest.lower() + kept);
+        hint
     }
+}
+
+/// How an endpoint declined a request without processing it (RFC 9113 §8.7), so that it
+/// may go again whatever its method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NotProcessed {
+    /// The stream was reset with REFUSED_STREAM; the connection stays usable.
+    Refused,
+    /// A GOAWAY's last stream was below the request's; the connection is going away.
+    GoingAway,
+}
+
+/// Whether `e` (from sending a request) says the endpoint did not process it.
+pub(crate) fn not_processed(e: &hyper::Error) -> Option<NotProcessed> {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(h2) = c.downcast_ref::<h2::Error>() {
+            // h2 gives a stream above a GOAWAY's last stream the GOAWAY itself as its error;
+            // streams the endpoint kept get an I/O error if the connection then closes.
+            return if h2.is_go_away() && h2.is_remote() {
+                Some(NotProcessed::GoingAway)
+            } else if h2.is_reset()
+                && h2.is_remote()
+                && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+            {
+                Some(NotProcessed::Refused)
+            } else {
+                None
+            };
+        }
+        cause = c.source();
+    }
+    None
 }
 
 /// Headers of an HTTP/1.1 head that have no place in HTTP/2 (RFC 9113 §8.2.2); `host`

@@ -30,7 +30,7 @@ use super::body::{ReqBody, RespBody};
 use super::client::{Exchange, ExchangeError, ResponseHead, UpstreamBody, UpstreamConn};
 use super::config::{Annotations, ConfigError, ProxyConfig, UpstreamProtocol};
 use super::h1guard::GuardedIo;
-use super::h2_upstream::{self, BodyFault, WatchedBody};
+use super::h2_upstream::{self, BodyFault, NotProcessed, WatchedBody};
 use super::head::{ClientText, Headers, RequestHead, encode_request, nominated};
 use super::metrics::{Metrics, RuleCounters};
 use super::path;
@@ -1290,8 +1290,8 @@ fn next_endpoint(
 /// [`exchange`] with an HTTP/2 upstream: the request goes on this worker's multiplexed
 /// connection to the endpoint (see `h2_upstream`). Connect failures and 5xx count towards
 /// ejection as over HTTP/1.1, and a request is retried once on another endpoint after a
-/// connect failure; a request the connection closed before taking is sent again on a new
-/// one.
+/// connect failure; a request the connection closed before taking, or that the endpoint
+/// declined unprocessed, is sent again (see `h2_upstream::REPLAY_LIMIT`).
 async fn exchange_h2(state: &State, f: &mut Forward) -> Outcome {
     let s = &state.settings;
     let route = &f.route;
@@ -1305,8 +1305,7 @@ async fn exchange_h2(state: &State, f: &mut Forward) -> Outcome {
     let Some(req) = h2_upstream::request_from_head(&f.head, &f.method, https, f.te_trailers) else {
         return local(StatusCode::BAD_REQUEST);
     };
-    let has_body = !f.body.is_end_stream();
-    let (body, fault) = WatchedBody::new(std::mem::replace(&mut f.body, ReqBody::empty()));
+    let (body, handle) = WatchedBody::new(std::mem::replace(&mut f.body, ReqBody::empty()));
     let mut req = req.map(|()| body);
     let idempotent = is_idempotent(&f.method);
     let mut excluded: Option<Arc<Endpoint>> = None;
@@ -1356,36 +1355,45 @@ async fn exchange_h2(state: &State, f: &mut Forward) -> Outcome {
                     req = back;
                     continue;
                 }
-                return match fault.get() {
-                    Some(BodyFault::TooLarge) => local(StatusCode::PAYLOAD_TOO_LARGE),
-                    Some(BodyFault::Client) => local(StatusCode::BAD_REQUEST),
-                    // The connection broke under the request (an endpoint restarting closes
-                    // it without GOAWAY): one without a body that may be repeated is sent
-                    // again on a new connection, as a stale HTTP/1.1 connection's would be.
-                    None if idempotent && !has_body && resends > 0 => {
-                        tracing::debug!(endpoint = %ep.addr, error = %e.into_error(),
-                            "upstream HTTP/2 connection failed under a request; sending it again");
-                        ep.forget_h2_sender();
-                        resends -= 1;
-                        let Some(again) = h2_upstream::request_from_head(
-                            &f.head,
-                            &f.method,
-                            https,
-                            f.te_trailers,
-                        ) else {
-                            return local(StatusCode::BAD_REQUEST);
-                        };
-                        req = again.map(|()| WatchedBody::new(ReqBody::empty()).0);
-                        continue;
-                    }
-                    None => {
-                        tracing::debug!(endpoint = %ep.addr, error = %e.into_error(),
-                            "upstream HTTP/2 exchange failed");
-                        failed(StatusCode::BAD_GATEWAY)
-                    }
+                match handle.fault() {
+                    Some(BodyFault::TooLarge) => return local(StatusCode::PAYLOAD_TOO_LARGE),
+                    Some(BodyFault::Client) => return local(StatusCode::BAD_REQUEST),
+                    None => {}
+                }
+                let e = e.into_error();
+                let declined = h2_upstream::not_processed(&e);
+                // A request the endpoint declined unprocessed (RFC 9113 §8.7: an endpoint
+                // draining with GOAWAY, or refusing a stream) may go again whatever its
+                // method; one the connection broke under (an endpoint restarting closes it
+                // without GOAWAY) only if it may be repeated. Either needs its body whole.
+                let replay = (resends > 0 && (declined.is_some() || idempotent))
+                    .then(|| handle.replay())
+                    .flatten();
+                let Some(body) = replay else {
+                    tracing::debug!(endpoint = %ep.addr, error = %e, ?declined,
+                        "upstream HTTP/2 exchange failed");
+                    return failed(StatusCode::BAD_GATEWAY);
                 };
+                tracing::debug!(endpoint = %ep.addr, error = %e, ?declined,
+                    "upstream HTTP/2 exchange failed; sending the request again");
+                resends -= 1;
+                if declined != Some(NotProcessed::Refused) {
+                    ep.forget_h2_sender();
+                }
+                if declined.is_some() && upstream.endpoints().len() > 1 {
+                    // A draining or saturated endpoint: another one takes it.
+                    excluded = Some(ep);
+                }
+                let Some(again) =
+                    h2_upstream::request_from_head(&f.head, &f.method, https, f.te_trailers)
+                else {
+                    return local(StatusCode::BAD_REQUEST);
+                };
+                req = again.map(|()| body);
+                continue;
             }
         };
+        handle.answered();
         let (mut parts, body) = resp.into_parts();
         if parts.status.is_server_error() {
             upstream.record_failure(&ep);
