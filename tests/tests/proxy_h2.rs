@@ -27,6 +27,9 @@ use tokio::net::{TcpListener, TcpStream};
 /// Requests the upstream holds until all of them have arrived (path ending in `/Together`).
 const TOGETHER: usize = 20;
 
+/// How long `/Slow` requests wait before their response head.
+const SLOW_HEAD: Duration = Duration::from_millis(800);
+
 /// Time given to the proxy to notice that an upstream connection closed: the tests check
 /// that the *next* request reconnects, not a request racing the close.
 const SETTLE: Duration = Duration::from_millis(100);
@@ -435,6 +438,10 @@ async fn answer(
     }
     if parts.uri.path().ends_with("/Together") {
         state.together.wait().await;
+    }
+    if parts.uri.path().ends_with("/Slow") {
+        // A streaming call whose server sends its head with its first message, later.
+        tokio::time::sleep(SLOW_HEAD).await;
     }
     let grpc = parts
         .headers
@@ -1328,4 +1335,41 @@ fn protocol_is_spelled_h2_or_http1_in_toml() {
         UpstreamProtocol::Http1
     );
     assert!(parse(toml("protocol = \"h3\"")).is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_deadline_longer_than_the_response_timeout_is_waited_for() {
+    let up = h2_upstream("slow").await;
+    let mut cfg = h2_config(vec![("grpc.test", h2_service("g", &[up.addr]))]);
+    cfg.timeouts.upstream_response_ms = 200;
+    let proxy = start(cfg);
+    let client = h2c(proxy.http_addr.expect("http")).await;
+    let call = |deadline: Option<&str>| {
+        let mut req = grpc_request("grpc.test", "/svc.S/Slow");
+        if let Some(d) = deadline {
+            req.headers_mut().insert(
+                "grpc-timeout",
+                http::HeaderValue::from_str(d).expect("value"),
+            );
+        }
+        exchange(&client, req, vec![grpc_frame(b"watch")])
+    };
+
+    // No deadline: the head is late for upstream_response_ms.
+    let reply = call(None).await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    // The client gave the call 10 s: the proxy waits for the head.
+    let reply = call(Some("10S")).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.trailer("grpc-status"), Some("0"));
+    // A deadline shorter than upstream_response_ms or malformed changes nothing.
+    for deadline in ["50m", "10s", "123456789S"] {
+        let reply = call(Some(deadline)).await;
+        assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT, "{deadline}");
+    }
+    let seen = up.seen();
+    assert!(
+        seen.iter().any(|s| s.header("grpc-timeout") == Some("10S")),
+        "the deadline goes on to the endpoint: {seen:?}"
+    );
 }

@@ -144,7 +144,8 @@ pub struct Timeouts {
     pub connect_ms: u64,
     /// Reading a request's header block (and the TLS handshake): the slowloris bound.
     pub request_header_ms: u64,
-    /// From sending a request upstream to receiving the response head.
+    /// From sending a request upstream to receiving the response head. A gRPC call to an
+    /// `h2` Service whose `grpc-timeout` (the client's deadline) is longer waits until then.
     pub upstream_response_ms: u64,
     /// A downstream connection with no request in flight is closed after this long.
     pub idle_ms: u64,

@@ -341,6 +341,28 @@ impl Body for WatchedBody {
     }
 }
 
+/// The deadline a gRPC client gave its call: the `grpc-timeout` header ("gRPC over HTTP2":
+/// 1 to 8 digits and a unit, `H`, `M`, `S`, `m`, `u` or `n`). None when absent or malformed.
+pub(crate) fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get("grpc-timeout")?.as_bytes();
+    let (&unit, digits) = v.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n = digits
+        .iter()
+        .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 /// How an endpoint declined a request without processing it (RFC 9113 §8.7), so that it
 /// may go again whatever its method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -439,6 +461,35 @@ pub(crate) fn request_from_head(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn grpc_timeout_reads_every_unit_and_rejects_malformed_values() {
+        let read = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("grpc-timeout", HeaderValue::from_str(v).expect("value"));
+            grpc_timeout(&h)
+        };
+        assert_eq!(read("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(read("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(read("99999999S"), Some(Duration::from_secs(99_999_999)));
+        assert_eq!(read("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(read("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(read("5n"), Some(Duration::from_nanos(5)));
+        for bad in [
+            "",
+            "S",
+            "123456789S",
+            "10",
+            "10s",
+            "-1S",
+            "1.5S",
+            " 1S",
+            "1 S",
+        ] {
+            assert_eq!(read(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(&HeaderMap::new()), None);
+    }
+
     use super::*;
 
     #[test]

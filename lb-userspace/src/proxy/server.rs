@@ -1305,6 +1305,11 @@ async fn exchange_h2(state: &State, f: &mut Forward) -> Outcome {
     let Some(req) = h2_upstream::request_from_head(&f.head, &f.method, https, f.te_trailers) else {
         return local(StatusCode::BAD_REQUEST);
     };
+    // A gRPC call's deadline is the client's to set: a long-lived stream whose server sends
+    // no headers until its first message is not cut at `upstream_response_ms` if the client
+    // gave it longer. (Never shorter: the client enforces its own deadline.)
+    let response_wait =
+        h2_upstream::grpc_timeout(req.headers()).map_or(s.response, |t| t.max(s.response));
     let (body, handle) = WatchedBody::new(std::mem::replace(&mut f.body, ReqBody::empty()));
     let mut req = req.map(|()| body);
     let idempotent = is_idempotent(&f.method);
@@ -1341,7 +1346,7 @@ async fn exchange_h2(state: &State, f: &mut Forward) -> Outcome {
                 return failed(StatusCode::BAD_GATEWAY);
             }
         };
-        let resp = match tokio::time::timeout(s.response, sender.try_send_request(req)).await {
+        let resp = match tokio::time::timeout(response_wait, sender.try_send_request(req)).await {
             Err(_) => return failed(StatusCode::GATEWAY_TIMEOUT),
             Ok(Ok(resp)) => resp,
             Ok(Err(mut e)) => {
