@@ -27,6 +27,10 @@ use tokio::net::{TcpListener, TcpStream};
 /// Requests the upstream holds until all of them have arrived (path ending in `/Together`).
 const TOGETHER: usize = 20;
 
+/// Requests the upstream holds until all of them have arrived (path ending in `/Crowd`):
+/// more than the 100 streams an HTTP/2 client assumes before the server's SETTINGS.
+const CROWD: usize = 120;
+
 /// How long `/Slow` requests wait before their response head.
 const SLOW_HEAD: Duration = Duration::from_millis(800);
 
@@ -69,6 +73,10 @@ struct State {
     body_errors: AtomicUsize,
     seen: Mutex<Vec<Seen>>,
     together: tokio::sync::Barrier,
+    /// Holds requests whose path ends in `/Crowd` until [`CROWD`] have arrived.
+    crowd: tokio::sync::Barrier,
+    /// SETTINGS_MAX_CONCURRENT_STREAMS of connections accepted from now on (0: none sent).
+    max_streams: AtomicUsize,
     /// This many requests whose path ends in `/Crash` close their connection at once, as a
     /// restarting server does (no GOAWAY, no answer); later ones are answered.
     crashes: AtomicUsize,
@@ -218,6 +226,8 @@ fn serve(
         body_errors: AtomicUsize::new(0),
         seen: Mutex::new(Vec::new()),
         together: tokio::sync::Barrier::new(TOGETHER),
+        crowd: tokio::sync::Barrier::new(CROWD),
+        max_streams: AtomicUsize::new(0),
         crashes: AtomicUsize::new(0),
         refusals: AtomicUsize::new(0),
         refuse_after: AtomicUsize::new(0),
@@ -281,7 +291,14 @@ async fn serve_connection<IO>(
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let Ok(mut conn) = h2::server::handshake(io).await else {
+    let mut builder = h2::server::Builder::new();
+    match state.max_streams.load(Ordering::SeqCst) {
+        0 => {}
+        n => {
+            builder.max_concurrent_streams(u32::try_from(n).expect("a small limit"));
+        }
+    }
+    let Ok(mut conn) = builder.handshake(io).await else {
         return;
     };
     let mut watching = true;
@@ -438,6 +455,9 @@ async fn answer(
     }
     if parts.uri.path().ends_with("/Together") {
         state.together.wait().await;
+    }
+    if parts.uri.path().ends_with("/Crowd") {
+        state.crowd.wait().await;
     }
     if parts.uri.path().ends_with("/Slow") {
         // A streaming call whose server sends its head with its first message, later.
@@ -602,14 +622,19 @@ fn grpc_request(authority: &str, method: &str) -> http::Request<()> {
 /// [`TOGETHER`] gRPC calls to `grpc.test` at once, from as many client connections to
 /// `addr` (all connected first); each must succeed with `grpc-status: 0`.
 async fn calls_together(addr: SocketAddr) -> Vec<Reply> {
+    held_calls(addr, TOGETHER, "/helloworld.Greeter/Together").await
+}
+
+/// `n` gRPC calls to `method` at once (see [`calls_together`]).
+async fn held_calls(addr: SocketAddr, n: usize, method: &str) -> Vec<Reply> {
     let mut clients = Vec::new();
-    for _ in 0..TOGETHER {
+    for _ in 0..n {
         clients.push(h2c(addr).await);
     }
     let calls = clients.iter().enumerate().map(|(i, client)| {
         exchange(
             client,
-            grpc_request("grpc.test", "/helloworld.Greeter/Together"),
+            grpc_request("grpc.test", method),
             vec![grpc_frame(format!("call {i}").as_bytes())],
         )
     });
@@ -1372,4 +1397,24 @@ async fn a_grpc_deadline_longer_than_the_response_timeout_is_waited_for() {
         seen.iter().any(|s| s.header("grpc-timeout") == Some("10S")),
         "the deadline goes on to the endpoint: {seen:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_connections_open_when_an_endpoint_limits_its_streams() {
+    let (up, _proxy, addr) = h2_scene("limited").await;
+    up.state.max_streams.store(4, Ordering::SeqCst);
+    // 20 calls the endpoint holds until all have arrived, 4 streams per connection: without
+    // more connections 16 would wait for a stream forever.
+    calls_together(addr).await;
+    assert_eq!(up.accepted(), TOGETHER / 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_sets_no_stream_limit_takes_120_calls_on_one_connection() {
+    let (up, _proxy, addr) = h2_scene("unlimited").await;
+    // An HTTP/2 client keeps to 100 streams until the server's SETTINGS arrive; this server
+    // states no limit, so once they have, one connection carries them all.
+    let replies = held_calls(addr, CROWD, "/svc.S/Crowd").await;
+    assert_eq!(replies.len(), CROWD);
+    assert_eq!(up.accepted(), 1);
 }

@@ -9,6 +9,7 @@ use hyper::body::Incoming;
 
 use super::access_log::LogRecord;
 use super::client::UpstreamBody;
+use super::h2_upstream::H2Stream;
 use super::server::ActiveGuard;
 use super::upstream::InFlight;
 
@@ -98,8 +99,12 @@ pub(crate) enum BodyLength {
 
 enum Kind {
     Upstream(UpstreamBody),
-    /// From an HTTP/2 upstream (hyper's client): data and trailers.
-    Streamed(Incoming),
+    /// From an HTTP/2 upstream (hyper's client): data and trailers; the stream it holds on
+    /// its connection is let go when the body is dropped.
+    Streamed {
+        body: Incoming,
+        _stream: H2Stream,
+    },
     Full(Option<Bytes>),
 }
 
@@ -140,9 +145,13 @@ impl RespBody {
         b
     }
 
-    /// An HTTP/2 upstream's body, counted in flight on its endpoint until dropped.
-    pub(crate) fn streamed(body: Incoming, in_flight: InFlight) -> Self {
-        let mut b = Self::new(Kind::Streamed(body));
+    /// An HTTP/2 upstream's body, counted in flight on its endpoint and holding its stream
+    /// until dropped.
+    pub(crate) fn streamed(body: Incoming, in_flight: InFlight, stream: H2Stream) -> Self {
+        let mut b = Self::new(Kind::Streamed {
+            body,
+            _stream: stream,
+        });
         b._in_flight = Some(in_flight);
         b
     }
@@ -170,9 +179,11 @@ impl RespBody {
             Kind::Upstream(_) => BodyLength::FromHead,
             // HTTP/2 knows the length from content-length (then in the head) or from the
             // stream ending with the head.
-            Kind::Streamed(b) if b.is_end_stream() => BodyLength::Known(0),
-            Kind::Streamed(b) if b.size_hint().exact().is_some() => BodyLength::FromHead,
-            Kind::Streamed(_) => BodyLength::Unknown,
+            Kind::Streamed { body: b, .. } if b.is_end_stream() => BodyLength::Known(0),
+            Kind::Streamed { body: b, .. } if b.size_hint().exact().is_some() => {
+                BodyLength::FromHead
+            }
+            Kind::Streamed { .. } => BodyLength::Unknown,
         }
     }
 
@@ -194,7 +205,7 @@ impl Body for RespBody {
         let r = match &mut this.kind {
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream(up) => Pin::new(up).poll_frame(cx),
-            Kind::Streamed(b) => Pin::new(b)
+            Kind::Streamed { body: b, .. } => Pin::new(b)
                 .poll_frame(cx)
                 .map_err(|e| Box::new(e) as BoxError),
         };
@@ -210,7 +221,7 @@ impl Body for RespBody {
         match &self.kind {
             Kind::Full(b) => b.is_none(),
             Kind::Upstream(inc) => inc.is_end_stream(),
-            Kind::Streamed(b) => b.is_end_stream(),
+            Kind::Streamed { body: b, .. } => b.is_end_stream(),
         }
     }
 
@@ -218,7 +229,7 @@ impl Body for RespBody {
         match &self.kind {
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Upstream(inc) => inc.size_hint(),
-            Kind::Streamed(b) => b.size_hint(),
+            Kind::Streamed { body: b, .. } => b.size_hint(),
         }
     }
 }

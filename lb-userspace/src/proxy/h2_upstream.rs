@@ -3,7 +3,9 @@
 //! Requests are multiplexed on one connection per endpoint and worker, opened on first use
 //! (h2c prior knowledge, or TLS with ALPN `h2`) and replaced when it closes; requests that
 //! find it being opened wait for that connect instead of starting their own (a burst at a
-//! cold or restarted endpoint would otherwise open a connection per request). Its driver runs
+//! cold or restarted endpoint would otherwise open a connection per request). A connection is
+//! used once the endpoint's SETTINGS are in force; when each has as many requests in flight
+//! as the endpoint allows streams, another is opened (see [`stream_for`]). Its driver runs
 //! as a task of the worker that opened it, with HTTP/2 PINGs every
 //! [`KEEPALIVE_INTERVAL`] so a peer that vanished is noticed while the connection is idle.
 //!
@@ -13,6 +15,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -20,6 +23,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::FutureExt as _;
 use futures_util::future::Shared;
+use futures_util::task::AtomicWaker;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Uri, Version};
@@ -39,12 +43,186 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The sending half of an upstream HTTP/2 connection (cheap to clone).
 pub(crate) type H2Sender = http2::SendRequest<WatchedBody>;
 
-/// Opens an HTTP/2 connection over `io` and spawns its driver on the current runtime.
-pub(crate) async fn handshake<B>(io: UpstreamIo) -> io::Result<http2::SendRequest<B>>
+/// Connections one worker opens to one endpoint at most: when every one has as many
+/// requests in flight as the endpoint allows streams, another is opened, up to this many;
+/// beyond, requests wait for a stream on the least busy one.
+pub(crate) const MAX_CONNECTIONS_PER_ENDPOINT: usize = 16;
+
+/// What a connection's driver tells the requests that use it.
+#[derive(Debug, Default)]
+pub(crate) struct ConnState {
+    /// The endpoint's SETTINGS_MAX_CONCURRENT_STREAMS as applied (hyper assumes 100 until
+    /// the endpoint says otherwise, and keeps that if it never does).
+    max_streams: AtomicUsize,
+    /// Requests of this worker holding a stream (see [`H2Stream`]).
+    open_streams: AtomicUsize,
+    /// The endpoint's first frame (its SETTINGS) has been read in full.
+    first_frame_read: AtomicBool,
+    /// Its settings are in force: h2 applies a SETTINGS frame as it queues the ACK, before
+    /// it writes anything after reading it.
+    first_frame_applied: AtomicBool,
+    /// The connection's driver (hyper's client task, which can read the applied limit),
+    /// woken when the settings are applied.
+    driver: AtomicWaker,
+    /// `max_streams` holds the endpoint's own limit.
+    settled: AtomicBool,
+    ended: AtomicBool,
+    changed: tokio::sync::Notify,
+}
+
+impl ConnState {
+    fn has_room(&self) -> bool {
+        self.open_streams.load(Ordering::Relaxed) < self.max_streams.load(Ordering::Relaxed)
+    }
+
+    /// Waits until the endpoint's SETTINGS are in force (false: the connection ended first).
+    async fn settle(&self) -> bool {
+        loop {
+            let notified = self.changed.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if self.ended.load(Ordering::Acquire) {
+                return false;
+            }
+            if self.settled.load(Ordering::Acquire) {
+                return true;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// A stream of an upstream connection, held by a request until its response ends.
+#[derive(Debug)]
+pub(crate) struct H2Stream(Arc<ConnState>);
+
+impl Drop for H2Stream {
+    fn drop(&mut self) {
+        self.0.open_streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Reads the endpoint's bytes through, noting when its first frame (the SETTINGS of its
+/// connection preface, RFC 9113 §3.4) has been read in full: the connection's stream limit
+/// is known only after that.
+struct FirstFrameWatch {
+    io: UpstreamIo,
+    state: Arc<ConnState>,
+    first_frame: FirstFrame,
+}
+
+/// Follows the bytes of a connection until its first HTTP/2 frame has gone by.
+#[derive(Default)]
+struct FirstFrame {
+    header: [u8; 9],
+    header_len: usize,
+    payload_left: usize,
+}
+
+impl FirstFrame {
+    /// Takes the next bytes read; true once the first frame has been read in full.
+    fn read(&mut self, mut bytes: &[u8]) -> bool {
+        if self.header_len < 9 {
+            let n = bytes.len().min(9 - self.header_len);
+            self.header[self.header_len..self.header_len + n].copy_from_slice(&bytes[..n]);
+            self.header_len += n;
+            bytes = &bytes[n..];
+            if self.header_len < 9 {
+                return false;
+            }
+            let h = self.header;
+            self.payload_left =
+                usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
+        }
+        self.payload_left -= bytes.len().min(self.payload_left);
+        self.payload_left == 0
+    }
+}
+
+impl FirstFrameWatch {
+    /// A write after the first frame was read comes after its settings were applied.
+    fn note_write(&self) {
+        let s = &self.state;
+        // Loads first: this runs for every write of the connection's life.
+        if s.first_frame_read.load(Ordering::Relaxed)
+            && !s.first_frame_applied.load(Ordering::Relaxed)
+            && !s.first_frame_applied.swap(true, Ordering::Release)
+        {
+            s.driver.wake();
+        }
+    }
+
+    fn observe(&mut self, bytes: &[u8]) {
+        if !bytes.is_empty()
+            && !self.state.first_frame_read.load(Ordering::Relaxed)
+            && self.first_frame.read(bytes)
+        {
+            self.state.first_frame_read.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for FirstFrameWatch {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut self.io).poll_read(cx, buf))?;
+        let this = self.get_mut();
+        this.observe(&buf.filled()[before..]);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncWrite for FirstFrameWatch {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.note_write();
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.note_write();
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Opens an HTTP/2 connection over `io`, spawns its driver on the current runtime and
+/// returns once the endpoint's SETTINGS are in force (so its stream limit is known).
+pub(crate) async fn handshake<B>(
+    io: UpstreamIo,
+) -> io::Result<(http2::SendRequest<B>, Arc<ConnState>)>
 where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
+    let state = Arc::new(ConnState::default());
+    let io = FirstFrameWatch {
+        io,
+        state: state.clone(),
+        first_frame: FirstFrame::default(),
+    };
     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .keep_alive_interval(KEEPALIVE_INTERVAL)
@@ -53,81 +231,154 @@ where
         .handshake(TokioIo::new(io))
         .await
         .map_err(io::Error::other)?;
+    let driven = state.clone();
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
+        let mut conn = std::pin::pin!(conn);
+        let outcome = std::future::poll_fn(|cx| {
+            driven.driver.register(cx.waker());
+            let r = conn.as_mut().poll(cx);
+            // hyper's client task is polled for every request it sends, so a later change of
+            // the limit is seen soon enough.
+            if driven.first_frame_applied.load(Ordering::Acquire) {
+                driven
+                    .max_streams
+                    .store(conn.current_max_send_streams(), Ordering::Relaxed);
+                if !driven.settled.load(Ordering::Relaxed)
+                    && !driven.settled.swap(true, Ordering::Release)
+                {
+                    driven.changed.notify_waiters();
+                }
+            }
+            r
+        })
+        .await;
+        driven.ended.store(true, Ordering::Release);
+        driven.changed.notify_waiters();
+        if let Err(e) = outcome {
             tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
         }
     });
-    Ok(sender)
+    if !state.settle().await {
+        return Err(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "HTTP/2 connection closed before the endpoint's SETTINGS",
+        ));
+    }
+    Ok((sender, state))
 }
 
-/// A connect in progress, awaited by every request that found no connection.
-type Connecting = Shared<Pin<Box<dyn Future<Output = Result<H2Sender, Arc<io::Error>>> + Send>>>;
+/// A connect in progress, awaited by every request that found no connection with room.
+type Connecting = Shared<Pin<Box<dyn Future<Output = Result<H2Conn, Arc<io::Error>>> + Send>>>;
 
-/// One worker's HTTP/2 connection to an endpoint.
+/// One upstream HTTP/2 connection of a worker.
+#[derive(Clone)]
+pub(crate) struct H2Conn {
+    sender: H2Sender,
+    state: Arc<ConnState>,
+}
+
+impl H2Conn {
+    fn take_stream(&self) -> (H2Sender, H2Stream) {
+        self.state.open_streams.fetch_add(1, Ordering::Relaxed);
+        (self.sender.clone(), H2Stream(self.state.clone()))
+    }
+}
+
+/// One worker's HTTP/2 connections to an endpoint.
 #[derive(Default)]
 pub(crate) struct H2Slot {
-    /// The open connection.
-    pub(crate) sender: Option<H2Sender>,
+    /// The open connections, oldest first.
+    conns: Vec<H2Conn>,
     /// The connect under way, if any.
     connecting: Option<Connecting>,
+}
+
+impl H2Slot {
+    /// Forgets the connection `stream` belongs to (it failed or is going away).
+    pub(crate) fn forget(&mut self, stream: &H2Stream) {
+        self.conns.retain(|c| !Arc::ptr_eq(&c.state, &stream.0));
+    }
 }
 
 impl std::fmt::Debug for H2Slot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("H2Slot")
-            .field("open", &self.sender.is_some())
+            .field("open", &self.conns.len())
             .field("connecting", &self.connecting.is_some())
             .finish()
     }
 }
 
-/// This worker's connection to `ep`, opened (within `timeout`, TLS included) if there is
-/// none or it has closed; requests arriving meanwhile share that connect and its outcome.
-pub(crate) async fn sender_for(
+/// A stream to `ep` on one of this worker's connections: the oldest with a stream free,
+/// else a new one (within `timeout`, TLS included) unless [`MAX_CONNECTIONS_PER_ENDPOINT`]
+/// are open, in which case the least busy. Requests that find a connect under way share it
+/// and its outcome, then choose again (a burst fills each new connection in turn; a request
+/// that waited for as many connects as the cap takes the last whatever its room).
+pub(crate) async fn stream_for(
     ep: &Endpoint,
     tls: Option<&Arc<TlsOrigination>>,
     timeout: Duration,
-) -> io::Result<H2Sender> {
-    let connecting = {
-        let mut slot = ep.h2_slot();
-        if let Some(s) = slot.sender.as_ref().filter(|s| !s.is_closed()) {
-            return Ok(s.clone());
-        }
-        match &slot.connecting {
-            Some(c) => c.clone(),
-            None => {
-                let (addr, tls) = (ep.addr, tls.cloned());
-                let connect = async move {
-                    let io = UpstreamIo::connect(addr, timeout, tls.as_deref()).await?;
-                    tokio::time::timeout(timeout, handshake(io))
-                        .await
-                        .map_err(|_| {
+) -> io::Result<(H2Sender, H2Stream)> {
+    let mut connects_waited = 0;
+    loop {
+        let connecting = {
+            let mut slot = ep.h2_slot();
+            slot.conns.retain(|c| !c.sender.is_closed());
+            if let Some(c) = slot.conns.iter().find(|c| c.state.has_room()) {
+                return Ok(c.take_stream());
+            }
+            if slot.conns.len() >= MAX_CONNECTIONS_PER_ENDPOINT {
+                let least_busy = slot
+                    .conns
+                    .iter()
+                    .min_by_key(|c| c.state.open_streams.load(Ordering::Relaxed));
+                if let Some(c) = least_busy {
+                    return Ok(c.take_stream());
+                }
+            }
+            match &slot.connecting {
+                Some(c) => c.clone(),
+                None => {
+                    let (addr, tls) = (ep.addr, tls.cloned());
+                    let connect = async move {
+                        let io = UpstreamIo::connect(addr, timeout, tls.as_deref()).await?;
+                        let (sender, state) = tokio::time::timeout(timeout, handshake(io))
+                            .await
+                            .map_err(|_| {
                             io::Error::new(io::ErrorKind::TimedOut, "HTTP/2 handshake timed out")
-                        })?
-                };
-                let connect: Pin<Box<dyn Future<Output = _> + Send>> =
-                    Box::pin(connect.map(|r: io::Result<H2Sender>| r.map_err(Arc::new)));
-                let c = connect.shared();
-                slot.connecting = Some(c.clone());
-                c
+                        })??;
+                        Ok(H2Conn { sender, state })
+                    };
+                    let connect: Pin<Box<dyn Future<Output = _> + Send>> =
+                        Box::pin(connect.map(|r: io::Result<H2Conn>| r.map_err(Arc::new)));
+                    let c = connect.shared();
+                    slot.connecting = Some(c.clone());
+                    c
+                }
+            }
+        };
+        let outcome = connecting.clone().await;
+        connects_waited += 1;
+        let mut slot = ep.h2_slot();
+        // The first request back installs the outcome; a newer connect is left alone.
+        if slot
+            .connecting
+            .as_ref()
+            .is_some_and(|c| c.ptr_eq(&connecting))
+        {
+            slot.connecting = None;
+            if let Ok(c) = &outcome {
+                slot.conns.push(c.clone());
             }
         }
-    };
-    let outcome = connecting.clone().await;
-    let mut slot = ep.h2_slot();
-    // The first request back installs the outcome; a newer connect is left alone.
-    if slot
-        .connecting
-        .as_ref()
-        .is_some_and(|c| c.ptr_eq(&connecting))
-    {
-        slot.connecting = None;
-        if let Ok(s) = &outcome {
-            slot.sender = Some(s.clone());
+        match outcome {
+            Err(e) => return Err(io::Error::new(e.kind(), e.to_string())),
+            Ok(c) if connects_waited >= MAX_CONNECTIONS_PER_ENDPOINT => {
+                return Ok(c.take_stream());
+            }
+            Ok(_) => {}
         }
     }
-    outcome.map_err(|e| io::Error::new(e.kind(), e.to_string()))
 }
 
 /// Request body bytes kept for a replay. A request the endpoint did not process (a
@@ -461,6 +712,32 @@ pub(crate) fn request_from_head(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_first_frame_is_followed_across_reads_of_any_size() {
+        // SETTINGS with one setting (6 bytes), then the next frame's bytes.
+        let mut bytes = vec![0, 0, 6, 4, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 4];
+        bytes.extend_from_slice(&[0, 0, 0, 4, 1, 0, 0, 0, 0]);
+        let frame_len = 15;
+        for split in 1..=bytes.len() {
+            let mut f = FirstFrame::default();
+            let mut done_at = None;
+            for (i, chunk) in bytes.chunks(split).enumerate() {
+                if f.read(chunk) {
+                    done_at = Some((i + 1) * split);
+                    break;
+                }
+            }
+            let done_at = done_at.expect("the frame completes");
+            assert!(
+                done_at >= frame_len && done_at < frame_len + split,
+                "reads of {split}: complete after {done_at} bytes"
+            );
+        }
+        // An empty SETTINGS frame is complete with its header.
+        assert!(FirstFrame::default().read(&[0, 0, 0, 4, 0, 0, 0, 0, 0]));
+        assert!(!FirstFrame::default().read(&[0, 0, 0, 4]));
+    }
+
     #[test]
     fn grpc_timeout_reads_every_unit_and_rejects_malformed_values() {
         let read = |v: &str| {

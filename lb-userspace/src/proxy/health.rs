@@ -248,7 +248,7 @@ async fn check_h2(
     let exchange = async {
         let req = req.map_err(|e| format!("request: {e}"))?;
         let io = connect.await.map_err(|e| format!("connect: {e}"))?;
-        let mut sender = h2_upstream::handshake::<Full<Bytes>>(io)
+        let (mut sender, _) = h2_upstream::handshake::<Full<Bytes>>(io)
             .await
             .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
         let resp = sender

@@ -1330,22 +1330,22 @@ async fn exchange_h2(state: &State, f: &mut Forward) -> Outcome {
             }
         };
         let in_flight = ep.start_request();
-        let mut sender = match h2_upstream::sender_for(&ep, upstream.tls_shared(), s.connect).await
-        {
-            Ok(sender) => sender,
-            Err(e) => {
-                upstream.log_connect_failure(&ep, &e);
-                connect_attempts -= 1;
-                // Nothing was sent: any request (a gRPC call is a POST) may go elsewhere.
-                if connect_attempts > 0 {
-                    upstream.errors.inc();
-                    upstream.record_failure(&ep);
-                    excluded = Some(ep);
-                    continue;
+        let (mut sender, stream) =
+            match h2_upstream::stream_for(&ep, upstream.tls_shared(), s.connect).await {
+                Ok(sender_and_stream) => sender_and_stream,
+                Err(e) => {
+                    upstream.log_connect_failure(&ep, &e);
+                    connect_attempts -= 1;
+                    // Nothing was sent: any request (a gRPC call is a POST) may go elsewhere.
+                    if connect_attempts > 0 {
+                        upstream.errors.inc();
+                        upstream.record_failure(&ep);
+                        excluded = Some(ep);
+                        continue;
+                    }
+                    return failed(StatusCode::BAD_GATEWAY);
                 }
-                return failed(StatusCode::BAD_GATEWAY);
-            }
-        };
+            };
         let resp = match tokio::time::timeout(response_wait, sender.try_send_request(req)).await {
             Err(_) => return failed(StatusCode::GATEWAY_TIMEOUT),
             Ok(Ok(resp)) => resp,
@@ -1355,7 +1355,7 @@ async fn exchange_h2(state: &State, f: &mut Forward) -> Outcome {
                 {
                     // The connection closed before the request went out (GOAWAY, reset):
                     // nothing reached the endpoint; open a new one and send it again.
-                    ep.forget_h2_sender();
+                    ep.forget_h2_connection(&stream);
                     resends -= 1;
                     req = back;
                     continue;
@@ -1383,7 +1383,7 @@ async fn exchange_h2(state: &State, f: &mut Forward) -> Outcome {
                     "upstream HTTP/2 exchange failed; sending the request again");
                 resends -= 1;
                 if declined != Some(NotProcessed::Refused) {
-                    ep.forget_h2_sender();
+                    ep.forget_h2_connection(&stream);
                 }
                 if declined.is_some() && upstream.endpoints().len() > 1 {
                     // A draining or saturated endpoint: another one takes it.
@@ -1408,7 +1408,7 @@ async fn exchange_h2(state: &State, f: &mut Forward) -> Outcome {
         f.upstream_date = parts.headers.contains_key(header::DATE);
         parts.version = Version::HTTP_11;
         return Outcome {
-            resp: Response::from_parts(parts, RespBody::streamed(body, in_flight)),
+            resp: Response::from_parts(parts, RespBody::streamed(body, in_flight, stream)),
             route: Some(route.clone()),
             endpoint: Some(ep.addr),
         };

@@ -17,7 +17,7 @@ use rand::Rng;
 
 use super::client::UpstreamConn;
 use super::config::{ActiveHealth, Balance, PassiveHealth, Service, TlsSecret, UpstreamProtocol};
-use super::h2_upstream::H2Slot;
+use super::h2_upstream::{H2Slot, H2Stream};
 use super::head::{Headers, SetValues};
 use super::metrics::{EndpointStates, Metrics};
 use super::tls::TlsError;
@@ -133,16 +133,17 @@ impl Endpoint {
         }
     }
 
-    /// This worker's HTTP/2 connection state (see `h2_upstream::sender_for`).
+    /// This worker's HTTP/2 connection state (see `h2_upstream::stream_for`).
     pub(crate) fn h2_slot(&self) -> std::sync::MutexGuard<'_, H2Slot> {
         self.h2[worker_index() % self.h2.len()]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Forgets this worker's HTTP/2 connection (it failed under a request).
-    pub(crate) fn forget_h2_sender(&self) {
-        self.h2_slot().sender = None;
+    /// Forgets this worker's HTTP/2 connection that `stream` is on (it failed under a
+    /// request, or is going away).
+    pub(crate) fn forget_h2_connection(&self, stream: &H2Stream) {
+        self.h2_slot().forget(stream);
     }
 
     /// Counts a request in flight until the guard drops (least_request reads this).
