@@ -238,6 +238,31 @@ async fn slow_upstreams_get_504_and_unreachable_ones_502() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_may_wait_longer_for_its_response_head_than_the_proxy_default() {
+    let up = upstream("up").await;
+    let proxy = limited_proxy(&up, |c| {
+        c.timeouts.upstream_response_ms = 200;
+        let mut patient = service("patient", &[up.addr]);
+        patient.timeouts.response_ms = Some(10_000);
+        c.services.push(patient);
+        c.ingresses.push(ingress(
+            "p",
+            vec![(Some("p.test"), vec![path("/", Prefix, "patient")])],
+        ));
+    })
+    .await;
+    let addr = proxy.http_addr.expect("http");
+    // The same slow endpoint: 504 through the Service on the proxy's 200 ms, an answer
+    // through the one that waits 10 s.
+    assert_eq!(
+        get(addr, "l.test", "/sleep/800").await.status,
+        StatusCode::GATEWAY_TIMEOUT
+    );
+    let got = get(addr, "p.test", "/sleep/800").await;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_get_400_and_never_reach_upstream() {
     let up = upstream("up").await;
     let proxy = limited_proxy(&up, |_| {}).await;

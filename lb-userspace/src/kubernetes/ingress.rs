@@ -75,6 +75,13 @@ pub const PROXY_CHECK_TIMEOUT: &str = "xlb.dev/proxy-health-check-timeout-ms";
 /// Service annotation: check with the gRPC health checking protocol for this service name
 /// (`""`: the server as a whole) instead of `GET path`; needs `GRPC` or `GRPCS`.
 pub const PROXY_CHECK_GRPC_SERVICE: &str = "xlb.dev/proxy-health-check-grpc-service";
+/// Service annotation: milliseconds to connect to an endpoint (TLS and HTTP/2 handshakes
+/// included); default the proxy's `timeouts.connect_ms`.
+pub const PROXY_CONNECT_TIMEOUT: &str = "xlb.dev/proxy-connect-timeout-ms";
+/// Service annotation: milliseconds from sending a request to the response head (504
+/// after); default the proxy's `timeouts.upstream_response_ms`. ingress-nginx's
+/// `proxy-read-timeout`, for long polls and streams that answer late.
+pub const PROXY_RESPONSE_TIMEOUT: &str = "xlb.dev/proxy-response-timeout-ms";
 /// Service annotation: Host header of active checks.
 pub const PROXY_CHECK_HOST: &str = "xlb.dev/proxy-health-check-host";
 /// Service annotation: failed checks in a row that take an endpoint out.
@@ -153,6 +160,17 @@ pub fn service_policy(svc: &Service) -> Result<ServicePolicy, String> {
             PROXY_CHECK_INTERVAL => out.active_health.interval_ms = number()?,
             PROXY_CHECK_TIMEOUT => out.active_health.timeout_ms = number()?,
             PROXY_CHECK_HOST => out.active_health.host = Some(v.trim().to_owned()),
+            PROXY_CONNECT_TIMEOUT | PROXY_RESPONSE_TIMEOUT => {
+                let ms = number()
+                    .ok()
+                    .filter(|ms| *ms > 0)
+                    .ok_or_else(|| bad("a positive number of milliseconds"))?;
+                if k == PROXY_CONNECT_TIMEOUT {
+                    out.timeouts.connect_ms = Some(ms);
+                } else {
+                    out.timeouts.response_ms = Some(ms);
+                }
+            }
             PROXY_CHECK_GRPC_SERVICE => {
                 out.active_health.grpc_service = Some(v.trim().to_owned());
             }

@@ -383,6 +383,8 @@ fn service_annotations_set_the_proxy_policy() {
         PROXY_CHECK_HOST: "web.internal",
         PROXY_CHECK_UNHEALTHY: "4",
         PROXY_CHECK_HEALTHY: "1",
+        PROXY_CONNECT_TIMEOUT: "250",
+        PROXY_RESPONSE_TIMEOUT: "3600000",
         // The L4 agent's annotations are not the proxy's business.
         "xlb.dev/load-balancer-ips": "198.51.100.1",
     }));
@@ -401,6 +403,10 @@ fn service_annotations_set_the_proxy_policy() {
         (1000, 500)
     );
     assert_eq!(s.active_health.host.as_deref(), Some("web.internal"));
+    assert_eq!(
+        (s.timeouts.connect_ms, s.timeouts.response_ms),
+        (Some(250), Some(3_600_000))
+    );
     assert_eq!(
         (
             s.active_health.unhealthy_threshold,
@@ -435,6 +441,8 @@ fn service_annotations_set_the_proxy_policy() {
             "health-check",
         ),
         (json!({PROXY_CHECK_UNHEALTHY: "-1"}), PROXY_CHECK_UNHEALTHY),
+        (json!({PROXY_RESPONSE_TIMEOUT: "0"}), PROXY_RESPONSE_TIMEOUT),
+        (json!({PROXY_CONNECT_TIMEOUT: "5s"}), PROXY_CONNECT_TIMEOUT),
     ] {
         let t = annotated(annotations.clone());
         assert!(served(&t).is_empty(), "{annotations}");

@@ -403,6 +403,36 @@ pub struct Service {
     pub active_health: ActiveHealth,
     /// TLS to the endpoints (off unless `enabled`).
     pub tls: UpstreamTls,
+    /// This Service's own timeouts; unset ones are the proxy's `timeouts`.
+    pub timeouts: ServiceTimeouts,
+}
+
+/// Timeouts of one Service (ingress-nginx's `proxy-connect-timeout` and
+/// `proxy-read-timeout`, per Service here): long polls, server-sent events held before their
+/// head, or gRPC streams without a deadline need a longer `response_ms` than the rest.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServiceTimeouts {
+    /// Connect to an endpoint, TLS and HTTP/2 handshakes included; unset:
+    /// `timeouts.connect_ms`.
+    pub connect_ms: Option<u64>,
+    /// Request sent → response head (504); unset: `timeouts.upstream_response_ms`.
+    pub response_ms: Option<u64>,
+}
+
+impl ServiceTimeouts {
+    /// Checks the settings; `f` names them in the error.
+    pub(crate) fn validate(&self, f: &str) -> Result<(), ConfigError> {
+        for (name, v) in [
+            ("connect_ms", self.connect_ms),
+            ("response_ms", self.response_ms),
+        ] {
+            if v == Some(0) {
+                return Err(invalid(format!("{f}.{name}"), "must be positive"));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for Service {
@@ -418,6 +448,7 @@ impl Default for Service {
             health: PassiveHealth::default(),
             active_health: ActiveHealth::default(),
             tls: UpstreamTls::default(),
+            timeouts: ServiceTimeouts::default(),
         }
     }
 }
@@ -860,6 +891,7 @@ impl ProxyConfig {
                 ));
             }
             s.tls.validate(&format!("{f}.tls"))?;
+            s.timeouts.validate(&format!("{f}.timeouts"))?;
             if let Some(c) = &s.tls.client_secret {
                 let found = c
                     .split_once('/')
@@ -1147,6 +1179,12 @@ mod tests {
         let text = include_str!("../../../deploy/proxy.example.toml");
         let cfg = ProxyConfig::from_toml_str(text, "example").expect("example parses");
         assert!(!cfg.ingresses.is_empty());
+        let cart = cfg
+            .services
+            .iter()
+            .find(|s| s.name == "cart")
+            .expect("cart");
+        assert_eq!(cart.timeouts.response_ms, Some(3_600_000));
     }
 
     #[test]
@@ -1253,6 +1291,18 @@ ingresses:
         let mut c = base();
         c.timeouts.connect_ms = 0;
         assert_eq!(field_of(c.validate().unwrap_err()), "timeouts.connect_ms");
+
+        let mut c = base();
+        c.services[0].timeouts.response_ms = Some(0);
+        assert_eq!(
+            field_of(c.validate().unwrap_err()),
+            "services[0].timeouts.response_ms"
+        );
+        c.services[0].timeouts = ServiceTimeouts {
+            connect_ms: Some(100),
+            response_ms: Some(3_600_000),
+        };
+        c.validate().expect("positive Service timeouts");
 
         let mut c = base();
         c.ingresses[0]

@@ -1169,7 +1169,7 @@ async fn exchange(state: &State, f: &mut Forward) -> Outcome {
         let (mut conn, reused) = match connection_for(
             &ep,
             upstream.tls(),
-            s.connect,
+            upstream.connect_timeout(s.connect),
             upgrade,
             // Once the re-send budget is spent, every request probes.
             probe_pooled || stale_resends == 0,
@@ -1203,7 +1203,7 @@ async fn exchange(state: &State, f: &mut Forward) -> Outcome {
                 body,
                 &mut body_touched,
                 Exchange {
-                    timeout: s.response,
+                    timeout: upstream.response_timeout(s.response),
                     headers: &mut f.headers,
                     raw: f.raw_lines.as_mut(),
                 },
@@ -1308,8 +1308,9 @@ async fn exchange_h2(state: &State, f: &mut Forward) -> Outcome {
     // A gRPC call's deadline is the client's to set: a long-lived stream whose server sends
     // no headers until its first message is not cut at `upstream_response_ms` if the client
     // gave it longer. (Never shorter: the client enforces its own deadline.)
+    let service_wait = upstream.response_timeout(s.response);
     let response_wait =
-        h2_upstream::grpc_timeout(req.headers()).map_or(s.response, |t| t.max(s.response));
+        h2_upstream::grpc_timeout(req.headers()).map_or(service_wait, |t| t.max(service_wait));
     let (body, handle) = WatchedBody::new(std::mem::replace(&mut f.body, ReqBody::empty()));
     let mut req = req.map(|()| body);
     let idempotent = is_idempotent(&f.method);
@@ -1330,22 +1331,27 @@ async fn exchange_h2(state: &State, f: &mut Forward) -> Outcome {
             }
         };
         let in_flight = ep.start_request();
-        let (mut sender, stream) =
-            match h2_upstream::stream_for(&ep, upstream.tls_shared(), s.connect).await {
-                Ok(sender_and_stream) => sender_and_stream,
-                Err(e) => {
-                    upstream.log_connect_failure(&ep, &e);
-                    connect_attempts -= 1;
-                    // Nothing was sent: any request (a gRPC call is a POST) may go elsewhere.
-                    if connect_attempts > 0 {
-                        upstream.errors.inc();
-                        upstream.record_failure(&ep);
-                        excluded = Some(ep);
-                        continue;
-                    }
-                    return failed(StatusCode::BAD_GATEWAY);
+        let (mut sender, stream) = match h2_upstream::stream_for(
+            &ep,
+            upstream.tls_shared(),
+            upstream.connect_timeout(s.connect),
+        )
+        .await
+        {
+            Ok(sender_and_stream) => sender_and_stream,
+            Err(e) => {
+                upstream.log_connect_failure(&ep, &e);
+                connect_attempts -= 1;
+                // Nothing was sent: any request (a gRPC call is a POST) may go elsewhere.
+                if connect_attempts > 0 {
+                    upstream.errors.inc();
+                    upstream.record_failure(&ep);
+                    excluded = Some(ep);
+                    continue;
                 }
-            };
+                return failed(StatusCode::BAD_GATEWAY);
+            }
+        };
         let resp = match tokio::time::timeout(response_wait, sender.try_send_request(req)).await {
             Err(_) => return failed(StatusCode::GATEWAY_TIMEOUT),
             Ok(Ok(resp)) => resp,

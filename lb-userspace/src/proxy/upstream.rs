@@ -9,7 +9,7 @@ use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::HeaderName;
 use prometheus_client::metrics::counter::Counter;
@@ -202,6 +202,9 @@ pub struct Upstream {
     tls: Option<Arc<TlsOrigination>>,
     /// The HTTP version spoken to the endpoints.
     protocol: UpstreamProtocol,
+    /// The Service's own connect and response timeouts (None: the proxy's).
+    connect_timeout: Option<Duration>,
+    response_timeout: Option<Duration>,
     /// When a connect failure was last logged at warn (`u64::MAX`: never).
     last_connect_warn: AtomicU64,
     next: AtomicUsize,
@@ -285,9 +288,22 @@ impl Upstream {
             active: svc.active_health.clone(),
             tls,
             protocol: svc.protocol,
+            connect_timeout: svc.timeouts.connect_ms.map(Duration::from_millis),
+            response_timeout: svc.timeouts.response_ms.map(Duration::from_millis),
             last_connect_warn: AtomicU64::new(u64::MAX),
             next: AtomicUsize::new(0),
         })
+    }
+
+    /// The connect timeout for this Service's endpoints: its own, else `proxy_wide`.
+    pub fn connect_timeout(&self, proxy_wide: Duration) -> Duration {
+        self.connect_timeout.unwrap_or(proxy_wide)
+    }
+
+    /// The wait for a response head from this Service's endpoints: its own, else
+    /// `proxy_wide`.
+    pub fn response_timeout(&self, proxy_wide: Duration) -> Duration {
+        self.response_timeout.unwrap_or(proxy_wide)
     }
 
     /// Logs a failed connect to `e`: at warn for the first one in
