@@ -532,6 +532,18 @@ struct Reply {
 }
 
 impl Reply {
+    /// Asserts a gRPC trailers-only error answer: 200, `grpc-status: code`,
+    /// `grpc-message: message`, no body.
+    fn assert_grpc_error(&self, code: &str, message: &str) {
+        let header = |name: &str| self.headers.get(name).and_then(|v| v.to_str().ok());
+        assert_eq!(self.status, StatusCode::OK, "{self:?}");
+        assert_eq!(header("content-type"), Some("application/grpc"), "{self:?}");
+        assert_eq!(header("grpc-status"), Some(code), "{self:?}");
+        assert_eq!(header("grpc-message"), Some(message), "{self:?}");
+        assert!(self.body.is_empty(), "{self:?}");
+        assert_eq!(self.trailers, None, "trailers-only: {self:?}");
+    }
+
     fn trailer(&self, name: &str) -> Option<&str> {
         self.trailers
             .as_ref()
@@ -1004,7 +1016,7 @@ async fn a_connection_that_breaks_under_a_request_resends_it_only_when_safe() {
         vec![grpc_frame(b"once")],
     )
     .await;
-    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    reply.assert_grpc_error("14", "502 Bad Gateway");
     assert!(
         up.seen().iter().all(|s| s.method != http::Method::POST),
         "{:?}",
@@ -1085,7 +1097,7 @@ async fn calls_an_endpoint_refuses_go_again_with_their_body_if_it_was_kept() {
     up.state.refuse_after.store(80_000, Ordering::SeqCst);
     up.state.refusals.store(1, Ordering::SeqCst);
     let reply = call(message_chunks(100_000)).await;
-    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    reply.assert_grpc_error("14", "502 Bad Gateway");
     assert_eq!(up.state.refused.load(Ordering::SeqCst), 3);
     assert_eq!(up.seen().len(), 2, "not sent again");
 }
@@ -1284,7 +1296,7 @@ async fn an_unreachable_h2_endpoint_is_a_502() {
         vec![grpc_frame(b"ping")],
     )
     .await;
-    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    reply.assert_grpc_error("14", "502 Bad Gateway");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1382,15 +1394,16 @@ async fn a_grpc_deadline_longer_than_the_response_timeout_is_waited_for() {
 
     // No deadline: the head is late for upstream_response_ms.
     let reply = call(None).await;
-    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    reply.assert_grpc_error("14", "504 Gateway Timeout");
     // The client gave the call 10 s: the proxy waits for the head.
     let reply = call(Some("10S")).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.trailer("grpc-status"), Some("0"));
     // A deadline shorter than upstream_response_ms or malformed changes nothing.
     for deadline in ["50m", "10s", "123456789S"] {
-        let reply = call(Some(deadline)).await;
-        assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT, "{deadline}");
+        call(Some(deadline))
+            .await
+            .assert_grpc_error("14", "504 Gateway Timeout");
     }
     let seen = up.seen();
     assert!(
@@ -1417,4 +1430,45 @@ async fn an_endpoint_that_sets_no_stream_limit_takes_120_calls_on_one_connection
     let replies = held_calls(addr, CROWD, "/svc.S/Crowd").await;
     assert_eq!(replies.len(), CROWD);
     assert_eq!(up.accepted(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxys_own_errors_reach_grpc_clients_as_grpc_status() {
+    let up = h2_upstream("g").await;
+    let mut cfg = h2_config(vec![
+        ("grpc.test", h2_service("g", &[up.addr])),
+        ("empty.test", h2_service("empty", &[])),
+    ]);
+    cfg.ingresses[0].annotations =
+        BTreeMap::from([(ANNOTATION_MAX_BODY.to_owned(), "1024".to_owned())]);
+    let proxy = start(cfg);
+    let client = h2c(proxy.http_addr.expect("http")).await;
+    let call =
+        |host: &str, body: Vec<Bytes>| exchange(&client, grpc_request(host, "/svc.S/Call"), body);
+
+    // No route (404 → UNIMPLEMENTED), no endpoint (503 → UNAVAILABLE), a message over the
+    // route's body limit (413 → RESOURCE_EXHAUSTED).
+    call("nowhere.test", vec![grpc_frame(b"x")])
+        .await
+        .assert_grpc_error("12", "404 Not Found");
+    call("empty.test", vec![grpc_frame(b"x")])
+        .await
+        .assert_grpc_error("14", "503 Service Unavailable");
+    call("grpc.test", message_chunks(4096))
+        .await
+        .assert_grpc_error("8", "413 Content Too Large");
+    // A call that reaches the endpoint gets its answer; the endpoint saw only that one.
+    let reply = call("grpc.test", vec![grpc_frame(b"x")]).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.trailer("grpc-status"), Some("0"));
+    assert_eq!(up.seen().len(), 1);
+
+    // Other HTTP/2 requests keep the plain error page.
+    let plain = http::Request::builder()
+        .uri("http://empty.test/")
+        .body(())
+        .expect("request");
+    let reply = exchange(&client, plain, Vec::new()).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.body, "503 Service Unavailable\n");
 }

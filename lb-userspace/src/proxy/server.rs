@@ -771,9 +771,9 @@ async fn drive_with_idle_timeout<C, E>(
     }
 }
 
-/// Error pages: status line text only, nothing about internals.
-fn error_page(status: StatusCode) -> Response<RespBody> {
-    let text = match status {
+/// The text of an error page: the status line's, nothing about internals.
+fn error_text(status: StatusCode) -> &'static str {
+    match status {
         StatusCode::BAD_REQUEST => "400 Bad Request\n",
         StatusCode::NOT_FOUND => "404 Not Found\n",
         StatusCode::PAYLOAD_TOO_LARGE => "413 Content Too Large\n",
@@ -782,7 +782,12 @@ fn error_page(status: StatusCode) -> Response<RespBody> {
         StatusCode::SERVICE_UNAVAILABLE => "503 Service Unavailable\n",
         StatusCode::GATEWAY_TIMEOUT => "504 Gateway Timeout\n",
         _ => "error\n",
-    };
+    }
+}
+
+/// Error pages: status line text only, nothing about internals.
+fn error_page(status: StatusCode) -> Response<RespBody> {
+    let text = error_text(status);
     let mut r = Response::new(RespBody::full(Bytes::from_static(text.as_bytes())));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -794,11 +799,22 @@ fn error_page(status: StatusCode) -> Response<RespBody> {
     r
 }
 
+/// What the answer's form depends on in the client's request.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Client {
+    /// HTTP/1.x (a draining proxy marks answers `Connection: close`).
+    pub(super) http1: bool,
+    /// A gRPC call (HTTP/2, `content-type: application/grpc…`): errors answered the gRPC way.
+    pub(super) grpc: bool,
+}
+
 /// The outcome of forwarding, for metrics and the access log.
 struct Outcome {
     resp: Response<RespBody>,
     route: Option<Arc<Route>>,
     endpoint: Option<SocketAddr>,
+    /// `resp` is the proxy's own error page, not an endpoint's answer.
+    error_page: bool,
 }
 
 impl Outcome {
@@ -807,8 +823,39 @@ impl Outcome {
             resp: error_page(status),
             route,
             endpoint: None,
+            error_page: true,
         }
     }
+}
+
+/// The proxy's error `status` as a gRPC client expects it: a trailers-only response (200,
+/// `grpc-status`, `grpc-message`, no body), with the code gRPC's own HTTP-status mapping
+/// gives (so clients read the same code as before, with a message), and
+/// RESOURCE_EXHAUSTED for a body over the route's limit, as gRPC servers answer a message
+/// over their limit.
+fn grpc_error(status: StatusCode) -> Response<RespBody> {
+    let code = match status.as_u16() {
+        400 => "13",                   // INTERNAL
+        401 => "16",                   // UNAUTHENTICATED
+        403 => "7",                    // PERMISSION_DENIED
+        404 => "12",                   // UNIMPLEMENTED
+        413 => "8",                    // RESOURCE_EXHAUSTED
+        429 | 502 | 503 | 504 => "14", // UNAVAILABLE
+        _ => "2",                      // UNKNOWN
+    };
+    let mut r = Response::new(RespBody::empty());
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", HeaderValue::from_static(code));
+    // The error page's text: printable ASCII without '%', so no percent-encoding.
+    h.insert(
+        "grpc-message",
+        HeaderValue::from_static(error_text(status).trim_end()),
+    );
+    r
 }
 
 /// A request as far as it can be taken without waiting: routed, checked, and when it goes
@@ -818,6 +865,8 @@ struct Prepared {
     active: Option<ActiveGuard>,
     state: Arc<State>,
     http1: bool,
+    /// A gRPC call (HTTP/2, `content-type: application/grpc…`): errors answered the gRPC way.
+    grpc: bool,
     /// (method, host, path and query) for the access log, when it is on.
     log_fields: Option<Box<(Method, String, String)>>,
     next: Next,
@@ -874,12 +923,18 @@ fn prepare(shared: &Shared, ctx: &Arc<ConnCtx>, req: Request<Incoming>) -> Prepa
         ))
     });
     let http1 = req.version() <= Version::HTTP_11;
+    let grpc = !http1
+        && req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let next = route_request(&state, ctx, req);
     Prepared {
         start,
         active,
         state,
         http1,
+        grpc,
         log_fields,
         next,
     }
@@ -891,6 +946,7 @@ async fn handle(shared: &Shared, ctx: Arc<ConnCtx>, prepared: Prepared) -> Respo
         active,
         state,
         http1,
+        grpc,
         log_fields,
         next,
     } = prepared;
@@ -898,7 +954,8 @@ async fn handle(shared: &Shared, ctx: Arc<ConnCtx>, prepared: Prepared) -> Respo
         Next::Done(out) => *out,
         Next::Forward(f) => forward(&state, &ctx, f).await,
     };
-    finish(shared, &ctx, start, &state, http1, log_fields, active, out)
+    let client = Client { http1, grpc };
+    finish(shared, &ctx, start, &state, client, log_fields, active, out)
 }
 
 /// Counts the answer in the metrics, marks it `Connection: close` when draining (for an
@@ -910,11 +967,12 @@ fn finish(
     ctx: &ConnCtx,
     start: Instant,
     state: &State,
-    http1: bool,
+    client: Client,
     log_fields: Option<Box<(Method, String, String)>>,
     active: Option<ActiveGuard>,
     out: Outcome,
 ) -> Response<RespBody> {
+    let Client { http1, grpc } = client;
     let status = out.resp.status();
     match &out.route {
         Some(r) => r.counters.count(status.as_u16()),
@@ -923,7 +981,13 @@ fn finish(
     shared
         .metrics
         .observe_latency(start.elapsed().as_secs_f64());
-    let mut resp = out.resp;
+    // A gRPC call's error is answered the gRPC way, and counted and logged with the HTTP
+    // status it stands for.
+    let mut resp = if grpc && out.error_page && status.as_u16() >= 400 {
+        grpc_error(status)
+    } else {
+        out.resp
+    };
     if http1 && status != StatusCode::SWITCHING_PROTOCOLS && shared.draining.load(Ordering::Relaxed)
     {
         resp.headers_mut()
@@ -1256,6 +1320,7 @@ async fn exchange(state: &State, f: &mut Forward) -> Outcome {
                 resp,
                 route: Some(route.clone()),
                 endpoint,
+                error_page: false,
             };
         }
         let body = UpstreamBody::new(conn, &head, ep.clone());
@@ -1266,6 +1331,7 @@ async fn exchange(state: &State, f: &mut Forward) -> Outcome {
             resp,
             route: Some(route.clone()),
             endpoint,
+            error_page: false,
         };
     }
 }
@@ -1417,6 +1483,7 @@ async fn exchange_h2(state: &State, f: &mut Forward) -> Outcome {
             resp: Response::from_parts(parts, RespBody::streamed(body, in_flight, stream)),
             route: Some(route.clone()),
             endpoint: Some(ep.addr),
+            error_page: false,
         };
     }
 }
@@ -1499,5 +1566,6 @@ fn redirect_to_https(pq: &str, host: &str, port: Option<u16>, route: Arc<Route>)
         resp,
         route: Some(route),
         endpoint: None,
+        error_page: false,
     }
 }

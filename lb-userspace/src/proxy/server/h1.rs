@@ -324,7 +324,19 @@ where
                 }
             }
         };
-        let resp = finish(shared, ctx, start, &state, false, log_fields, None, out);
+        let resp = finish(
+            shared,
+            ctx,
+            start,
+            &state,
+            Client {
+                http1: false,
+                grpc: false,
+            },
+            log_fields,
+            None,
+            out,
+        );
         let close = p.close || shared.draining.load(Ordering::Relaxed);
         match self
             .respond(resp, p.method == Method::HEAD, upstream_date, close)
