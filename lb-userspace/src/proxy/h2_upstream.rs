@@ -56,6 +56,10 @@ pub(crate) struct ConnState {
     max_streams: AtomicUsize,
     /// Requests of this worker holding a stream (see [`H2Stream`]).
     open_streams: AtomicUsize,
+    /// The endpoint refused a stream (REFUSED_STREAM): it counts streams a little behind us
+    /// (a stream ends at its end after it ends at ours), so the connection takes no new one
+    /// until one of ours ends.
+    refused: AtomicBool,
     /// The endpoint's first frame (its SETTINGS) has been read in full.
     first_frame_read: AtomicBool,
     /// Its settings are in force: h2 applies a SETTINGS frame as it queues the ACK, before
@@ -72,7 +76,9 @@ pub(crate) struct ConnState {
 
 impl ConnState {
     fn has_room(&self) -> bool {
-        self.open_streams.load(Ordering::Relaxed) < self.max_streams.load(Ordering::Relaxed)
+        let open = self.open_streams.load(Ordering::Relaxed);
+        open < self.max_streams.load(Ordering::Relaxed)
+            && (open == 0 || !self.refused.load(Ordering::Relaxed))
     }
 
     /// Waits until the endpoint's SETTINGS are in force (false: the connection ended first).
@@ -94,11 +100,26 @@ impl ConnState {
 
 /// A stream of an upstream connection, held by a request until its response ends.
 #[derive(Debug)]
-pub(crate) struct H2Stream(Arc<ConnState>);
+pub(crate) struct H2Stream {
+    conn: Arc<ConnState>,
+    was_refused: bool,
+}
+
+impl H2Stream {
+    /// The endpoint refused this stream: see [`ConnState::refused`].
+    pub(crate) fn refused(&mut self) {
+        self.conn.refused.store(true, Ordering::Relaxed);
+        self.was_refused = true;
+    }
+}
 
 impl Drop for H2Stream {
     fn drop(&mut self) {
-        self.0.open_streams.fetch_sub(1, Ordering::Relaxed);
+        self.conn.open_streams.fetch_sub(1, Ordering::Relaxed);
+        // Another stream's end frees a slot at the endpoint too.
+        if !self.was_refused && self.conn.refused.load(Ordering::Relaxed) {
+            self.conn.refused.store(false, Ordering::Relaxed);
+        }
     }
 }
 
@@ -280,7 +301,11 @@ pub(crate) struct H2Conn {
 impl H2Conn {
     fn take_stream(&self) -> (H2Sender, H2Stream) {
         self.state.open_streams.fetch_add(1, Ordering::Relaxed);
-        (self.sender.clone(), H2Stream(self.state.clone()))
+        let stream = H2Stream {
+            conn: self.state.clone(),
+            was_refused: false,
+        };
+        (self.sender.clone(), stream)
     }
 }
 
@@ -296,7 +321,7 @@ pub(crate) struct H2Slot {
 impl H2Slot {
     /// Forgets the connection `stream` belongs to (it failed or is going away).
     pub(crate) fn forget(&mut self, stream: &H2Stream) {
-        self.conns.retain(|c| !Arc::ptr_eq(&c.state, &stream.0));
+        self.conns.retain(|c| !Arc::ptr_eq(&c.state, &stream.conn));
     }
 }
 

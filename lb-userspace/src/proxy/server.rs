@@ -1397,7 +1397,7 @@ async fn exchange_h2(state: &State, f: &mut Forward) -> Outcome {
             }
         };
         let in_flight = ep.start_request();
-        let (mut sender, stream) = match h2_upstream::stream_for(
+        let (mut sender, mut stream) = match h2_upstream::stream_for(
             &ep,
             upstream.tls_shared(),
             upstream.connect_timeout(s.connect),
@@ -1454,7 +1454,9 @@ async fn exchange_h2(state: &State, f: &mut Forward) -> Outcome {
                 tracing::debug!(endpoint = %ep.addr, error = %e, ?declined,
                     "upstream HTTP/2 exchange failed; sending the request again");
                 resends -= 1;
-                if declined != Some(NotProcessed::Refused) {
+                if declined == Some(NotProcessed::Refused) {
+                    stream.refused();
+                } else {
                     ep.forget_h2_connection(&stream);
                 }
                 if declined.is_some() && upstream.endpoints().len() > 1 {
