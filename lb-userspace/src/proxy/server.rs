@@ -1383,6 +1383,9 @@ async fn exchange_h2(state: &State, f: &mut Forward) -> Outcome {
     let mut excluded: Option<Arc<Endpoint>> = None;
     let mut connect_attempts = 2u8;
     let mut resends = 2u8;
+    // Requests a closing connection handed back unsent: several of a worker's connections to
+    // an endpoint that rotates them may be closing at once.
+    let mut unsent_resends = 4u8;
     loop {
         let ep = match next_endpoint(upstream, f.affinity, excluded.as_ref()) {
             Ok(ep) => ep,
@@ -1423,12 +1426,14 @@ async fn exchange_h2(state: &State, f: &mut Forward) -> Outcome {
             Ok(Ok(resp)) => resp,
             Ok(Err(mut e)) => {
                 if let Some(back) = e.take_message()
-                    && resends > 0
+                    && unsent_resends > 0
                 {
                     // The connection closed before the request went out (GOAWAY, reset):
                     // nothing reached the endpoint; open a new one and send it again.
+                    tracing::debug!(endpoint = %ep.addr, error = %e.into_error(),
+                        "upstream HTTP/2 connection closed before taking the request; sending it again");
                     ep.forget_h2_connection(&stream);
-                    resends -= 1;
+                    unsent_resends -= 1;
                     req = back;
                     continue;
                 }
