@@ -738,6 +738,42 @@ pub(crate) fn request_from_head(
 #[cfg(test)]
 mod tests {
     #[test]
+    fn a_refused_stream_closes_its_connection_to_new_ones_until_another_ends() {
+        let state = Arc::new(ConnState::default());
+        state.max_streams.store(4, Ordering::Relaxed);
+        let take = || {
+            state.open_streams.fetch_add(1, Ordering::Relaxed);
+            H2Stream {
+                conn: state.clone(),
+                was_refused: false,
+            }
+        };
+        let (first, second, mut third) = (take(), take(), take());
+        assert!(state.has_room(), "3 of 4 streams");
+        third.refused();
+        assert!(!state.has_room(), "the endpoint counts more than we do");
+        drop(third);
+        assert!(
+            !state.has_room(),
+            "the refused stream's own end frees nothing"
+        );
+        drop(second);
+        assert!(
+            state.has_room(),
+            "another stream ended: a slot is free at the endpoint"
+        );
+        let mut again = take();
+        again.refused();
+        drop(first);
+        drop(again);
+        assert!(state.has_room(), "no stream left: the next may try");
+        assert_eq!(state.open_streams.load(Ordering::Relaxed), 0);
+        let full: Vec<H2Stream> = (0..4).map(|_| take()).collect();
+        assert!(!state.has_room(), "at the endpoint's limit");
+        drop(full);
+    }
+
+    #[test]
     fn the_first_frame_is_followed_across_reads_of_any_size() {
         // SETTINGS with one setting (6 bytes), then the next frame's bytes.
         let mut bytes = vec![0, 0, 6, 4, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 4];
