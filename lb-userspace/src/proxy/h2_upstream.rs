@@ -51,8 +51,9 @@ pub(crate) const MAX_CONNECTIONS_PER_ENDPOINT: usize = 16;
 /// What a connection's driver tells the requests that use it.
 #[derive(Debug, Default)]
 pub(crate) struct ConnState {
-    /// The endpoint's SETTINGS_MAX_CONCURRENT_STREAMS as applied (hyper assumes 100 until
-    /// the endpoint says otherwise, and keeps that if it never does).
+    /// The endpoint's SETTINGS_MAX_CONCURRENT_STREAMS as applied (`usize::MAX` when its
+    /// SETTINGS set none; hyper assumes 100 until they arrive, which is why a connection is
+    /// used only once they have).
     max_streams: AtomicUsize,
     /// Requests of this worker holding a stream (see [`H2Stream`]).
     open_streams: AtomicUsize,
@@ -70,7 +71,9 @@ pub(crate) struct ConnState {
     driver: AtomicWaker,
     /// `max_streams` holds the endpoint's own limit.
     settled: AtomicBool,
+    /// The driver returned: the connection is closed.
     ended: AtomicBool,
+    /// Notified when `settled` or `ended` is set.
     changed: tokio::sync::Notify,
 }
 

@@ -864,9 +864,7 @@ struct Prepared {
     start: Instant,
     active: Option<ActiveGuard>,
     state: Arc<State>,
-    http1: bool,
-    /// A gRPC call (HTTP/2, `content-type: application/grpc…`): errors answered the gRPC way.
-    grpc: bool,
+    client: Client,
     /// (method, host, path and query) for the access log, when it is on.
     log_fields: Option<Box<(Method, String, String)>>,
     next: Next,
@@ -933,8 +931,7 @@ fn prepare(shared: &Shared, ctx: &Arc<ConnCtx>, req: Request<Incoming>) -> Prepa
         start,
         active,
         state,
-        http1,
-        grpc,
+        client: Client { http1, grpc },
         log_fields,
         next,
     }
@@ -945,8 +942,7 @@ async fn handle(shared: &Shared, ctx: Arc<ConnCtx>, prepared: Prepared) -> Respo
         start,
         active,
         state,
-        http1,
-        grpc,
+        client,
         log_fields,
         next,
     } = prepared;
@@ -954,7 +950,6 @@ async fn handle(shared: &Shared, ctx: Arc<ConnCtx>, prepared: Prepared) -> Respo
         Next::Done(out) => *out,
         Next::Forward(f) => forward(&state, &ctx, f).await,
     };
-    let client = Client { http1, grpc };
     finish(shared, &ctx, start, &state, client, log_fields, active, out)
 }
 
