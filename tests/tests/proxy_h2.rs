@@ -38,6 +38,14 @@ const SLOW_HEAD: Duration = Duration::from_millis(800);
 /// that the *next* request reconnects, not a request racing the close.
 const SETTLE: Duration = Duration::from_millis(100);
 
+/// `/Drip` answers send [`DRIP_MESSAGES`] messages this far apart; `/Pause` answers send
+/// two messages [`PAUSE`] apart. Against a response timeout of [`READ_TIMEOUT`], each drip
+/// gap is shorter (but all of them together longer) and the pause longer.
+const DRIP_GAP: Duration = Duration::from_millis(80);
+const DRIP_MESSAGES: usize = 8;
+const PAUSE: Duration = Duration::from_millis(2000);
+const READ_TIMEOUT_MS: u64 = 400;
+
 /// One request as an upstream received it (recorded once its body has been read in full).
 #[derive(Debug, Clone)]
 struct Seen {
@@ -71,6 +79,8 @@ struct State {
     alpn: Mutex<Vec<Option<Vec<u8>>>>,
     /// Requests whose body ended in an error (reset by the proxy).
     body_errors: AtomicUsize,
+    /// Paced answers (`/Drip`, `/Pause`) the proxy reset before they were complete.
+    answers_reset: AtomicUsize,
     seen: Mutex<Vec<Seen>>,
     together: tokio::sync::Barrier,
     /// Holds requests whose path ends in `/Crowd` until [`CROWD`] have arrived.
@@ -224,6 +234,7 @@ fn serve(
         tls_failed: AtomicUsize::new(0),
         alpn: Mutex::new(Vec::new()),
         body_errors: AtomicUsize::new(0),
+        answers_reset: AtomicUsize::new(0),
         seen: Mutex::new(Vec::new()),
         together: tokio::sync::Barrier::new(TOGETHER),
         crowd: tokio::sync::Barrier::new(CROWD),
@@ -490,8 +501,24 @@ async fn answer(
     let Ok(mut send) = respond.send_response(resp, false) else {
         return;
     };
-    if send.send_data(payload, false).is_err() {
-        return;
+    let (messages, gap) = match parts.uri.path() {
+        p if p.ends_with("/Drip") => (DRIP_MESSAGES, DRIP_GAP),
+        p if p.ends_with("/Pause") => (2, PAUSE),
+        _ => (1, Duration::ZERO),
+    };
+    for i in 0..messages {
+        if i > 0 {
+            tokio::select! {
+                () = tokio::time::sleep(gap) => {}
+                _ = std::future::poll_fn(|cx| send.poll_reset(cx)) => {
+                    state.answers_reset.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
+            }
+        }
+        if send.send_data(payload.clone(), false).is_err() {
+            return;
+        }
     }
     let mut trailers = HeaderMap::new();
     trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
@@ -1471,4 +1498,86 @@ async fn the_proxys_own_errors_reach_grpc_clients_as_grpc_status() {
     let reply = exchange(&client, plain, Vec::new()).await;
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(reply.body, "503 Service Unavailable\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_body_that_stalls_past_the_response_timeout_is_cut() {
+    let up = h2_upstream("g").await;
+    let mut cfg = h2_config(vec![("grpc.test", h2_service("g", &[up.addr]))]);
+    cfg.timeouts.upstream_response_ms = READ_TIMEOUT_MS;
+    let proxy = start(cfg);
+    let addr = proxy.http_addr.expect("http");
+    let client = h2c(addr).await;
+    let call = |method: &str, deadline: Option<&str>| {
+        let mut req = grpc_request("grpc.test", method);
+        if let Some(d) = deadline {
+            req.headers_mut().insert(
+                "grpc-timeout",
+                http::HeaderValue::from_str(d).expect("value"),
+            );
+        }
+        exchange(&client, req, vec![grpc_frame(b"watch")])
+    };
+    let message = grpc_frame(b"hello from g");
+    let state = up.state.clone();
+    let reset = |n| {
+        let state = state.clone();
+        within("the endpoint's stream reset", async move {
+            while state.answers_reset.load(Ordering::SeqCst) < n {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+
+    // Each gap shorter than the timeout, the whole stream longer: it arrives whole.
+    let reply = call("/svc.S/Drip", None).await;
+    assert_eq!(reply.body, joined(&vec![message.clone(); DRIP_MESSAGES]));
+    assert_eq!(reply.trailer("grpc-status"), Some("0"));
+
+    // A pause longer than the timeout: the call ends after the first message with
+    // UNAVAILABLE, as for a late head, and the endpoint's stream is reset.
+    let reply = call("/svc.S/Pause", None).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.body, message);
+    assert_eq!(reply.trailer("grpc-status"), Some("14"), "{reply:?}");
+    assert_eq!(reply.trailer("grpc-message"), Some("504 Gateway Timeout"));
+    reset(1).await;
+
+    // The client's deadline covers the pause: the call completes.
+    let reply = call("/svc.S/Pause", Some("10S")).await;
+    assert_eq!(reply.body, joined(&[message.clone(), message.clone()]));
+    assert_eq!(reply.trailer("grpc-status"), Some("0"));
+
+    // A request that is not a gRPC call gets its stream reset after the first message.
+    let plain = http::Request::builder()
+        .uri("http://grpc.test/svc.S/Pause")
+        .body(())
+        .expect("request");
+    let (parts, mut recv) = send_h2(&client, plain, Vec::new()).await.into_parts();
+    assert_eq!(parts.status, StatusCode::OK);
+    let mut received = Vec::new();
+    let end = loop {
+        match within("h2 body", recv.data()).await {
+            Some(Ok(chunk)) => {
+                let _ = recv.flow_control().release_capacity(chunk.len());
+                received.extend_from_slice(&chunk);
+            }
+            other => break other,
+        }
+    };
+    assert_eq!(
+        received, b"backend=g\npath=/svc.S/Pause\nlen=0\n",
+        "the first part only"
+    );
+    assert!(
+        matches!(end, Some(Err(_))),
+        "a cut body must not look complete: {end:?}"
+    );
+    reset(2).await;
+
+    let m = metrics(proxy.metrics_addr.expect("metrics")).await;
+    assert!(
+        m.contains("xlb_proxy_upstream_errors_total{upstream=\"default/g:80\"} 2\n"),
+        "each stalled body counts as an upstream error: {m}"
+    );
 }

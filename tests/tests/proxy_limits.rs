@@ -6,14 +6,18 @@
 mod support;
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{Full, StreamBody};
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::StatusCode;
 use lb_userspace::proxy::config::{ANNOTATION_MAX_BODY, PathType::*, ProxyConfig};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 async fn limited_proxy(
     up: &Upstream,
@@ -359,4 +363,149 @@ async fn http2_stream_limit_is_advertised_and_rapid_reset_floods_are_cut_off() {
     assert!(ended.is_err(), "GOAWAY with an error code: {ended:?}");
     // Other clients are unaffected.
     assert_eq!(get(addr, "l.test", "/").await.status, StatusCode::OK);
+}
+
+/// Chunks a `/drip` answer sends, [`DRIP_GAP`] apart: each gap is shorter than
+/// [`READ_TIMEOUT_MS`], all of them together longer.
+const DRIP_CHUNKS: usize = 8;
+const DRIP_GAP: Duration = Duration::from_millis(80);
+const READ_TIMEOUT_MS: u64 = 400;
+/// The `/big` answer: far more than loopback socket buffers hold, so that a client that
+/// stops reading stops the proxy reading too.
+const BIG: usize = 32 << 20;
+
+/// A raw HTTP/1.1 upstream whose answers come at a pace the path sets: `/drip` sends
+/// [`DRIP_CHUNKS`] chunks of `tick\n`; `/stall` sends one chunk, then nothing until the
+/// proxy closes the connection (counted in the returned counter) or 30 s pass; `/big`
+/// sends [`BIG`] bytes with a Content-Length.
+async fn paced_upstream() -> (SocketAddr, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let cut = Arc::new(AtomicUsize::new(0));
+    let counter = cut.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let cut = counter.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                // One request per connection is enough here: the answer says so.
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let line = String::from_utf8_lossy(&head);
+                let path = line.split(' ').nth(1).unwrap_or("/").to_owned();
+                let chunked =
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+                match path.as_str() {
+                    "/drip" => {
+                        let _ = s.write_all(chunked).await;
+                        for _ in 0..DRIP_CHUNKS {
+                            let _ = s.write_all(b"5\r\ntick\n\r\n").await;
+                            tokio::time::sleep(DRIP_GAP).await;
+                        }
+                        let _ = s.write_all(b"0\r\n\r\n").await;
+                    }
+                    "/stall" => {
+                        let _ = s.write_all(chunked).await;
+                        let _ = s.write_all(b"6\r\nfirst\n\r\n").await;
+                        let closed =
+                            tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf));
+                        if let Ok(Ok(0)) = closed.await {
+                            cut.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    _ => {
+                        let head = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {BIG}\r\nConnection: close\r\n\r\n"
+                        );
+                        let _ = s.write_all(head.as_bytes()).await;
+                        let block = vec![b'x'; 64 << 10];
+                        for _ in 0..BIG / block.len() {
+                            if s.write_all(&block).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (addr, cut, task)
+}
+
+/// Waits until `counter` reaches `n`.
+async fn reaches(what: &str, counter: &AtomicUsize, n: usize) {
+    within(what, async {
+        while counter.load(Ordering::SeqCst) < n {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_body_that_stalls_past_the_response_timeout_is_cut() {
+    let (up, cut, task) = paced_upstream().await;
+    let mut cfg = base_config();
+    cfg.timeouts.upstream_response_ms = READ_TIMEOUT_MS;
+    cfg.services = vec![service("paced", &[up])];
+    cfg.ingresses = vec![ingress(
+        "i",
+        vec![(Some("p.test"), vec![path("/", Prefix, "paced")])],
+    )];
+    let proxy = start(cfg);
+    let addr = proxy.http_addr.expect("http");
+
+    // Each gap shorter than the timeout, the whole answer longer: it arrives whole.
+    let got = get(addr, "p.test", "/drip").await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.body, "tick\n".repeat(DRIP_CHUNKS));
+
+    // A body that stops: the client gets what came, then a broken body (HTTP/1.1: the
+    // connection closes before the last chunk; HTTP/2: the stream is reset), and the
+    // proxy lets go of the endpoint's connection.
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let mut c = h1(tcp).await;
+    let resp = within("h1 head", c.send_request(get_req("p.test", "/stall")))
+        .await
+        .expect("head");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = within("h1 body", resp.into_body().collect()).await;
+    assert!(body.is_err(), "a cut body must not look complete: {body:?}");
+    reaches("endpoint connection closed", &cut, 1).await;
+
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let mut c = h2(tcp).await;
+    let resp = within("h2 head", c.send_request(get_req("p.test", "/stall")))
+        .await
+        .expect("head");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = within("h2 body", resp.into_body().collect()).await;
+    assert!(body.is_err(), "a cut body must not look complete: {body:?}");
+    reaches("endpoint connection closed", &cut, 2).await;
+
+    // A client that stops reading for longer than the timeout is not the endpoint's fault:
+    // the clock runs only while the proxy waits for the endpoint.
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let mut c = h1(tcp).await;
+    let resp = within("h1 head", c.send_request(get_req("p.test", "/big")))
+        .await
+        .expect("head");
+    tokio::time::sleep(Duration::from_millis(4 * READ_TIMEOUT_MS)).await;
+    let body = within("big body", resp.into_body().collect())
+        .await
+        .expect("the whole body");
+    assert_eq!(body.to_bytes().len(), BIG);
+
+    let m = metrics(proxy.metrics_addr.expect("metrics")).await;
+    assert!(
+        m.contains("xlb_proxy_upstream_errors_total{upstream=\"default/paced:80\"} 2\n"),
+        "each stalled body counts as an upstream error: {m}"
+    );
+    task.abort();
 }

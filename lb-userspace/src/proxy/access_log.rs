@@ -29,8 +29,9 @@ pub struct LogRecord {
 }
 
 impl LogRecord {
-    /// Writes the line.
-    pub fn emit(&self, bytes: u64) {
+    /// Writes the line: `bytes` of body sent, and why an upstream body ended early
+    /// (`body_error`, `-` when it did not).
+    pub fn emit(&self, bytes: u64, body_error: Option<&str>) {
         let duration_us = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX);
         let upstream = self.upstream.map(|u| u.to_string());
         tracing::info!(
@@ -43,6 +44,7 @@ impl LogRecord {
             upstream = upstream.as_deref().unwrap_or("-"),
             status = self.status,
             bytes,
+            body_error = body_error.unwrap_or("-"),
             duration_us,
         );
     }
@@ -75,7 +77,7 @@ mod tests {
             .with_ansi(false)
             .finish();
         tracing::subscriber::with_default(subscriber, || {
-            LogRecord {
+            let record = LogRecord {
                 start: Instant::now(),
                 client: "192.0.2.1:4000".parse().expect("addr"),
                 method: http::Method::GET,
@@ -84,8 +86,9 @@ mod tests {
                 rule: Arc::from("default/i:a.test/"),
                 upstream: Some("127.0.0.1:9000".parse().expect("addr")),
                 status: 200,
-            }
-            .emit(42);
+            };
+            record.emit(42, None);
+            record.emit(7, Some("upstream_stalled"));
         });
         let line =
             String::from_utf8(capture.0.lock().expect("capture lock").clone()).expect("utf-8");
@@ -99,7 +102,10 @@ mod tests {
             "upstream=\"127.0.0.1:9000\"",
             "status=200",
             "bytes=42",
+            "body_error=\"-\"",
             "duration_us=",
+            "bytes=7",
+            "body_error=\"upstream_stalled\"",
         ] {
             assert!(line.contains(field), "{field} missing in {line}");
         }

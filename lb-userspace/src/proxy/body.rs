@@ -2,15 +2,18 @@
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::access_log::LogRecord;
-use super::client::UpstreamBody;
+use super::client::{ExchangeError, UpstreamBody};
 use super::h2_upstream::H2Stream;
 use super::server::ActiveGuard;
+use super::timer::{LazySleep, ReadIdle};
 use super::upstream::InFlight;
 
 /// Errors of body streams, as hyper wants them.
@@ -104,8 +107,29 @@ enum Kind {
     Streamed {
         body: Incoming,
         _stream: H2Stream,
+        /// Bounds each wait for the endpoint's next frame, on `sleep`.
+        idle: ReadIdle,
+        sleep: Option<LazySleep>,
     },
     Full(Option<Bytes>),
+}
+
+/// Why an upstream response body ended before its end (in the access log, `body_error`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BodyFailure {
+    /// Nothing more of it came within the response timeout.
+    Stalled,
+    /// The endpoint's connection or stream broke, or its framing was invalid.
+    Broken,
+}
+
+impl BodyFailure {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Stalled => "upstream_stalled",
+            Self::Broken => "upstream_broken",
+        }
+    }
 }
 
 /// The response body sent downstream. Dropping it releases the endpoint's in-flight count and
@@ -114,9 +138,12 @@ enum Kind {
 pub struct RespBody {
     kind: Kind,
     bytes: u64,
-    _in_flight: Option<InFlight>,
+    in_flight: Option<InFlight>,
     _active: Option<ActiveGuard>,
     log: Option<Box<LogRecord>>,
+    failure: Option<BodyFailure>,
+    /// The client made a gRPC call: a stall ends the body with `grpc-status` trailers.
+    grpc_client: bool,
 }
 
 impl std::fmt::Debug for RespBody {
@@ -141,18 +168,25 @@ impl RespBody {
     /// An upstream body, counted in flight on its endpoint until dropped.
     pub(crate) fn upstream(body: UpstreamBody, in_flight: InFlight) -> Self {
         let mut b = Self::new(Kind::Upstream(body));
-        b._in_flight = Some(in_flight);
+        b.in_flight = Some(in_flight);
         b
     }
 
     /// An HTTP/2 upstream's body, counted in flight on its endpoint and holding its stream
-    /// until dropped.
-    pub(crate) fn streamed(body: Incoming, in_flight: InFlight, stream: H2Stream) -> Self {
+    /// until dropped; a wait for its next frame longer than `read_timeout` ends it.
+    pub(crate) fn streamed(
+        body: Incoming,
+        in_flight: InFlight,
+        stream: H2Stream,
+        read_timeout: Duration,
+    ) -> Self {
         let mut b = Self::new(Kind::Streamed {
             body,
             _stream: stream,
+            idle: ReadIdle::new(read_timeout),
+            sleep: None,
         });
-        b._in_flight = Some(in_flight);
+        b.in_flight = Some(in_flight);
         b
     }
 
@@ -160,9 +194,25 @@ impl RespBody {
         Self {
             kind,
             bytes: 0,
-            _in_flight: None,
+            in_flight: None,
             _active: None,
             log: None,
+            failure: None,
+            grpc_client: false,
+        }
+    }
+
+    /// The client made a gRPC call: if the upstream body stalls, the call ends with
+    /// trailers (`grpc-status` 14, as the proxy's other 504s) rather than a reset stream.
+    pub(crate) fn set_grpc_client(&mut self) {
+        self.grpc_client = true;
+    }
+
+    /// Records why the upstream body failed, counting it as an upstream error.
+    fn failed(&mut self, failure: BodyFailure) {
+        self.failure = Some(failure);
+        if let Some(f) = &self.in_flight {
+            f.endpoint().count_error();
         }
     }
 
@@ -204,10 +254,45 @@ impl Body for RespBody {
         let this = self.get_mut();
         let r = match &mut this.kind {
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Upstream(up) => Pin::new(up).poll_frame(cx),
-            Kind::Streamed { body: b, .. } => Pin::new(b)
-                .poll_frame(cx)
-                .map_err(|e| Box::new(e) as BoxError),
+            Kind::Upstream(up) => match ready!(Pin::new(up).poll_frame(cx)) {
+                Some(Err(e)) => {
+                    let stalled = matches!(
+                        e.downcast_ref::<ExchangeError>(),
+                        Some(ExchangeError::BodyStalled)
+                    );
+                    this.failed(if stalled {
+                        BodyFailure::Stalled
+                    } else {
+                        BodyFailure::Broken
+                    });
+                    Poll::Ready(Some(Err(e)))
+                }
+                r => Poll::Ready(r),
+            },
+            Kind::Streamed {
+                body, idle, sleep, ..
+            } => match Pin::new(body).poll_frame(cx) {
+                Poll::Ready(Some(Err(e))) => {
+                    this.failed(BodyFailure::Broken);
+                    Poll::Ready(Some(Err(Box::new(e) as BoxError)))
+                }
+                Poll::Ready(r) => {
+                    idle.progressed();
+                    Poll::Ready(r.map(|r| r.map_err(|e| Box::new(e) as BoxError)))
+                }
+                Poll::Pending => {
+                    ready!(idle.poll_expired(sleep, cx));
+                    this.failed(BodyFailure::Stalled);
+                    // Dropping the upstream body resets its stream at the endpoint; what is
+                    // sent downstream is the body's last frame.
+                    this.kind = Kind::Full(None);
+                    if this.grpc_client {
+                        Poll::Ready(Some(Ok(Frame::trailers(stalled_grpc_trailers()))))
+                    } else {
+                        Poll::Ready(Some(Err(Box::new(ExchangeError::BodyStalled) as BoxError)))
+                    }
+                }
+            },
         };
         if let Poll::Ready(Some(Ok(f))) = &r
             && let Some(d) = f.data_ref()
@@ -234,10 +319,22 @@ impl Body for RespBody {
     }
 }
 
+/// The trailers a gRPC call ends with when its upstream body stalls: UNAVAILABLE, with the
+/// text of the 504 it stands for (as the proxy's answer to a late response head).
+fn stalled_grpc_trailers() -> HeaderMap {
+    let mut t = HeaderMap::with_capacity(2);
+    t.insert("grpc-status", HeaderValue::from_static("14"));
+    t.insert(
+        "grpc-message",
+        HeaderValue::from_static("504 Gateway Timeout"),
+    );
+    t
+}
+
 impl Drop for RespBody {
     fn drop(&mut self) {
         if let Some(log) = self.log.take() {
-            log.emit(self.bytes);
+            log.emit(self.bytes, self.failure.map(BodyFailure::as_str));
         }
     }
 }

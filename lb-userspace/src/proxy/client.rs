@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use super::body::{BodyTooLarge, BoxError, ReqBody};
 use super::head;
-use super::timer::LazySleep;
+use super::timer::{LazySleep, ReadIdle};
 use super::upstream::Endpoint;
 use super::upstream_tls::{TlsOrigination, UpstreamIo};
 
@@ -53,6 +53,9 @@ pub enum ExchangeError {
     /// No response head within the upstream response timeout.
     #[error("upstream response timed out")]
     TimedOut,
+    /// The response body stopped: nothing more of it within the response timeout.
+    #[error("upstream response body stalled for longer than the response timeout")]
+    BodyStalled,
 }
 
 /// Per-exchange settings.
@@ -631,11 +634,19 @@ pub struct UpstreamBody {
     keep_alive: bool,
     endpoint: Arc<Endpoint>,
     done: bool,
+    /// Bounds each wait for more of the body (on the connection's response timer).
+    idle: ReadIdle,
 }
 
 impl UpstreamBody {
-    /// The body of `head`, read from `conn`.
-    pub fn new(conn: Box<UpstreamConn>, head: &ResponseHead, endpoint: Arc<Endpoint>) -> Self {
+    /// The body of `head`, read from `conn`; a wait for more of it longer than
+    /// `read_timeout` fails it with [`ExchangeError::BodyStalled`].
+    pub fn new(
+        conn: Box<UpstreamConn>,
+        head: &ResponseHead,
+        endpoint: Arc<Endpoint>,
+        read_timeout: std::time::Duration,
+    ) -> Self {
         let mut b = Self {
             conn: Some(conn),
             framing: head.framing,
@@ -643,6 +654,7 @@ impl UpstreamBody {
             keep_alive: head.keep_alive,
             endpoint,
             done: false,
+            idle: ReadIdle::new(read_timeout),
         };
         if matches!(b.framing, Framing::Empty) {
             b.finish();
@@ -816,20 +828,27 @@ impl Body for UpstreamBody {
                     this.done = true;
                     return Poll::Ready(Some(Err(Box::new(e))));
                 }
-                Step::Fill => match ready!(Self::poll_fill(conn, cx)) {
-                    Ok(0) if matches!(this.framing, Framing::UntilClose) => {
+                Step::Fill => match Self::poll_fill(conn, cx) {
+                    Poll::Pending => {
+                        ready!(this.idle.poll_expired(&mut conn.timer, cx));
+                        // The connection is mid-response: it cannot be reused.
+                        this.conn = None;
+                        this.done = true;
+                        return Poll::Ready(Some(Err(Box::new(ExchangeError::BodyStalled))));
+                    }
+                    Poll::Ready(Ok(0)) if matches!(this.framing, Framing::UntilClose) => {
                         this.keep_alive = false;
                         this.finish();
                         return Poll::Ready(None);
                     }
-                    Ok(0) => {
+                    Poll::Ready(Ok(0)) => {
                         this.conn = None;
                         this.done = true;
                         let e = ExchangeError::Io(io::ErrorKind::UnexpectedEof.into());
                         return Poll::Ready(Some(Err(Box::new(e))));
                     }
-                    Ok(_) => {}
-                    Err(e) => {
+                    Poll::Ready(Ok(_)) => this.idle.progressed(),
+                    Poll::Ready(Err(e)) => {
                         this.conn = None;
                         this.done = true;
                         return Poll::Ready(Some(Err(Box::new(ExchangeError::Io(e)))));

@@ -144,8 +144,10 @@ pub struct Timeouts {
     pub connect_ms: u64,
     /// Reading a request's header block (and the TLS handshake): the slowloris bound.
     pub request_header_ms: u64,
-    /// From sending a request upstream to receiving the response head. A gRPC call to an
-    /// `h2` Service whose `grpc-timeout` (the client's deadline) is longer waits until then.
+    /// From sending a request upstream to receiving the response head (504), and then each
+    /// wait for more of the response body (the body is cut: nginx's `proxy_read_timeout`).
+    /// A gRPC call to an `h2` Service whose `grpc-timeout` (the client's deadline) is longer
+    /// waits until then. Upgraded connections (WebSockets) are not bounded by it.
     pub upstream_response_ms: u64,
     /// A downstream connection with no request in flight is closed after this long.
     pub idle_ms: u64,
@@ -408,15 +410,16 @@ pub struct Service {
 }
 
 /// Timeouts of one Service (ingress-nginx's `proxy-connect-timeout` and
-/// `proxy-read-timeout`, per Service here): long polls, server-sent events held before their
-/// head, or gRPC streams without a deadline need a longer `response_ms` than the rest.
+/// `proxy-read-timeout`, per Service here): long polls, server-sent events, or gRPC streams
+/// without a deadline that go quiet for long need a longer `response_ms` than the rest.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServiceTimeouts {
     /// Connect to an endpoint, TLS and HTTP/2 handshakes included; unset:
     /// `timeouts.connect_ms`.
     pub connect_ms: Option<u64>,
-    /// Request sent → response head (504); unset: `timeouts.upstream_response_ms`.
+    /// Request sent → response head (504), and each wait for more of the body; unset:
+    /// `timeouts.upstream_response_ms`.
     pub response_ms: Option<u64>,
 }
 

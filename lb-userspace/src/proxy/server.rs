@@ -983,6 +983,9 @@ fn finish(
     } else {
         out.resp
     };
+    if grpc {
+        resp.body_mut().set_grpc_client();
+    }
     if http1 && status != StatusCode::SWITCHING_PROTOCOLS && shared.draining.load(Ordering::Relaxed)
     {
         resp.headers_mut()
@@ -1212,6 +1215,7 @@ async fn exchange(state: &State, f: &mut Forward) -> Outcome {
     let upstream = &route.upstream;
     let idempotent = is_idempotent(&f.method);
     let upgrade = f.upgrade.is_some();
+    let response_wait = upstream.response_timeout(s.response);
     // A pooled connection may have been closed by the upstream while idle. Requests that can
     // be re-sent find out by trying; the others get a liveness probe first.
     let probe_pooled = !idempotent || !body.is_end_stream();
@@ -1262,7 +1266,7 @@ async fn exchange(state: &State, f: &mut Forward) -> Outcome {
                 body,
                 &mut body_touched,
                 Exchange {
-                    timeout: upstream.response_timeout(s.response),
+                    timeout: response_wait,
                     headers: &mut f.headers,
                     raw: f.raw_lines.as_mut(),
                 },
@@ -1318,7 +1322,9 @@ async fn exchange(state: &State, f: &mut Forward) -> Outcome {
                 error_page: false,
             };
         }
-        let body = UpstreamBody::new(conn, &head, ep.clone());
+        // nginx's `proxy_read_timeout`: the response timeout also bounds each wait for
+        // more of the body.
+        let body = UpstreamBody::new(conn, &head, ep.clone(), response_wait);
         let mut resp = Response::new(RespBody::upstream(body, in_flight));
         *resp.status_mut() = head.status;
         *resp.headers_mut() = head.headers;
@@ -1482,7 +1488,11 @@ async fn exchange_h2(state: &State, f: &mut Forward) -> Outcome {
         f.upstream_date = parts.headers.contains_key(header::DATE);
         parts.version = Version::HTTP_11;
         return Outcome {
-            resp: Response::from_parts(parts, RespBody::streamed(body, in_flight, stream)),
+            // The deadline that held for the head also bounds each wait for the next frame.
+            resp: Response::from_parts(
+                parts,
+                RespBody::streamed(body, in_flight, stream, response_wait),
+            ),
             route: Some(route.clone()),
             endpoint: Some(ep.addr),
             error_page: false,

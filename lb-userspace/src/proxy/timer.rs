@@ -55,6 +55,55 @@ impl LazySleep {
     }
 }
 
+/// Bounds each wait for the next piece of an upstream's response body, as nginx's
+/// `proxy_read_timeout` does: the clock runs only while the proxy is waiting on the
+/// endpoint, from the first `Pending` after the last piece, so a client that reads slowly
+/// (and so stops the proxy from polling) never counts against the endpoint. The sleep lives
+/// in a slot the caller keeps (an HTTP/1 upstream connection's response timer), so that a
+/// body that never waits registers no timer at all.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ReadIdle {
+    timeout: Duration,
+    waiting: bool,
+}
+
+impl ReadIdle {
+    pub(crate) fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            waiting: false,
+        }
+    }
+
+    /// The body gave a frame: the next wait starts afresh.
+    pub(crate) fn progressed(&mut self) {
+        self.waiting = false;
+    }
+
+    /// Called when the body is `Pending`: ready once it has been waiting longer than the
+    /// timeout (the first call of a wait arms the sleep in `slot`).
+    pub(crate) fn poll_expired(
+        &mut self,
+        slot: &mut Option<LazySleep>,
+        cx: &mut Context<'_>,
+    ) -> Poll<()> {
+        let sleep = if self.waiting {
+            slot.get_or_insert_with(|| LazySleep::new(TokioInstant::now() + self.timeout))
+        } else {
+            self.waiting = true;
+            let deadline = TokioInstant::now() + self.timeout;
+            match slot {
+                Some(s) => {
+                    s.set(deadline);
+                    s
+                }
+                None => slot.insert(LazySleep::new(deadline)),
+            }
+        };
+        sleep.poll_elapsed(cx)
+    }
+}
+
 /// Sleeps kept per thread (one per connection waiting for a request head is the most that
 /// can be useful at once).
 const MAX_SPARE: usize = 4096;
@@ -167,6 +216,33 @@ mod tests {
         assert!(waited < Duration::from_secs(5), "{waited:?}");
         clear_spares();
         assert_eq!(SPARE.with(|s| s.borrow().len()), 0);
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn read_idle_counts_only_the_current_wait() {
+        let timeout = Duration::from_millis(100);
+        let mut idle = ReadIdle::new(timeout);
+        let mut slot = None;
+        let poll = |idle: &mut ReadIdle, slot: &mut Option<LazySleep>| {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            idle.poll_expired(slot, &mut cx)
+        };
+        // A body that never waits arms nothing.
+        idle.progressed();
+        assert!(slot.is_none());
+        // A wait of 60 ms, a frame, then another wait: 60 + 70 ms in all is past the
+        // timeout, but neither wait is.
+        assert!(poll(&mut idle, &mut slot).is_pending());
+        tokio::time::advance(Duration::from_millis(60)).await;
+        idle.progressed();
+        // A slow client: nothing polls the body for 500 ms after that frame.
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert!(poll(&mut idle, &mut slot).is_pending());
+        tokio::time::advance(Duration::from_millis(70)).await;
+        assert!(poll(&mut idle, &mut slot).is_pending());
+        // The same wait going past the timeout ends it.
+        tokio::time::advance(Duration::from_millis(31)).await;
+        assert!(poll(&mut idle, &mut slot).is_ready());
     }
 
     async fn futures_poll_once(f: &mut Pin<Box<dyn hyper::rt::Sleep>>) -> Poll<()> {

@@ -74,11 +74,15 @@ pub struct Endpoint {
     idle: Box<[Mutex<Vec<Box<UpstreamConn>>>]>,
     /// For HTTP/2 Services: the multiplexed connection of each worker (see `h2_upstream`).
     h2: Box<[Mutex<H2Slot>]>,
+    /// Its upstream's error counter, for failures noticed after the exchange (a response
+    /// body that stalls or breaks).
+    errors: Counter,
 }
 
 impl Endpoint {
-    fn new(addr: SocketAddr, workers: usize) -> Self {
+    fn new(addr: SocketAddr, workers: usize, errors: Counter) -> Self {
         Self {
+            errors,
             addr,
             in_flight: AtomicU32::new(0),
             consecutive_failures: AtomicU32::new(0),
@@ -146,6 +150,11 @@ impl Endpoint {
         self.h2_slot().forget(stream);
     }
 
+    /// Counts a failure of a response body under its upstream's errors.
+    pub(crate) fn count_error(&self) {
+        self.errors.inc();
+    }
+
     /// Counts a request in flight until the guard drops (least_request reads this).
     pub(crate) fn start_request(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -156,6 +165,12 @@ impl Endpoint {
 /// Decrements the endpoint's in-flight count on drop.
 #[derive(Debug)]
 pub(crate) struct InFlight(Arc<Endpoint>);
+
+impl InFlight {
+    pub(crate) fn endpoint(&self) -> &Endpoint {
+        &self.0
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -248,13 +263,14 @@ impl Upstream {
             Some(p) => p.tls.clone(),
             None => TlsOrigination::for_protocol(&svc.tls, client, &name, svc.protocol)?,
         };
+        let errors = metrics.upstream_errors(&name);
         let endpoints: Vec<Arc<Endpoint>> = svc
             .endpoints
             .iter()
             .map(|addr| {
                 previous
                     .and_then(|p| p.endpoints.iter().find(|e| e.addr == *addr).cloned())
-                    .unwrap_or_else(|| Arc::new(Endpoint::new(*addr, workers)))
+                    .unwrap_or_else(|| Arc::new(Endpoint::new(*addr, workers, errors.clone())))
             })
             .collect();
         if !svc.active_health.enabled() {
@@ -273,7 +289,7 @@ impl Upstream {
             ring.sort_unstable();
         }
         Ok(Self {
-            errors: metrics.upstream_errors(&name),
+            errors,
             ejections: metrics.upstream_ejections(&name),
             check_failures: metrics.upstream_health_check_failures(&name),
             name,
