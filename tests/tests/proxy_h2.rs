@@ -605,7 +605,12 @@ async fn exchange(
     req: http::Request<()>,
     body: Vec<Bytes>,
 ) -> Reply {
-    let (parts, mut recv) = send_h2(client, req, body).await.into_parts();
+    read_reply(send_h2(client, req, body).await).await
+}
+
+/// Reads a response's body and trailers.
+async fn read_reply(resp: http::Response<h2::RecvStream>) -> Reply {
+    let (parts, mut recv) = resp.into_parts();
     let mut data = Vec::new();
     while let Some(chunk) = within("h2 body", recv.data()).await {
         let chunk = chunk.expect("body chunk");
@@ -1580,4 +1585,59 @@ async fn a_response_body_that_stalls_past_the_response_timeout_is_cut() {
         m.contains("xlb_proxy_upstream_errors_total{upstream=\"default/g:80\"} 2\n"),
         "each stalled body counts as an upstream error: {m}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_streams_are_timed_per_pause_not_as_a_whole() {
+    let up = h2_upstream("g").await;
+    let mut cfg = h2_config(vec![("grpc.test", h2_service("g", &[up.addr]))]);
+    cfg.timeouts.upstream_response_ms = READ_TIMEOUT_MS;
+    cfg.timeouts.request_body_ms = READ_TIMEOUT_MS;
+    let proxy = start(cfg);
+    let client = h2c(proxy.http_addr.expect("http")).await;
+    // A client stream of `messages`, DRIP_GAP apart, then its end or (with `stall`) nothing
+    // more until the answer comes.
+    let upload = |messages: usize, stall: bool| {
+        let client = client.clone();
+        async move {
+            let mut c = within("h2 ready", client.ready()).await.expect("ready");
+            let (resp, mut send) = c
+                .send_request(grpc_request("grpc.test", "/svc.S/Upload"), false)
+                .expect("send request");
+            for i in 0..messages {
+                if i > 0 {
+                    tokio::time::sleep(DRIP_GAP).await;
+                }
+                send.send_data(grpc_frame(&[b'm'; 100]), false)
+                    .expect("send message");
+            }
+            if !stall {
+                send.send_data(Bytes::new(), true).expect("end of stream");
+            }
+            let reply = read_reply(within("h2 response", resp).await.expect("response")).await;
+            drop(send);
+            reply
+        }
+    };
+
+    // Three times as long as either timeout, never pausing for as long: the endpoint gets
+    // every message and answers.
+    let reply = upload(DRIP_MESSAGES * 2, false).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.trailer("grpc-status"), Some("0"), "{reply:?}");
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].body_len, DRIP_MESSAGES * 2 * 105);
+
+    // A client that stops sending: 408, as gRPC's HTTP mapping gives it (UNKNOWN), and the
+    // endpoint's stream is reset.
+    upload(2, true)
+        .await
+        .assert_grpc_error("2", "408 Request Timeout");
+    within("the endpoint saw the request body fail", async {
+        while up.state.body_errors.load(Ordering::SeqCst) < 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
 }

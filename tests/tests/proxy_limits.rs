@@ -509,3 +509,107 @@ async fn a_response_body_that_stalls_past_the_response_timeout_is_cut() {
     );
     task.abort();
 }
+
+/// A request body of `chunks` pieces of 1 KiB, `gap` apart; then its end, or with `stall`
+/// nothing more for as long as the client holds it.
+fn paced_body(chunks: usize, gap: Duration, stall: bool) -> StreamBody<PacedStream> {
+    StreamBody::new(Box::pin(futures_util::stream::unfold(
+        0,
+        move |sent| async move {
+            if sent == chunks {
+                if stall {
+                    std::future::pending::<()>().await;
+                }
+                return None;
+            }
+            if sent > 0 {
+                tokio::time::sleep(gap).await;
+            }
+            let piece = hyper::body::Frame::data(Bytes::from(vec![b'u'; 1024]));
+            Some((Ok(piece), sent + 1))
+        },
+    )))
+}
+
+type PacedStream = std::pin::Pin<
+    Box<
+        dyn futures_util::Stream<Item = Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>
+            + Send,
+    >,
+>;
+
+/// POSTs `body` to `/echo-body` on `p.test` over HTTP/1.1 or h2c; the answer's status and
+/// body.
+async fn post_paced<B>(addr: SocketAddr, http2: bool, body: B) -> (StatusCode, String)
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let req = hyper::Request::builder()
+        .method("POST")
+        .uri("http://p.test/echo-body")
+        .header("host", "p.test")
+        .body(body)
+        .expect("request");
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let io = hyper_util::rt::TokioIo::new(tcp);
+    let resp = if http2 {
+        let (mut s, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                .await
+                .expect("h2");
+        tokio::spawn(conn);
+        within("h2 upload", s.send_request(req)).await
+    } else {
+        let (mut s, conn) = hyper::client::conn::http1::handshake(io).await.expect("h1");
+        tokio::spawn(conn);
+        within("h1 upload", s.send_request(req)).await
+    }
+    .expect("response");
+    let status = resp.status();
+    let body = within("answer body", resp.into_body().collect())
+        .await
+        .expect("answer body")
+        .to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_are_timed_per_pause_and_long_uploads_are_not_cut() {
+    let up = upstream("up").await;
+    let mut cfg = base_config();
+    cfg.timeouts.request_body_ms = READ_TIMEOUT_MS;
+    cfg.timeouts.upstream_response_ms = READ_TIMEOUT_MS;
+    cfg.services = vec![service("up", &[up.addr])];
+    cfg.ingresses = vec![ingress(
+        "i",
+        vec![(Some("p.test"), vec![path("/", Prefix, "up")])],
+    )];
+    let proxy = start(cfg);
+    let addr = proxy.http_addr.expect("http");
+    for http2 in [false, true] {
+        // An upload three times as long as either timeout, never pausing for as long: the
+        // endpoint gets all of it and answers.
+        let got = post_paced(addr, http2, paced_body(DRIP_CHUNKS * 2, DRIP_GAP, false)).await;
+        assert_eq!(
+            got,
+            (StatusCode::OK, format!("len={}\n", DRIP_CHUNKS * 2 * 1024)),
+            "http2: {http2}"
+        );
+        // A client that stops sending its body: 408, and its request goes no further.
+        let got = post_paced(addr, http2, paced_body(2, DRIP_GAP, true)).await;
+        assert_eq!(
+            got,
+            (
+                StatusCode::REQUEST_TIMEOUT,
+                "408 Request Timeout\n".to_owned()
+            ),
+            "http2: {http2}"
+        );
+    }
+    assert_eq!(
+        up.hits(),
+        4,
+        "the cut requests reached the endpoint, unanswered"
+    );
+}

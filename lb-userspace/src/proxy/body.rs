@@ -24,19 +24,33 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[error("request body exceeds the limit of the route")]
 pub struct BodyTooLarge;
 
-/// The request body sent upstream: the client's body, counted against the route's limit.
+/// The client sent no more of its request body within the request body timeout (answered
+/// with 408).
+#[derive(Debug, thiserror::Error)]
+#[error("request body: nothing more from the client within the request body timeout")]
+pub struct BodyTimedOut;
+
+/// The request body sent upstream: the client's body, counted against the route's limit,
+/// each wait for more of it bounded by the request body timeout (nginx's
+/// `client_body_timeout`: without it a client trickling its body holds a connection to the
+/// endpoint for ever).
 #[derive(Debug)]
 pub struct ReqBody {
     inner: Option<Incoming>,
     remaining: u64,
+    idle: ReadIdle,
+    sleep: Option<LazySleep>,
 }
 
 impl ReqBody {
-    /// Streams `inner`, failing with [`BodyTooLarge`] past `limit` bytes.
-    pub fn limited(inner: Incoming, limit: u64) -> Self {
+    /// Streams `inner`, failing with [`BodyTooLarge`] past `limit` bytes and with
+    /// [`BodyTimedOut`] when a wait for more of it is longer than `read_timeout`.
+    pub fn limited(inner: Incoming, limit: u64, read_timeout: Duration) -> Self {
         Self {
             inner: Some(inner),
             remaining: limit,
+            idle: ReadIdle::new(read_timeout),
+            sleep: None,
         }
     }
 
@@ -45,6 +59,8 @@ impl ReqBody {
         Self {
             inner: None,
             remaining: 0,
+            idle: ReadIdle::new(Duration::MAX),
+            sleep: None,
         }
     }
 }
@@ -61,7 +77,13 @@ impl Body for ReqBody {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        match ready!(Pin::new(inner).poll_frame(cx)) {
+        let Poll::Ready(frame) = Pin::new(inner).poll_frame(cx) else {
+            ready!(this.idle.poll_expired(&mut this.sleep, cx));
+            this.inner = None;
+            return Poll::Ready(Some(Err(Box::new(BodyTimedOut))));
+        };
+        this.idle.progressed();
+        match frame {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;

@@ -19,9 +19,9 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
-use super::body::{BodyTooLarge, BoxError, ReqBody};
+use super::body::{BodyTimedOut, BodyTooLarge, BoxError, ReqBody};
 use super::head;
-use super::timer::{LazySleep, ReadIdle};
+use super::timer::{LazySleep, ReadIdle, UploadProgress, until_stalled};
 use super::upstream::Endpoint;
 use super::upstream_tls::{TlsOrigination, UpstreamIo};
 
@@ -53,6 +53,9 @@ pub enum ExchangeError {
     /// No response head within the upstream response timeout.
     #[error("upstream response timed out")]
     TimedOut,
+    /// The client sent no more of its request body within the request body timeout.
+    #[error(transparent)]
+    ClientTimedOut(#[from] BodyTimedOut),
     /// The response body stopped: nothing more of it within the response timeout.
     #[error("upstream response body stalled for longer than the response timeout")]
     BodyStalled,
@@ -61,13 +64,25 @@ pub enum ExchangeError {
 /// Per-exchange settings.
 #[derive(Debug)]
 pub struct Exchange<'a> {
-    /// Request sent → response head read.
+    /// How long the endpoint may keep the exchange waiting: to take each piece of the
+    /// request, then, once the request is out, for the response head. (Waiting for the
+    /// client's body does not count.)
     pub timeout: std::time::Duration,
     /// A map to read the response headers into (taken; an empty one allocates nothing).
     pub headers: &'a mut HeaderMap,
     /// Instead of the map: the response's header lines as received, hop-by-hop ones left
     /// out, appended here (for a server that writes them downstream as they are).
     pub raw: Option<&'a mut Vec<u8>>,
+}
+
+/// The request body's side of an exchange.
+struct Upload<'a> {
+    body: &'a mut ReqBody,
+    /// Announced as chunked in the head.
+    chunked: bool,
+    /// Set once any of the body was read (the request can no longer be sent again).
+    touched: &'a mut bool,
+    progress: &'a UploadProgress,
 }
 
 /// An upstream HTTP/1.1 connection.
@@ -171,7 +186,9 @@ impl UpstreamConn {
         body_touched: &mut bool,
         x: Exchange<'_>,
     ) -> Result<ResponseHead, ExchangeError> {
-        let deadline = tokio::time::Instant::now() + x.timeout;
+        let start = tokio::time::Instant::now();
+        let timeout = x.timeout;
+        let deadline = start + timeout;
         let mut timer = match self.timer.take() {
             Some(mut t) => {
                 t.set(deadline);
@@ -179,20 +196,17 @@ impl UpstreamConn {
             }
             None => LazySleep::new(deadline),
         };
-        let result = {
-            let mut inner =
-                std::pin::pin!(self.exchange_inner(head, method, chunked, body, body_touched, x));
-            std::future::poll_fn(|cx| {
-                if let Poll::Ready(r) = inner.as_mut().poll(cx) {
-                    return Poll::Ready(r);
-                }
-                match timer.poll_elapsed(cx) {
-                    Poll::Ready(()) => Poll::Ready(Err(ExchangeError::TimedOut)),
-                    Poll::Pending => Poll::Pending,
-                }
-            })
-            .await
+        let progress = UploadProgress::new(start);
+        let upload = Upload {
+            body,
+            chunked,
+            touched: body_touched,
+            progress: &progress,
         };
+        let inner = self.exchange_inner(head, method, upload, x);
+        let result = until_stalled(inner, &mut timer, timeout, || progress.waiting())
+            .await
+            .unwrap_or(Err(ExchangeError::TimedOut));
         self.timer = Some(timer);
         result
     }
@@ -201,14 +215,18 @@ impl UpstreamConn {
         &mut self,
         head: &[u8],
         method: &Method,
-        chunked: bool,
-        body: &mut ReqBody,
-        body_touched: &mut bool,
+        upload: Upload<'_>,
         x: Exchange<'_>,
     ) -> Result<ResponseHead, ExchangeError> {
         let Exchange {
             headers, mut raw, ..
         } = x;
+        let Upload {
+            body,
+            chunked,
+            touched: body_touched,
+            progress,
+        } = upload;
         if let Err(e) = self.io.write_all(head).await {
             return Err(if is_reset(&e) {
                 ExchangeError::Stale
@@ -218,13 +236,15 @@ impl UpstreamConn {
         }
         if !body.is_end_stream() {
             *body_touched = true;
-            self.send_body(body, chunked).await?;
+            self.send_body(body, chunked, progress).await?;
         }
         if let UpstreamIo::Tls(s) = &mut self.io {
             // A TLS session may hold records back when the socket is full; a plain socket
             // buffers nothing.
             s.flush().await?;
         }
+        // The request is out: the response timeout runs from here.
+        progress.advanced();
         loop {
             let head = self
                 .read_head(
@@ -242,11 +262,30 @@ impl UpstreamConn {
         }
     }
 
-    async fn send_body(&mut self, body: &mut ReqBody, chunked: bool) -> Result<(), ExchangeError> {
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| match e.downcast::<BodyTooLarge>() {
-                Ok(b) => ExchangeError::BodyTooLarge(*b),
-                Err(e) => ExchangeError::RequestBody(e),
+    /// Sends the request body, telling `progress` when it waits on the client and when a
+    /// piece has gone out.
+    async fn send_body(
+        &mut self,
+        body: &mut ReqBody,
+        chunked: bool,
+        progress: &UploadProgress,
+    ) -> Result<(), ExchangeError> {
+        loop {
+            // Waiting for the client is the request body timeout's business (408), not the
+            // endpoint's; writing what came is the endpoint's.
+            progress.on_client();
+            let frame = body.frame().await;
+            progress.advanced();
+            let Some(frame) = frame else { break };
+            let frame = frame.map_err(|e| {
+                let e = match e.downcast::<BodyTooLarge>() {
+                    Ok(b) => return ExchangeError::BodyTooLarge(*b),
+                    Err(e) => e,
+                };
+                match e.downcast::<BodyTimedOut>() {
+                    Ok(t) => ExchangeError::ClientTimedOut(*t),
+                    Err(e) => ExchangeError::RequestBody(e),
+                }
             })?;
             let Ok(data) = frame.into_data() else {
                 continue; // trailers are not forwarded

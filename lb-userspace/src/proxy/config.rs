@@ -144,8 +144,15 @@ pub struct Timeouts {
     pub connect_ms: u64,
     /// Reading a request's header block (and the TLS handshake): the slowloris bound.
     pub request_header_ms: u64,
-    /// From sending a request upstream to receiving the response head (504), and then each
-    /// wait for more of the response body (the body is cut: nginx's `proxy_read_timeout`).
+    /// Each wait for more of a client's request body once its head has arrived (nginx's
+    /// `client_body_timeout`); a client that pauses longer gets 408 and its request is
+    /// abandoned at the endpoint. A gRPC call whose `grpc-timeout` is longer may pause until
+    /// then.
+    pub request_body_ms: u64,
+    /// How long an endpoint may keep a request waiting (504): to take each piece of the
+    /// request, then from the request's end to the response head, then for each further
+    /// piece of the response body (the body is cut: nginx's `proxy_read_timeout`). Time spent
+    /// waiting for the client's request body does not count.
     /// A gRPC call to an `h2` Service whose `grpc-timeout` (the client's deadline) is longer
     /// waits until then. Upgraded connections (WebSockets) are not bounded by it.
     pub upstream_response_ms: u64,
@@ -161,6 +168,7 @@ impl Default for Timeouts {
         Self {
             connect_ms: 2_000,
             request_header_ms: 10_000,
+            request_body_ms: 60_000,
             upstream_response_ms: 60_000,
             idle_ms: 60_000,
             shutdown_grace_ms: 10_000,
@@ -1033,6 +1041,7 @@ impl ProxyConfig {
         for (name, v) in [
             ("timeouts.connect_ms", t.connect_ms),
             ("timeouts.request_header_ms", t.request_header_ms),
+            ("timeouts.request_body_ms", t.request_body_ms),
             ("timeouts.upstream_response_ms", t.upstream_response_ms),
             ("timeouts.idle_ms", t.idle_ms),
             ("timeouts.shutdown_grace_ms", t.shutdown_grace_ms),
@@ -1188,6 +1197,18 @@ mod tests {
             .find(|s| s.name == "cart")
             .expect("cart");
         assert_eq!(cart.timeouts.response_ms, Some(3_600_000));
+        assert_eq!(cfg.timeouts.request_body_ms, 60_000);
+    }
+
+    #[test]
+    fn a_zero_request_body_timeout_is_rejected_by_name() {
+        let mut c = ProxyConfig::default();
+        c.timeouts.request_body_ms = 0;
+        let e = c.validate().expect_err("0 ms");
+        assert!(e.to_string().contains("timeouts.request_body_ms"), "{e}");
+        let c = ProxyConfig::from_toml_str("[timeouts]\nrequest_body_ms = 5000\n", "t")
+            .expect("parses");
+        assert_eq!(c.timeouts.request_body_ms, 5_000);
     }
 
     #[test]

@@ -31,7 +31,8 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use super::body::{BodyTooLarge, BoxError, ReqBody};
+use super::body::{BodyTimedOut, BodyTooLarge, BoxError, ReqBody};
+use super::timer::{UploadProgress, Waiting};
 use super::upstream::Endpoint;
 use super::upstream_tls::{TlsOrigination, UpstreamIo};
 
@@ -423,6 +424,8 @@ pub(crate) enum BodyFault {
     TooLarge,
     /// The client's stream failed (400).
     Client,
+    /// The client paused its body for longer than the request body timeout (408).
+    TimedOut,
 }
 
 /// A frame read from the client, kept for a replay.
@@ -464,6 +467,9 @@ struct Attempts {
     /// The attempt that may read; an older one (hyper may still poll the body of a refused
     /// stream for a moment) gets an error instead of taking frames or the waker.
     attempt: u32,
+    /// For the response timer: hyper polls the body when the stream can take more, so a
+    /// pending client body is the client's time, not the endpoint's.
+    progress: UploadProgress,
 }
 
 /// The request body on its way to an HTTP/2 upstream, as one attempt sends it: the frames
@@ -493,6 +499,7 @@ impl WatchedBody {
             replayable: true,
             ended: false,
             attempt: 0,
+            progress: UploadProgress::new(tokio::time::Instant::now()),
         }));
         (
             Self {
@@ -512,6 +519,16 @@ impl BodyHandle {
     /// What went wrong with the client's body, if anything.
     pub(crate) fn fault(&self) -> Option<BodyFault> {
         lock(&self.0).fault
+    }
+
+    /// Where the upload stands, for the response timer.
+    pub(crate) fn waiting(&self) -> Waiting {
+        lock(&self.0).progress.waiting()
+    }
+
+    /// An attempt starts: the endpoint's time counts from now.
+    pub(crate) fn attempt_started(&self) {
+        lock(&self.0).progress.advanced();
     }
 
     /// The body for another attempt, from its first byte, if everything read so far was kept.
@@ -558,12 +575,18 @@ impl Body for WatchedBody {
         }
         if let Some(kept) = s.kept.get(this.next) {
             this.next += 1;
-            return Poll::Ready(Some(Ok(kept.frame())));
+            let frame = kept.frame();
+            s.progress.advanced();
+            return Poll::Ready(Some(Ok(frame)));
         }
         if s.ended {
             return Poll::Ready(None);
         }
-        let r = ready!(Pin::new(&mut s.source).poll_frame(cx));
+        let Poll::Ready(r) = Pin::new(&mut s.source).poll_frame(cx) else {
+            s.progress.on_client();
+            return Poll::Pending;
+        };
+        s.progress.advanced();
         match &r {
             None => s.ended = true,
             Some(Ok(frame)) if s.replayable => {
@@ -587,6 +610,8 @@ impl Body for WatchedBody {
             Some(Err(e)) => {
                 s.fault = Some(if e.is::<BodyTooLarge>() {
                     BodyFault::TooLarge
+                } else if e.is::<BodyTimedOut>() {
+                    BodyFault::TimedOut
                 } else {
                     BodyFault::Client
                 });

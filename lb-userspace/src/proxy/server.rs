@@ -35,6 +35,7 @@ use super::head::{ClientText, Headers, RequestHead, encode_request, nominated};
 use super::metrics::{Metrics, RuleCounters};
 use super::path;
 use super::routing::RouteTable;
+use super::timer::{LazySleep, until_stalled};
 use super::tls::{CertStore, TlsError};
 use super::upstream::{self, Endpoint, PickContext, Upstream, UpstreamMap};
 use super::upstream_tls::TlsOrigination;
@@ -81,6 +82,8 @@ pub(crate) struct Route {
 struct Settings {
     connect: Duration,
     header: Duration,
+    /// Each wait for more of a client's request body (408).
+    request_body: Duration,
     response: Duration,
     idle: Duration,
     max_header_bytes: usize,
@@ -171,6 +174,7 @@ impl State {
         let settings = Settings {
             connect: Duration::from_millis(t.connect_ms),
             header: Duration::from_millis(t.request_header_ms),
+            request_body: Duration::from_millis(t.request_body_ms),
             response: Duration::from_millis(t.upstream_response_ms),
             idle: Duration::from_millis(t.idle_ms),
             max_header_bytes: cfg.limits.max_header_bytes,
@@ -776,6 +780,7 @@ fn error_text(status: StatusCode) -> &'static str {
     match status {
         StatusCode::BAD_REQUEST => "400 Bad Request\n",
         StatusCode::NOT_FOUND => "404 Not Found\n",
+        StatusCode::REQUEST_TIMEOUT => "408 Request Timeout\n",
         StatusCode::PAYLOAD_TOO_LARGE => "413 Content Too Large\n",
         StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "431 Request Header Fields Too Large\n",
         StatusCode::BAD_GATEWAY => "502 Bad Gateway\n",
@@ -1182,13 +1187,19 @@ fn route_request(state: &State, ctx: &ConnCtx, req: Request<Incoming>) -> Next {
         *req.extensions_mut() = std::mem::take(&mut parts.extensions);
         hyper::upgrade::on(&mut req)
     });
+    // A gRPC client stream may pause for as long as the client gave the call.
+    let body_wait = if body.is_end_stream() {
+        s.request_body
+    } else {
+        h2_upstream::grpc_timeout(&parts.headers).map_or(s.request_body, |t| t.max(s.request_body))
+    };
     let mut headers = parts.headers;
     headers.clear();
     Next::Forward(Forward {
         headers,
         raw_lines: None,
         upstream_date: false,
-        body: ReqBody::limited(body, routed.route.max_body),
+        body: ReqBody::limited(body, routed.route.max_body, body_wait),
         route: routed.route,
         method: parts.method,
         head,
@@ -1281,6 +1292,9 @@ async fn exchange(state: &State, f: &mut Forward) -> Outcome {
             }
             Err(ExchangeError::BodyTooLarge(_)) => {
                 return Outcome::local(StatusCode::PAYLOAD_TOO_LARGE, Some(route.clone()));
+            }
+            Err(ExchangeError::ClientTimedOut(_)) => {
+                return Outcome::local(StatusCode::REQUEST_TIMEOUT, Some(route.clone()));
             }
             Err(ExchangeError::RequestBody(e)) => {
                 tracing::debug!(error = %e, "client request body failed");
@@ -1422,10 +1436,22 @@ async fn exchange_h2(state: &State, f: &mut Forward) -> Outcome {
                 return failed(StatusCode::BAD_GATEWAY);
             }
         };
-        let resp = match tokio::time::timeout(response_wait, sender.try_send_request(req)).await {
-            Err(_) => return failed(StatusCode::GATEWAY_TIMEOUT),
-            Ok(Ok(resp)) => resp,
-            Ok(Err(mut e)) => {
+        handle.attempt_started();
+        let mut timer = LazySleep::new(tokio::time::Instant::now() + response_wait);
+        let sent = until_stalled(
+            sender.try_send_request(req),
+            &mut timer,
+            response_wait,
+            || handle.waiting(),
+        )
+        .await;
+        let resp = match sent {
+            None if handle.fault() == Some(BodyFault::TimedOut) => {
+                return local(StatusCode::REQUEST_TIMEOUT);
+            }
+            None => return failed(StatusCode::GATEWAY_TIMEOUT),
+            Some(Ok(resp)) => resp,
+            Some(Err(mut e)) => {
                 if let Some(back) = e.take_message()
                     && unsent_resends > 0
                 {
@@ -1440,6 +1466,7 @@ async fn exchange_h2(state: &State, f: &mut Forward) -> Outcome {
                 }
                 match handle.fault() {
                     Some(BodyFault::TooLarge) => return local(StatusCode::PAYLOAD_TOO_LARGE),
+                    Some(BodyFault::TimedOut) => return local(StatusCode::REQUEST_TIMEOUT),
                     Some(BodyFault::Client) => return local(StatusCode::BAD_REQUEST),
                     None => {}
                 }

@@ -55,12 +55,13 @@ impl LazySleep {
     }
 }
 
-/// Bounds each wait for the next piece of an upstream's response body, as nginx's
-/// `proxy_read_timeout` does: the clock runs only while the proxy is waiting on the
-/// endpoint, from the first `Pending` after the last piece, so a client that reads slowly
-/// (and so stops the proxy from polling) never counts against the endpoint. The sleep lives
-/// in a slot the caller keeps (an HTTP/1 upstream connection's response timer), so that a
-/// body that never waits registers no timer at all.
+/// Bounds each wait for the next piece of a streamed body (an upstream's response body, as
+/// nginx's `proxy_read_timeout` does; a client's request body, as `client_body_timeout`
+/// does): the clock runs only while the body is waited for, from the first `Pending` after
+/// the last piece, so a reader on the other side that is slow (and so stops the proxy from
+/// polling) never counts against the sender. The sleep lives in a slot the caller keeps (for
+/// an HTTP/1 upstream connection, its response timer), so that a body that never waits
+/// registers no timer at all.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ReadIdle {
     timeout: Duration,
@@ -81,27 +82,117 @@ impl ReadIdle {
     }
 
     /// Called when the body is `Pending`: ready once it has been waiting longer than the
-    /// timeout (the first call of a wait arms the sleep in `slot`).
+    /// timeout (the first call of a wait arms the sleep in `slot`). A timeout too long to
+    /// represent never expires.
     pub(crate) fn poll_expired(
         &mut self,
         slot: &mut Option<LazySleep>,
         cx: &mut Context<'_>,
     ) -> Poll<()> {
-        let sleep = if self.waiting {
-            slot.get_or_insert_with(|| LazySleep::new(TokioInstant::now() + self.timeout))
-        } else {
-            self.waiting = true;
-            let deadline = TokioInstant::now() + self.timeout;
-            match slot {
-                Some(s) => {
-                    s.set(deadline);
-                    s
-                }
-                None => slot.insert(LazySleep::new(deadline)),
-            }
+        let Some(deadline) = TokioInstant::now().checked_add(self.timeout) else {
+            return Poll::Pending;
         };
+        let sleep = match slot {
+            Some(s) if self.waiting => s,
+            Some(s) => {
+                s.set(deadline);
+                s
+            }
+            None => slot.insert(LazySleep::new(deadline)),
+        };
+        self.waiting = true;
         sleep.poll_elapsed(cx)
     }
+}
+
+/// Where an exchange with an endpoint stands, for its response timer (see [`until_stalled`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Waiting {
+    /// On the endpoint, since this instant (the request's last progress).
+    OnEndpointSince(TokioInstant),
+    /// On the client, for more of its request body: not the endpoint's time.
+    OnClient,
+}
+
+/// The progress of a request's upload, written by the code that sends its body and read by
+/// the response timer: as nginx bounds each write to the endpoint (`proxy_send_timeout`) and
+/// the client's pauses separately (`client_body_timeout`), a long upload that keeps moving
+/// is not cut by the response timeout.
+#[derive(Debug)]
+pub(crate) struct UploadProgress {
+    start: TokioInstant,
+    /// Nanoseconds after `start` of the last progress, or [`ON_CLIENT`].
+    last: std::sync::atomic::AtomicU64,
+}
+
+const ON_CLIENT: u64 = u64::MAX;
+
+impl UploadProgress {
+    /// Progress as of `start`.
+    pub(crate) fn new(start: TokioInstant) -> Self {
+        Self {
+            start,
+            last: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// The body moved on (a piece arrived from the client, or went out to the endpoint).
+    pub(crate) fn advanced(&self) {
+        let nanos = TokioInstant::now()
+            .saturating_duration_since(self.start)
+            .as_nanos();
+        let nanos = u64::try_from(nanos)
+            .unwrap_or(ON_CLIENT - 1)
+            .min(ON_CLIENT - 1);
+        self.last.store(nanos, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The sender waits for the client's next piece.
+    pub(crate) fn on_client(&self) {
+        self.last
+            .store(ON_CLIENT, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(crate) fn waiting(&self) -> Waiting {
+        match self.last.load(std::sync::atomic::Ordering::Relaxed) {
+            ON_CLIENT => Waiting::OnClient,
+            n => Waiting::OnEndpointSince(self.start + Duration::from_nanos(n)),
+        }
+    }
+}
+
+/// Runs `exchange` until it ends, or until the endpoint has kept it waiting for longer than
+/// `timeout` (None): the clock runs from the last progress `waiting` reports and is held
+/// while it reports the client is waited on. `timer` (set to the first deadline by the
+/// caller) is only re-armed when it fires, so progress costs no timer-wheel work.
+pub(crate) async fn until_stalled<F: Future>(
+    exchange: F,
+    timer: &mut LazySleep,
+    timeout: Duration,
+    waiting: impl Fn() -> Waiting,
+) -> Option<F::Output> {
+    let mut exchange = std::pin::pin!(exchange);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = exchange.as_mut().poll(cx) {
+            return Poll::Ready(Some(r));
+        }
+        loop {
+            ready!(timer.poll_elapsed(cx));
+            let now = TokioInstant::now();
+            let from = match waiting() {
+                Waiting::OnEndpointSince(since) => since,
+                Waiting::OnClient => now,
+            };
+            let Some(deadline) = from.checked_add(timeout) else {
+                return Poll::Pending; // too far off to ever come
+            };
+            if deadline <= now {
+                return Poll::Ready(None);
+            }
+            timer.set(deadline);
+        }
+    })
+    .await
 }
 
 /// Sleeps kept per thread (one per connection waiting for a request head is the most that
@@ -243,6 +334,40 @@ mod tests {
         // The same wait going past the timeout ends it.
         tokio::time::advance(Duration::from_millis(31)).await;
         assert!(poll(&mut idle, &mut slot).is_ready());
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn the_endpoints_time_stops_while_the_client_is_waited_for() {
+        let timeout = Duration::from_millis(100);
+        let start = TokioInstant::now();
+        let progress = UploadProgress::new(start);
+        let mut timer = LazySleep::new(start + timeout);
+        let stalled = until_stalled(
+            std::future::pending::<()>(),
+            &mut timer,
+            timeout,
+            || progress.waiting(),
+        );
+        let mut stalled = std::pin::pin!(stalled);
+        let mut poll = |at: u64| {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            let r = stalled.as_mut().poll(&mut cx);
+            (at, r.is_ready())
+        };
+        assert_eq!(poll(0), (0, false));
+        // 90 ms on the endpoint, then the client is waited for, for a second.
+        tokio::time::advance(Duration::from_millis(90)).await;
+        progress.on_client();
+        for step in 1..=10 {
+            tokio::time::advance(Duration::from_millis(100)).await;
+            assert_eq!(poll(step), (step, false));
+        }
+        // A piece arrives: the endpoint has 100 ms from now.
+        progress.advanced();
+        tokio::time::advance(Duration::from_millis(99)).await;
+        assert_eq!(poll(11), (11, false));
+        tokio::time::advance(Duration::from_millis(2)).await;
+        assert_eq!(poll(12), (12, true));
     }
 
     async fn futures_poll_once(f: &mut Pin<Box<dyn hyper::rt::Sleep>>) -> Poll<()> {
