@@ -342,12 +342,9 @@ mod tests {
         let start = TokioInstant::now();
         let progress = UploadProgress::new(start);
         let mut timer = LazySleep::new(start + timeout);
-        let stalled = until_stalled(
-            std::future::pending::<()>(),
-            &mut timer,
-            timeout,
-            || progress.waiting(),
-        );
+        let stalled = until_stalled(std::future::pending::<()>(), &mut timer, timeout, || {
+            progress.waiting()
+        });
         let mut stalled = std::pin::pin!(stalled);
         let mut poll = |at: u64| {
             let mut cx = Context::from_waker(std::task::Waker::noop());
