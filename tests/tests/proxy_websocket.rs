@@ -87,3 +87,32 @@ async fn upgrade_to_an_unrouted_path_is_refused() {
     assert!(err.to_string().contains("404"), "{err}");
     assert_eq!(up.hits(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_silent_both_ways_for_the_tunnel_idle_timeout_is_closed() {
+    const IDLE_MS: u64 = 400;
+    let up = upstream("ws").await;
+    let mut cfg = base_config();
+    cfg.timeouts.tunnel_idle_ms = IDLE_MS;
+    cfg.services = vec![service("ws", &[up.addr])];
+    cfg.ingresses = vec![ingress(
+        "ws",
+        vec![(Some("ws.test"), vec![path("/chat", Prefix, "ws")])],
+    )];
+    let proxy = start(cfg);
+    let mut ws = websocket(proxy.http_addr.expect("http"), "ws://ws.test/chat").await;
+    // Talking every 100 ms for three times the timeout keeps it open.
+    for i in 0..12 {
+        echo_round(&mut ws, &format!("keep-{i}"), 1).await;
+        tokio::time::sleep(std::time::Duration::from_millis(IDLE_MS / 4)).await;
+    }
+    // Silent both ways for longer: the proxy closes it (without a close frame: it does not
+    // speak WebSocket, it splices bytes).
+    tokio::time::sleep(std::time::Duration::from_millis(IDLE_MS * 3)).await;
+    let after = within("the tunnel closed", ws.next()).await;
+    assert!(
+        matches!(after, None | Some(Err(_))),
+        "a silent tunnel must be closed: {after:?}"
+    );
+    assert_eq!(up.hits(), 1, "one upgrade request");
+}

@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use super::body::{BodyTimedOut, BodyTooLarge, BoxError, ReqBody};
 use super::head;
-use super::timer::{LazySleep, ReadIdle, UploadProgress, until_stalled};
+use super::timer::{LazySleep, Progress, ReadIdle, until_stalled};
 use super::upstream::Endpoint;
 use super::upstream_tls::{TlsOrigination, UpstreamIo};
 
@@ -82,7 +82,7 @@ struct Upload<'a> {
     chunked: bool,
     /// Set once any of the body was read (the request can no longer be sent again).
     touched: &'a mut bool,
-    progress: &'a UploadProgress,
+    progress: &'a Progress,
 }
 
 /// An upstream HTTP/1.1 connection.
@@ -196,7 +196,7 @@ impl UpstreamConn {
             }
             None => LazySleep::new(deadline),
         };
-        let progress = UploadProgress::new(start);
+        let progress = Progress::new(start);
         let upload = Upload {
             body,
             chunked,
@@ -268,7 +268,7 @@ impl UpstreamConn {
         &mut self,
         body: &mut ReqBody,
         chunked: bool,
-        progress: &UploadProgress,
+        progress: &Progress,
     ) -> Result<(), ExchangeError> {
         loop {
             // Waiting for the client is the request body timeout's business (408), not the

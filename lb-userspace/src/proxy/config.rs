@@ -158,6 +158,10 @@ pub struct Timeouts {
     pub upstream_response_ms: u64,
     /// A downstream connection with no request in flight is closed after this long.
     pub idle_ms: u64,
+    /// An upgraded connection (WebSocket) with no bytes in either direction for this long is
+    /// closed (HAProxy's `timeout tunnel`). WebSocket libraries ping every 20–60 s; a tunnel
+    /// silent for an hour has almost surely lost a peer that left without closing.
+    pub tunnel_idle_ms: u64,
     /// On SIGTERM: how long open connections may finish their requests after the listeners
     /// close, before the rest are cut.
     pub shutdown_grace_ms: u64,
@@ -171,6 +175,7 @@ impl Default for Timeouts {
             request_body_ms: 60_000,
             upstream_response_ms: 60_000,
             idle_ms: 60_000,
+            tunnel_idle_ms: 3_600_000,
             shutdown_grace_ms: 10_000,
         }
     }
@@ -1044,6 +1049,7 @@ impl ProxyConfig {
             ("timeouts.request_body_ms", t.request_body_ms),
             ("timeouts.upstream_response_ms", t.upstream_response_ms),
             ("timeouts.idle_ms", t.idle_ms),
+            ("timeouts.tunnel_idle_ms", t.tunnel_idle_ms),
             ("timeouts.shutdown_grace_ms", t.shutdown_grace_ms),
         ] {
             if v == 0 {
@@ -1198,14 +1204,19 @@ mod tests {
             .expect("cart");
         assert_eq!(cart.timeouts.response_ms, Some(3_600_000));
         assert_eq!(cfg.timeouts.request_body_ms, 60_000);
+        assert_eq!(cfg.timeouts.tunnel_idle_ms, 3_600_000);
     }
 
     #[test]
-    fn a_zero_request_body_timeout_is_rejected_by_name() {
+    fn zero_body_and_tunnel_timeouts_are_rejected_by_name() {
         let mut c = ProxyConfig::default();
         c.timeouts.request_body_ms = 0;
         let e = c.validate().expect_err("0 ms");
         assert!(e.to_string().contains("timeouts.request_body_ms"), "{e}");
+        let mut c = ProxyConfig::default();
+        c.timeouts.tunnel_idle_ms = 0;
+        let e = c.validate().expect_err("0 ms");
+        assert!(e.to_string().contains("timeouts.tunnel_idle_ms"), "{e}");
         let c = ProxyConfig::from_toml_str("[timeouts]\nrequest_body_ms = 5000\n", "t")
             .expect("parses");
         assert_eq!(c.timeouts.request_body_ms, 5_000);

@@ -32,7 +32,7 @@ use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::body::{BodyTimedOut, BodyTooLarge, BoxError, ReqBody};
-use super::timer::{UploadProgress, Waiting};
+use super::timer::{Progress, Waiting};
 use super::upstream::Endpoint;
 use super::upstream_tls::{TlsOrigination, UpstreamIo};
 
@@ -469,7 +469,7 @@ struct Attempts {
     attempt: u32,
     /// For the response timer: hyper polls the body when the stream can take more, so a
     /// pending client body is the client's time, not the endpoint's.
-    progress: UploadProgress,
+    progress: Progress,
 }
 
 /// The request body on its way to an HTTP/2 upstream, as one attempt sends it: the frames
@@ -499,7 +499,7 @@ impl WatchedBody {
             replayable: true,
             ended: false,
             attempt: 0,
-            progress: UploadProgress::new(tokio::time::Instant::now()),
+            progress: Progress::new(tokio::time::Instant::now()),
         }));
         (
             Self {

@@ -35,7 +35,7 @@ use super::head::{ClientText, Headers, RequestHead, encode_request, nominated};
 use super::metrics::{Metrics, RuleCounters};
 use super::path;
 use super::routing::RouteTable;
-use super::timer::{LazySleep, until_stalled};
+use super::timer::{LazySleep, Progress, until_stalled};
 use super::tls::{CertStore, TlsError};
 use super::upstream::{self, Endpoint, PickContext, Upstream, UpstreamMap};
 use super::upstream_tls::TlsOrigination;
@@ -84,6 +84,8 @@ struct Settings {
     header: Duration,
     /// Each wait for more of a client's request body (408).
     request_body: Duration,
+    /// An upgraded connection silent both ways for this long is closed.
+    tunnel_idle: Duration,
     response: Duration,
     idle: Duration,
     max_header_bytes: usize,
@@ -175,6 +177,7 @@ impl State {
             connect: Duration::from_millis(t.connect_ms),
             header: Duration::from_millis(t.request_header_ms),
             request_body: Duration::from_millis(t.request_body_ms),
+            tunnel_idle: Duration::from_millis(t.tunnel_idle_ms),
             response: Duration::from_millis(t.upstream_response_ms),
             idle: Duration::from_millis(t.idle_ms),
             max_header_bytes: cfg.limits.max_header_bytes,
@@ -1328,7 +1331,7 @@ async fn exchange(state: &State, f: &mut Forward) -> Outcome {
         if head.status == StatusCode::SWITCHING_PROTOCOLS
             && let Some(client_upgrade) = f.upgrade.take()
         {
-            let resp = tunnel(*conn, head, client_upgrade, in_flight);
+            let resp = tunnel(*conn, head, client_upgrade, in_flight, s.tunnel_idle);
             return Outcome {
                 resp,
                 route: Some(route.clone()),
@@ -1559,8 +1562,9 @@ fn tunnel(
     head: ResponseHead,
     client: hyper::upgrade::OnUpgrade,
     in_flight: upstream::InFlight,
+    idle: Duration,
 ) -> Response<RespBody> {
-    let (mut up, leftover) = conn.into_parts();
+    let (up, leftover) = conn.into_parts();
     tokio::spawn(async move {
         let _in_flight = in_flight;
         let client = match client.await {
@@ -1574,14 +1578,77 @@ fn tunnel(
         if !leftover.is_empty() && client.write_all(&leftover).await.is_err() {
             return;
         }
-        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut up).await {
-            tracing::debug!(error = %e, "upgraded connection ended with error");
+        // Bytes read on either side keep the tunnel open; a tunnel silent both ways for
+        // `idle` is closed (HAProxy's `timeout tunnel`): a peer that vanished without a FIN
+        // would otherwise hold both sockets for ever.
+        let start = tokio::time::Instant::now();
+        let progress = Progress::new(start);
+        let mut client = Traffic {
+            io: client,
+            progress: &progress,
+        };
+        let mut up = Traffic {
+            io: up,
+            progress: &progress,
+        };
+        let copy = tokio::io::copy_bidirectional(&mut client, &mut up);
+        let mut timer = LazySleep::new(start + idle);
+        match until_stalled(copy, &mut timer, idle, || progress.waiting()).await {
+            None => tracing::debug!(?idle, "upgraded connection idle; closed"),
+            Some(Err(e)) => tracing::debug!(error = %e, "upgraded connection ended with error"),
+            Some(Ok(_)) => {}
         }
     });
     let mut resp = Response::new(RespBody::empty());
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     *resp.headers_mut() = head.headers;
     resp
+}
+
+/// One side of a tunnel, telling `progress` whenever bytes arrive from it.
+struct Traffic<'a, IO> {
+    io: IO,
+    progress: &'a Progress,
+}
+
+impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Traffic<'_, IO> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut this.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.progress.advanced();
+        }
+        r
+    }
+}
+
+impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Traffic<'_, IO> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 fn redirect_to_https(pq: &str, host: &str, port: Option<u16>, route: Arc<Route>) -> Outcome {

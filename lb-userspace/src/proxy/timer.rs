@@ -114,12 +114,13 @@ pub(crate) enum Waiting {
     OnClient,
 }
 
-/// The progress of a request's upload, written by the code that sends its body and read by
-/// the response timer: as nginx bounds each write to the endpoint (`proxy_send_timeout`) and
-/// the client's pauses separately (`client_body_timeout`), a long upload that keeps moving
-/// is not cut by the response timeout.
+/// When an exchange last moved on, written where its bytes flow and read by the timer that
+/// bounds its stalls ([`until_stalled`]). For a request's upload: as nginx bounds each write
+/// to the endpoint (`proxy_send_timeout`) and the client's pauses separately
+/// (`client_body_timeout`), a long upload that keeps moving is not cut by the response
+/// timeout. For a tunnel: bytes either way keep it open.
 #[derive(Debug)]
-pub(crate) struct UploadProgress {
+pub(crate) struct Progress {
     start: TokioInstant,
     /// Nanoseconds after `start` of the last progress, or [`ON_CLIENT`].
     last: std::sync::atomic::AtomicU64,
@@ -127,7 +128,7 @@ pub(crate) struct UploadProgress {
 
 const ON_CLIENT: u64 = u64::MAX;
 
-impl UploadProgress {
+impl Progress {
     /// Progress as of `start`.
     pub(crate) fn new(start: TokioInstant) -> Self {
         Self {
@@ -340,7 +341,7 @@ mod tests {
     async fn the_endpoints_time_stops_while_the_client_is_waited_for() {
         let timeout = Duration::from_millis(100);
         let start = TokioInstant::now();
-        let progress = UploadProgress::new(start);
+        let progress = Progress::new(start);
         let mut timer = LazySleep::new(start + timeout);
         let stalled = until_stalled(std::future::pending::<()>(), &mut timer, timeout, || {
             progress.waiting()
