@@ -612,4 +612,37 @@ async fn request_bodies_are_timed_per_pause_and_long_uploads_are_not_cut() {
         4,
         "the cut requests reached the endpoint, unanswered"
     );
+
+    // A small body with a Content-Length is read whole before the request goes upstream
+    // (the HTTP/1.1 fast path), under the same bound per pause.
+    let head = b"POST /echo-body HTTP/1.1\r\nHost: p.test\r\nContent-Length: 100\r\n\r\n";
+    let mut tcp = TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(head).await.expect("head");
+    tcp.write_all(&[b'a'; 40]).await.expect("first part");
+    tokio::time::sleep(Duration::from_millis(READ_TIMEOUT_MS / 2)).await;
+    tcp.write_all(&[b'b'; 60]).await.expect("rest");
+    let mut answer = vec![0u8; 4096];
+    let n = within("answer", tcp.read(&mut answer)).await.expect("read");
+    let answer = String::from_utf8_lossy(&answer[..n]).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.ends_with("len=100\n"), "{answer}");
+    assert_eq!(up.hits(), 5);
+
+    let mut tcp = TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(head).await.expect("head");
+    tcp.write_all(&[b'a'; 40]).await.expect("first part");
+    let mut answer = Vec::new();
+    within(
+        "408, then the connection closes",
+        tcp.read_to_end(&mut answer),
+    )
+    .await
+    .expect("read");
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    assert!(
+        answer.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+        "{answer}"
+    );
+    assert!(answer.ends_with("408 Request Timeout\n"), "{answer}");
+    assert_eq!(up.hits(), 5, "a body never completed does not go upstream");
 }

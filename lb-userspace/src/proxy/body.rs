@@ -37,6 +37,8 @@ pub struct BodyTimedOut;
 #[derive(Debug)]
 pub struct ReqBody {
     inner: Option<Incoming>,
+    /// A body read whole before the exchange (the HTTP/1 fast path's small bodies).
+    buffered: Option<Bytes>,
     remaining: u64,
     idle: ReadIdle,
     sleep: Option<LazySleep>,
@@ -48,16 +50,36 @@ impl ReqBody {
     pub fn limited(inner: Incoming, limit: u64, read_timeout: Duration) -> Self {
         Self {
             inner: Some(inner),
+            buffered: None,
             remaining: limit,
             idle: ReadIdle::new(read_timeout),
             sleep: None,
         }
     }
 
+    /// A body already read whole (its length was checked against the route's limit).
+    pub fn buffered(body: Bytes) -> Self {
+        Self {
+            remaining: body.len() as u64,
+            buffered: (!body.is_empty()).then_some(body),
+            ..Self::empty()
+        }
+    }
+
+    /// The whole body, if it was read whole before the exchange and not sent yet (to go out
+    /// in one write with the request head).
+    pub fn take_buffered(&mut self) -> Option<Bytes> {
+        if self.inner.is_some() {
+            return None;
+        }
+        self.buffered.take()
+    }
+
     /// No body.
     pub fn empty() -> Self {
         Self {
             inner: None,
+            buffered: None,
             remaining: 0,
             idle: ReadIdle::new(Duration::MAX),
             sleep: None,
@@ -74,6 +96,9 @@ impl Body for ReqBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        if let Some(body) = this.buffered.take() {
+            return Poll::Ready(Some(Ok(Frame::data(body))));
+        }
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
@@ -101,10 +126,13 @@ impl Body for ReqBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Body::is_end_stream)
+        self.buffered.is_none() && self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
+        if let Some(b) = &self.buffered {
+            return SizeHint::with_exact(b.len() as u64);
+        }
         self.inner
             .as_ref()
             .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)

@@ -75,6 +75,24 @@ pub struct Exchange<'a> {
     pub raw: Option<&'a mut Vec<u8>>,
 }
 
+/// Writes `head`, then `body` if any, vectored so that a small request leaves in one
+/// system call.
+async fn write_head_and(io: &mut UpstreamIo, head: &[u8], body: Option<&[u8]>) -> io::Result<()> {
+    let Some(body) = body else {
+        return io.write_all(head).await;
+    };
+    let mut sent = 0;
+    while sent < head.len() {
+        let bufs = [io::IoSlice::new(&head[sent..]), io::IoSlice::new(body)];
+        let n = io.write_vectored(&bufs).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        sent += n;
+    }
+    io.write_all(&body[sent - head.len()..]).await
+}
+
 /// The request body's side of an exchange.
 struct Upload<'a> {
     body: &'a mut ReqBody,
@@ -227,7 +245,12 @@ impl UpstreamConn {
             touched: body_touched,
             progress,
         } = upload;
-        if let Err(e) = self.io.write_all(head).await {
+        // A body read whole goes out with the head: one write, one segment on the wire.
+        let buffered = body.take_buffered();
+        if buffered.is_some() {
+            *body_touched = true;
+        }
+        if let Err(e) = write_head_and(&mut self.io, head, buffered.as_deref()).await {
             return Err(if is_reset(&e) {
                 ExchangeError::Stale
             } else {

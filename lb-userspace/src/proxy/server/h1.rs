@@ -4,12 +4,14 @@
 //! header), wants one for the response too, and runs a general dispatcher with queues and
 //! per-request timers around the service; for a proxy whose work per request is otherwise
 //! small that is about a third of its user-space instructions. The common request — HTTP/1.1,
-//! origin-form target, no body, no `Expect`, no upgrade — is served here instead: its head is
+//! origin-form target, no body or a small one with a `Content-Length` (read whole first, as
+//! nginx buffers request bodies), no `Expect`, no upgrade — is served here instead: its head is
 //! parsed with httparse into positions in the read buffer, routed and re-encoded for the
 //! upstream from those, the upstream's response header lines are copied through as received
 //! (hop-by-hop ones left out), and a small response goes out in one write.
 //!
-//! Anything else — another version, a body, `Transfer-Encoding`, `Expect`, an upgrade, an
+//! Anything else — another version, a body over [`FAST_BODY_MAX`] or sent chunked
+//! (`Transfer-Encoding`), a repeated `Content-Length`, `Expect`, an upgrade, an
 //! absolute-form target, a head hyper would refuse (malformed, too large) — hands the
 //! connection over to hyper (behind the request-smuggling guard) for the rest of its life,
 //! with the bytes read so far replayed first, so every unusual case keeps hyper's handling.
@@ -32,11 +34,14 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
 
 use super::super::body::BodyLength;
 use super::super::head::Span;
-use super::super::timer::LazySleep;
+use super::super::timer::{LazySleep, ReadIdle};
 use super::*;
 
 /// Most request headers (hyper's default; a request with more goes to hyper: 431).
 const MAX_HEADERS: usize = 100;
+/// The largest request body served here, read whole before the request goes upstream;
+/// larger ones are streamed by hyper. API requests (JSON, form posts) fit.
+pub(crate) const FAST_BODY_MAX: u64 = 64 * 1024;
 /// Room reserved in the read buffer before each read.
 const READ_RESERVE: usize = 4096;
 /// Response data up to this size is copied behind the head (one write); larger frames are
@@ -59,8 +64,26 @@ struct Parsed {
     method: Method,
     path: (u32, u32),
     host: Option<usize>,
-    content_length_zero: bool,
+    /// The request's `Content-Length` (at most [`FAST_BODY_MAX`]).
+    content_length: Option<u64>,
     close: bool,
+}
+
+/// Why a request body could not be read whole.
+enum BodyRead {
+    /// The client paused for longer than the request body timeout (408).
+    TimedOut,
+    /// It closed the connection, or reading failed.
+    Closed,
+}
+
+/// A `Content-Length` value: ASCII digits only (hyper decides anything else: 400).
+fn content_length(value: &[u8]) -> Option<u64> {
+    let v = value.trim_ascii();
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
 }
 
 /// How a served request left the connection.
@@ -167,6 +190,35 @@ where
         }
     }
 
+    /// Reads a request body of `len` bytes whole (what is buffered after the head first),
+    /// each wait for more bounded by `wait` (the request body timeout).
+    async fn read_body(&mut self, len: usize, wait: Duration) -> Result<Bytes, BodyRead> {
+        let Self {
+            io, rbuf, timer, ..
+        } = self;
+        let mut idle = ReadIdle::new(wait);
+        while rbuf.len() < len {
+            rbuf.reserve(len - rbuf.len());
+            let mut read = std::pin::pin!(io.read_buf(rbuf));
+            let got = std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = read.as_mut().poll(cx) {
+                    return Poll::Ready(Some(r));
+                }
+                match idle.poll_expired(timer, cx) {
+                    Poll::Ready(()) => Poll::Ready(None),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await;
+            match got {
+                Some(Ok(n)) if n > 0 => idle.progressed(),
+                Some(_) => return Err(BodyRead::Closed),
+                None => return Err(BodyRead::TimedOut),
+            }
+        }
+        Ok(rbuf.split_to(len).freeze())
+    }
+
     /// Parses the buffered head: `None` while it is incomplete.
     fn parse(&mut self, max_head: usize) -> Option<Read> {
         let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -196,7 +248,7 @@ where
         let off = |p: *const u8| u32::try_from(p as usize - base).unwrap_or(u32::MAX);
         self.spans.clear();
         let mut host = None;
-        let mut content_length_zero = false;
+        let mut length = None;
         let mut close = false;
         for (i, h) in req.headers.iter().enumerate() {
             let name = h.name.as_bytes();
@@ -207,12 +259,13 @@ where
                     host.get_or_insert(i);
                 }
                 14 if is(b"content-length") => {
-                    if value.trim_ascii() != b"0" {
-                        return Some(Read::HandOff);
+                    // A repeated one (even if equal), a malformed one or a large body: hyper's.
+                    match content_length(value) {
+                        Some(n) if length.is_none() && n <= FAST_BODY_MAX => length = Some(n),
+                        _ => return Some(Read::HandOff),
                     }
-                    content_length_zero = true;
                 }
-                // Bodies, interim responses and protocol switches are hyper's.
+                // Streamed bodies, interim responses and protocol switches are hyper's.
                 6 if is(b"expect") => return Some(Read::HandOff),
                 7 if is(b"upgrade") => return Some(Read::HandOff),
                 17 if is(b"transfer-encoding") => return Some(Read::HandOff),
@@ -238,7 +291,7 @@ where
             method,
             path: (p, p + path.len() as u32),
             host,
-            content_length_zero,
+            content_length: length,
             close,
         }))
     }
@@ -273,6 +326,10 @@ where
             ))
         });
         self.up_head.clear();
+        let body_len = usize::try_from(p.content_length.unwrap_or(0)).unwrap_or(usize::MAX);
+        // A body left unread (an answer given without forwarding) means the connection
+        // cannot carry another request.
+        let mut body_unread = body_len > 0;
         let routed = route_view(
             &state,
             ctx,
@@ -286,8 +343,8 @@ where
                     head: &head,
                     spans: &self.spans,
                 },
-                declared_len: p.content_length_zero.then_some(0),
-                has_body: false,
+                declared_len: p.content_length,
+                has_body: body_len > 0,
             },
             &mut self.up_head,
         );
@@ -298,13 +355,30 @@ where
         let mut upstream_date = false;
         let out = match routed {
             Err(out) => *out,
-            Ok(routed) => {
+            Ok(routed) => 'forward: {
+                let body = if body_len == 0 {
+                    ReqBody::empty()
+                } else {
+                    match self.read_body(body_len, state.settings.request_body).await {
+                        Ok(b) => {
+                            body_unread = false;
+                            ReqBody::buffered(b)
+                        }
+                        Err(BodyRead::TimedOut) => {
+                            break 'forward Outcome::local(
+                                StatusCode::REQUEST_TIMEOUT,
+                                Some(routed.route),
+                            );
+                        }
+                        Err(BodyRead::Closed) => return After::Close,
+                    }
+                };
                 let mut f = Forward {
                     route: routed.route,
                     method: p.method.clone(),
                     head: std::mem::take(&mut self.up_head),
                     chunked: false,
-                    body: ReqBody::empty(),
+                    body,
                     affinity: routed.affinity,
                     headers: HeaderMap::new(),
                     raw_lines: Some(std::mem::take(&mut self.lines)),
@@ -337,7 +411,7 @@ where
             None,
             out,
         );
-        let close = p.close || shared.draining.load(Ordering::Relaxed);
+        let close = p.close || body_unread || shared.draining.load(Ordering::Relaxed);
         match self
             .respond(resp, p.method == Method::HEAD, upstream_date, close)
             .await
@@ -860,15 +934,21 @@ mod tests {
         let (up, _u) = upstream().await;
         let p = proxy(up);
         let addr = p.http_addr.expect("http");
-        // A large body; then a request with a body (served by hyper from then on); then a
-        // request in the fast path's form again, now answered by hyper.
-        let out = exchange_all(
-            addr,
-            b"GET /big HTTP/1.1\r\nHost: a.test\r\n\r\n\
-              POST /len HTTP/1.1\r\nHost: a.test\r\nContent-Length: 3\r\n\r\nabc\
-              GET /len HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
-        )
-        .await;
+        // A large response body; a small request body (read whole here); a request body over
+        // FAST_BODY_MAX (served by hyper from then on); then a request in the fast path's
+        // form again, now answered by hyper.
+        let mut requests = b"GET /big HTTP/1.1\r\nHost: a.test\r\n\r\n\
+              POST /len HTTP/1.1\r\nHost: a.test\r\nContent-Length: 3\r\n\r\nabc"
+            .to_vec();
+        let large = FAST_BODY_MAX as usize + 1;
+        requests.extend_from_slice(
+            format!("POST /len HTTP/1.1\r\nHost: a.test\r\nContent-Length: {large}\r\n\r\n")
+                .as_bytes(),
+        );
+        requests.extend(std::iter::repeat_n(b'z', large));
+        requests
+            .extend_from_slice(b"GET /len HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n");
+        let out = exchange_all(addr, &requests).await;
         let big: String = (0..100_000u32)
             .map(|i| char::from(b'a' + (i % 26) as u8))
             .collect();
@@ -879,10 +959,16 @@ mod tests {
             &first[..100]
         );
         assert!(first.contains("Content-Length: 100000\r\n"));
-        assert_eq!(rest.matches("HTTP/1.1 200 OK\r\n").count(), 2, "{rest}");
+        assert_eq!(rest.matches("HTTP/1.1 200 OK\r\n").count(), 3, "{rest}");
+        // The fast path copies the upstream's header lines as received; hyper writes names
+        // in lower case.
         assert!(
-            rest.contains("x-body: 3\r\n"),
-            "the body reached the upstream: {rest}"
+            rest.contains("X-Body: 3\r\n"),
+            "the small body reached the upstream through the fast path: {rest}"
+        );
+        assert!(
+            rest.contains(&format!("x-body: {large}\r\n")),
+            "the large body reached the upstream through hyper: {rest}"
         );
         assert!(rest.ends_with("hello"), "{rest}");
     }
