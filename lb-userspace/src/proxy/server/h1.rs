@@ -354,7 +354,14 @@ where
         self.lines.clear();
         let mut upstream_date = false;
         let out = match routed {
-            Err(out) => *out,
+            Err(out) => {
+                // A body that already arrived is skipped, keeping the connection usable.
+                if body_unread && self.rbuf.len() >= body_len {
+                    self.rbuf.advance(body_len);
+                    body_unread = false;
+                }
+                *out
+            }
             Ok(routed) => 'forward: {
                 let body = if body_len == 0 {
                     ReqBody::empty()
@@ -1001,6 +1008,17 @@ mod tests {
         .await;
         assert!(out.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{out}");
         assert!(out.contains("content-length: 16\r\n"), "{out}");
+        assert!(out.ends_with("hello"), "{out}");
+        // The same with a body that arrived with the head: it is skipped, not taken for
+        // the next request.
+        let out = exchange_all(
+            addr,
+            b"POST /len HTTP/1.1\r\nContent-Length: 15\r\n\r\nGET /x HTTP/1.1\
+              GET /len HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(out.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{out}");
+        assert_eq!(out.matches("HTTP/1.1 ").count(), 2, "{out}");
         assert!(out.ends_with("hello"), "{out}");
     }
 
