@@ -21,6 +21,9 @@
 //! proxies' HTTP ports: xlb's `protocol = "h2"` Service, nginx's `grpc_pass` (its only
 //! HTTP/2 upstream module) and HAProxy's `proto h2`, each with its connection kept.
 //!
+//! `--post` adds the scheme `http-post`: the HTTP route with 1 KiB POST bodies
+//! (`Content-Length`, as API clients send them), through a wrk script.
+//!
 //! The text output also shows how busy each CPU was (from /proc/stat, steal excluded) and the
 //! load side's CPU time per request (everything on CPU 0: wrk, the upstream, their softirqs).
 //! When the proxy's CPU is not saturated, requests/s is set by the load side, and that column
@@ -45,6 +48,11 @@ const UPSTREAM_H2_PORT: u16 = 18180;
 const H2_HOST: &str = "bench-h2.test";
 /// The scheme name of `--h2-upstream` rounds.
 const H2_UPSTREAM_SCHEME: &str = "h2c-up";
+/// The scheme name of `--post` rounds, and the wrk script they use (in the bench directory).
+const POST_SCHEME: &str = "http-post";
+const POST_SCRIPT: &str = "post.lua";
+/// The request body of `--post` rounds.
+const POST_BODY_BYTES: usize = 1024;
 const WRK_CONNECTIONS: u32 = 64;
 const LOAD_CPU: &str = "0";
 const PROXY_CPU: &str = "1";
@@ -135,6 +143,7 @@ pub fn run(
     rounds: u32,
     idle_states: bool,
     h2_upstream: bool,
+    post: bool,
 ) -> Result<()> {
     ensure!(
         seconds >= 1 && rounds >= 1,
@@ -220,11 +229,14 @@ pub fn run(
     wait_port(UPSTREAM_PORT)?;
     wait_port(UPSTREAM_H2_PORT)?;
 
-    let schemes: &[&str] = if h2_upstream {
-        &["http", "https", H2_UPSTREAM_SCHEME]
-    } else {
-        &["http", "https"]
-    };
+    let mut schemes = vec!["http", "https"];
+    if h2_upstream {
+        schemes.push(H2_UPSTREAM_SCHEME);
+    }
+    if post {
+        schemes.push(POST_SCHEME);
+    }
+    let schemes = &schemes[..];
     // Warm-up: connections, pools, caches, TLS session state.
     for p in Proxy::ALL {
         for scheme in schemes {
@@ -474,6 +486,13 @@ fn write_configs(dir: &Path) -> Result<()> {
     );
     fs::create_dir_all(dir.join("tmp"))?;
     fs::write(
+        dir.join(POST_SCRIPT),
+        format!(
+            "wrk.method = \"POST\"\nwrk.body = string.rep(\"x\", {POST_BODY_BYTES})\n\
+             wrk.headers[\"Content-Type\"] = \"application/json\"\n"
+        ),
+    )?;
+    fs::write(
         dir.join("upstream.conf"),
         common.replace("{name}", "upstream")
             + &format!(
@@ -581,6 +600,12 @@ fn wrk(p: Proxy, scheme: &str, seconds: u32) -> Result<WrkOut> {
         H2_UPSTREAM_SCHEME => (format!("http://127.0.0.1:{}/", p.ports().0), H2_HOST),
         _ => (format!("http://127.0.0.1:{}/", p.ports().0), "bench.test"),
     };
+    let script = project_root().join("target/bench-l7").join(POST_SCRIPT);
+    let script_args = if scheme == POST_SCHEME {
+        vec!["-s".to_owned(), path_str(&script)?]
+    } else {
+        Vec::new()
+    };
     let out = Command::new("taskset")
         .args([
             "-c",
@@ -591,6 +616,7 @@ fn wrk(p: Proxy, scheme: &str, seconds: u32) -> Result<WrkOut> {
             &format!("-d{seconds}s"),
             "--latency",
         ])
+        .args(&script_args)
         .args(["-H", &format!("Host: {host}"), &url])
         .output()
         .context("running wrk")?;

@@ -113,6 +113,9 @@ enum Bench {
         /// nginx `grpc_pass`, HAProxy `proto h2`), with HTTP/1.1 clients.
         #[arg(long)]
         h2_upstream: bool,
+        /// Also measure 1 KiB POST requests over HTTP (scheme `http-post`).
+        #[arg(long)]
+        post: bool,
     },
 }
 
@@ -230,7 +233,8 @@ fn main() -> Result<()> {
                     rounds,
                     idle_states,
                     h2_upstream,
-                } => bench_l7::run(json, seconds, rounds, idle_states, h2_upstream),
+                    post,
+                } => bench_l7::run(json, seconds, rounds, idle_states, h2_upstream, post),
             }
         }
     }
