@@ -1580,11 +1580,7 @@ async fn a_response_body_that_stalls_past_the_response_timeout_is_cut() {
     );
     reset(2).await;
 
-    let m = metrics(proxy.metrics_addr.expect("metrics")).await;
-    assert!(
-        m.contains("xlb_proxy_upstream_errors_total{upstream=\"default/g:80\"} 2\n"),
-        "each stalled body counts as an upstream error: {m}"
-    );
+    assert_upstream_errors(&proxy, "default/g:80", 2, "each stalled body counts").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -387,15 +387,11 @@ async fn paced_upstream() -> (SocketAddr, Arc<AtomicUsize>, tokio::task::JoinHan
         while let Ok((mut s, _)) = listener.accept().await {
             let cut = counter.clone();
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
                 // One request per connection is enough here: the answer says so.
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
+                let Some(head) = read_request_head(&mut s).await else {
+                    return;
+                };
+                let mut buf = [0u8; 1];
                 let line = String::from_utf8_lossy(&head);
                 let path = line.split(' ').nth(1).unwrap_or("/").to_owned();
                 let chunked =
@@ -451,13 +447,8 @@ async fn reaches(what: &str, counter: &AtomicUsize, n: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_response_body_that_stalls_past_the_response_timeout_is_cut() {
     let (up, cut, task) = paced_upstream().await;
-    let mut cfg = base_config();
+    let mut cfg = one_route("p.test", "/", "paced", &[up]);
     cfg.timeouts.upstream_response_ms = READ_TIMEOUT_MS;
-    cfg.services = vec![service("paced", &[up])];
-    cfg.ingresses = vec![ingress(
-        "i",
-        vec![(Some("p.test"), vec![path("/", Prefix, "paced")])],
-    )];
     let proxy = start(cfg);
     let addr = proxy.http_addr.expect("http");
 
@@ -469,24 +460,12 @@ async fn a_response_body_that_stalls_past_the_response_timeout_is_cut() {
     // A body that stops: the client gets what came, then a broken body (HTTP/1.1: the
     // connection closes before the last chunk; HTTP/2: the stream is reset), and the
     // proxy lets go of the endpoint's connection.
+    let stall = || get_req("p.test", "/stall");
     let tcp = TcpStream::connect(addr).await.expect("connect");
-    let mut c = h1(tcp).await;
-    let resp = within("h1 head", c.send_request(get_req("p.test", "/stall")))
-        .await
-        .expect("head");
-    assert_eq!(resp.status(), StatusCode::OK);
-    let body = within("h1 body", resp.into_body().collect()).await;
-    assert!(body.is_err(), "a cut body must not look complete: {body:?}");
+    assert_cut(within("h1 head", h1(tcp).await.send_request(stall())).await).await;
     reaches("endpoint connection closed", &cut, 1).await;
-
     let tcp = TcpStream::connect(addr).await.expect("connect");
-    let mut c = h2(tcp).await;
-    let resp = within("h2 head", c.send_request(get_req("p.test", "/stall")))
-        .await
-        .expect("head");
-    assert_eq!(resp.status(), StatusCode::OK);
-    let body = within("h2 body", resp.into_body().collect()).await;
-    assert!(body.is_err(), "a cut body must not look complete: {body:?}");
+    assert_cut(within("h2 head", h2(tcp).await.send_request(stall())).await).await;
     reaches("endpoint connection closed", &cut, 2).await;
 
     // A client that stops reading for longer than the timeout is not the endpoint's fault:
@@ -502,12 +481,17 @@ async fn a_response_body_that_stalls_past_the_response_timeout_is_cut() {
         .expect("the whole body");
     assert_eq!(body.to_bytes().len(), BIG);
 
-    let m = metrics(proxy.metrics_addr.expect("metrics")).await;
-    assert!(
-        m.contains("xlb_proxy_upstream_errors_total{upstream=\"default/paced:80\"} 2\n"),
-        "each stalled body counts as an upstream error: {m}"
-    );
+    assert_upstream_errors(&proxy, "default/paced:80", 2, "each stalled body counts").await;
     task.abort();
+}
+
+/// Asserts an answer came with status 200 and a body that breaks off (it must not look
+/// complete).
+async fn assert_cut(resp: hyper::Result<hyper::Response<hyper::body::Incoming>>) {
+    let resp = resp.expect("head");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = within("body", resp.into_body().collect()).await;
+    assert!(body.is_err(), "a cut body must not look complete: {body:?}");
 }
 
 /// A request body of `chunks` pieces of 1 KiB, `gap` apart; then its end, or with `stall`
@@ -577,14 +561,9 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_bodies_are_timed_per_pause_and_long_uploads_are_not_cut() {
     let up = upstream("up").await;
-    let mut cfg = base_config();
+    let mut cfg = one_route("p.test", "/", "up", &[up.addr]);
     cfg.timeouts.request_body_ms = READ_TIMEOUT_MS;
     cfg.timeouts.upstream_response_ms = READ_TIMEOUT_MS;
-    cfg.services = vec![service("up", &[up.addr])];
-    cfg.ingresses = vec![ingress(
-        "i",
-        vec![(Some("p.test"), vec![path("/", Prefix, "up")])],
-    )];
     let proxy = start(cfg);
     let addr = proxy.http_addr.expect("http");
     for http2 in [false, true] {

@@ -420,7 +420,7 @@ impl Drop for SickUpstream {
 
 async fn sick_upstream(status: u16) -> SickUpstream {
     use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -433,14 +433,9 @@ async fn sick_upstream(status: u16) -> SickUpstream {
         while let Ok((mut s, _)) = l.accept().await {
             let (st, ch, rq) = (st.clone(), ch.clone(), rq.clone());
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
+                let Some(head) = read_request_head(&mut s).await else {
+                    return;
+                };
                 if head.starts_with(b"GET /healthz ") {
                     ch.fetch_add(1, Ordering::SeqCst);
                 } else {

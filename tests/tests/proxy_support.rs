@@ -301,6 +301,45 @@ pub fn base_config() -> ProxyConfig {
     c
 }
 
+/// [`base_config`] with one Service `name` (port 80, these endpoints) and one Ingress
+/// routing `host` + the `prefix` to it.
+pub fn one_route(host: &str, prefix: &str, name: &str, endpoints: &[SocketAddr]) -> ProxyConfig {
+    let mut c = base_config();
+    c.services = vec![service(name, endpoints)];
+    c.ingresses = vec![ingress(
+        name,
+        vec![(Some(host), vec![path(prefix, PathType::Prefix, name)])],
+    )];
+    c
+}
+
+/// Asserts the proxy's `xlb_proxy_upstream_errors_total` for `upstream` (as
+/// `namespace/name:port`) is `n`.
+pub async fn assert_upstream_errors(
+    proxy: &lb_userspace::proxy::ProxyHandle,
+    upstream: &str,
+    n: u64,
+    why: &str,
+) {
+    let m = metrics(proxy.metrics_addr.expect("metrics")).await;
+    let line = format!("xlb_proxy_upstream_errors_total{{upstream=\"{upstream}\"}} {n}\n");
+    assert!(m.contains(&line), "{why}: {m}");
+}
+
+/// Reads from `s` until a request head has ended (for raw test upstreams that answer one
+/// request per connection); None if the connection ends first.
+pub async fn read_request_head(s: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(head)
+}
+
 /// A loopback address nothing listens on (bound, then released): connects are refused.
 pub async fn dead_address() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");

@@ -92,13 +92,8 @@ async fn upgrade_to_an_unrouted_path_is_refused() {
 async fn a_websocket_silent_both_ways_for_the_tunnel_idle_timeout_is_closed() {
     const IDLE_MS: u64 = 400;
     let up = upstream("ws").await;
-    let mut cfg = base_config();
+    let mut cfg = one_route("ws.test", "/chat", "ws", &[up.addr]);
     cfg.timeouts.tunnel_idle_ms = IDLE_MS;
-    cfg.services = vec![service("ws", &[up.addr])];
-    cfg.ingresses = vec![ingress(
-        "ws",
-        vec![(Some("ws.test"), vec![path("/chat", Prefix, "ws")])],
-    )];
     let proxy = start(cfg);
     let mut ws = websocket(proxy.http_addr.expect("http"), "ws://ws.test/chat").await;
     // Talking every 100 ms for three times the timeout keeps it open.
