@@ -89,18 +89,23 @@ impl ReadIdle {
         slot: &mut Option<LazySleep>,
         cx: &mut Context<'_>,
     ) -> Poll<()> {
-        let Some(deadline) = TokioInstant::now().checked_add(self.timeout) else {
-            return Poll::Pending;
-        };
         let sleep = match slot {
+            // Mid-wait: the deadline is set; no clock read per poll.
             Some(s) if self.waiting => s,
-            Some(s) => {
-                s.set(deadline);
-                s
+            _ => {
+                let Some(deadline) = TokioInstant::now().checked_add(self.timeout) else {
+                    return Poll::Pending;
+                };
+                self.waiting = true;
+                match slot {
+                    Some(s) => {
+                        s.set(deadline);
+                        s
+                    }
+                    None => slot.insert(LazySleep::new(deadline)),
+                }
             }
-            None => slot.insert(LazySleep::new(deadline)),
         };
-        self.waiting = true;
         sleep.poll_elapsed(cx)
     }
 }
