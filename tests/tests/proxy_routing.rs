@@ -4,10 +4,12 @@
 #[path = "proxy_support.rs"]
 mod support;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use hyper::StatusCode;
-use lb_userspace::proxy::config::{ActiveHealth, Backend, Balance, PassiveHealth, PathType::*};
+use lb_userspace::proxy::config::{
+    ANNOTATION_SSL_REDIRECT, ActiveHealth, Backend, Balance, PassiveHealth, PathType::*,
+};
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -232,10 +234,9 @@ async fn forwarding_headers_are_added_and_hop_by_hop_headers_removed() {
         .expect("request");
     let got = send1(&mut c, req).await;
     assert_eq!(got.status, StatusCode::OK);
-    assert_eq!(
-        got.upstream_header("x-forwarded-for"),
-        Some("192.0.2.7, 127.0.0.1")
-    );
+    // The client is not a trusted proxy: its own X-Forwarded-For is replaced, not extended.
+    assert_eq!(got.upstream_header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(got.upstream_header("x-real-ip"), Some("127.0.0.1"));
     assert_eq!(got.upstream_header("x-forwarded-proto"), Some("http"));
     assert_eq!(
         got.upstream_header("x-forwarded-host"),
@@ -275,6 +276,142 @@ async fn forwarding_headers_are_added_and_hop_by_hop_headers_removed() {
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert!(resp.contains("path=/p?q=1\n"), "{resp}");
     assert!(resp.contains("h:host=abs.test\n"), "{resp}");
+}
+
+/// A GET from `from` (a loopback address) with these request headers; what came back.
+async fn get_from(
+    from: std::net::IpAddr,
+    addr: std::net::SocketAddr,
+    host: &str,
+    headers: &[(&str, &str)],
+    h2c: bool,
+) -> Got {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind((from, 0).into()).expect("bind");
+    let tcp = within("connect", socket.connect(addr))
+        .await
+        .expect("connect");
+    let mut req = get_req(host, "/who");
+    for (k, v) in headers {
+        let name = hyper::header::HeaderName::from_bytes(k.as_bytes()).expect("name");
+        req.headers_mut().append(name, v.parse().expect("value"));
+    }
+    if h2c {
+        *req.uri_mut() = format!("http://{host}/who").parse().expect("uri");
+        send2(&mut h2(tcp).await, req).await
+    } else {
+        send1(&mut h1(tcp).await, req).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trusted_proxys_forwarding_headers_are_kept_and_name_the_client() {
+    let a = upstream("a").await;
+    let b = upstream("b").await;
+    let mut cfg = base_config();
+    let mut sticky = service("sticky", &[a.addr, b.addr]);
+    sticky.balance = Balance::ConsistentHash; // on the client address
+    cfg.services = vec![service("up", &[a.addr]), sticky];
+    let mut secure = ingress(
+        "s",
+        vec![(Some("secure.test"), vec![path("/", Prefix, "up")])],
+    );
+    secure.annotations = BTreeMap::from([(ANNOTATION_SSL_REDIRECT.to_owned(), "true".to_owned())]);
+    cfg.ingresses = vec![
+        ingress(
+            "i",
+            vec![
+                (Some("app.test"), vec![path("/", Prefix, "up")]),
+                (Some("sticky.test"), vec![path("/", Prefix, "sticky")]),
+            ],
+        ),
+        secure,
+    ];
+    // 127.0.0.1 is the load balancer in front; 127.0.0.2 is a client that reached the proxy
+    // directly.
+    cfg.forwarded_headers.trusted_proxies = vec!["127.0.0.1/32".parse().expect("net")];
+    let proxy = start(cfg);
+    let addr = proxy.http_addr.expect("http listener");
+    let lb: std::net::IpAddr = "127.0.0.1".parse().expect("ip");
+    let direct: std::net::IpAddr = "127.0.0.2".parse().expect("ip");
+    let forwarded = [
+        ("x-forwarded-for", "198.51.100.7, 203.0.113.9"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "shop.example"),
+        ("forwarded", "for=203.0.113.9;proto=https"),
+        ("x-real-ip", "198.51.100.7"),
+    ];
+
+    // Over the HTTP/1.1 fast path and over HTTP/2 (hyper's header map): the same head.
+    for h2c in [false, true] {
+        let got = get_from(lb, addr, "app.test", &forwarded, h2c).await;
+        assert_eq!(got.status, StatusCode::OK, "h2c {h2c}: {}", got.body);
+        let seen = |name| got.upstream_header(name);
+        assert_eq!(
+            seen("x-forwarded-for"),
+            Some("198.51.100.7, 203.0.113.9, 127.0.0.1"),
+            "h2c {h2c}"
+        );
+        // 203.0.113.9 is the first address from the right that is not a trusted proxy: what
+        // a client wrote to the left of it is not believed.
+        assert_eq!(seen("x-real-ip"), Some("203.0.113.9"), "h2c {h2c}");
+        assert_eq!(seen("x-forwarded-proto"), Some("https"), "h2c {h2c}");
+        assert_eq!(seen("x-forwarded-host"), Some("shop.example"), "h2c {h2c}");
+        assert_eq!(
+            seen("forwarded"),
+            Some("for=203.0.113.9;proto=https, for=127.0.0.1;host=\"app.test\";proto=http"),
+            "h2c {h2c}"
+        );
+
+        // The same headers from a client that is not a trusted proxy are replaced.
+        let got = get_from(direct, addr, "app.test", &forwarded, h2c).await;
+        assert_eq!(got.status, StatusCode::OK, "h2c {h2c}: {}", got.body);
+        let seen = |name| got.upstream_header(name);
+        assert_eq!(seen("x-forwarded-for"), Some("127.0.0.2"), "h2c {h2c}");
+        assert_eq!(seen("x-real-ip"), Some("127.0.0.2"), "h2c {h2c}");
+        assert_eq!(seen("x-forwarded-proto"), Some("http"), "h2c {h2c}");
+        assert_eq!(seen("x-forwarded-host"), Some("app.test"), "h2c {h2c}");
+        assert_eq!(
+            seen("forwarded"),
+            Some("for=127.0.0.2;host=\"app.test\";proto=http"),
+            "h2c {h2c}"
+        );
+    }
+
+    // TLS ended at the trusted proxy: its `X-Forwarded-Proto: https` means no redirect
+    // (else every request would loop back as a 308); from anyone else it is not believed.
+    let https = [("x-forwarded-proto", "https")];
+    let got = get_from(lb, addr, "secure.test", &https, false).await;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.body);
+    let got = get_from(lb, addr, "secure.test", &[], false).await;
+    assert_eq!(got.status, StatusCode::PERMANENT_REDIRECT);
+    let got = get_from(direct, addr, "secure.test", &https, false).await;
+    assert_eq!(got.status, StatusCode::PERMANENT_REDIRECT);
+
+    // Client-address affinity keys on the original client, not on the proxy in front
+    // (which would send every client to one endpoint).
+    let mut per_backend: HashMap<String, usize> = HashMap::new();
+    for client in 1..=16 {
+        let xff = format!("203.0.113.{client}");
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..3 {
+            let got = get_from(lb, addr, "sticky.test", &[("x-forwarded-for", &xff)], false).await;
+            seen.insert(got.backend().expect("backend").to_owned());
+        }
+        assert_eq!(
+            seen.len(),
+            1,
+            "client {xff} moved between endpoints: {seen:?}"
+        );
+        *per_backend
+            .entry(seen.into_iter().next().expect("one"))
+            .or_default() += 1;
+    }
+    assert_eq!(
+        per_backend.len(),
+        2,
+        "16 clients all on one endpoint: {per_backend:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

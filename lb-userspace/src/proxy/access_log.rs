@@ -3,7 +3,7 @@
 //! The line is written when the response body is dropped (fully sent, or abandoned by the
 //! client), so it carries the byte count and the full duration; the subscriber adds the time.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,6 +14,9 @@ pub struct LogRecord {
     pub start: Instant,
     /// Downstream peer.
     pub client: SocketAddr,
+    /// The original client: the peer's address, or behind a trusted proxy the address its
+    /// `X-Forwarded-For` names (`forwarded_headers.trusted_proxies`).
+    pub real_ip: IpAddr,
     /// Request method.
     pub method: http::Method,
     /// Host as requested (Host header or :authority).
@@ -37,6 +40,7 @@ impl LogRecord {
         tracing::info!(
             target: "xlb::access",
             client = %self.client,
+            real_ip = %self.real_ip,
             method = %self.method,
             host = %self.host,
             path = %self.path,
@@ -80,6 +84,7 @@ mod tests {
             let record = LogRecord {
                 start: Instant::now(),
                 client: "192.0.2.1:4000".parse().expect("addr"),
+                real_ip: "203.0.113.5".parse().expect("addr"),
                 method: http::Method::GET,
                 host: "a.test".into(),
                 path: "/x?y=1".into(),
@@ -95,6 +100,7 @@ mod tests {
         for field in [
             "xlb::access",
             "client=192.0.2.1:4000",
+            "real_ip=203.0.113.5",
             "method=GET",
             "host=a.test",
             "path=/x?y=1",

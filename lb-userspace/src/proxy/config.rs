@@ -77,6 +77,8 @@ pub struct ProxyConfig {
     pub paths: PathSettings,
     /// Proxy-wide TLS settings.
     pub tls: TlsSettings,
+    /// Whose forwarding headers (`X-Forwarded-*`, `Forwarded`) are believed.
+    pub forwarded_headers: ForwardedHeaders,
     /// Emit one access log line per request (tracing target `xlb::access`).
     pub access_log: bool,
     /// IngressClasses; when empty every Ingress is served.
@@ -240,6 +242,48 @@ pub struct TlsSettings {
     pub default_secret: Option<String>,
     /// Only offer TLS 1.3 (default: TLS 1.2 and 1.3).
     pub tls13_only: bool,
+}
+
+/// Whose forwarding headers are believed.
+///
+/// By default none: the proxy is the edge, and a client's own `X-Forwarded-For`,
+/// `X-Forwarded-Proto`, `X-Forwarded-Host`, `Forwarded` and `X-Real-IP` are replaced, so no
+/// client can pass itself off as another address. Behind another proxy (a cloud load
+/// balancer that speaks HTTP, a CDN) its networks go in `trusted_proxies`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ForwardedHeaders {
+    /// Networks (`10.0.0.0/8`) or addresses (`192.0.2.7`) of proxies in front of this one.
+    /// A request from one of them keeps its `X-Forwarded-For` and `Forwarded` (the proxy
+    /// appends its own element), its `X-Forwarded-Proto` and `X-Forwarded-Host` pass on and
+    /// count (`https` there means no HTTPS redirect), and its original client is read from
+    /// `X-Forwarded-For`, right to left, past every trusted address (nginx's
+    /// `real_ip_recursive`): that address is the `X-Real-IP`, the access log's `real_ip` and
+    /// the key of client-address affinity.
+    #[serde(deserialize_with = "nets")]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+/// Whether `ip` is in one of `nets` (an IPv4-mapped IPv6 address counts as IPv4).
+pub(crate) fn is_in(nets: &[ipnet::IpNet], ip: std::net::IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    nets.iter().any(|n| n.contains(&ip))
+}
+
+/// Networks, where a bare address stands for itself (`/32`, `/128`).
+fn nets<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ipnet::IpNet>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|t| {
+            let t = t.trim();
+            t.parse::<ipnet::IpNet>()
+                .map(|n| n.trunc())
+                .or_else(|_| t.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    serde::de::Error::custom(format!("{t:?} is not an address or a network"))
+                })
+        })
+        .collect()
 }
 
 /// An IngressClass.
@@ -1205,6 +1249,7 @@ mod tests {
         assert_eq!(cart.timeouts.response_ms, Some(3_600_000));
         assert_eq!(cfg.timeouts.request_body_ms, 60_000);
         assert_eq!(cfg.timeouts.tunnel_idle_ms, 3_600_000);
+        assert_eq!(cfg.forwarded_headers.trusted_proxies.len(), 1);
     }
 
     #[test]
@@ -1220,6 +1265,44 @@ mod tests {
         let c = ProxyConfig::from_toml_str("[timeouts]\nrequest_body_ms = 5000\n", "t")
             .expect("parses");
         assert_eq!(c.timeouts.request_body_ms, 5_000);
+    }
+
+    #[test]
+    fn trusted_proxies_take_networks_and_addresses_and_name_a_bad_entry() {
+        let c = ProxyConfig::from_toml_str(
+            "[forwarded_headers]\ntrusted_proxies = [\"10.1.2.3/8\", \"192.0.2.7\", \"2001:db8::/32\"]\n",
+            "t",
+        )
+        .expect("parses");
+        let f = &c.forwarded_headers;
+        assert_eq!(f.trusted_proxies[0].to_string(), "10.0.0.0/8");
+        assert_eq!(f.trusted_proxies[1].to_string(), "192.0.2.7/32");
+        for (peer, trusted) in [
+            ("10.200.0.1", true),
+            ("::ffff:10.0.0.9", true),
+            ("192.0.2.7", true),
+            ("192.0.2.8", false),
+            ("2001:db8:1::1", true),
+            ("2001:db9::1", false),
+        ] {
+            assert_eq!(
+                is_in(&f.trusted_proxies, peer.parse().expect("ip")),
+                trusted,
+                "{peer}"
+            );
+        }
+        let none = ProxyConfig::default().forwarded_headers.trusted_proxies;
+        assert!(!is_in(&none, "127.0.0.1".parse().expect("ip")));
+        let e = ProxyConfig::from_toml_str(
+            "[forwarded_headers]\ntrusted_proxies = [\"10.0.0.0/8\", \"lb.internal\"]\n",
+            "t",
+        )
+        .expect_err("a name is not a network");
+        let e = e.to_string();
+        assert!(
+            e.contains("trusted_proxies") && e.contains("\"lb.internal\""),
+            "{e}"
+        );
     }
 
     #[test]

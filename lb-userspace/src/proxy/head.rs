@@ -17,6 +17,8 @@ pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-fo
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 /// `X-Forwarded-Host`.
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// `X-Real-IP` (nginx's name for the original client's address).
+pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// How a request header is treated on its way upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +34,7 @@ enum Class {
     XForwardedProto,
     XForwardedHost,
     Forwarded,
+    XRealIp,
     Other,
 }
 
@@ -58,6 +61,7 @@ fn classify(n: &HeaderName) -> Class {
             "x-forwarded-for" => Class::XForwardedFor,
             "x-forwarded-proto" => Class::XForwardedProto,
             "x-forwarded-host" => Class::XForwardedHost,
+            "x-real-ip" => Class::XRealIp,
             _ => Class::Other,
         }
     }
@@ -73,6 +77,7 @@ fn classify_raw(n: &[u8]) -> Class {
         7 if is(b"upgrade") => Class::Upgrade,
         7 if is(b"trailer") => Class::Hop,
         9 if is(b"forwarded") => Class::Forwarded,
+        9 if is(b"x-real-ip") => Class::XRealIp,
         10 if is(b"connection") => Class::Connection,
         10 if is(b"keep-alive") => Class::Hop,
         15 if is(b"x-forwarded-for") => Class::XForwardedFor,
@@ -186,6 +191,54 @@ impl ClientText {
     }
 }
 
+/// Where a request came from, as its upstream head tells it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Origin<'a> {
+    /// The connection's peer.
+    pub peer: &'a ClientText,
+    /// The peer is a trusted proxy (`forwarded_headers.trusted_proxies`): the request's own
+    /// `X-Forwarded-*` and `Forwarded` are kept, not replaced.
+    pub trusted: bool,
+    /// The original client ([`original_client`]); the peer's address unless `trusted`.
+    pub client: IpAddr,
+}
+
+/// The original client of a request from a trusted proxy: `X-Forwarded-For` read from the
+/// right past every trusted address (nginx's `real_ip_recursive`), so that an address a
+/// client wrote itself at the left is never believed. An entry that is not an address ends
+/// the walk at the trusted hop after it; when every entry is trusted, the leftmost is taken.
+pub(crate) fn original_client(
+    peer: IpAddr,
+    headers: &Headers<'_>,
+    trusted: &[ipnet::IpNet],
+) -> IpAddr {
+    let mut values: Vec<&[u8]> = Vec::new();
+    headers.each_of(Class::XForwardedFor, |v| values.push(v));
+    let mut client = peer.to_canonical();
+    for entry in values.iter().rev().flat_map(|v| v.rsplit(|b| *b == b',')) {
+        let Some(ip) = forwarded_address(entry.trim_ascii()) else {
+            break;
+        };
+        client = ip;
+        if !super::config::is_in(trusted, ip) {
+            break;
+        }
+    }
+    client
+}
+
+/// An `X-Forwarded-For` entry's address: `192.0.2.1`, `2001:db8::1`, and the forms with a
+/// port some proxies write (`192.0.2.1:443`, `[2001:db8::1]:443`, `[2001:db8::1]`).
+fn forwarded_address(entry: &[u8]) -> Option<IpAddr> {
+    let text = std::str::from_utf8(entry).ok()?;
+    let ip = text
+        .parse::<IpAddr>()
+        .or_else(|_| text.parse::<std::net::SocketAddr>().map(|a| a.ip()))
+        .ok()
+        .or_else(|| text.strip_prefix('[')?.strip_suffix(']')?.parse().ok())?;
+    Some(ip.to_canonical())
+}
+
 /// What the head is built from, besides the request's own headers.
 #[derive(Debug)]
 pub(crate) struct RequestHead<'a> {
@@ -201,7 +254,8 @@ pub(crate) struct RequestHead<'a> {
     pub may_upgrade: bool,
     /// The body is sent chunked (its length is unknown).
     pub chunked: bool,
-    pub client: &'a ClientText,
+    pub origin: Origin<'a>,
+    /// The request came over TLS (to this proxy).
     pub https: bool,
 }
 
@@ -213,6 +267,7 @@ pub(crate) struct SetValues {
     x_forwarded_proto: Range<usize>,
     x_forwarded_host: Range<usize>,
     forwarded: Range<usize>,
+    x_real_ip: Range<usize>,
 }
 
 impl SetValues {
@@ -224,6 +279,7 @@ impl SetValues {
             Class::XForwardedProto => &self.x_forwarded_proto,
             Class::XForwardedHost => &self.x_forwarded_host,
             Class::Forwarded => &self.forwarded,
+            Class::XRealIp => &self.x_real_ip,
             _ => return None,
         };
         head.get(r.clone())
@@ -289,8 +345,13 @@ fn put_headers(out: &mut Vec<u8>, r: &RequestHead<'_>, skip: &[&[u8]], upgrade: 
         Class::XForwardedFor => seen.x_forwarded_for = true,
         Class::Forwarded => seen.forwarded = true,
         // Host is written first, from the routed host (this header's first value when the
-        // target carried no authority, which wins otherwise: RFC 9112 §3.2.2).
-        Class::Hop | Class::Host | Class::XForwardedProto | Class::XForwardedHost => {}
+        // target carried no authority, which wins otherwise: RFC 9112 §3.2.2). The proxy
+        // sets the other three itself (passing a trusted proxy's values on).
+        Class::Hop
+        | Class::Host
+        | Class::XForwardedProto
+        | Class::XForwardedHost
+        | Class::XRealIp => {}
     });
     seen
 }
@@ -338,27 +399,47 @@ pub(crate) fn encode_request(out: &mut Vec<u8>, r: &RequestHead<'_>) -> Encoded 
     if upgrade {
         out.extend_from_slice(b"connection: upgrade\r\n");
     }
+    // A trusted proxy's values are kept (the lists appended to); anyone else's are replaced,
+    // so that no client can pass itself off as another address.
+    let trusted = r.origin.trusted;
+    let passed_on = |name: &HeaderName| {
+        trusted
+            .then(|| r.headers.get(name))
+            .flatten()
+            .filter(|_| !nominated_name(name))
+    };
     let start = start_header(out, b"x-forwarded-for");
-    if xff && !nominated_name(&X_FORWARDED_FOR) {
+    if trusted && xff && !nominated_name(&X_FORWARDED_FOR) {
         put_prior(out, &r.headers, Class::XForwardedFor);
     }
-    out.extend_from_slice(r.client.ip.as_bytes());
+    out.extend_from_slice(r.origin.peer.ip.as_bytes());
     set.x_forwarded_for = start..out.len();
     out.extend_from_slice(b"\r\n");
     let proto: &[u8] = if r.https { b"https" } else { b"http" };
     let start = start_header(out, b"x-forwarded-proto");
-    out.extend_from_slice(proto);
+    out.extend_from_slice(passed_on(&X_FORWARDED_PROTO).unwrap_or(proto));
     set.x_forwarded_proto = start..out.len();
     out.extend_from_slice(b"\r\n");
     let start = start_header(out, b"x-forwarded-host");
-    out.extend_from_slice(r.host.as_bytes());
+    out.extend_from_slice(passed_on(&X_FORWARDED_HOST).unwrap_or(r.host.as_bytes()));
     set.x_forwarded_host = start..out.len();
     out.extend_from_slice(b"\r\n");
+    let start = start_header(out, b"x-real-ip");
+    if trusted {
+        use std::io::Write as _;
+        // Writing to a Vec cannot fail.
+        let _ = write!(out, "{}", r.origin.client);
+    } else {
+        out.extend_from_slice(r.origin.peer.ip.as_bytes());
+    }
+    set.x_real_ip = start..out.len();
+    out.extend_from_slice(b"\r\n");
     let start = start_header(out, b"forwarded");
-    if fwd && !nominated_name(&header::FORWARDED) {
+    if trusted && fwd && !nominated_name(&header::FORWARDED) {
         put_prior(out, &r.headers, Class::Forwarded);
     }
-    out.extend_from_slice(r.client.forwarded_for.as_bytes());
+    // This hop's element: the peer, and the protocol it spoke to this proxy.
+    out.extend_from_slice(r.origin.peer.forwarded_for.as_bytes());
     out.extend_from_slice(b";host=\"");
     // A quoted-string: the characters that could end or escape it are dropped.
     if r.host.bytes().any(|b| b == b'"' || b == b'\\') {
@@ -382,7 +463,18 @@ mod tests {
     use super::*;
 
     fn encode(headers: &HeaderMap, host: &str, may_upgrade: bool) -> String {
-        let client = ClientText::new("127.0.0.1".parse().unwrap());
+        encode_from(headers, host, may_upgrade, None)
+    }
+
+    /// `trusted`: the peer is a trusted proxy, and the original client is this address.
+    fn encode_from(
+        headers: &HeaderMap,
+        host: &str,
+        may_upgrade: bool,
+        trusted: Option<&str>,
+    ) -> String {
+        let peer_ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let peer = ClientText::new(peer_ip);
         let mut out = Vec::new();
         let encoded = encode_request(
             &mut out,
@@ -393,7 +485,11 @@ mod tests {
                 headers: Headers::Map(headers),
                 may_upgrade,
                 chunked: false,
-                client: &client,
+                origin: Origin {
+                    peer: &peer,
+                    trusted: trusted.is_some(),
+                    client: trusted.map_or(peer_ip, |c| c.parse().unwrap()),
+                },
                 https: false,
             },
         );
@@ -429,8 +525,9 @@ mod tests {
         assert_eq!(
             plain,
             "GET /p?q=1 HTTP/1.1\r\nhost: a.io:8080\r\nx-kept: 1\r\n\
-             x-forwarded-for: 192.0.2.1, 192.0.2.2, 127.0.0.1\r\nx-forwarded-proto: http\r\n\
-             x-forwarded-host: a.io:8080\r\nforwarded: for=127.0.0.1;host=\"a.io:8080\";proto=http\r\n\r\n"
+             x-forwarded-for: 127.0.0.1\r\nx-forwarded-proto: http\r\n\
+             x-forwarded-host: a.io:8080\r\nx-real-ip: 127.0.0.1\r\n\
+             forwarded: for=127.0.0.1;host=\"a.io:8080\";proto=http\r\n\r\n"
         );
         let up = encode(&h, "a.io:8080", true);
         assert!(up.contains("\r\nupgrade: websocket\r\n"), "{up}");
@@ -460,11 +557,100 @@ mod tests {
     }
 
     #[test]
+    fn a_clients_own_forwarding_headers_are_replaced_and_a_trusted_proxys_kept() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, "a.io".parse().unwrap());
+        h.append("x-forwarded-for", "198.51.100.1".parse().unwrap());
+        h.append("X-Forwarded-For", "192.0.2.1, 10.0.0.2".parse().unwrap());
+        h.insert("x-forwarded-proto", "https".parse().unwrap());
+        h.insert("x-forwarded-host", "shop.example".parse().unwrap());
+        h.insert(
+            header::FORWARDED,
+            "for=192.0.2.1;proto=https".parse().unwrap(),
+        );
+        h.insert("x-real-ip", "198.51.100.1".parse().unwrap());
+        let direct = encode(&h, "a.io", false);
+        assert!(
+            direct.ends_with(
+                "\r\nx-forwarded-for: 127.0.0.1\r\nx-forwarded-proto: http\r\n\
+                 x-forwarded-host: a.io\r\nx-real-ip: 127.0.0.1\r\n\
+                 forwarded: for=127.0.0.1;host=\"a.io\";proto=http\r\n\r\n"
+            ),
+            "{direct}"
+        );
+        assert!(!direct.contains("198.51.100.1") && !direct.contains("192.0.2.1"));
+        let via_proxy = encode_from(&h, "a.io", false, Some("192.0.2.1"));
+        assert!(
+            via_proxy.ends_with(
+                "\r\nx-forwarded-for: 198.51.100.1, 192.0.2.1, 10.0.0.2, 127.0.0.1\r\n\
+                 x-forwarded-proto: https\r\nx-forwarded-host: shop.example\r\n\
+                 x-real-ip: 192.0.2.1\r\n\
+                 forwarded: for=192.0.2.1;proto=https, for=127.0.0.1;host=\"a.io\";proto=http\r\n\r\n"
+            ),
+            "{via_proxy}"
+        );
+        // A trusted proxy's header it nominated as hop-by-hop is dropped all the same.
+        h.insert(header::CONNECTION, "x-forwarded-proto".parse().unwrap());
+        let nominated = encode_from(&h, "a.io", false, Some("192.0.2.1"));
+        assert!(
+            nominated.contains("\r\nx-forwarded-proto: http\r\n"),
+            "{nominated}"
+        );
+    }
+
+    #[test]
+    fn the_original_client_is_the_rightmost_untrusted_address() {
+        let trusted: Vec<ipnet::IpNet> = ["10.0.0.0/8", "2001:db8::/32"]
+            .iter()
+            .map(|n| n.parse().unwrap())
+            .collect();
+        let peer: IpAddr = "10.9.9.9".parse().unwrap();
+        let client = |xff: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in xff {
+                h.append("x-forwarded-for", v.parse().unwrap());
+            }
+            original_client(peer, &Headers::Map(&h), &trusted).to_string()
+        };
+        // The leftmost entries are whatever the client wrote: never believed past an
+        // untrusted hop.
+        assert_eq!(
+            client(&["198.51.100.9, 203.0.113.5, 10.1.1.1"]),
+            "203.0.113.5"
+        );
+        assert_eq!(
+            client(&["198.51.100.9", "203.0.113.5", "10.1.1.1, 10.2.2.2"]),
+            "203.0.113.5"
+        );
+        assert_eq!(
+            client(&["203.0.113.5:4711, [2001:db8::7]:443"]),
+            "203.0.113.5"
+        );
+        assert_eq!(client(&["[2001:db8::7]", "::ffff:10.1.1.1"]), "2001:db8::7");
+        assert_eq!(client(&["2001:db8::7"]), "2001:db8::7");
+        // Garbage ends the walk at the trusted hop after it.
+        assert_eq!(client(&["203.0.113.5, unknown, 10.1.1.1"]), "10.1.1.1");
+        assert_eq!(client(&["203.0.113.5, "]), "10.9.9.9");
+        assert_eq!(client(&[]), "10.9.9.9");
+        // Raw headers (the HTTP/1.1 fast path) read the same, in any case.
+        let head = b"X-Forwarded-For: 203.0.113.5, 10.1.1.1";
+        let spans = [(0, 15, 17, head.len() as u32)];
+        let raw = Headers::Raw {
+            head,
+            spans: &spans,
+        };
+        assert_eq!(
+            original_client(peer, &raw, &trusted).to_string(),
+            "203.0.113.5"
+        );
+    }
+
+    #[test]
     fn target_authority_replaces_host_and_forwarded_is_appended_and_quoted() {
         let mut h = HeaderMap::new();
         h.insert(header::HOST, "other.test".parse().unwrap());
         h.insert(header::FORWARDED, "for=192.0.2.9".parse().unwrap());
-        let s = encode(&h, "abs.test", false);
+        let s = encode_from(&h, "abs.test", false, Some("192.0.2.9"));
         assert!(
             s.starts_with("GET /p?q=1 HTTP/1.1\r\nhost: abs.test\r\n"),
             "{s}"

@@ -31,7 +31,10 @@ use super::client::{Exchange, ExchangeError, ResponseHead, UpstreamBody, Upstrea
 use super::config::{Annotations, ConfigError, ProxyConfig, UpstreamProtocol};
 use super::h1guard::GuardedIo;
 use super::h2_upstream::{self, BodyFault, NotProcessed, WatchedBody};
-use super::head::{ClientText, Headers, RequestHead, encode_request, nominated};
+use super::head::{
+    ClientText, Headers, Origin, RequestHead, X_FORWARDED_PROTO, encode_request, nominated,
+    original_client,
+};
 use super::metrics::{Metrics, RuleCounters};
 use super::path;
 use super::routing::RouteTable;
@@ -95,6 +98,8 @@ struct Settings {
     access_log: bool,
     https_redirect_port: Option<u16>,
     merge_slashes: bool,
+    /// `forwarded_headers.trusted_proxies`.
+    trusted_proxies: Arc<[ipnet::IpNet]>,
 }
 
 /// Everything a request reads, swapped as one unit on reload.
@@ -187,6 +192,7 @@ impl State {
             access_log: cfg.access_log,
             https_redirect_port: cfg.listen.https_redirect_port,
             merge_slashes: cfg.paths.merge_slashes,
+            trusted_proxies: cfg.forwarded_headers.trusted_proxies.clone().into(),
         };
         Ok(Self {
             no_match: metrics.rule("-"),
@@ -557,6 +563,9 @@ pub(crate) struct ConnCtx {
     https: bool,
     /// The client address as written in X-Forwarded-For and Forwarded.
     client_text: ClientText,
+    /// When the peer is a trusted proxy: the trusted networks, to find the original client
+    /// in its requests' `X-Forwarded-For`.
+    trusted_proxies: Option<Arc<[ipnet::IpNet]>>,
     active: AtomicUsize,
     last_active_ms: AtomicU64,
     born: Instant,
@@ -576,6 +585,18 @@ impl ConnCtx {
         // A head of huge headers is not worth keeping.
         if buf.capacity() <= 16 * 1024 {
             *self.head_buf.lock().unwrap_or_else(|e| e.into_inner()) = buf;
+        }
+    }
+
+    /// Where a request with these headers came from.
+    fn origin<'a>(&'a self, headers: &Headers<'_>) -> Origin<'a> {
+        Origin {
+            peer: &self.client_text,
+            trusted: self.trusted_proxies.is_some(),
+            client: match &self.trusted_proxies {
+                None => self.peer.ip(),
+                Some(nets) => original_client(self.peer.ip(), headers, nets),
+            },
         }
     }
 
@@ -633,6 +654,8 @@ async fn serve_connection(
         peer,
         https: tls.is_some(),
         client_text: ClientText::new(peer.ip()),
+        trusted_proxies: super::config::is_in(&settings.trusted_proxies, peer.ip())
+            .then(|| settings.trusted_proxies.clone()),
         active: AtomicUsize::new(0),
         last_active_ms: AtomicU64::new(0),
         born: Instant::now(),
@@ -873,9 +896,20 @@ struct Prepared {
     active: Option<ActiveGuard>,
     state: Arc<State>,
     client: Client,
-    /// (method, host, path and query) for the access log, when it is on.
-    log_fields: Option<Box<(Method, String, String)>>,
+    /// For the access log, when it is on.
+    log_fields: Option<Box<LogFields>>,
     next: Next,
+}
+
+/// What the access log needs of a request head, taken before the head is consumed.
+pub(crate) struct LogFields {
+    method: Method,
+    /// Host as requested.
+    host: String,
+    /// Path and query as requested.
+    path: String,
+    /// The original client ([`Origin::client`]).
+    real_ip: std::net::IpAddr,
 }
 
 // `Forward` is the common case and moves once; boxing it would cost an allocation per request.
@@ -918,15 +952,18 @@ fn prepare(shared: &Shared, ctx: &Arc<ConnCtx>, req: Request<Incoming>) -> Prepa
     let start = Instant::now();
     let active = ctx.track_idle.then(|| ActiveGuard::new(ctx.clone()));
     let state = shared.state.load_full();
+    let origin = ctx.origin(&Headers::Map(req.headers()));
     let log_fields = state.settings.access_log.then(|| {
-        Box::new((
-            req.method().clone(),
-            request_host(&req).unwrap_or("-").to_owned(),
-            req.uri()
+        Box::new(LogFields {
+            method: req.method().clone(),
+            host: request_host(&req).unwrap_or("-").to_owned(),
+            path: req
+                .uri()
                 .path_and_query()
                 .map_or("/", |p| p.as_str())
                 .to_owned(),
-        ))
+            real_ip: origin.client,
+        })
     });
     let http1 = req.version() <= Version::HTTP_11;
     let grpc = !http1
@@ -934,7 +971,7 @@ fn prepare(shared: &Shared, ctx: &Arc<ConnCtx>, req: Request<Incoming>) -> Prepa
             .headers()
             .get(header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    let next = route_request(&state, ctx, req);
+    let next = route_request(&state, ctx, origin, req);
     Prepared {
         start,
         active,
@@ -971,7 +1008,7 @@ fn finish(
     start: Instant,
     state: &State,
     client: Client,
-    log_fields: Option<Box<(Method, String, String)>>,
+    log_fields: Option<Box<LogFields>>,
     active: Option<ActiveGuard>,
     out: Outcome,
 ) -> Response<RespBody> {
@@ -1000,10 +1037,16 @@ fn finish(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     if let Some(fields) = log_fields {
-        let (method, host, path) = *fields;
+        let LogFields {
+            method,
+            host,
+            path,
+            real_ip,
+        } = *fields;
         resp.body_mut().set_log(Some(Box::new(LogRecord {
             start,
             client: ctx.peer,
+            real_ip,
             method,
             host,
             path,
@@ -1055,6 +1098,8 @@ struct View<'a> {
     /// The target's authority, else the first Host header (None: 400).
     host: Option<&'a str>,
     headers: Headers<'a>,
+    /// Where the request came from ([`ConnCtx::origin`]).
+    origin: Origin<'a>,
     /// Content-Length (or HTTP/2's content-length).
     declared_len: Option<u64>,
     /// A body follows.
@@ -1091,7 +1136,14 @@ fn route_view(
     let Some(route) = state.routes.lookup(Some(host), &path).cloned() else {
         return Err(Box::new(Outcome::local(StatusCode::NOT_FOUND, None)));
     };
-    if route.ssl_redirect && !ctx.https {
+    // Behind a trusted proxy, the scheme the client used is the one that proxy names.
+    if route.ssl_redirect
+        && !ctx.https
+        && !(v.origin.trusted
+            && v.headers
+                .get(&X_FORWARDED_PROTO)
+                .is_some_and(|p| p.trim_ascii().eq_ignore_ascii_case(b"https")))
+    {
         return Err(Box::new(redirect_to_https(
             v.target,
             host,
@@ -1125,12 +1177,12 @@ fn route_view(
             headers: v.headers,
             may_upgrade: v.http11,
             chunked,
-            client: &ctx.client_text,
+            origin: v.origin,
             https: ctx.https,
         },
     );
     let affinity = route.upstream.affinity(&PickContext {
-        client_ip: ctx.peer.ip(),
+        client_ip: v.origin.client,
         headers: v.headers,
         set: Some((head, &encoded.set)),
     });
@@ -1149,7 +1201,7 @@ fn route_view(
 
 /// Routes a request (from hyper) and, when it goes upstream, encodes its head; consumes the
 /// request head.
-fn route_request(state: &State, ctx: &ConnCtx, req: Request<Incoming>) -> Next {
+fn route_request(state: &State, ctx: &ConnCtx, origin: Origin<'_>, req: Request<Incoming>) -> Next {
     let s = &state.settings;
     let (mut parts, body) = req.into_parts();
     if parts.version == Version::HTTP_2 && header_bytes(&parts.headers) > s.max_header_bytes {
@@ -1170,6 +1222,7 @@ fn route_request(state: &State, ctx: &ConnCtx, req: Request<Incoming>) -> Next {
             target: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
             host: host_of(&parts.uri, &parts.headers),
             headers: Headers::Map(&parts.headers),
+            origin,
             // hyper's body knows the declared length (Content-Length, or HTTP/2's
             // content-length): no header lookup.
             declared_len: body.size_hint().exact(),

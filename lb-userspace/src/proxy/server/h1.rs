@@ -318,12 +318,18 @@ where
                 .then(|| std::str::from_utf8(v).ok())
                 .flatten()
         });
+        let headers = Headers::Raw {
+            head: &head,
+            spans: &self.spans,
+        };
+        let origin = ctx.origin(&headers);
         let log_fields = state.settings.access_log.then(|| {
-            Box::new((
-                p.method.clone(),
-                host.unwrap_or("-").to_owned(),
-                pq.as_str().to_owned(),
-            ))
+            Box::new(LogFields {
+                method: p.method.clone(),
+                host: host.unwrap_or("-").to_owned(),
+                path: pq.as_str().to_owned(),
+                real_ip: origin.client,
+            })
         });
         self.up_head.clear();
         let body_len = usize::try_from(p.content_length.unwrap_or(0)).unwrap_or(usize::MAX);
@@ -339,10 +345,8 @@ where
                 path: pq.path(),
                 target: pq.as_str(),
                 host,
-                headers: Headers::Raw {
-                    head: &head,
-                    spans: &self.spans,
-                },
+                headers,
+                origin,
                 declared_len: p.content_length,
                 has_body: body_len > 0,
             },
