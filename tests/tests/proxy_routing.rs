@@ -415,6 +415,53 @@ async fn a_trusted_proxys_forwarding_headers_are_kept_and_name_the_client() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_reaches_its_upstream_with_a_request_id() {
+    let up = upstream("up").await;
+    let proxy = start(one_route("app.test", "/", "up", &[up.addr]));
+    let addr = proxy.http_addr.expect("http listener");
+    let mut off = one_route("app.test", "/", "up", &[up.addr]);
+    off.request_id.enabled = false;
+    let proxy_off = start(off);
+    let addr_off = proxy_off.http_addr.expect("http listener");
+    let lo: std::net::IpAddr = "127.0.0.1".parse().expect("ip");
+
+    for h2c in [false, true] {
+        let mut ids = std::collections::HashSet::new();
+        for _ in 0..4 {
+            let got = get_from(lo, addr, "app.test", &[], h2c).await;
+            let id = got.upstream_header("x-request-id").expect("x-request-id");
+            assert!(
+                id.len() == 32 && id.bytes().all(|c| c.is_ascii_hexdigit()),
+                "h2c {h2c}: {id}"
+            );
+            ids.insert(id.to_owned());
+        }
+        assert_eq!(ids.len(), 4, "h2c {h2c}: one ID per request: {ids:?}");
+        // A client's well-formed ID is kept (it may be tracing the request itself); one
+        // that could forge a log field is replaced.
+        let got = get_from(lo, addr, "app.test", &[("x-request-id", "9f2c-77")], h2c).await;
+        assert_eq!(
+            got.upstream_header("x-request-id"),
+            Some("9f2c-77"),
+            "h2c {h2c}"
+        );
+        let forged = [("x-request-id", "1 status=200")];
+        let got = get_from(lo, addr, "app.test", &forged, h2c).await;
+        let id = got.upstream_header("x-request-id").expect("x-request-id");
+        assert_eq!(id.len(), 32, "h2c {h2c}: {id}");
+        // Turned off, the proxy neither adds one nor touches the client's.
+        let got = get_from(lo, addr_off, "app.test", &[], h2c).await;
+        assert_eq!(got.upstream_header("x-request-id"), None, "h2c {h2c}");
+        let got = get_from(lo, addr_off, "app.test", &forged, h2c).await;
+        assert_eq!(
+            got.upstream_header("x-request-id"),
+            Some("1 status=200"),
+            "h2c {h2c}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_robin_spreads_and_consistent_hash_sticks() {
     let a = upstream("a").await;
     let b = upstream("b").await;

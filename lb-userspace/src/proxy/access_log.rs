@@ -17,6 +17,8 @@ pub struct LogRecord {
     /// The original client: the peer's address, or behind a trusted proxy the address its
     /// `X-Forwarded-For` names (`forwarded_headers.trusted_proxies`).
     pub real_ip: IpAddr,
+    /// The `X-Request-ID` sent upstream, when the proxy sets one (`request_id.enabled`).
+    pub request_id: Option<Box<str>>,
     /// Request method.
     pub method: http::Method,
     /// Host as requested (Host header or :authority).
@@ -41,6 +43,7 @@ impl LogRecord {
             target: "xlb::access",
             client = %self.client,
             real_ip = %self.real_ip,
+            request_id = self.request_id.as_deref().unwrap_or("-"),
             method = %self.method,
             host = %self.host,
             path = %self.path,
@@ -85,6 +88,7 @@ mod tests {
                 start: Instant::now(),
                 client: "192.0.2.1:4000".parse().expect("addr"),
                 real_ip: "203.0.113.5".parse().expect("addr"),
+                request_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
                 method: http::Method::GET,
                 host: "a.test".into(),
                 path: "/x?y=1".into(),
@@ -101,6 +105,7 @@ mod tests {
             "xlb::access",
             "client=192.0.2.1:4000",
             "real_ip=203.0.113.5",
+            "request_id=\"4bf92f3577b34da6a3ce929d0e0e4736\"",
             "method=GET",
             "host=a.test",
             "path=/x?y=1",

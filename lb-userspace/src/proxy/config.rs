@@ -79,6 +79,8 @@ pub struct ProxyConfig {
     pub tls: TlsSettings,
     /// Whose forwarding headers (`X-Forwarded-*`, `Forwarded`) are believed.
     pub forwarded_headers: ForwardedHeaders,
+    /// `X-Request-ID` on requests to upstreams.
+    pub request_id: RequestIdSettings,
     /// Emit one access log line per request (tracing target `xlb::access`).
     pub access_log: bool,
     /// IngressClasses; when empty every Ingress is served.
@@ -262,6 +264,24 @@ pub struct ForwardedHeaders {
     /// the key of client-address affinity.
     #[serde(deserialize_with = "nets")]
     pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+/// `X-Request-ID`: one identifier per request, sent upstream and logged, so that a request
+/// can be followed from the access log into the application's logs (ingress-nginx's
+/// `generate-request-id`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RequestIdSettings {
+    /// Send `X-Request-ID` upstream and log it as `request_id`: the client's own when it is
+    /// well-formed (1 to 128 characters of letters, digits and `-_.:+/=@`), else 32 random
+    /// hexadecimal digits.
+    pub enabled: bool,
+}
+
+impl Default for RequestIdSettings {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
 }
 
 /// Whether `ip` is in one of `nets` (an IPv4-mapped IPv6 address counts as IPv4).
@@ -1250,6 +1270,11 @@ mod tests {
         assert_eq!(cfg.timeouts.request_body_ms, 60_000);
         assert_eq!(cfg.timeouts.tunnel_idle_ms, 3_600_000);
         assert_eq!(cfg.forwarded_headers.trusted_proxies.len(), 1);
+        assert!(cfg.request_id.enabled);
+        let off =
+            ProxyConfig::from_toml_str("[request_id]\nenabled = false\n", "t").expect("parses");
+        assert!(!off.request_id.enabled);
+        assert!(ProxyConfig::default().request_id.enabled, "on by default");
     }
 
     #[test]

@@ -19,6 +19,8 @@ pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 /// `X-Real-IP` (nginx's name for the original client's address).
 pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+/// `X-Request-ID`.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// How a request header is treated on its way upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +37,7 @@ enum Class {
     XForwardedHost,
     Forwarded,
     XRealIp,
+    XRequestId,
     Other,
 }
 
@@ -62,6 +65,7 @@ fn classify(n: &HeaderName) -> Class {
             "x-forwarded-proto" => Class::XForwardedProto,
             "x-forwarded-host" => Class::XForwardedHost,
             "x-real-ip" => Class::XRealIp,
+            "x-request-id" => Class::XRequestId,
             _ => Class::Other,
         }
     }
@@ -80,6 +84,7 @@ fn classify_raw(n: &[u8]) -> Class {
         9 if is(b"x-real-ip") => Class::XRealIp,
         10 if is(b"connection") => Class::Connection,
         10 if is(b"keep-alive") => Class::Hop,
+        12 if is(b"x-request-id") => Class::XRequestId,
         15 if is(b"x-forwarded-for") => Class::XForwardedFor,
         16 if is(b"proxy-connection") => Class::Hop,
         16 if is(b"x-forwarded-host") => Class::XForwardedHost,
@@ -239,6 +244,52 @@ fn forwarded_address(entry: &[u8]) -> Option<IpAddr> {
     Some(ip.to_canonical())
 }
 
+/// A request's `X-Request-ID`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum RequestId {
+    /// The client's own, well-formed ([`RequestId::of`]).
+    Client(Box<str>),
+    /// 32 random hexadecimal digits (as nginx's `$request_id`).
+    Generated([u8; 32]),
+}
+
+impl RequestId {
+    /// The client's `X-Request-ID` when it is well-formed, else a new one. Well-formed is 1 to
+    /// 128 characters of letters, digits and `-_.:+/=@` (UUIDs, hex, base64): what a client
+    /// writes there reaches the access log and the application's logs, so nothing that could
+    /// forge a field or a line is kept.
+    pub(crate) fn of(headers: &Headers<'_>) -> Self {
+        let ok = |v: &[u8]| {
+            (1..=128).contains(&v.len())
+                && v.iter()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:+/=@".contains(b))
+        };
+        match headers.get(&X_REQUEST_ID) {
+            // ASCII, so the conversion cannot fail.
+            Some(v) if ok(v) => Self::Client(std::str::from_utf8(v).unwrap_or_default().into()),
+            _ => Self::generate(),
+        }
+    }
+
+    fn generate() -> Self {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let n: u128 = rand::random();
+        let mut id = [0u8; 32];
+        for (i, d) in id.iter_mut().enumerate() {
+            *d = HEX[((n >> (124 - 4 * i)) & 0xf) as usize];
+        }
+        Self::Generated(id)
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        match self {
+            Self::Client(s) => s,
+            // Hexadecimal digits are ASCII.
+            Self::Generated(id) => std::str::from_utf8(id).unwrap_or_default(),
+        }
+    }
+}
+
 /// What the head is built from, besides the request's own headers.
 #[derive(Debug)]
 pub(crate) struct RequestHead<'a> {
@@ -257,6 +308,8 @@ pub(crate) struct RequestHead<'a> {
     pub origin: Origin<'a>,
     /// The request came over TLS (to this proxy).
     pub https: bool,
+    /// Sent as `X-Request-ID` (replacing the client's); `None`: the client's passes as is.
+    pub request_id: Option<&'a RequestId>,
 }
 
 /// Where the values the proxy set are in the encoded head (for hashing on them).
@@ -325,7 +378,9 @@ struct Seen {
 fn put_headers(out: &mut Vec<u8>, r: &RequestHead<'_>, skip: &[&[u8]], upgrade: bool) -> Seen {
     let mut seen = Seen::default();
     r.headers.each(|name, value, class| match class {
-        Class::Other => {
+        // The proxy sets its own (or keeps the client's: the same value).
+        Class::XRequestId if r.request_id.is_some() => {}
+        Class::Other | Class::XRequestId => {
             if skip.is_empty() || !skip.iter().any(|s| s.eq_ignore_ascii_case(name)) {
                 put_header(out, name, value);
             }
@@ -344,6 +399,7 @@ fn put_headers(out: &mut Vec<u8>, r: &RequestHead<'_>, skip: &[&[u8]], upgrade: 
         }
         Class::XForwardedFor => seen.x_forwarded_for = true,
         Class::Forwarded => seen.forwarded = true,
+
         // Host is written first, from the routed host (this header's first value when the
         // target carried no authority, which wins otherwise: RFC 9112 §3.2.2). The proxy
         // sets the other three itself (passing a trusted proxy's values on).
@@ -434,6 +490,9 @@ pub(crate) fn encode_request(out: &mut Vec<u8>, r: &RequestHead<'_>) -> Encoded 
     }
     set.x_real_ip = start..out.len();
     out.extend_from_slice(b"\r\n");
+    if let Some(id) = r.request_id {
+        put_header(out, b"x-request-id", id.as_str().as_bytes());
+    }
     let start = start_header(out, b"forwarded");
     if trusted && fwd && !nominated_name(&header::FORWARDED) {
         put_prior(out, &r.headers, Class::Forwarded);
@@ -466,6 +525,93 @@ mod tests {
         encode_from(headers, host, may_upgrade, None)
     }
 
+    /// The head for `headers` with this request ID set.
+    fn encode_with_id(headers: &HeaderMap, id: Option<&RequestId>) -> String {
+        let peer = ClientText::new("127.0.0.1".parse().unwrap());
+        let mut out = Vec::new();
+        encode_request(
+            &mut out,
+            &RequestHead {
+                method: &Method::GET,
+                target: "/",
+                host: "a.io",
+                headers: Headers::Map(headers),
+                may_upgrade: false,
+                chunked: false,
+                origin: Origin {
+                    peer: &peer,
+                    trusted: false,
+                    client: "127.0.0.1".parse().unwrap(),
+                },
+                https: false,
+                request_id: id,
+            },
+        );
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn request_ids_are_generated_or_kept_when_well_formed() {
+        let id_of = |v: Option<&str>| {
+            let mut h = HeaderMap::new();
+            if let Some(v) = v {
+                h.insert("x-request-id", v.parse().unwrap());
+            }
+            RequestId::of(&Headers::Map(&h))
+        };
+        let (a, b) = (id_of(None), id_of(None));
+        for id in [&a, &b] {
+            assert!(matches!(id, RequestId::Generated(_)), "{id:?}");
+            let s = id.as_str();
+            assert_eq!(s.len(), 32, "{s}");
+            assert!(
+                s.bytes()
+                    .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()),
+                "{s}"
+            );
+        }
+        assert_ne!(a, b, "two requests, two IDs");
+        for kept in [
+            "f81d4fae-7dec-11d0-a765-00a0c91e6bf6",
+            "trace:42/span=7+x@y_z.1",
+            &"x".repeat(128),
+        ] {
+            assert_eq!(id_of(Some(kept)).as_str(), kept);
+        }
+        // What could forge a log field or reach an application's logs unescaped is replaced.
+        for replaced in ["two words", "a\"b", "status=200,x", &"x".repeat(129)] {
+            let id = id_of(Some(replaced));
+            assert!(
+                matches!(id, RequestId::Generated(_)),
+                "{replaced:?} kept: {id:?}"
+            );
+        }
+        // Raw headers (the HTTP/1.1 fast path) read the same, in any case.
+        let head = b"X-Request-Id: abc-1";
+        let spans = [(0, 12, 14, head.len() as u32)];
+        let raw = RequestId::of(&Headers::Raw {
+            head,
+            spans: &spans,
+        });
+        assert_eq!(raw.as_str(), "abc-1");
+    }
+
+    #[test]
+    fn the_request_id_header_is_sent_once() {
+        let mut h = HeaderMap::new();
+        h.insert("x-request-id", "from client".parse().unwrap());
+        let id = RequestId::of(&Headers::Map(&h));
+        let s = encode_with_id(&h, Some(&id));
+        assert_eq!(s.matches("x-request-id").count(), 1, "{s}");
+        assert!(
+            s.contains(&format!("\r\nx-request-id: {}\r\n", id.as_str())),
+            "{s}"
+        );
+        // Off: the client's passes as it came.
+        let s = encode_with_id(&h, None);
+        assert!(s.contains("\r\nx-request-id: from client\r\n"), "{s}");
+    }
+
     /// `trusted`: the peer is a trusted proxy, and the original client is this address.
     fn encode_from(
         headers: &HeaderMap,
@@ -491,6 +637,7 @@ mod tests {
                     client: trusted.map_or(peer_ip, |c| c.parse().unwrap()),
                 },
                 https: false,
+                request_id: None,
             },
         );
         assert_eq!(encoded.set.get(&out, &header::HOST), Some(host.as_bytes()));

@@ -32,8 +32,8 @@ use super::config::{Annotations, ConfigError, ProxyConfig, UpstreamProtocol};
 use super::h1guard::GuardedIo;
 use super::h2_upstream::{self, BodyFault, NotProcessed, WatchedBody};
 use super::head::{
-    ClientText, Headers, Origin, RequestHead, X_FORWARDED_PROTO, encode_request, nominated,
-    original_client,
+    ClientText, Headers, Origin, RequestHead, RequestId, X_FORWARDED_PROTO, encode_request,
+    nominated, original_client,
 };
 use super::metrics::{Metrics, RuleCounters};
 use super::path;
@@ -100,6 +100,8 @@ struct Settings {
     merge_slashes: bool,
     /// `forwarded_headers.trusted_proxies`.
     trusted_proxies: Arc<[ipnet::IpNet]>,
+    /// `request_id.enabled`.
+    request_id: bool,
 }
 
 /// Everything a request reads, swapped as one unit on reload.
@@ -193,6 +195,7 @@ impl State {
             https_redirect_port: cfg.listen.https_redirect_port,
             merge_slashes: cfg.paths.merge_slashes,
             trusted_proxies: cfg.forwarded_headers.trusted_proxies.clone().into(),
+            request_id: cfg.request_id.enabled,
         };
         Ok(Self {
             no_match: metrics.rule("-"),
@@ -910,6 +913,8 @@ pub(crate) struct LogFields {
     path: String,
     /// The original client ([`Origin::client`]).
     real_ip: std::net::IpAddr,
+    /// `X-Request-ID`, when the proxy sets it.
+    request_id: Option<Box<str>>,
 }
 
 // `Forward` is the common case and moves once; boxing it would cost an allocation per request.
@@ -953,6 +958,10 @@ fn prepare(shared: &Shared, ctx: &Arc<ConnCtx>, req: Request<Incoming>) -> Prepa
     let active = ctx.track_idle.then(|| ActiveGuard::new(ctx.clone()));
     let state = shared.state.load_full();
     let origin = ctx.origin(&Headers::Map(req.headers()));
+    let request_id = state
+        .settings
+        .request_id
+        .then(|| RequestId::of(&Headers::Map(req.headers())));
     let log_fields = state.settings.access_log.then(|| {
         Box::new(LogFields {
             method: req.method().clone(),
@@ -963,6 +972,7 @@ fn prepare(shared: &Shared, ctx: &Arc<ConnCtx>, req: Request<Incoming>) -> Prepa
                 .map_or("/", |p| p.as_str())
                 .to_owned(),
             real_ip: origin.client,
+            request_id: request_id.as_ref().map(|id| id.as_str().into()),
         })
     });
     let http1 = req.version() <= Version::HTTP_11;
@@ -971,7 +981,7 @@ fn prepare(shared: &Shared, ctx: &Arc<ConnCtx>, req: Request<Incoming>) -> Prepa
             .headers()
             .get(header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    let next = route_request(&state, ctx, origin, req);
+    let next = route_request(&state, ctx, origin, request_id.as_ref(), req);
     Prepared {
         start,
         active,
@@ -1042,11 +1052,13 @@ fn finish(
             host,
             path,
             real_ip,
+            request_id,
         } = *fields;
         resp.body_mut().set_log(Some(Box::new(LogRecord {
             start,
             client: ctx.peer,
             real_ip,
+            request_id,
             method,
             host,
             path,
@@ -1100,6 +1112,8 @@ struct View<'a> {
     headers: Headers<'a>,
     /// Where the request came from ([`ConnCtx::origin`]).
     origin: Origin<'a>,
+    /// Its `X-Request-ID`, when the proxy sets one.
+    request_id: Option<&'a RequestId>,
     /// Content-Length (or HTTP/2's content-length).
     declared_len: Option<u64>,
     /// A body follows.
@@ -1179,6 +1193,7 @@ fn route_view(
             chunked,
             origin: v.origin,
             https: ctx.https,
+            request_id: v.request_id,
         },
     );
     let affinity = route.upstream.affinity(&PickContext {
@@ -1201,7 +1216,13 @@ fn route_view(
 
 /// Routes a request (from hyper) and, when it goes upstream, encodes its head; consumes the
 /// request head.
-fn route_request(state: &State, ctx: &ConnCtx, origin: Origin<'_>, req: Request<Incoming>) -> Next {
+fn route_request(
+    state: &State,
+    ctx: &ConnCtx,
+    origin: Origin<'_>,
+    request_id: Option<&RequestId>,
+    req: Request<Incoming>,
+) -> Next {
     let s = &state.settings;
     let (mut parts, body) = req.into_parts();
     if parts.version == Version::HTTP_2 && header_bytes(&parts.headers) > s.max_header_bytes {
@@ -1223,6 +1244,7 @@ fn route_request(state: &State, ctx: &ConnCtx, origin: Origin<'_>, req: Request<
             host: host_of(&parts.uri, &parts.headers),
             headers: Headers::Map(&parts.headers),
             origin,
+            request_id,
             // hyper's body knows the declared length (Content-Length, or HTTP/2's
             // content-length): no header lookup.
             declared_len: body.size_hint().exact(),

@@ -323,12 +323,14 @@ where
             spans: &self.spans,
         };
         let origin = ctx.origin(&headers);
+        let request_id = state.settings.request_id.then(|| RequestId::of(&headers));
         let log_fields = state.settings.access_log.then(|| {
             Box::new(LogFields {
                 method: p.method.clone(),
                 host: host.unwrap_or("-").to_owned(),
                 path: pq.as_str().to_owned(),
                 real_ip: origin.client,
+                request_id: request_id.as_ref().map(|id| id.as_str().into()),
             })
         });
         self.up_head.clear();
@@ -347,6 +349,7 @@ where
                 host,
                 headers,
                 origin,
+                request_id: request_id.as_ref(),
                 declared_len: p.content_length,
                 has_body: body_len > 0,
             },
