@@ -462,6 +462,86 @@ async fn every_request_reaches_its_upstream_with_a_request_id() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_protocol_header_names_the_client() {
+    use tokio::io::AsyncWriteExt as _;
+    let up = upstream("up").await;
+    let mut cfg = one_route("app.test", "/", "up", &[up.addr]);
+    cfg.listen.proxy_protocol = true;
+    let proxy = start(cfg);
+    let addr = proxy.http_addr.expect("http listener");
+
+    // v1, in the same segment as the request (as load balancers send it).
+    let resp = raw(
+        addr,
+        b"PROXY TCP4 203.0.113.7 192.0.2.1 40000 80\r\n\
+          GET /who HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.contains("h:x-forwarded-for=203.0.113.7\n"), "{resp}");
+    assert!(resp.contains("h:x-real-ip=203.0.113.7\n"), "{resp}");
+
+    // v2 (binary, IPv6), then a keep-alive HTTP/1.1 client and then HTTP/2 on the bytes
+    // after it: the header is taken off exactly.
+    for h2c in [false, true] {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut header = b"\r\n\r\n\0\r\nQUIT\n\x21\x21\x00\x24".to_vec();
+        header.extend_from_slice(
+            &"2001:db8::9"
+                .parse::<std::net::Ipv6Addr>()
+                .expect("ip")
+                .octets(),
+        );
+        header.extend_from_slice(
+            &"2001:db8::1"
+                .parse::<std::net::Ipv6Addr>()
+                .expect("ip")
+                .octets(),
+        );
+        header.extend_from_slice(&[0x9c, 0x40, 0x00, 0x50]);
+        tcp.write_all(&header).await.expect("write header");
+        let got = if h2c {
+            let mut req = get_req("app.test", "/who");
+            *req.uri_mut() = "http://app.test/who".parse().expect("uri");
+            send2(&mut h2(tcp).await, req).await
+        } else {
+            let mut c = h1(tcp).await;
+            let first = send1(&mut c, get_req("app.test", "/a")).await;
+            assert_eq!(first.upstream_header("x-real-ip"), Some("2001:db8::9"));
+            send1(&mut c, get_req("app.test", "/b")).await
+        };
+        assert_eq!(got.status, StatusCode::OK, "h2c {h2c}");
+        assert_eq!(
+            got.upstream_header("x-forwarded-for"),
+            Some("2001:db8::9"),
+            "h2c {h2c}"
+        );
+        assert_eq!(
+            got.upstream_header("forwarded"),
+            Some("for=\"[2001:db8::9]\";host=\"app.test\";proto=http"),
+            "h2c {h2c}"
+        );
+    }
+
+    // No header, or a broken one: closed without an answer, and counted; the upstream
+    // never sees them.
+    let hits = up.hits();
+    for bad in [
+        &b"GET /who HTTP/1.1\r\nHost: app.test\r\n\r\n"[..],
+        b"PROXY TCP4 nowhere 192.0.2.1 1 2\r\nGET /who HTTP/1.1\r\nHost: app.test\r\n\r\n",
+    ] {
+        let resp = raw(addr, bad).await;
+        assert_eq!(resp, "", "{:?}", String::from_utf8_lossy(bad));
+    }
+    assert_eq!(up.hits(), hits);
+    let m = metrics(proxy.metrics_addr.expect("metrics")).await;
+    assert!(
+        m.contains("xlb_proxy_proxy_protocol_rejected_total 2\n"),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_robin_spreads_and_consistent_hash_sticks() {
     let a = upstream("a").await;
     let b = upstream("b").await;

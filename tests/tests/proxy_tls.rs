@@ -492,3 +492,39 @@ async fn a_client_certificate_is_presented_to_endpoints_that_require_one() {
         "only the trusted certificate completed a handshake"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_protocol_header_comes_before_the_tls_handshake() {
+    use tokio::io::AsyncWriteExt as _;
+    let f = fixture("proxy-protocol").await;
+    let mut cfg = f.cfg.clone();
+    cfg.listen.proxy_protocol = true;
+    let proxy = start(cfg);
+    let addr = proxy.https_addr.expect("https");
+    let mut tcp = within("connect", tokio::net::TcpStream::connect(addr))
+        .await
+        .expect("connect");
+    tcp.write_all(b"PROXY TCP4 203.0.113.8 192.0.2.1 40001 443\r\n")
+        .await
+        .expect("write header");
+    let name = rustls::pki_types::ServerName::try_from("api.test").expect("server name");
+    let s = within(
+        "TLS handshake",
+        f.pki.client(&[b"http/1.1"], &[&TLS13]).connect(name, tcp),
+    )
+    .await
+    .expect("TLS handshake after the header");
+    assert_eq!(peer_cn(&s), "api.test");
+    let mut c = h1(s).await;
+    let got = send1(&mut c, get_req("api.test", "/")).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.upstream_header("x-real-ip"), Some("203.0.113.8"));
+    assert_eq!(got.upstream_header("x-forwarded-for"), Some("203.0.113.8"));
+    assert_eq!(got.upstream_header("x-forwarded-proto"), Some("https"));
+    // A plain TLS client without the header is refused.
+    assert!(
+        tls(&f.pki.client(&[], &[&TLS13]), addr, "api.test")
+            .await
+            .is_err()
+    );
+}

@@ -116,6 +116,10 @@ pub struct Listen {
     pub workers: usize,
     /// Port put into HTTPS redirect locations; absent = the default port 443 (omitted).
     pub https_redirect_port: Option<u16>,
+    /// Every connection on both listeners starts with a PROXY protocol header (v1 or v2)
+    /// naming the client, as a TCP load balancer in front sends it; connections without one
+    /// are closed.
+    pub proxy_protocol: bool,
 }
 
 impl Default for Listen {
@@ -126,6 +130,7 @@ impl Default for Listen {
             metrics: Some(SocketAddr::from(([127, 0, 0, 1], 9901))),
             workers: 0,
             https_redirect_port: None,
+            proxy_protocol: false,
         }
     }
 }
@@ -1271,6 +1276,7 @@ mod tests {
         assert_eq!(cfg.timeouts.tunnel_idle_ms, 3_600_000);
         assert_eq!(cfg.forwarded_headers.trusted_proxies.len(), 1);
         assert!(cfg.request_id.enabled);
+        assert!(!cfg.listen.proxy_protocol);
         let off =
             ProxyConfig::from_toml_str("[request_id]\nenabled = false\n", "t").expect("parses");
         assert!(!off.request_id.enabled);

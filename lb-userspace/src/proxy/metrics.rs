@@ -103,6 +103,7 @@ pub struct Metrics {
     upstream_endpoints: Family<EndpointStateLabels, Gauge>,
     open_connections: Family<ListenerLabels, Gauge>,
     reloads: Family<ResultLabels, Counter>,
+    proxy_protocol_rejected: Counter,
 }
 
 impl Default for Metrics {
@@ -164,7 +165,14 @@ impl Metrics {
             "Configuration reloads by result",
             reloads.clone(),
         );
+        let proxy_protocol_rejected = Counter::default();
+        registry.register(
+            "proxy_protocol_rejected",
+            "Connections closed for a missing or invalid PROXY protocol header",
+            proxy_protocol_rejected.clone(),
+        );
         Self {
+            proxy_protocol_rejected,
             registry: Mutex::new(registry),
             requests,
             latency,
@@ -256,6 +264,11 @@ impl Metrics {
                 listener: listener.to_owned(),
             })
             .clone()
+    }
+
+    /// Counts a connection closed for its PROXY protocol header.
+    pub fn proxy_protocol_rejected(&self) {
+        self.proxy_protocol_rejected.inc();
     }
 
     /// Records the time to response head.

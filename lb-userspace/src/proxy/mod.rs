@@ -6,7 +6,8 @@
 //! Layout: [`config`] (model + validation), [`path`] (request path normalisation),
 //! [`routing`], [`tls`], [`upstream`] (balancing, passive health, pools), [`health`] (active
 //! health checks), [`client`] (inline upstream HTTP/1.1), [`server`] (workers, the forwarding
-//! path and its HTTP/1.1 fast path), [`head`] (upstream request heads), [`timer`], [`h1guard`]
+//! path and its HTTP/1.1 fast path), [`proxy_protocol`] (PROXY headers on downstream
+//! connections), [`head`] (upstream request heads), [`timer`], [`h1guard`]
 //! (request smuggling guard), [`body`], [`metrics`], [`access_log`] and [`watch`] (config file
 //! watcher).
 
@@ -20,6 +21,7 @@ pub mod head;
 pub mod health;
 pub mod metrics;
 pub mod path;
+pub mod proxy_protocol;
 pub mod routing;
 pub mod server;
 pub mod timer;

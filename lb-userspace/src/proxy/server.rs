@@ -37,6 +37,7 @@ use super::head::{
 };
 use super::metrics::{Metrics, RuleCounters};
 use super::path;
+use super::proxy_protocol;
 use super::routing::RouteTable;
 use super::timer::{LazySleep, Progress, until_stalled};
 use super::tls::{CertStore, TlsError};
@@ -370,6 +371,8 @@ pub fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
     let metrics = Arc::new(Metrics::new());
     let state = State::build(Arc::new(cfg), None, &metrics, workers)?;
     let listen = state.cfg.listen.clone();
+    // A property of the listeners (what the load balancer in front sends): fixed at start.
+    let proxy_protocol = listen.proxy_protocol;
     let tls13_only = state.cfg.tls.tls13_only;
     let (stop, stop_rx) = watch::channel(RUNNING);
     let shared = Arc::new(Shared {
@@ -448,15 +451,23 @@ pub fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
                     let mut tasks = Vec::new();
                     if let Some(l) = http {
                         match tokio::net::TcpListener::from_std(l) {
-                            Ok(l) => tasks.push(tokio::spawn(accept_loop(l, shared.clone(), None))),
+                            Ok(l) => tasks.push(tokio::spawn(accept_loop(
+                                l,
+                                shared.clone(),
+                                None,
+                                proxy_protocol,
+                            ))),
                             Err(e) => tracing::error!(error = %e, "http listener"),
                         }
                     }
                     if let (Some(l), Some(tls)) = (https, tls) {
                         match tokio::net::TcpListener::from_std(l) {
-                            Ok(l) => {
-                                tasks.push(tokio::spawn(accept_loop(l, shared.clone(), Some(tls))))
-                            }
+                            Ok(l) => tasks.push(tokio::spawn(accept_loop(
+                                l,
+                                shared.clone(),
+                                Some(tls),
+                                proxy_protocol,
+                            ))),
                             Err(e) => tracing::error!(error = %e, "https listener"),
                         }
                     }
@@ -531,6 +542,7 @@ async fn accept_loop(
     listener: tokio::net::TcpListener,
     shared: Arc<Shared>,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    proxy_protocol: bool,
 ) {
     let gauge = shared
         .metrics
@@ -552,7 +564,7 @@ async fn accept_loop(
         tokio::spawn(async move {
             gauge.inc();
             shared.open.fetch_add(1, Ordering::SeqCst);
-            serve_connection(shared.clone(), stream, peer, tls).await;
+            serve_connection(shared.clone(), stream, peer, tls, proxy_protocol).await;
             shared.open.fetch_sub(1, Ordering::SeqCst);
             gauge.dec();
         });
@@ -648,11 +660,30 @@ async fn starts_with_h2_preface(s: &TcpStream) -> std::io::Result<bool> {
 
 async fn serve_connection(
     shared: Arc<Shared>,
-    stream: TcpStream,
-    peer: SocketAddr,
+    mut stream: TcpStream,
+    mut peer: SocketAddr,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    proxy_protocol: bool,
 ) {
     let settings = shared.state.load().settings.clone();
+    if proxy_protocol {
+        // The load balancer's header names the client, who then stands for the peer
+        // everywhere: forwarding headers, trust, affinity, logs.
+        match tokio::time::timeout(settings.header, proxy_protocol::read_header(&mut stream)).await
+        {
+            Ok(Ok(client)) => peer = client.unwrap_or(peer),
+            Ok(Err(e)) => {
+                shared.metrics.proxy_protocol_rejected();
+                tracing::debug!(%peer, error = %e, "connection closed");
+                return;
+            }
+            Err(_) => {
+                shared.metrics.proxy_protocol_rejected();
+                tracing::debug!(%peer, "PROXY header timed out");
+                return;
+            }
+        }
+    }
     let mut ctx = ConnCtx {
         peer,
         https: tls.is_some(),
