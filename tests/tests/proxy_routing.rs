@@ -346,35 +346,39 @@ async fn a_trusted_proxys_forwarding_headers_are_kept_and_name_the_client() {
     for h2c in [false, true] {
         let got = get_from(lb, addr, "app.test", &forwarded, h2c).await;
         assert_eq!(got.status, StatusCode::OK, "h2c {h2c}: {}", got.body);
-        let seen = |name| got.upstream_header(name);
-        assert_eq!(
-            seen("x-forwarded-for"),
-            Some("198.51.100.7, 203.0.113.9, 127.0.0.1"),
-            "h2c {h2c}"
-        );
+        let upstream_saw = |got: &Got, want: [(&str, &str); 5]| {
+            for (name, value) in want {
+                assert_eq!(got.upstream_header(name), Some(value), "h2c {h2c}: {name}");
+            }
+        };
         // 203.0.113.9 is the first address from the right that is not a trusted proxy: what
         // a client wrote to the left of it is not believed.
-        assert_eq!(seen("x-real-ip"), Some("203.0.113.9"), "h2c {h2c}");
-        assert_eq!(seen("x-forwarded-proto"), Some("https"), "h2c {h2c}");
-        assert_eq!(seen("x-forwarded-host"), Some("shop.example"), "h2c {h2c}");
-        assert_eq!(
-            seen("forwarded"),
-            Some("for=203.0.113.9;proto=https, for=127.0.0.1;host=\"app.test\";proto=http"),
-            "h2c {h2c}"
+        upstream_saw(
+            &got,
+            [
+                ("x-forwarded-for", "198.51.100.7, 203.0.113.9, 127.0.0.1"),
+                ("x-real-ip", "203.0.113.9"),
+                ("x-forwarded-proto", "https"),
+                ("x-forwarded-host", "shop.example"),
+                (
+                    "forwarded",
+                    "for=203.0.113.9;proto=https, for=127.0.0.1;host=\"app.test\";proto=http",
+                ),
+            ],
         );
 
         // The same headers from a client that is not a trusted proxy are replaced.
         let got = get_from(direct, addr, "app.test", &forwarded, h2c).await;
         assert_eq!(got.status, StatusCode::OK, "h2c {h2c}: {}", got.body);
-        let seen = |name| got.upstream_header(name);
-        assert_eq!(seen("x-forwarded-for"), Some("127.0.0.2"), "h2c {h2c}");
-        assert_eq!(seen("x-real-ip"), Some("127.0.0.2"), "h2c {h2c}");
-        assert_eq!(seen("x-forwarded-proto"), Some("http"), "h2c {h2c}");
-        assert_eq!(seen("x-forwarded-host"), Some("app.test"), "h2c {h2c}");
-        assert_eq!(
-            seen("forwarded"),
-            Some("for=127.0.0.2;host=\"app.test\";proto=http"),
-            "h2c {h2c}"
+        upstream_saw(
+            &got,
+            [
+                ("x-forwarded-for", "127.0.0.2"),
+                ("x-real-ip", "127.0.0.2"),
+                ("x-forwarded-proto", "http"),
+                ("x-forwarded-host", "app.test"),
+                ("forwarded", "for=127.0.0.2;host=\"app.test\";proto=http"),
+            ],
         );
     }
 
